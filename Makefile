@@ -1,0 +1,25 @@
+# Two commands matter: `make demo` (tiny pretrain -> finetune -> answer on CPU) and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_PIN := torch==2.13.0
+
+.PHONY: install demo test test-slow
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(VENV)/.installed: setup.py | $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH_PIN)"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/python scripts/quickstart.py
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow tests

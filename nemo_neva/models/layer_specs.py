@@ -1,0 +1,126 @@
+"""Layer specs for the megatron-core GPT decoder.
+
+GPU with Transformer Engine -> TE spec (fused attention, FP8 capable).
+Otherwise -> megatron-core's local spec with `SDPACoreAttention` as core attention, because
+megatron-core's own `DotProductAttention` allocates its score buffer on `torch.cuda.current_device()`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+try:  # optional: never required
+    import transformer_engine  # noqa: F401
+
+    HAVE_TE = True
+except Exception:  # ImportError, or a broken CUDA install
+    HAVE_TE = False
+
+
+class SDPACoreAttention(MegatronModule):
+    """Core attention on `F.scaled_dot_product_attention`; a drop-in for megatron-core's `core_attention`.
+
+    Inputs follow megatron-core: q [sq, b, np, hn], k/v [sk, b, ng, hn] (already split per TP rank);
+    output [sq, b, np*hn]. `attention_mask` may be a boolean mask [b|1, 1, sq, sk] where True means
+    *masked out* (megatron convention), used for packed/padded batches on CPU.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("context parallelism needs the Transformer Engine attention (GPU)")
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.heads_per_partition = config.num_attention_heads // tp
+        self.groups_per_partition = config.num_query_groups // tp
+        self.attn_mask_type = attn_mask_type
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        attention_mask,
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias=None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+    ):
+        if attention_bias is not None:
+            raise ValueError("attention_bias is not supported by SDPACoreAttention")
+        if packed_seq_params is not None:
+            raise ValueError("packed_seq_params needs the TE spec; on CPU pass a block-diagonal attention_mask")
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        rep = self.heads_per_partition // self.groups_per_partition
+        if rep > 1:  # grouped-query attention: share each K/V group across its query heads
+            key = key.repeat_interleave(rep, dim=2)
+            value = value.repeat_interleave(rep, dim=2)
+        # [s, b, h, d] -> [b, h, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        sq, sk = q.shape[2], k.shape[2]
+        mask = None
+        is_causal = False
+        if attention_mask is not None and mask_type != AttnMaskType.no_mask:
+            mask = ~attention_mask.to(torch.bool)  # megatron: True = masked; SDPA: True = attend
+        elif mask_type == AttnMaskType.causal:
+            if sq == sk:
+                is_causal = True
+            else:  # decoding with a KV cache: queries are the last sq positions
+                mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+        dropout = self.dropout_p if self.training else 0.0
+        if dropout > 0 and not self.config.sequence_parallel:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                ctx = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=self.softmax_scale
+                )
+        else:
+            ctx = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=self.softmax_scale
+            )
+        b, h, s, d = ctx.shape
+        return ctx.permute(2, 0, 1, 3).reshape(s, b, h * d)
+
+
+def use_transformer_engine(requested: bool) -> bool:
+    """TE spec only when asked for and actually usable (TE importable and CUDA present)."""
+    if not requested:
+        return False
+    if not HAVE_TE:
+        raise RuntimeError(
+            "model.mm_cfg.llm.transformer_engine=true but transformer_engine is not importable; "
+            "install it (GPU) or set transformer_engine=false"
+        )
+    if not torch.cuda.is_available():
+        raise RuntimeError("transformer_engine=true needs a CUDA GPU; set transformer_engine=false on CPU")
+    return True
+
+
+def build_layer_spec(normalization: str, transformer_engine: bool, qk_layernorm: bool = False):
+    """Return the ModuleSpec for one decoder layer."""
+    if use_transformer_engine(transformer_engine):
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    spec = get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm)
+    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    return spec

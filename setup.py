@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="nemo_neva",
+    version="0.1.0",
+    description="NeVA (LLaVA-style vision-language model) as a NeMo plugin on megatron-core",
+    packages=find_packages(include=["nemo_neva", "nemo_neva.*"]),
+    python_requires=">=3.10",
+    # torch is installed first, pinned to the CPU wheel, by the Makefile; never let this pull a CUDA build.
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.16.1",
+        "nemo_toolkit[core,common-only]>=3.0,<4",
+        "transformers>=5,<6",
+        "lightning>=2.4,<2.5",
+        "omegaconf>=2.3",
+        "hydra-core>=1.3",
+        "pillow",
+        "safetensors",
+        "psutil",
+        "tensorboard",
+    ],
+    extras_require={
+        "test": ["pytest", "onnx", "onnxruntime"],
+        # GPU users: transformer-engine / apex are used when importable, never required.
+        "gpu": ["transformer-engine[pytorch]"],
+    },
+)
