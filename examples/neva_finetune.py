@@ -1,0 +1,31 @@
+"""Stage 2: start from a stage-1 .nemo, unfreeze the LM, train on instruction data, write a new .nemo.
+
+    python examples/neva_finetune.py model.restore_from_path=PATH.nemo [hydra overrides]
+"""
+from nemo.core.config import hydra_runner
+from nemo.utils.exp_manager import exp_manager
+
+from nemo_neva import MegatronNevaModel
+from nemo_neva.training import build_trainer, finetune_config, nemo_output_path
+from nemo_neva.utils import resolve_path
+
+
+@hydra_runner(config_path="../conf", config_name="neva_finetune")
+def main(cfg) -> None:
+    restore = resolve_path(cfg.model.restore_from_path)
+    if not restore or not __import__("os").path.isfile(restore):
+        raise SystemExit(f"model.restore_from_path={cfg.model.restore_from_path!r}: no such .nemo file "
+                         f"(run examples/neva_pretrain.py first, or pass the path)")
+    model_cfg = finetune_config(restore, cfg.model)
+    cfg.model = model_cfg
+    trainer = build_trainer(cfg)
+    exp_manager(trainer, cfg.exp_manager)
+    model = MegatronNevaModel.restore_from(restore, override_config_path=model_cfg, trainer=trainer)
+    trainer.fit(model)
+    path = nemo_output_path(cfg)
+    model.save_to(path)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

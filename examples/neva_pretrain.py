@@ -1,0 +1,24 @@
+"""Stage 1: train the projector on image-caption pairs (LM and vision frozen), write a .nemo.
+
+    python examples/neva_pretrain.py [hydra overrides, e.g. trainer.max_steps=3 exp_manager.exp_dir=/tmp/x]
+"""
+from nemo.core.config import hydra_runner
+from nemo.utils.exp_manager import exp_manager
+
+from nemo_neva import MegatronNevaModel
+from nemo_neva.training import build_trainer, nemo_output_path
+
+
+@hydra_runner(config_path="../conf", config_name="neva_pretrain")
+def main(cfg) -> None:
+    trainer = build_trainer(cfg)
+    exp_manager(trainer, cfg.exp_manager)
+    model = MegatronNevaModel(cfg.model, trainer=trainer)
+    trainer.fit(model)
+    path = nemo_output_path(cfg)
+    model.save_to(path)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":  # the guard matters: checkpoint saving starts worker processes
+    main()

@@ -1,0 +1,102 @@
+"""Config -> megatron-core TransformerConfig + GPTModel for the NeVA language model."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from nemo_neva.models.layer_specs import build_layer_spec
+
+_ACTIVATIONS = {
+    # name -> (activation_func, gated_linear_unit)
+    "gelu": (F.gelu, False),
+    "swiglu": (F.silu, True),
+    "geglu": (F.gelu, True),
+    "squared-relu": (lambda x: torch.pow(F.relu(x), 2), False),
+}
+
+_DTYPES = {"fp32": torch.float32, "32": torch.float32, "bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16}
+
+
+def params_dtype(precision) -> torch.dtype:
+    key = str(precision)
+    if key not in _DTYPES:
+        raise ValueError(f"trainer.precision={precision!r} not supported; use 32 or bf16 (fp16 is not supported)")
+    return _DTYPES[key]
+
+
+def padded_vocab_size(vocab: int, divisible_by: int, tp: int) -> int:
+    multiple = divisible_by * tp
+    return int(math.ceil(vocab / multiple) * multiple)
+
+
+def build_transformer_config(cfg, dtype: torch.dtype) -> TransformerConfig:
+    """cfg is `model` (NeMo-style keys at the top level of the model config)."""
+    activation = cfg.get("activation", "gelu")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"model.activation={activation!r}; supported: {sorted(_ACTIVATIONS)}")
+    act_fn, gated = _ACTIVATIONS[activation]
+    tp = cfg.get("tensor_model_parallel_size", 1)
+    heads = cfg.num_attention_heads
+    groups = cfg.get("num_query_groups") or heads
+    if heads % groups:
+        raise ValueError(f"model.num_attention_heads={heads} must be divisible by model.num_query_groups={groups}")
+    for name, value in (("num_attention_heads", heads), ("num_query_groups", groups)):
+        if value % tp:
+            raise ValueError(
+                f"model.{name}={value} is not divisible by model.tensor_model_parallel_size={tp}; "
+                f"pick a tensor_model_parallel_size that divides it"
+            )
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        kv_channels=cfg.get("kv_channels") or cfg.hidden_size // heads,
+        normalization=cfg.get("normalization", "LayerNorm"),
+        layernorm_epsilon=cfg.get("layernorm_epsilon", 1e-5),
+        layernorm_zero_centered_gamma=cfg.get("layernorm_zero_centered_gamma", False),
+        activation_func=act_fn,
+        gated_linear_unit=gated,
+        add_bias_linear=cfg.get("bias", True),
+        hidden_dropout=cfg.get("hidden_dropout", 0.0),
+        attention_dropout=cfg.get("attention_dropout", 0.0),
+        init_method_std=cfg.get("init_method_std", 0.02),
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=cfg.get("pipeline_model_parallel_size", 1),
+        sequence_parallel=cfg.get("sequence_parallel", False),
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        pipeline_dtype=dtype,
+        recompute_granularity=cfg.get("activations_checkpoint_granularity"),
+        recompute_method=cfg.get("activations_checkpoint_method"),
+        recompute_num_layers=cfg.get("activations_checkpoint_num_layers"),
+        # CPU: no fused kernels, parameters initialised on the host.
+        use_cpu_initialization=not on_gpu,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=on_gpu,
+        apply_rope_fusion=False,
+    )
+
+
+def build_gpt(cfg, config: TransformerConfig, vocab_size: int, pre_process: bool, post_process: bool) -> GPTModel:
+    spec = build_layer_spec(config.normalization, cfg.get("transformer_engine", False))
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=vocab_size,
+        max_sequence_length=cfg.encoder_seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=cfg.get("share_embeddings_and_output_weights", False),
+        position_embedding_type=cfg.get("position_embedding_type", "learned_absolute"),
+        rotary_percent=cfg.get("rotary_percentage", 1.0),
+        rotary_base=cfg.get("rotary_base", 10000),
+    )

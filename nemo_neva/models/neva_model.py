@@ -1,0 +1,277 @@
+"""MegatronNevaModel: a NeMo ModelPT around the NeVA network (config -> modules, steps, save/restore)."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+from lightning.pytorch import Trainer
+from megatron.core import parallel_state
+from nemo.core import ModelPT
+from nemo.core.classes.common import PretrainedModelInfo
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch.nn.modules.module import _IncompatibleKeys
+
+from nemo_neva.models import save_restore
+from nemo_neva.models.language_model import (
+    build_gpt,
+    build_transformer_config,
+    padded_vocab_size,
+    params_dtype,
+)
+from nemo_neva.models.neva_module import NevaModule
+from nemo_neva.models.projector import build_projector
+from nemo_neva.models.vision import VisionTower, build_image_processor, load_vision_config
+from nemo_neva.utils import resolve_path
+
+log = logging.getLogger(__name__)
+
+_HF_DIRS = ("tokenizer", "image_processor", "vision_config")
+
+
+def _precision_dtype(trainer: Optional[Trainer]) -> torch.dtype:
+    if trainer is None:
+        return torch.float32
+    precision = str(trainer.precision)
+    return params_dtype("bf16" if precision in ("bf16", "bf16-true") else "fp32")
+
+
+class MegatronNevaModel(ModelPT):
+    """NeVA: HF CLIP/SigLIP tower (frozen) + projector + megatron-core GPTModel."""
+
+    def __init__(self, cfg: DictConfig, trainer: Optional[Trainer] = None):
+        from nemo_neva.parallel.init import ensure_distributed, initialize_model_parallel_from_cfg
+
+        self._weights_restored = False
+        super().__init__(cfg=cfg, trainer=trainer)
+        cfg = self.cfg
+        ensure_distributed()
+        initialize_model_parallel_from_cfg(
+            tp=cfg.get("tensor_model_parallel_size", 1),
+            pp=cfg.get("pipeline_model_parallel_size", 1),
+            num_attention_heads=cfg.num_attention_heads,
+            num_query_groups=cfg.get("num_query_groups") or cfg.num_attention_heads,
+            num_layers=cfg.num_layers,
+            sequence_parallel=cfg.get("sequence_parallel", False),
+            seed=cfg.get("seed", 1234),
+        )
+        restore_dir = self._restore_folder()
+        self.tokenizer, self.image_processor, vision_config = self._load_hf_side(cfg, restore_dir)
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids("<image>")
+        if self.image_token_id is None or self.image_token_id == self.tokenizer.unk_token_id:
+            raise ValueError("the tokenizer has no '<image>' token; add it as a special token")
+        self.dtype_ = _precision_dtype(trainer)
+        self.model = self._build_module(cfg, vision_config, from_pretrained=None if restore_dir else
+                                        resolve_path(cfg.mm_cfg.vision_encoder.get("from_pretrained")))
+        self._apply_freeze(cfg)
+        if restore_dir:
+            self._load_dist_weights(os.path.join(restore_dir, save_restore.WEIGHTS_DIR))
+        self._save_restore_connector = save_restore.NevaSaveRestoreConnector()
+        if trainer is not None and cfg.get("data") is not None and cfg.data.get("data_path"):
+            self.setup_training_data(cfg.data)
+
+    # ------------------------------------------------------------------ construction
+    def _restore_folder(self) -> Optional[str]:
+        if not self._is_model_being_restored():
+            return None
+        from nemo.utils.app_state import AppState
+
+        folder = AppState().nemo_file_folder
+        if folder and os.path.isdir(os.path.join(folder, save_restore.WEIGHTS_DIR)):
+            return folder
+        raise FileNotFoundError(
+            f"this .nemo has no {save_restore.WEIGHTS_DIR}/ folder: it was not written by nemo_neva"
+        )
+
+    @staticmethod
+    def _load_hf_side(cfg, restore_dir):
+        from transformers import AutoTokenizer
+
+        venc = cfg.mm_cfg.vision_encoder
+        if restore_dir:
+            tok_path = os.path.join(restore_dir, "tokenizer")
+            vision_config = load_vision_config(os.path.join(restore_dir, "vision_config"), None, None)
+            processor = build_image_processor(vision_config, os.path.join(restore_dir, "image_processor"))
+        else:
+            tok_path = resolve_path(cfg.tokenizer.path)
+            pretrained = resolve_path(venc.get("from_pretrained"))
+            overrides = OmegaConf.to_container(venc.config, resolve=True) if venc.get("config") else None
+            vision_config = load_vision_config(pretrained, venc.get("model_type", "clip"), overrides)
+            processor = build_image_processor(vision_config, pretrained)
+        if not tok_path or not os.path.isdir(tok_path):
+            raise FileNotFoundError(f"model.tokenizer.path={tok_path!r} is not a local tokenizer directory")
+        tokenizer = AutoTokenizer.from_pretrained(tok_path)
+        return tokenizer, processor, vision_config
+
+    def _build_module(self, cfg, vision_config, from_pretrained) -> NevaModule:
+        tconfig = build_transformer_config(cfg, self.dtype_)
+        pre = parallel_state.is_pipeline_first_stage()
+        post = parallel_state.is_pipeline_last_stage()
+        vocab = padded_vocab_size(
+            len(self.tokenizer), cfg.get("make_vocab_size_divisible_by", 128), tconfig.tensor_model_parallel_size
+        )
+        gpt = build_gpt(cfg, tconfig, vocab, pre_process=pre, post_process=post)
+        tower = projector = None
+        venc = cfg.mm_cfg.vision_encoder
+        if pre:
+            tower = VisionTower(vision_config, from_pretrained, venc.get("vision_select_layer", -2),
+                                venc.get("drop_cls", True)).to(self.dtype_)
+            projector = build_projector(cfg.mm_cfg.mm_mlp_adapter_type, tower.hidden_size, cfg.hidden_size)
+            projector.to(self.dtype_)
+        return NevaModule(tconfig, gpt, tower, projector, self.image_token_id, venc.get("freeze", True))
+
+    def _apply_freeze(self, cfg):
+        """Stage 1 (`mm_cfg.llm.freeze`): only the projector learns. Vision frozen unless asked."""
+        freeze_llm = cfg.mm_cfg.llm.get("freeze", False)
+        for p in self.model.language_model.parameters():
+            p.requires_grad_(not freeze_llm)
+        if self.model.vision_tower is not None:
+            freeze_vision = cfg.mm_cfg.vision_encoder.get("freeze", True)
+            for p in self.model.vision_tower.parameters():
+                p.requires_grad_(not freeze_vision)
+            if freeze_vision:
+                self.model.vision_tower.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # A frozen tower stays in eval mode (no dropout) even while the rest trains.
+        tower = getattr(getattr(self, "model", None), "vision_tower", None)
+        if tower is not None and self.model.freeze_vision:
+            tower.eval()
+        return self
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.model.vision_tower.tokens_per_image if self.model.vision_tower is not None else \
+            self.cfg.get("tokens_per_image")
+
+    # ------------------------------------------------------------------ save / restore
+    def save_hf_files(self, folder: str):
+        self.tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+        self.image_processor.save_pretrained(os.path.join(folder, "image_processor"))
+        vision_config = self.model.vision_tower.model.config if self.model.vision_tower is not None else None
+        if vision_config is None:
+            raise RuntimeError("save_hf_files must run on the first pipeline stage")
+        vision_config.save_pretrained(os.path.join(folder, "vision_config"))
+
+    def save_to(self, save_path: str):
+        """Write a `.nemo` (all ranks must call this: the weights are a distributed checkpoint)."""
+        return self._save_restore_connector.save_to(self, str(save_path))
+
+    def _load_dist_weights(self, ckpt_dir: str):
+        from nemo_neva.parallel.dist_ckpt import load_sharded
+
+        state = load_sharded(self.model.sharded_state_dict(prefix="model."), ckpt_dir)
+        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint does not match the model: missing={missing} unexpected={unexpected}")
+        self._weights_restored = True
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if save_restore.is_weights_marker(state_dict):
+            # NeMo's connector hands us the marker; the weights were loaded from model_weights/ already.
+            if not self._weights_restored:
+                raise RuntimeError("the .nemo weights were not restored from its model_weights/ folder")
+            return _IncompatibleKeys([], [])
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    @classmethod
+    def list_available_models(cls) -> Optional[PretrainedModelInfo]:
+        return None
+
+    # ------------------------------------------------------------------ forward / loss
+    def forward(self, tokens, position_ids, images=None, attention_mask=None, labels=None):
+        return self.model(tokens, position_ids, attention_mask=attention_mask, images=images, labels=labels)
+
+    def loss_from_batch(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masked mean next-token loss; a batch with no trainable token gives a finite 0."""
+        per_token = self.model(
+            batch["tokens"], batch["position_ids"], attention_mask=batch.get("attention_mask"),
+            images=batch.get("images"), labels=batch["labels"],
+        )
+        mask = batch["loss_mask"].to(per_token.dtype)
+        n_tokens = mask.sum()
+        loss = (per_token.float() * mask).sum() / n_tokens.clamp(min=1)
+        return loss, n_tokens
+
+    def training_step(self, batch, batch_idx):
+        loss, n_tokens = self.loss_from_batch(batch)
+        bs = batch["tokens"].shape[0]
+        self.log("train_loss", loss, prog_bar=True, batch_size=bs)
+        self.log("lr", self._optimizer.param_groups[0]["lr"] if self._optimizer else 0.0, prog_bar=False,
+                 batch_size=bs)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss, _ = self.loss_from_batch(batch)
+        self.log("val_loss", loss, prog_bar=True, batch_size=batch["tokens"].shape[0])
+        return loss
+
+    # ------------------------------------------------------------------ optimisation
+    def setup_optimizer_param_groups(self):
+        # Frozen parameters never reach the optimizer, so they stay bit-identical.
+        self._optimizer_param_groups = [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def configure_optimizers(self):
+        self.setup_optimization(self.cfg.optim)
+        if self._scheduler is None:
+            return self._optimizer
+        return [self._optimizer], [self._scheduler]
+
+    # ------------------------------------------------------------------ data
+    def build_dataset(self, data_cfg, data_path=None):
+        from nemo_neva.data.dataset import NevaDataset
+
+        path = data_path if data_path is not None else data_cfg.data_path
+        paths = [resolve_path(p) for p in path] if isinstance(path, (list, tuple)) or OmegaConf.is_list(path) \
+            else resolve_path(path)
+        return NevaDataset(
+            data_path=paths,
+            image_folder=resolve_path(data_cfg.get("image_folder")),
+            tokenizer=self.tokenizer,
+            image_processor=self.image_processor,
+            template=data_cfg.get("conv_template", "plain"),
+            image_aspect_ratio=data_cfg.get("image_aspect_ratio", "square"),
+            seq_length=data_cfg.get("seq_length") or self.cfg.encoder_seq_length,
+            num_image_tokens=self.tokens_per_image,
+            strict=data_cfg.get("strict", False),
+        )
+
+    def _loader(self, dataset, data_cfg, shuffle):
+        from nemo_neva.data.collate import NevaCollator
+
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=self.cfg.micro_batch_size,
+            shuffle=shuffle,
+            num_workers=data_cfg.get("num_workers", 0),
+            collate_fn=NevaCollator(pad_id=self.tokenizer.pad_token_id),
+            drop_last=shuffle,
+            generator=torch.Generator().manual_seed(self.cfg.get("seed", 1234)),
+        )
+
+    def setup_training_data(self, train_data_config):
+        self._train_ds = self.build_dataset(train_data_config)
+        self._train_dl = self._loader(self._train_ds, train_data_config, shuffle=True)
+        if train_data_config.get("validation_data_path"):
+            self.setup_validation_data(train_data_config)
+
+    def setup_validation_data(self, val_data_config):
+        self._validation_ds = self.build_dataset(val_data_config, val_data_config.validation_data_path)
+        self._validation_dl = self._loader(self._validation_ds, val_data_config, shuffle=False)
+
+    def on_train_epoch_end(self):
+        summary = getattr(self._train_ds, "summary", None)
+        if callable(summary):
+            log.info("data: %s", summary())
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def generate(self, images, prompts, **kwargs):
+        """Answer text for each (image, prompt); see nemo_neva.inference.generate for the options."""
+        from nemo_neva.inference.generate import generate
+
+        return generate(self, images, prompts, **kwargs)

@@ -1,0 +1,103 @@
+"""The NeVA network: frozen vision tower -> projector -> spliced into a megatron-core GPTModel.
+
+Images enter the prompt as runs of the image token; the projected patch features replace the word
+embeddings at exactly those positions. The splice is a forward hook on the GPT word-embedding layer,
+so megatron-core's own embedding path (position embeddings, sequence-parallel scatter, dropout) runs
+unchanged after it. Vision and projector live on the first pipeline stage only.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.transformer.module import MegatronModule
+
+
+class ImageTokenMismatch(ValueError):
+    """The prompt's image placeholders do not match the images given."""
+
+
+class NevaModule(MegatronModule):
+    def __init__(self, config, language_model, vision_tower=None, projector=None, image_token_id: int = -1,
+                 freeze_vision: bool = True):
+        super().__init__(config=config)
+        self.language_model = language_model
+        self.pre_process = language_model.pre_process
+        self.post_process = language_model.post_process
+        self.vision_tower = vision_tower
+        self.projector = projector
+        self.image_token_id = image_token_id
+        self.freeze_vision = freeze_vision
+        self._pending = None
+        if self.pre_process:
+            if vision_tower is None or projector is None:
+                raise ValueError("the first pipeline stage needs the vision tower and projector")
+            language_model.embedding.word_embeddings.register_forward_hook(self._splice_hook)
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.vision_tower.tokens_per_image
+
+    def set_input_tensor(self, input_tensor):
+        self.language_model.set_input_tensor(input_tensor)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """[N,3,H,W] -> [N, tokens_per_image, llm_hidden]."""
+        if self.freeze_vision:
+            with torch.no_grad():
+                feats = self.vision_tower(images)
+        else:
+            feats = self.vision_tower(images)
+        proj_dtype = next(self.projector.parameters()).dtype
+        return self.projector(feats.to(proj_dtype))
+
+    def _splice_hook(self, module, args, output):
+        if self._pending is None:
+            return output
+        mask, feats = self._pending  # mask [b,s] bool, feats [n, h]
+        full = torch.zeros(*mask.shape, feats.shape[-1], dtype=output.dtype, device=output.device)
+        full[mask] = feats.to(output.dtype)
+        keep = (~mask).unsqueeze(-1).to(output.dtype)
+        if getattr(module, "reduce_scatter_embeddings", False):
+            # Output is already [s/tp, b, h] for this sequence-parallel rank: take the same slice.
+            full, keep = full.transpose(0, 1), keep.transpose(0, 1)
+            chunk = output.shape[0]
+            start = parallel_state.get_tensor_model_parallel_rank() * chunk
+            full, keep = full[start:start + chunk], keep[start:start + chunk]
+        return output * keep + full
+
+    def _image_mask_and_features(self, tokens: torch.Tensor, images: Optional[torch.Tensor]):
+        mask = tokens == self.image_token_id
+        n_placeholders = int(mask.sum())
+        n_images = 0 if images is None else images.shape[0]
+        expected = n_images * self.tokens_per_image
+        if n_placeholders != expected:
+            raise ImageTokenMismatch(
+                f"prompt has {n_placeholders} image placeholder tokens but {n_images} image(s) x "
+                f"{self.tokens_per_image} tokens per image = {expected} were expected"
+            )
+        if n_images == 0:
+            return None
+        feats = self.encode_images(images).reshape(-1, self.language_model.config.hidden_size)
+        return mask, feats
+
+    def forward(self, tokens, position_ids, attention_mask=None, images=None, labels=None,
+                inference_context=None, runtime_gather_output=None):
+        """Logits [b, s, vocab/tp] (or per-token loss [b, s] when labels are given)."""
+        if self.pre_process:
+            self._pending = self._image_mask_and_features(tokens, images)
+            input_ids = tokens.masked_fill(tokens == self.image_token_id, 0)
+        else:
+            input_ids = tokens
+        try:
+            return self.language_model(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                attention_mask=attention_mask,
+                labels=labels,
+                inference_context=inference_context,
+                runtime_gather_output=runtime_gather_output,
+            )
+        finally:
+            self._pending = None

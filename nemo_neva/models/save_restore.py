@@ -1,0 +1,68 @@
+"""`.nemo` layout for NeVA: config + HF side files + a megatron-core distributed checkpoint.
+
+    model_config.yaml        the model config (NeMo reads it to pick the class)
+    model_weights/           megatron-core dist checkpoint of `model.sharded_state_dict()`; any TP/PP
+                             layout can load it (resharding is megatron-core's)
+    model_weights.ckpt       a small marker so NeMo's generic connector finds "weights"; the real
+                             load already happened in the model constructor, from model_weights/
+    tokenizer/, image_processor/, vision_config/   Hugging Face files
+
+NeMo 3's default connector refuses model parallel saves and writes one pickle; NeMo 1's Megatron
+connector (which wrote a dist checkpoint folder) is gone, hence this one.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import torch
+import torch.distributed as dist
+from nemo.core.connectors.save_restore_connector import SaveRestoreConnector
+
+WEIGHTS_DIR = "model_weights"
+WEIGHTS_MARKER = {"nemo_neva_weights": WEIGHTS_DIR}
+
+
+def is_weights_marker(state_dict) -> bool:
+    return isinstance(state_dict, dict) and state_dict.get("nemo_neva_weights") == WEIGHTS_DIR
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _shared_tmpdir(parent: str) -> str:
+    """A temporary folder created by rank 0 and known to all ranks (assumes a shared filesystem)."""
+    path = [tempfile.mkdtemp(prefix=".neva_save_", dir=parent) if _rank() == 0 else None]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(path, src=0)
+    return path[0]
+
+
+class NevaSaveRestoreConnector(SaveRestoreConnector):
+    def save_to(self, model, save_path: str):
+        from nemo_neva.parallel.dist_ckpt import save_sharded
+
+        parent = os.path.dirname(os.path.abspath(save_path))
+        if _rank() == 0:
+            os.makedirs(parent, exist_ok=True)
+        if dist.is_initialized():
+            dist.barrier()
+        tmpdir = _shared_tmpdir(parent)
+        try:
+            save_sharded(model.model.sharded_state_dict(prefix="model."), os.path.join(tmpdir, WEIGHTS_DIR))
+            if _rank() == 0:
+                model.to_config_file(path2yaml_file=os.path.join(tmpdir, self.model_config_yaml))
+                model.save_hf_files(tmpdir)
+                torch.save(WEIGHTS_MARKER, os.path.join(tmpdir, self.model_weights_ckpt))
+                # Write next to the target and rename, so a crash never leaves a half-written .nemo.
+                partial = save_path + ".partial"
+                self._make_nemo_file_from_folder(filename=partial, source_dir=tmpdir)
+                os.replace(partial, save_path)
+        finally:
+            if dist.is_initialized():
+                dist.barrier()
+            if _rank() == 0:
+                shutil.rmtree(tmpdir, ignore_errors=True)
+        return save_path

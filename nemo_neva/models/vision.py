@@ -1,0 +1,100 @@
+"""Frozen Hugging Face vision tower (CLIP or SigLIP) and the image processor that goes with it."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    SiglipImageProcessor,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
+
+_TOWERS = {
+    "clip": (CLIPVisionConfig, CLIPVisionModel, CLIPImageProcessor, True),
+    "siglip": (SiglipVisionConfig, SiglipVisionModel, SiglipImageProcessor, False),
+}
+
+
+def _tower_kind(config) -> str:
+    kind = getattr(config, "model_type", "")
+    if kind in ("clip_vision_model", "clip"):
+        return "clip"
+    if kind in ("siglip_vision_model", "siglip"):
+        return "siglip"
+    raise ValueError(f"unsupported vision tower model_type {kind!r}: expected a CLIP or SigLIP vision model")
+
+
+def load_vision_config(from_pretrained: Optional[str], model_type: str, overrides: Optional[dict]):
+    """Vision config from a local HF directory, or a fresh one (random init) of `model_type`."""
+    if from_pretrained:
+        if not os.path.isdir(from_pretrained):
+            raise FileNotFoundError(
+                f"model.mm_cfg.vision_encoder.from_pretrained={from_pretrained!r} is not a local directory"
+            )
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(from_pretrained)
+        config = getattr(config, "vision_config", config)  # a full CLIPModel dir also works
+        _tower_kind(config)
+        return config
+    if model_type not in _TOWERS:
+        raise ValueError(f"vision_encoder.model_type must be one of {sorted(_TOWERS)}, got {model_type!r}")
+    return _TOWERS[model_type][0](**(overrides or {}))
+
+
+class VisionTower(nn.Module):
+    """Runs the HF vision model and returns patch features from `select_layer` (CLS dropped if asked)."""
+
+    def __init__(self, config, from_pretrained: Optional[str] = None, select_layer: int = -2, drop_cls: bool = True):
+        super().__init__()
+        kind = _tower_kind(config)
+        model_cls = _TOWERS[kind][1]
+        self.has_cls = _TOWERS[kind][3]
+        if from_pretrained:
+            self.model = model_cls.from_pretrained(from_pretrained, config=config, torch_dtype=torch.float32)
+        else:
+            self.model = model_cls(config)
+        self.select_layer = select_layer
+        self.drop_cls = drop_cls and self.has_cls
+        n_layers = config.num_hidden_layers
+        if not -(n_layers + 1) <= select_layer <= n_layers:
+            raise ValueError(f"vision_select_layer={select_layer} out of range for a {n_layers}-layer tower")
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def num_patches(self) -> int:
+        cfg = self.model.config
+        return (cfg.image_size // cfg.patch_size) ** 2
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.num_patches + (1 if self.has_cls and not self.drop_cls else 0)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.model.parameters()).dtype
+        out = self.model(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
+        feats = out.hidden_states[self.select_layer]
+        if self.drop_cls:
+            feats = feats[:, 1:]
+        return feats
+
+
+def build_image_processor(config, from_pretrained: Optional[str] = None):
+    """The tower's own HF image processor: loaded from the local dir, or sized to the config."""
+    kind = _tower_kind(config)
+    proc_cls = _TOWERS[kind][2]
+    if from_pretrained and os.path.isfile(os.path.join(from_pretrained, "preprocessor_config.json")):
+        return proc_cls.from_pretrained(from_pretrained)
+    size = config.image_size
+    if kind == "clip":
+        return proc_cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return proc_cls(size={"height": size, "width": size})

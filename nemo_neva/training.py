@@ -1,0 +1,71 @@
+"""Shared plumbing of the training examples: trainer, experiment folder, final .nemo."""
+from __future__ import annotations
+
+import logging
+import os
+
+import lightning.pytorch as pl
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger(__name__)
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def data_parallel_size(model_cfg) -> int:
+    mp = model_cfg.get("tensor_model_parallel_size", 1) * model_cfg.get("pipeline_model_parallel_size", 1)
+    world = _world_size()
+    if world % mp:
+        raise ValueError(
+            f"world size {world} is not divisible by tensor_model_parallel_size x pipeline_model_parallel_size "
+            f"= {mp}; launch a multiple of {mp} processes"
+        )
+    return world // mp
+
+
+def grad_accumulation(model_cfg) -> int:
+    """global_batch_size = micro_batch_size x data-parallel size x accumulation steps."""
+    per_step = model_cfg.micro_batch_size * data_parallel_size(model_cfg)
+    if model_cfg.global_batch_size % per_step:
+        raise ValueError(
+            f"model.global_batch_size={model_cfg.global_batch_size} must be a multiple of "
+            f"micro_batch_size x data-parallel size = {per_step}"
+        )
+    return model_cfg.global_batch_size // per_step
+
+
+def build_trainer(cfg: DictConfig) -> pl.Trainer:
+    if _world_size() > 1:
+        raise NotImplementedError(
+            "multi-process training is not wired into the examples yet; run with one process"
+        )
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_cfg["accumulate_grad_batches"] = grad_accumulation(cfg.model)
+    if trainer_cfg.get("accelerator") == "auto":
+        import torch
+
+        trainer_cfg["accelerator"] = "gpu" if torch.cuda.is_available() else "cpu"
+    return pl.Trainer(**trainer_cfg)
+
+
+def nemo_output_path(cfg: DictConfig) -> str:
+    """Relative `nemo_path` lands in <exp_dir>/<name>/ (stable across runs, unlike the timestamped folder)."""
+    path = cfg.nemo_path
+    if os.path.isabs(path):
+        return path
+    return os.path.join(cfg.exp_manager.exp_dir or "nemo_experiments", cfg.exp_manager.name or cfg.name, path)
+
+
+def finetune_config(restore_path: str, overrides: DictConfig) -> DictConfig:
+    """The .nemo's own model config with the finetuning keys laid over it."""
+    from nemo_neva.models.neva_model import MegatronNevaModel
+
+    base = MegatronNevaModel.restore_from(restore_path, return_config=True)
+    extra = OmegaConf.to_container(overrides, resolve=True)
+    extra.pop("restore_from_path", None)
+    merged = OmegaConf.merge(base, extra)
+    with open_dict(merged):
+        merged.target = "nemo_neva.models.neva_model.MegatronNevaModel"
+    return merged

@@ -1,0 +1,48 @@
+"""Tiny NeVA configs for tests: built from the shipped pretrain config so tests exercise real keys."""
+import os
+
+import torch
+from omegaconf import OmegaConf, open_dict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def tiny_model_cfg(**overrides):
+    cfg = OmegaConf.load(os.path.join(ROOT, "conf", "neva_pretrain.yaml")).model
+    with open_dict(cfg):
+        cfg.tokenizer.path = os.path.join(ROOT, "data", "tokenizer")
+        cfg.data.data_path = os.path.join(ROOT, "data", "shapes_demo", "pretrain.json")
+        cfg.data.image_folder = os.path.join(ROOT, "data", "shapes_demo", "images")
+        cfg.encoder_seq_length = 64
+        for key, value in overrides.items():
+            OmegaConf.update(cfg, key, value, merge=True)
+    return cfg
+
+
+def llama_overrides():
+    return {
+        "position_embedding_type": "rope",
+        "normalization": "RMSNorm",
+        "activation": "swiglu",
+        "bias": False,
+        "num_query_groups": 2,
+    }
+
+
+def batch_for(model, n=2, seq=40, seed=0):
+    """A random batch with one image per sample placed at a fixed offset."""
+    g = torch.Generator().manual_seed(seed)
+    P = model.tokens_per_image
+    vocab = len(model.tokenizer)
+    tokens = torch.randint(20, vocab, (n, seq), generator=g)
+    tokens[:, 1:1 + P] = model.image_token_id
+    labels = torch.randint(20, vocab, (n, seq), generator=g)
+    loss_mask = torch.zeros(n, seq)
+    loss_mask[:, 1 + P:] = 1.0
+    return {
+        "tokens": tokens,
+        "labels": labels,
+        "loss_mask": loss_mask,
+        "position_ids": torch.arange(seq).expand(n, seq).clone(),
+        "images": torch.randn(n, 3, 32, 32, generator=g),
+    }

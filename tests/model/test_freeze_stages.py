@@ -1,0 +1,45 @@
+"""Stage semantics: pretraining changes only the projector; finetuning changes LM + projector."""
+import torch
+
+from nemo_neva import MegatronNevaModel
+from tests.model.helpers import batch_for, tiny_model_cfg
+
+
+def _snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _train_steps(model, steps=3):
+    model.train()
+    model.setup_optimization(model.cfg.optim)
+    opt = model._optimizer
+    for i in range(steps):
+        loss, _ = model.loss_from_batch(batch_for(model, seed=i))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def _changed(before, module):
+    after = module.state_dict()
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def test_stage1_only_projector_learns():
+    model = MegatronNevaModel(tiny_model_cfg(**{"mm_cfg.llm.freeze": True}))
+    lm, vis, proj = (_snapshot(m) for m in (model.model.language_model, model.model.vision_tower,
+                                            model.model.projector))
+    _train_steps(model)
+    assert not _changed(lm, model.model.language_model)  # bit-identical
+    assert not _changed(vis, model.model.vision_tower)
+    assert _changed(proj, model.model.projector) == set(proj)
+
+
+def test_stage2_lm_and_projector_learn_vision_stays():
+    model = MegatronNevaModel(tiny_model_cfg(**{"mm_cfg.llm.freeze": False}))
+    lm, vis = _snapshot(model.model.language_model), _snapshot(model.model.vision_tower)
+    _train_steps(model)
+    changed = _changed(lm, model.model.language_model)
+    assert any("decoder.layers" in k for k in changed) and any("word_embeddings" in k for k in changed)
+    assert not _changed(vis, model.model.vision_tower)
+    assert not model.model.vision_tower.training  # frozen tower stays in eval mode

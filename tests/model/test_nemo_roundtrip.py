@@ -1,0 +1,85 @@
+"""A .nemo restores through MegatronNevaModel.restore_from and through NeMo's generic ModelPT.restore_from."""
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+import torch
+
+from nemo_neva import MegatronNevaModel
+from tests.model.helpers import ROOT, batch_for, llama_overrides, tiny_model_cfg
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    model = MegatronNevaModel(tiny_model_cfg(**llama_overrides()))
+    # perturb the projector so a restore that silently re-initialises would be caught
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    path = str(tmp_path_factory.mktemp("nemo") / "tiny.nemo")
+    model.save_to(path)
+    model.eval()
+    batch = batch_for(model)
+    logits = model(batch["tokens"], batch["position_ids"], images=batch["images"])
+    return path, batch, logits
+
+
+def test_nemo_contains_dist_checkpoint_and_hf_files(saved):
+    path, _, _ = saved
+    with tarfile.open(path) as tar:
+        names = tar.getnames()
+    for expected in ("model_config.yaml", "model_weights.ckpt", "model_weights/metadata.json",
+                     "tokenizer/tokenizer.json", "image_processor/preprocessor_config.json",
+                     "vision_config/config.json"):
+        assert any(n.lstrip("./") == expected for n in names), (expected, names)
+
+
+def test_restore_from_gives_identical_logits(saved):
+    path, batch, logits = saved
+    restored = MegatronNevaModel.restore_from(path)
+    assert isinstance(restored, MegatronNevaModel)
+    restored.eval()
+    out = restored(batch["tokens"], batch["position_ids"], images=batch["images"])
+    assert torch.equal(out, logits)
+
+
+GENERIC = r"""
+import sys, torch
+import nemo_neva  # registers the namespace with NeMo
+from nemo.core import ModelPT
+m = ModelPT.restore_from(sys.argv[1])
+assert type(m).__name__ == "MegatronNevaModel", type(m)
+m.eval()
+b = torch.load(sys.argv[2])
+torch.save(m(b["tokens"], b["position_ids"], images=b["images"]), sys.argv[3])
+"""
+
+
+def test_generic_modelpt_restore_in_fresh_process(saved, tmp_path):
+    path, batch, logits = saved
+    torch.save(batch, tmp_path / "batch.pt")
+    proc = subprocess.run([sys.executable, "-c", GENERIC, path, str(tmp_path / "batch.pt"),
+                           str(tmp_path / "out.pt")], cwd=str(tmp_path), capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert torch.equal(torch.load(tmp_path / "out.pt"), logits)
+
+
+UNREGISTERED = r"""
+import sys
+from nemo.core import ModelPT
+from nemo.core.classes.common import UnsafeTargetError
+try:
+    ModelPT.restore_from(sys.argv[1])
+except UnsafeTargetError:
+    print("REFUSED")
+"""
+
+
+def test_without_import_nemo_refuses_the_target(saved, tmp_path):
+    path, _, _ = saved
+    proc = subprocess.run([sys.executable, "-c", UNREGISTERED, path], cwd=str(tmp_path), capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    assert "REFUSED" in proc.stdout, proc.stderr[-3000:]
