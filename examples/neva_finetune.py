@@ -6,11 +6,12 @@ from nemo.core.config import hydra_runner
 from nemo.utils.exp_manager import exp_manager
 
 from nemo_neva import MegatronNevaModel
-from nemo_neva.training import build_trainer, finetune_config, nemo_output_path
+from nemo_neva.training import user_errors, build_trainer, finetune_config, nemo_output_path
 from nemo_neva.utils import resolve_path
 
 
 @hydra_runner(config_path="../conf", config_name="neva_finetune")
+@user_errors
 def main(cfg) -> None:
     restore = resolve_path(cfg.model.restore_from_path)
     if not restore or not __import__("os").path.isfile(restore):

@@ -6,10 +6,11 @@ from nemo.core.config import hydra_runner
 from nemo.utils.exp_manager import exp_manager
 
 from nemo_neva import MegatronNevaModel
-from nemo_neva.training import build_trainer, nemo_output_path
+from nemo_neva.training import user_errors, build_trainer, nemo_output_path
 
 
 @hydra_runner(config_path="../conf", config_name="neva_pretrain")
+@user_errors
 def main(cfg) -> None:
     trainer = build_trainer(cfg)
     exp_manager(trainer, cfg.exp_manager)

@@ -69,3 +69,24 @@ def finetune_config(restore_path: str, overrides: DictConfig) -> DictConfig:
     with open_dict(merged):
         merged.target = "nemo_neva.models.neva_model.MegatronNevaModel"
     return merged
+
+
+def user_errors(fn):
+    """Config and input mistakes end the script with their message, not a stack trace.
+
+    Set NEVA_DEBUG=1 to see the trace.
+    """
+    import functools
+    import sys
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError, NotADirectoryError, NotImplementedError, KeyError) as err:
+            if os.environ.get("NEVA_DEBUG"):
+                raise
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper

@@ -190,7 +190,7 @@ class MegatronNevaModel(ModelPT):
         """Masked mean next-token loss; a batch with no trainable token gives a finite 0."""
         per_token = self.model(
             batch["tokens"], batch["position_ids"], attention_mask=batch.get("attention_mask"),
-            images=batch.get("images"), labels=batch["labels"],
+            images=batch.get("images"), labels=batch["labels"], num_images=batch.get("num_images"),
         )
         mask = batch["loss_mask"].to(per_token.dtype)
         n_tokens = mask.sum()
@@ -264,7 +264,7 @@ class MegatronNevaModel(ModelPT):
         self._validation_dl = self._loader(self._validation_ds, val_data_config, shuffle=False)
 
     def on_train_epoch_end(self):
-        summary = getattr(self._train_ds, "summary", None)
+        summary = getattr(getattr(self, "_train_ds", None), "summary", None)
         if callable(summary):
             log.info("data: %s", summary())
 

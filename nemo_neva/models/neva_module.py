@@ -67,8 +67,18 @@ class NevaModule(MegatronModule):
             full, keep = full[start:start + chunk], keep[start:start + chunk]
         return output * keep + full
 
-    def _image_mask_and_features(self, tokens: torch.Tensor, images: Optional[torch.Tensor]):
+    def _image_mask_and_features(self, tokens: torch.Tensor, images: Optional[torch.Tensor],
+                                 num_images: Optional[torch.Tensor] = None):
         mask = tokens == self.image_token_id
+        if num_images is not None:
+            per_sample = mask.sum(dim=1)
+            bad = (per_sample != num_images.to(per_sample.device) * self.tokens_per_image).nonzero().flatten()
+            if bad.numel():
+                i = int(bad[0])
+                raise ImageTokenMismatch(
+                    f"sample {i} of the batch has {int(per_sample[i])} image placeholder tokens but "
+                    f"{int(num_images[i])} image(s) x {self.tokens_per_image} tokens per image"
+                )
         n_placeholders = int(mask.sum())
         n_images = 0 if images is None else images.shape[0]
         expected = n_images * self.tokens_per_image
@@ -83,10 +93,10 @@ class NevaModule(MegatronModule):
         return mask, feats
 
     def forward(self, tokens, position_ids, attention_mask=None, images=None, labels=None,
-                inference_context=None, runtime_gather_output=None):
+                inference_context=None, runtime_gather_output=None, num_images=None):
         """Logits [b, s, vocab/tp] (or per-token loss [b, s] when labels are given)."""
         if self.pre_process:
-            self._pending = self._image_mask_and_features(tokens, images)
+            self._pending = self._image_mask_and_features(tokens, images, num_images)
             input_ids = tokens.masked_fill(tokens == self.image_token_id, 0)
         else:
             input_ids = tokens

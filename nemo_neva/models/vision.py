@@ -6,14 +6,17 @@ from typing import Optional
 
 import torch
 from torch import nn
-from transformers import (
-    CLIPImageProcessor,
-    CLIPVisionConfig,
-    CLIPVisionModel,
-    SiglipImageProcessor,
-    SiglipVisionConfig,
-    SiglipVisionModel,
-)
+import transformers
+from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+try:  # the default HF image processors need torchvision; the PIL ones give the same pixels without it
+    import torchvision  # noqa: F401
+
+    _PROC_SUFFIX = ""
+except ImportError:
+    _PROC_SUFFIX = "Pil"
+CLIPImageProcessor = getattr(transformers, "CLIPImageProcessor" + _PROC_SUFFIX)
+SiglipImageProcessor = getattr(transformers, "SiglipImageProcessor" + _PROC_SUFFIX)
 
 _TOWERS = {
     "clip": (CLIPVisionConfig, CLIPVisionModel, CLIPImageProcessor, True),
