@@ -42,7 +42,12 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
             "multi-process training is not wired into the examples yet; run with one process"
         )
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer_cfg["accumulate_grad_batches"] = grad_accumulation(cfg.model)
+    if trainer_cfg.get("gradient_clip_val") or trainer_cfg.get("accumulate_grad_batches", 1) != 1:
+        raise ValueError(
+            "set model.optim.clip_grad and model.global_batch_size instead of trainer.gradient_clip_val / "
+            "trainer.accumulate_grad_batches: megatron-core clips and accumulates"
+        )
+    grad_accumulation(cfg.model)  # validates the batch sizes against the launch
     if trainer_cfg.get("accelerator") == "auto":
         import torch
 

@@ -42,8 +42,10 @@ def _is_cuda(device) -> bool:
 class CudaDeviceToCPU(TorchFunctionMode):
     """Rewrites `device="cuda"` arguments (and `.cuda()` calls) to the CPU for the code run inside it.
 
-    Used only around megatron-core entry points that hard-code CUDA (pipeline schedules, p2p,
-    dist-checkpoint save) so the rest of the program pays no dispatch overhead.
+    Also reports CPU tensor type strings as their CUDA names, because megatron-core's optimizer and
+    gradient clipping assert on them. Used only around megatron-core entry points that hard-code CUDA
+    (pipeline schedules, p2p, optimizer construction and step, dist-checkpoint save) so the rest of the
+    program pays no dispatch overhead.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -52,6 +54,10 @@ class CudaDeviceToCPU(TorchFunctionMode):
             kwargs["device"] = "cpu"
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # megatron-core's optimizer asserts type strings such as 'torch.cuda.FloatTensor'.
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if ".cuda." not in name else name
         if func is torch.Tensor.to and args and len(args) > 1 and _is_cuda(args[1]):
             args = (args[0], "cpu") + tuple(args[2:])
         return func(*args, **kwargs)

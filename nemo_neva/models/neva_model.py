@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Optional
 
 import torch
@@ -13,6 +14,7 @@ from nemo.core.classes.common import PretrainedModelInfo
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.nn.modules.module import _IncompatibleKeys
 
+from nemo_neva.models import megatron_training as mt
 from nemo_neva.models import save_restore
 from nemo_neva.models.language_model import (
     build_gpt,
@@ -45,6 +47,8 @@ class MegatronNevaModel(ModelPT):
 
         self._weights_restored = False
         super().__init__(cfg=cfg, trainer=trainer)
+        self.automatic_optimization = False  # megatron-core schedules + optimizer do the stepping
+        self._ddp = None
         cfg = self.cfg
         ensure_distributed()
         initialize_model_parallel_from_cfg(
@@ -197,29 +201,66 @@ class MegatronNevaModel(ModelPT):
         loss = (per_token.float() * mask).sum() / n_tokens.clamp(min=1)
         return loss, n_tokens
 
+    def _forward_step(self, data_iterator, model):
+        """megatron-core forward_step_func: one micro-batch -> (output, loss_func)."""
+        mb = next(data_iterator)
+        output = model(mb["tokens"], mb["position_ids"], attention_mask=mb.get("attention_mask"),
+                       images=mb.get("images"), labels=mb["labels"], num_images=mb.get("num_images"))
+
+        def loss_func(per_token):
+            mask = mb["loss_mask"].to(per_token.dtype)
+            loss = (per_token.float() * mask).sum() / mask.sum().clamp(min=1)
+            return loss, {"loss": loss.detach().clone()}  # the schedule scales `loss` in place
+
+        return output, loss_func
+
+    def _run_batch(self, batch, forward_only: bool) -> torch.Tensor:
+        if self._ddp is None:  # validation before any training: wrap without an optimizer
+            self._ddp = [mt.build_ddp(self.model, self.model.config, distributed_optimizer=False)]
+        microbatches = mt.split_microbatches(batch, self.cfg.micro_batch_size)
+        seq = batch["tokens"].shape[1]
+        losses = mt.run_schedule(self._ddp[0], self._forward_step, microbatches, seq, self.cfg.micro_batch_size,
+                                 forward_only)
+        return mt.reduce_logged_loss(losses)
+
+    def train_on_batch(self, batch, optimizer) -> torch.Tensor:
+        """One optimizer step on a data-parallel rank's batch (split into micro-batches)."""
+        self._ddp[0].zero_grad_buffer()
+        optimizer.zero_grad()
+        loss = self._run_batch(batch, forward_only=False)
+        optimizer.step()
+        return loss
+
     def training_step(self, batch, batch_idx):
-        loss, n_tokens = self.loss_from_batch(batch)
+        opt = self.optimizers()
+        start = time.perf_counter()
+        loss = self.train_on_batch(batch, opt)
+        elapsed = time.perf_counter() - start
         bs = batch["tokens"].shape[0]
+        adapter = opt.optimizer
         self.log("train_loss", loss, prog_bar=True, batch_size=bs)
-        self.log("lr", self._optimizer.param_groups[0]["lr"] if self._optimizer else 0.0, prog_bar=False,
-                 batch_size=bs)
+        self.log("lr", float(adapter.param_groups[0]["lr"]), batch_size=bs)
+        if adapter.last_grad_norm is not None:
+            self.log("grad_norm", float(adapter.last_grad_norm), batch_size=bs)
+        self.log("tokens_per_sec", batch["tokens"].numel() / max(elapsed, 1e-9), prog_bar=True, batch_size=bs)
+        self.log("step_time", elapsed, batch_size=bs)
         return loss
 
     def validation_step(self, batch, batch_idx):
-        loss, _ = self.loss_from_batch(batch)
+        loss = self._run_batch(batch, forward_only=True)
         self.log("val_loss", loss, prog_bar=True, batch_size=batch["tokens"].shape[0])
         return loss
 
     # ------------------------------------------------------------------ optimisation
-    def setup_optimizer_param_groups(self):
-        # Frozen parameters never reach the optimizer, so they stay bit-identical.
-        self._optimizer_param_groups = [{"params": [p for p in self.parameters() if p.requires_grad]}]
-
     def configure_optimizers(self):
-        self.setup_optimization(self.cfg.optim)
-        if self._scheduler is None:
-            return self._optimizer
-        return [self._optimizer], [self._scheduler]
+        """megatron-core DDP + optimizer + LR schedule (see models/megatron_training.py)."""
+        optim_name = str(self.cfg.optim.get("name", "adam")).lower()
+        ddp = mt.build_ddp(self.model, self.model.config,
+                           distributed_optimizer=optim_name == "distributed_fused_adam")
+        self._ddp = [ddp]  # a list, so the wrapper is not registered as a second copy of the weights
+        trainer = self._trainer
+        max_steps = trainer.max_steps if trainer is not None and trainer.max_steps > 0 else 1000
+        return mt.build_optimizer(self.cfg.optim, ddp, self.model.config, max_steps)
 
     # ------------------------------------------------------------------ data
     def build_dataset(self, data_cfg, data_path=None):
@@ -241,16 +282,27 @@ class MegatronNevaModel(ModelPT):
         )
 
     def _loader(self, dataset, data_cfg, shuffle):
+        """Each data-parallel rank loads global_batch_size / dp samples per step (its micro-batches)."""
         from nemo_neva.data.collate import NevaCollator
 
+        dp = parallel_state.get_data_parallel_world_size()
+        per_rank = self.cfg.global_batch_size // dp
+        if self.cfg.global_batch_size % (self.cfg.micro_batch_size * dp):
+            raise ValueError(
+                f"model.global_batch_size={self.cfg.global_batch_size} must be a multiple of "
+                f"micro_batch_size x data-parallel size = {self.cfg.micro_batch_size * dp}"
+            )
+        sampler = torch.utils.data.DistributedSampler(
+            dataset, num_replicas=dp, rank=parallel_state.get_data_parallel_rank(), shuffle=shuffle,
+            seed=self.cfg.get("seed", 1234), drop_last=shuffle,
+        )
         return torch.utils.data.DataLoader(
             dataset,
-            batch_size=self.cfg.micro_batch_size,
-            shuffle=shuffle,
+            batch_size=per_rank,
+            sampler=sampler,
             num_workers=data_cfg.get("num_workers", 0),
             collate_fn=NevaCollator(pad_id=self.tokenizer.pad_token_id),
             drop_last=shuffle,
-            generator=torch.Generator().manual_seed(self.cfg.get("seed", 1234)),
         )
 
     def setup_training_data(self, train_data_config):

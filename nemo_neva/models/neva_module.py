@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 
@@ -22,6 +23,7 @@ class NevaModule(MegatronModule):
     def __init__(self, config, language_model, vision_tower=None, projector=None, image_token_id: int = -1,
                  freeze_vision: bool = True):
         super().__init__(config=config)
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron-core's schedules
         self.language_model = language_model
         self.pre_process = language_model.pre_process
         self.post_process = language_model.post_process

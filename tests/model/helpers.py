@@ -45,4 +45,5 @@ def batch_for(model, n=2, seq=40, seed=0):
         "loss_mask": loss_mask,
         "position_ids": torch.arange(seq).expand(n, seq).clone(),
         "images": torch.randn(n, 3, 32, 32, generator=g),
+        "num_images": torch.ones(n, dtype=torch.long),
     }

@@ -6,18 +6,16 @@ from tests.model.helpers import batch_for, tiny_model_cfg
 
 
 def _snapshot(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if torch.is_tensor(v)}
 
 
 def _train_steps(model, steps=3):
+    """Optimizer steps through megatron-core's DDP, schedule and optimizer, as training_step does."""
     model.train()
-    model.setup_optimization(model.cfg.optim)
-    opt = model._optimizer
+    opt = model.configure_optimizers()
     for i in range(steps):
-        loss, _ = model.loss_from_batch(batch_for(model, seed=i))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss = model.train_on_batch(batch_for(model, n=model.cfg.global_batch_size, seed=i), opt)
+        assert torch.isfinite(loss)
 
 
 def _changed(before, module):

@@ -1,0 +1,172 @@
+"""Training through megatron-core: its DDP (optionally the distributed optimizer), optimizer, LR schedule
+and forward-backward schedules (pipelined or not), driven from Lightning's manual optimization.
+
+Lightning owns the loop, logging and checkpoint callbacks; megatron-core owns everything that depends on
+the parallel layout. `MegatronOptimizerAdapter` lets Lightning count optimizer steps on a megatron optimizer.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from nemo_neva.compat.cpu import cuda_free
+
+_SCHEDULES = {"cosineannealing": "cosine", "cosine": "cosine", "linear": "linear", "constant": "constant"}
+_OPTIMIZERS = {"adam": ("adam", False), "adamw": ("adam", False), "distributed_fused_adam": ("adam", True),
+               "sgd": ("sgd", False)}
+
+
+class MegatronOptimizerAdapter(torch.optim.Optimizer):
+    """A torch.optim.Optimizer face on a megatron-core optimizer, so Lightning can step and count it."""
+
+    def __init__(self, megatron_optimizer, scheduler: OptimizerParamScheduler):
+        # Deliberately no super().__init__: parameters and state live in the megatron optimizer.
+        self.megatron_optimizer = megatron_optimizer
+        self.scheduler = scheduler
+        self.defaults = {}
+        self._optimizer_step_pre_hooks = {}
+        self._optimizer_step_post_hooks = {}
+        self.last_grad_norm = None
+
+    @property
+    def param_groups(self):
+        return self.megatron_optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.megatron_optimizer.state
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.megatron_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure=None):
+        if closure is not None:
+            closure()
+        with cuda_free():
+            ok, grad_norm, _ = self.megatron_optimizer.step()
+        if ok:
+            self.scheduler.step(increment=1)
+        self.last_grad_norm = grad_norm
+        return ok
+
+    def state_dict(self):
+        return {"optimizer": self.megatron_optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state_dict):
+        self.megatron_optimizer.load_state_dict(state_dict["optimizer"])
+        self.scheduler.load_state_dict(state_dict["scheduler"])
+
+
+def build_ddp(module, tconfig, distributed_optimizer: bool) -> DistributedDataParallel:
+    ddp = DistributedDataParallel(
+        tconfig,
+        DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=distributed_optimizer
+        ),
+        module,
+    )
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    tconfig.no_sync_func = ddp.no_sync
+    return ddp
+
+
+def build_optimizer(optim_cfg, ddp, tconfig, max_steps: int) -> MegatronOptimizerAdapter:
+    name = str(optim_cfg.get("name", "adam")).lower()
+    if name not in _OPTIMIZERS:
+        raise ValueError(f"model.optim.name={name!r}; supported: {sorted(_OPTIMIZERS)}")
+    kind, distributed = _OPTIMIZERS[name]
+    betas = optim_cfg.get("betas", [0.9, 0.999])
+    sched_cfg = optim_cfg.get("sched") or {}
+    min_lr = sched_cfg.get("min_lr", optim_cfg.get("min_lr", 0.0)) if sched_cfg else optim_cfg.lr
+    config = OptimizerConfig(
+        optimizer=kind,
+        lr=optim_cfg.lr,
+        min_lr=min_lr,
+        weight_decay=optim_cfg.get("weight_decay", 0.0),
+        adam_beta1=betas[0],
+        adam_beta2=betas[1],
+        adam_eps=optim_cfg.get("eps", 1e-8),
+        clip_grad=optim_cfg.get("clip_grad", 1.0) or 0.0,
+        use_distributed_optimizer=distributed,
+        bf16=tconfig.bf16,
+        params_dtype=tconfig.params_dtype,
+    )
+    with cuda_free():
+        optimizer = get_megatron_optimizer(config, [ddp])
+    style = _SCHEDULES.get(str(sched_cfg.get("name", "constant")).lower()) if sched_cfg else "constant"
+    if style is None:
+        raise ValueError(f"model.optim.sched.name={sched_cfg.get('name')!r}; supported: {sorted(_SCHEDULES)}")
+    warmup = sched_cfg.get("warmup_steps", 0) if sched_cfg else 0
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if warmup else optim_cfg.lr,
+        max_lr=optim_cfg.lr,
+        min_lr=min_lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=max(max_steps, warmup + 1),
+        lr_decay_style=style,
+        start_wd=config.weight_decay,
+        end_wd=config.weight_decay,
+        wd_incr_steps=max(max_steps, 1),
+        wd_incr_style="constant",
+    )
+    return MegatronOptimizerAdapter(optimizer, scheduler)
+
+
+def run_schedule(ddp, forward_step, microbatches: list, seq_length: int, micro_batch_size: int,
+                 forward_only: bool) -> list:
+    """megatron-core's own forward-backward schedule (1F1B when pipelined) over the micro-batches."""
+    with cuda_free():
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(microbatches),
+            model=[ddp],
+            num_microbatches=len(microbatches),
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=forward_only,
+        )
+
+
+def reduce_logged_loss(losses: Iterable[dict]) -> torch.Tensor:
+    """Mean micro-batch loss on the last pipeline stage, shared with every stage for logging."""
+    losses = list(losses)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        value = torch.stack([d["loss"] for d in losses]).float().mean() if losses else torch.zeros(())
+    else:
+        value = torch.zeros(())
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.broadcast(
+            value, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group(),
+        )
+    return value
+
+
+def split_microbatches(batch: dict, micro_batch_size: int) -> list:
+    """Split a per-data-parallel-rank batch into micro-batches (images follow their samples)."""
+    n = batch["tokens"].shape[0]
+    if n % micro_batch_size:
+        raise ValueError(f"batch of {n} samples is not a multiple of micro_batch_size={micro_batch_size}")
+    out = []
+    images = batch.get("images")
+    if images is not None and "num_images" not in batch:
+        raise ValueError("a batch with images needs 'num_images' (images per sample)")
+    image_offsets = torch.cumsum(batch["num_images"], 0) - batch["num_images"] if images is not None else None
+    for start in range(0, n, micro_batch_size):
+        sl = slice(start, start + micro_batch_size)
+        mb = {k: v[sl] for k, v in batch.items() if k not in ("images",) and torch.is_tensor(v)}
+        if images is not None:
+            first = int(image_offsets[start])
+            count = int(batch["num_images"][sl].sum())
+            mb["images"] = images[first:first + count] if count else None
+        else:
+            mb["images"] = None
+        out.append(mb)
+    return out
