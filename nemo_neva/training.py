@@ -5,6 +5,7 @@ import logging
 import os
 
 import lightning.pytorch as pl
+from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
@@ -36,11 +37,18 @@ def grad_accumulation(model_cfg) -> int:
     return model_cfg.global_batch_size // per_step
 
 
+class MegatronStrategy(DDPStrategy):
+    """Lightning's DDP launch and rank bookkeeping, without torch DDP wrapping.
+
+    Gradient sync belongs to megatron-core's DDP (set up by the model in `configure_optimizers`), which
+    reduces over the data-parallel group only; torch DDP would also average across tensor/pipeline ranks.
+    """
+
+    def configure_ddp(self) -> None:
+        pass
+
+
 def build_trainer(cfg: DictConfig) -> pl.Trainer:
-    if _world_size() > 1:
-        raise NotImplementedError(
-            "multi-process training is not wired into the examples yet; run with one process"
-        )
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_cfg.get("gradient_clip_val") or trainer_cfg.get("accumulate_grad_batches", 1) != 1:
         raise ValueError(
@@ -48,10 +56,23 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
             "trainer.accumulate_grad_batches: megatron-core clips and accumulates"
         )
     grad_accumulation(cfg.model)  # validates the batch sizes against the launch
-    if trainer_cfg.get("accelerator") == "auto":
-        import torch
+    import torch
 
+    if trainer_cfg.get("accelerator") == "auto":
         trainer_cfg["accelerator"] = "gpu" if torch.cuda.is_available() else "cpu"
+    world = _world_size()
+    devices = trainer_cfg.get("devices", 1)
+    if world > 1 or (isinstance(devices, int) and devices > 1):
+        if world != devices * trainer_cfg.get("num_nodes", 1):
+            raise ValueError(
+                f"trainer.devices={devices} x trainer.num_nodes={trainer_cfg.get('num_nodes', 1)} does not match "
+                f"the {world} launched process(es); launch with torchrun --nproc_per_node={devices}"
+            )
+        trainer_cfg["strategy"] = MegatronStrategy(
+            process_group_backend="nccl" if torch.cuda.is_available() else "gloo"
+        )
+    # The model's loaders shard by data-parallel rank (not by global rank, which would split TP groups).
+    trainer_cfg["use_distributed_sampler"] = False
     return pl.Trainer(**trainer_cfg)
 
 

@@ -59,8 +59,12 @@ def encode_prompt(model, prompt: str, has_image: bool) -> torch.Tensor:
 @torch.no_grad()
 def generate(model, images: Sequence, prompts: Sequence[str], max_new_tokens: int = 32, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None,
-             stop_token_ids: Optional[Sequence[int]] = None) -> list[str]:
-    """`images[i]` is a PIL image, a [3,H,W] tensor, or None; `prompts[i]` is the rendered prompt text."""
+             stop_token_ids: Optional[Sequence[int]] = None,
+             stop_strings: Sequence[str] = ()) -> list[str]:
+    """`images[i]` is a PIL image, a [3,H,W] tensor, or None; `prompts[i]` is the rendered prompt text.
+
+    Decoding ends at a stop token id (default: EOS), a stop string, or `max_new_tokens`.
+    """
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         raise NotImplementedError("generation with pipeline parallelism is not supported; restore at PP=1")
     if len(images) != len(prompts):
@@ -93,7 +97,12 @@ def generate(model, images: Sequence, prompts: Sequence[str], max_new_tokens: in
                 if nxt in stops:
                     break
                 out.append(nxt)
-            answers.append(model.tokenizer.decode(out, skip_special_tokens=True))
+                text = model.tokenizer.decode(out, skip_special_tokens=True)
+                hit = next((s for s in stop_strings if s and text.endswith(s)), None)
+                if hit:
+                    out = model.tokenizer(text[: -len(hit)], add_special_tokens=False)["input_ids"]
+                    break
+            answers.append(model.tokenizer.decode(out, skip_special_tokens=True).strip())
     finally:
         model.train(was_training)
     return answers

@@ -1,0 +1,28 @@
+"""Turn a user question into the exact prompt text the model was trained on, and know where to stop."""
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+from nemo_neva.data.constants import IMAGE_TOKEN
+from nemo_neva.data.conversation import get_template, render_prompt
+
+
+def build_prompt(template: str, question: str, has_image: bool, system: Optional[str] = None,
+                 steerlm: Optional[Mapping[str, int]] = None) -> str:
+    """One-turn generation prompt; the image tag goes first (LLaVA style) unless the question places it."""
+    if has_image and IMAGE_TOKEN not in question:
+        question = f"{IMAGE_TOKEN}\n{question}"
+    if not has_image and IMAGE_TOKEN in question:
+        raise ValueError(f"the prompt contains {IMAGE_TOKEN} but no image was given")
+    return render_prompt(template, [{"from": "human", "value": question}], system=system, attributes=steerlm)
+
+
+def stop_markers(tokenizer, template: str) -> tuple[set, list]:
+    """(token ids, strings) that end a reply: the template's end marker and the tokenizer's EOS."""
+    end = get_template(template).reply_end
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    special = set(tokenizer.all_special_tokens)
+    marker_ids = [tokenizer.convert_tokens_to_ids(t) for t in special if t in end]
+    ids.update(i for i in marker_ids if i is not None)
+    strings = [] if marker_ids else [end]  # e.g. `plain` ends a caption with "\n"
+    return ids, strings
