@@ -1,0 +1,127 @@
+"""Spawn-safe helpers for the multi-process parallel tests (module-level functions only).
+
+Ranks talk over gloo on a free localhost port; every test builds the same tiny megatron-core GPTModel
+(built with our CPU layer spec) and compares against a single-process reference run.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+VOCAB = 128
+SEQ = 16
+
+
+def gpt_config(style: str, tp: int = 1, pp: int = 1, sequence_parallel: bool = False, num_layers: int = 2):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    common = dict(
+        num_layers=num_layers, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sequence_parallel,
+        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True, params_dtype=torch.float32,
+        pipeline_dtype=torch.float32, bias_dropout_fusion=False, masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False, persist_layer_norm=False, apply_rope_fusion=False,
+        init_method_std=0.02,
+    )
+    if style == "llama":
+        return TransformerConfig(
+            normalization="RMSNorm", activation_func=F.silu, gated_linear_unit=True, add_bias_linear=False,
+            num_query_groups=2, **common,
+        ), "rope"
+    if style == "gpt":
+        return TransformerConfig(
+            normalization="LayerNorm", activation_func=F.gelu, gated_linear_unit=False, add_bias_linear=True,
+            **common,
+        ), "learned_absolute"
+    raise ValueError(style)
+
+
+def build_gpt(style: str, tp: int = 1, pp: int = 1, sequence_parallel: bool = False, seed: int = 1234,
+              num_layers: int = 2):
+    """The tiny GPTModel for this rank's place in the (already initialised) parallel layout."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    from nemo_neva.compat.cpu import seed_all
+    from nemo_neva.models.layer_specs import build_layer_spec
+
+    config, pos = gpt_config(style, tp, pp, sequence_parallel, num_layers)
+    seed_all(seed)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=build_layer_spec(config.normalization, transformer_engine=False),
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=False,
+        position_embedding_type=pos,
+    )
+
+
+def batch(n: int = 2, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (n, SEQ), generator=g)
+    labels = torch.randint(0, VOCAB, (n, SEQ), generator=g)
+    loss_mask = torch.ones(n, SEQ)
+    loss_mask[:, : SEQ // 4] = 0
+    return {
+        "tokens": tokens, "labels": labels, "loss_mask": loss_mask,
+        "position_ids": torch.arange(SEQ).expand(n, SEQ).clone(),
+    }
+
+
+def gather_tp_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary logits from vocab-parallel ones (identity at TP=1)."""
+    from megatron.core import tensor_parallel
+
+    return tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+
+
+def _entry(rank, world_size, port, fn, args, result_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from nemo_neva.parallel.init import ensure_distributed
+
+    try:
+        ensure_distributed()
+        out = fn(rank, world_size, *args)
+        torch.save(out, os.path.join(result_dir, f"rank{rank}.pt"))
+    except BaseException:
+        with open(os.path.join(result_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        try:
+            from megatron.core import parallel_state
+
+            parallel_state.destroy_model_parallel()
+        except Exception:
+            pass
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn, world_size: int, result_dir: str, *args):
+    """Run `fn(rank, world_size, *args)` on `world_size` spawned processes; return each rank's result."""
+    from nemo_neva.parallel.init import free_port
+
+    os.makedirs(result_dir, exist_ok=True)
+    port = free_port()
+    try:
+        mp.spawn(_entry, args=(world_size, port, fn, args, result_dir), nprocs=world_size, join=True)
+    except Exception as exc:
+        errs = [open(os.path.join(result_dir, f)).read() for f in sorted(os.listdir(result_dir)) if f.endswith(".err")]
+        raise RuntimeError("a rank failed:\n" + "\n".join(errs)) from exc
+    return [torch.load(os.path.join(result_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
