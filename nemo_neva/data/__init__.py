@@ -1,0 +1,11 @@
+"""Data side of NeVA: where images and conversations become tokens.
+
+constants.py     IGNORE_INDEX, IMAGE_TOKEN
+conversation.py  chat templates -> (text, trainable) segments; generation prompts; SteerLM labels
+image_io.py      safe image loading (path/size checks before decode), aspect-ratio preprocessing
+records.py       reading LLaVA JSON / JSONL annotation files
+dataset.py       NevaDataset: tokens, exact labels, image placeholder run, counted skips
+collate.py       NevaCollator: shift, pad, gather images
+tokenizer.py     the demo byte-level BPE tokenizer (train / load locally)
+shapes.py        synthetic coloured-shapes task; demo.py builds the shipped demo set
+"""

@@ -1,0 +1,61 @@
+"""Batching: shift to next-token targets, right-pad, gather images in sample order."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from nemo_neva.data.constants import IGNORE_INDEX
+
+
+class NevaCollator:
+    """items (dicts from NevaDataset, or None for a dropped sample) -> model batch.
+
+    tokens = input_ids[:-1], labels = input_ids' labels[1:] (IGNORE -> 0, since megatron's
+    cross-entropy has no ignore index; loss_mask carries the information). A dropped item becomes an
+    all-padding row with loss_mask 0, so the batch size stays fixed (pipeline schedules rely on it);
+    `num_dropped` says how many. `pad_to` fixes S (e.g. seq_length for pipeline parallelism).
+    """
+
+    def __init__(self, pad_id: int, pad_to: int | None = None):
+        self.pad_id = int(pad_id)
+        self.pad_to = pad_to
+
+    def __call__(self, items: Sequence[dict | None]) -> dict:
+        kept = [it for it in items if it is not None]
+        lengths = [len(it["input_ids"]) - 1 for it in kept]
+        seq = max(lengths + [1])
+        if self.pad_to is not None:
+            if seq > self.pad_to:
+                raise ValueError(f"sample of {seq} tokens does not fit pad_to={self.pad_to}")
+            seq = self.pad_to
+        bsz = len(items)
+        tokens = torch.full((bsz, seq), self.pad_id, dtype=torch.long)
+        labels = torch.zeros((bsz, seq), dtype=torch.long)
+        loss_mask = torch.zeros((bsz, seq), dtype=torch.float)
+        num_images = torch.zeros(bsz, dtype=torch.long)
+        images, ids = [], []
+        for row, it in enumerate(items):
+            if it is None:
+                ids.append(None)
+                continue
+            n = len(it["input_ids"]) - 1
+            target = it["labels"][1:]
+            valid = target != IGNORE_INDEX
+            tokens[row, :n] = it["input_ids"][:-1]
+            labels[row, :n] = torch.where(valid, target, torch.zeros_like(target))
+            loss_mask[row, :n] = valid.float()
+            if it.get("image") is not None:
+                images.append(it["image"])
+                num_images[row] = 1
+            ids.append(it.get("id"))
+        return {
+            "tokens": tokens,
+            "labels": labels,
+            "loss_mask": loss_mask,
+            "position_ids": torch.arange(seq, dtype=torch.long).unsqueeze(0).expand(bsz, seq).contiguous(),
+            "images": torch.stack(images).float() if images else None,
+            "num_images": num_images,
+            "num_dropped": torch.tensor(bsz - len(kept), dtype=torch.long),
+            "ids": ids,
+        }

@@ -1,0 +1,178 @@
+"""LLaVA-format conversations + images -> token ids, exact labels and a preprocessed image."""
+from __future__ import annotations
+
+import copy
+import logging
+from collections import Counter
+from typing import Mapping, Sequence, Union
+
+import torch
+from torch.utils.data import Dataset
+
+from nemo_neva.data.constants import IGNORE_INDEX, IMAGE_TOKEN
+from nemo_neva.data.conversation import ConversationError, render
+from nemo_neva.data.image_io import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, ImageSource,
+                                     preprocess)
+from nemo_neva.data.records import iter_records
+
+log = logging.getLogger(__name__)
+
+
+class SampleError(ValueError):
+    """A sample that cannot be used; raised in strict mode, otherwise counted under `reason`."""
+
+    def __init__(self, reason: str, detail: str, sample_id: str | None = None):
+        super().__init__(f"sample {sample_id!r}: {reason}: {detail}" if sample_id else f"{reason}: {detail}")
+        self.reason, self.sample_id = reason, sample_id
+
+
+_ERRORS = (SampleError, ConversationError, ImageError)
+
+
+class NevaDataset(Dataset):
+    """Parsing, rendering, tokenization and image header checks run at construction, so bad samples
+    are counted before training. Image decoding runs in __getitem__; an image that fails there makes
+    the item None (the collator drops it and reports `num_dropped`). Skips counted inside DataLoader
+    workers stay in the worker's copy of `skip_counts`, but every one is logged with its id.
+    """
+
+    def __init__(self, data_path: Union[str, Sequence[str]], image_folder: str | None, tokenizer,
+                 image_processor, template: str = "plain", image_aspect_ratio: str = "square",
+                 seq_length: int = 2048, num_image_tokens: int = 576, strict: bool = False,
+                 steerlm_defaults: Mapping[str, int] | None = None, system_prompt: str | None = None,
+                 prescan_images: bool = True, max_image_bytes: int = DEFAULT_MAX_BYTES,
+                 max_image_pixels: int = DEFAULT_MAX_PIXELS):
+        if num_image_tokens < 1:
+            raise ValueError("num_image_tokens must be >= 1")
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.template, self.image_aspect_ratio = template, image_aspect_ratio
+        self.seq_length, self.num_image_tokens, self.strict = seq_length, num_image_tokens, strict
+        self.steerlm_defaults, self.system_prompt = steerlm_defaults, system_prompt
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
+            raise ValueError(f"tokenizer has no {IMAGE_TOKEN!r} token")
+        self.images = ImageSource(image_folder, max_image_bytes, max_image_pixels) if image_folder else None
+        self.skip_counts: Counter = Counter()
+        self.truncated = 0
+        self._logged: set = set()
+        self.records: list[dict] = []
+        self.lengths: list[int] = []  # tokens per kept sample, for packing / length grouping
+        total = 0
+        for fallback_id, rec, error in iter_records(data_path):
+            total += 1
+            sid = rec.get("id", fallback_id) if isinstance(rec, dict) else fallback_id
+            try:
+                if error is not None:
+                    raise SampleError("malformed_json", error)
+                ids, _, image, truncated = self.encode(rec)
+                if image is not None and prescan_images:
+                    self._images().check(image)
+            except _ERRORS as e:
+                self._skip(str(sid), e)
+                continue
+            rec = dict(rec, id=str(sid))
+            self.records.append(rec)
+            self.lengths.append(len(ids))
+            self.truncated += truncated
+        self.total = total
+        if not self.records:
+            raise ValueError(f"no usable samples in {data_path!r}: {self.summary()}")
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _skip(self, sid: str, err: Exception) -> None:
+        reason = getattr(err, "reason", "error")
+        if isinstance(err, ImageError):
+            reason = f"image_{reason}"
+        if self.strict:
+            raise SampleError(reason, str(err), sid) from err
+        self.skip_counts[reason] += 1
+        if (sid, reason) not in self._logged:
+            self._logged.add((sid, reason))
+            log.warning("skipping sample %r (%s): %s", sid, reason, err)
+
+    def summary(self) -> str:
+        skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.skip_counts.items())) or "none"
+        return (f"kept {len(self.records)}/{self.total} samples; skipped: {skipped}; "
+                f"truncated: {self.truncated}")
+
+    def _images(self) -> ImageSource:
+        if self.images is None:
+            raise ImageError("missing", "sample has an image but no image_folder was configured")
+        return self.images
+
+    # ------------------------------------------------------------------ text
+    def _turns(self, rec) -> tuple[list, str | None]:
+        if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list):
+            raise SampleError("bad_record", "record is not an object with a 'conversations' list")
+        image = rec.get("image")
+        if isinstance(image, list):  # LLaVA allows a one-element list
+            if len(image) != 1:
+                raise SampleError("multiple_images", f"{len(image)} images; at most one is supported")
+            image = image[0]
+        if image is not None and not isinstance(image, str):
+            raise SampleError("bad_record", f"'image' is {type(image).__name__}, expected a path")
+        turns = copy.deepcopy(rec["conversations"])
+        values = [t.get("value", "") if isinstance(t, dict) else "" for t in turns]
+        tags = sum(v.count(IMAGE_TOKEN) for v in values if isinstance(v, str))
+        if image is None and tags:
+            raise SampleError("image_tag_without_image", f"{tags} {IMAGE_TOKEN} tag(s) but no 'image'")
+        if tags > 1:
+            raise SampleError("multiple_images", f"{tags} {IMAGE_TOKEN} tags; at most one is supported")
+        if image is not None and tags == 0 and turns and isinstance(turns[0], dict) \
+                and isinstance(turns[0].get("value"), str):
+            turns[0]["value"] = f"{IMAGE_TOKEN}\n{turns[0]['value']}"  # LLaVA puts a missing tag first
+        for k, t in enumerate(turns):
+            if k % 2 and isinstance(t, dict) and IMAGE_TOKEN in str(t.get("value", "")):
+                raise SampleError("image_tag_in_reply", f"turn {k} is a reply containing {IMAGE_TOKEN}")
+        return turns, image
+
+    def encode(self, rec) -> tuple[list[int], list[int], str | None, bool]:
+        """(input_ids, labels, image path or None, truncated) for one record; raises on a bad sample."""
+        turns, image = self._turns(rec)
+        system = rec.get("system", self.system_prompt)
+        segments = render(self.template, turns, system=system, attributes=rec.get("attributes"),
+                          steerlm_defaults=self.steerlm_defaults)
+        texts = [t for t, _ in segments]
+        pieces = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        flat = [i for p in pieces for i in p]
+        text = "".join(texts)
+        decoded = self.tokenizer.decode(flat, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if decoded != text or flat.count(self.image_token_id) != text.count(IMAGE_TOKEN):
+            raise SampleError("tokenization_mismatch", f"decode(encode(text)) differs: {decoded[:80]!r}")
+        ids, labels, image_end = [], [], 0
+        for (_, trainable), piece in zip(segments, pieces):
+            for tok in piece:
+                if tok == self.image_token_id:
+                    ids += [tok] * self.num_image_tokens
+                    labels += [IGNORE_INDEX] * self.num_image_tokens
+                    image_end = len(ids)
+                else:
+                    ids.append(tok)
+                    labels.append(tok if trainable else IGNORE_INDEX)
+        truncated = len(ids) > self.seq_length
+        if truncated:
+            if image_end > self.seq_length:
+                raise SampleError("image_does_not_fit",
+                                  f"image run ends at {image_end} > seq_length {self.seq_length}")
+            ids, labels = ids[: self.seq_length], labels[: self.seq_length]
+        # labels[0] is never a next-token target (the collator shifts), so it does not count.
+        if all(lab == IGNORE_INDEX for lab in labels[1:]):
+            raise SampleError("no_trainable_tokens", "no assistant token left to train on")
+        return ids, labels, image, truncated
+
+    # ------------------------------------------------------------------ Dataset
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, idx: int):
+        rec = self.records[idx]
+        try:
+            ids, labels, image, _ = self.encode(rec)
+            pixels = None
+            if image is not None:
+                pixels = preprocess(self._images().load(image), self.image_processor, self.image_aspect_ratio)
+        except _ERRORS as e:
+            self._skip(rec["id"], e)
+            return None
+        return {"input_ids": torch.tensor(ids, dtype=torch.long),
+                "labels": torch.tensor(labels, dtype=torch.long), "image": pixels, "id": rec["id"]}

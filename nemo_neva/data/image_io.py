@@ -1,0 +1,161 @@
+"""Safe image loading (size and path checks before decoding) and HF-processor preprocessing."""
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import threading
+import warnings
+from typing import Sequence, Union
+
+import torch
+from PIL import Image
+
+ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP"})
+DEFAULT_MAX_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 4096 * 4096
+ASPECT_RATIOS = ("square", "pad", "keep")
+
+
+class ImageError(ValueError):
+    """An image that must not be used; `reason` is a short tag (missing, escape, too_large, ...)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def _normalise(name: str) -> str:
+    return "/".join(p for p in name.replace("\\", "/").split("/") if p not in ("", "."))
+
+
+def _check_relative(rel: str) -> str:
+    if not isinstance(rel, str) or not rel:
+        raise ImageError("bad_path", f"image path {rel!r} is not a non-empty string")
+    if os.path.isabs(rel) or rel.startswith(("/", "\\")):
+        raise ImageError("path_escape", f"absolute image path {rel!r} is not allowed")
+    parts = rel.replace("\\", "/").split("/")
+    if ".." in parts:
+        raise ImageError("path_escape", f"image path {rel!r} leaves the image root")
+    return _normalise(rel)
+
+
+def _decode(data: Union[bytes, str], name: str, max_pixels: int, header_only: bool):
+    """Open, check format and pixel count from the header, then (unless header_only) decode to RGB."""
+    try:
+        with warnings.catch_warnings():
+            # PIL's own bomb guard stays on, and its warning tier becomes an error too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # `formats` keeps PIL from trying exotic decoders on untrusted bytes.
+            with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data,
+                            formats=sorted(ALLOWED_FORMATS)) as img:
+                w, h = img.size
+                if w * h > max_pixels or w <= 0 or h <= 0:
+                    raise ImageError("too_many_pixels", f"{name}: {w}x{h} exceeds {max_pixels} pixels")
+                if header_only:
+                    return None
+                img.seek(0)  # first frame of a GIF
+                return img.convert("RGB")
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError("too_many_pixels", f"{name}: {e}") from e
+    except Image.UnidentifiedImageError as e:
+        raise ImageError("bad_format", f"{name}: not one of {sorted(ALLOWED_FORMATS)}") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # PIL's ways of saying "corrupt"
+        raise ImageError("corrupt", f"{name}: {e}") from e
+
+
+class ImageSource:
+    """Images under a folder, or inside an uncompressed `.tar`, addressed by relative path."""
+
+    def __init__(self, root: str, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.root, self.max_bytes, self.max_pixels = root, max_bytes, max_pixels
+        self.is_tar = os.path.isfile(root) and root.endswith(".tar")
+        if not self.is_tar and not os.path.isdir(root):
+            raise FileNotFoundError(f"image folder not found: {root!r}")
+        self._real_root = os.path.realpath(root)
+        self._members: dict[str, tuple[int, int]] = {}
+        if self.is_tar:
+            with tarfile.open(root, "r:") as tf:  # name -> (data offset, size); regular files only
+                self._members = {_normalise(m.name): (m.offset_data, m.size) for m in tf if m.isfile()}
+        self._local = threading.local()
+
+    def _read(self, rel: str) -> Union[bytes, str]:
+        """Bytes from the tar, or the checked file path for a folder (PIL reads it lazily)."""
+        key = _check_relative(rel)
+        if self.is_tar:
+            if key not in self._members:
+                raise ImageError("missing", f"{rel!r} not in {self.root}")
+            offset, size = self._members[key]
+            if size > self.max_bytes:
+                raise ImageError("too_large", f"{rel!r}: {size} bytes > {self.max_bytes}")
+            # One handle per process/thread: DataLoader workers fork after __init__.
+            fh = getattr(self._local, "fh", None)
+            if fh is None or getattr(self._local, "pid", None) != os.getpid():
+                fh = self._local.fh = open(self.root, "rb")
+                self._local.pid = os.getpid()
+            fh.seek(offset)
+            return fh.read(size)
+        path = os.path.realpath(os.path.join(self._real_root, key))
+        if os.path.commonpath([path, self._real_root]) != self._real_root:  # e.g. a symlink out of root
+            raise ImageError("path_escape", f"{rel!r} resolves outside {self.root}")
+        if not os.path.isfile(path):
+            raise ImageError("missing", f"{rel!r} not found under {self.root}")
+        size = os.path.getsize(path)
+        if size > self.max_bytes:
+            raise ImageError("too_large", f"{rel!r}: {size} bytes > {self.max_bytes}")
+        return path
+
+    def check(self, rel: str) -> None:
+        """Cheap validation (path, bytes, format, pixel count from the header); no pixel decode."""
+        _decode(self._read(rel), rel, self.max_pixels, header_only=True)
+
+    def load(self, rel: str) -> Image.Image:
+        return _decode(self._read(rel), rel, self.max_pixels, header_only=False)
+
+
+def target_size(processor) -> tuple[int, int]:
+    """(height, width) the processor outputs: crop size if it crops, else its resize size."""
+    size = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
+    if "height" in size:
+        return size["height"], size["width"]
+    return size["shortest_edge"], size["shortest_edge"]
+
+
+def _mean_colour(processor) -> tuple[int, int, int]:
+    return tuple(int(round(m * 255)) for m in processor.image_mean)
+
+
+def expand_to_square(img: Image.Image, colour) -> Image.Image:
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    out = Image.new("RGB", (side, side), colour)
+    out.paste(img, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+def _one(img: Image.Image, processor, aspect_ratio: str) -> torch.Tensor:
+    if aspect_ratio == "pad":
+        img = expand_to_square(img, _mean_colour(processor))
+    if aspect_ratio in ("square", "pad"):
+        # Resize the whole picture to the output size, so the processor's crop has nothing to cut.
+        h, w = target_size(processor)
+        img = img.resize((w, h), resample=getattr(processor, "resample", Image.BICUBIC))
+    return processor(images=img, return_tensors="pt")["pixel_values"][0].float()
+
+
+def preprocess(images: Union[Image.Image, Sequence[Image.Image]], image_processor,
+               aspect_ratio: str = "square") -> torch.Tensor:
+    """One PIL image -> FloatTensor[3,H,W]; a list -> [N,3,H,W].
+
+    square: stretch to the output size; pad: pad to a square with the processor's mean colour, then
+    resize (LLaVA-1.5); keep: the processor's own shortest-edge resize + center crop.
+    """
+    if aspect_ratio not in ASPECT_RATIOS:
+        raise ValueError(f"image_aspect_ratio must be one of {ASPECT_RATIOS}, got {aspect_ratio!r}")
+    if isinstance(images, Image.Image):
+        return _one(images, image_processor, aspect_ratio)
+    return torch.stack([_one(im, image_processor, aspect_ratio) for im in images])
