@@ -35,7 +35,7 @@ class ConversationError(ValueError):
 
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
-        self.reason = reason
+        self.reason, self.detail = reason, detail
 
 
 Attributes = Union[Mapping[str, int], str, None]

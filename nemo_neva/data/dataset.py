@@ -23,7 +23,7 @@ class SampleError(ValueError):
 
     def __init__(self, reason: str, detail: str, sample_id: str | None = None):
         super().__init__(f"sample {sample_id!r}: {reason}: {detail}" if sample_id else f"{reason}: {detail}")
-        self.reason, self.sample_id = reason, sample_id
+        self.reason, self.detail, self.sample_id = reason, detail, sample_id
 
 
 _ERRORS = (SampleError, ConversationError, ImageError)
@@ -84,7 +84,7 @@ class NevaDataset(Dataset):
         if isinstance(err, ImageError):
             reason = f"image_{reason}"
         if self.strict:
-            raise SampleError(reason, str(err), sid) from err
+            raise SampleError(reason, getattr(err, "detail", str(err)), sid) from err
         self.skip_counts[reason] += 1
         if (sid, reason) not in self._logged:
             self._logged.add((sid, reason))

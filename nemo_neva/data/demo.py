@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 from nemo_neva.data.constants import IMAGE_TOKEN
 from nemo_neva.data.conversation import (STEERLM_ATTRIBUTES, TEMPLATE_NAMES, render)
