@@ -101,6 +101,38 @@ class SDPACoreAttention(MegatronModule):
         return ctx.permute(2, 0, 1, 3).reshape(s, b, h * d)
 
 
+class TorchNormSP:
+    """torch `LayerNorm` / `RMSNorm` for the local spec that also works with sequence parallelism.
+
+    megatron-core's `WrappedTorchNorm` (its fallback without Apex/TE) refuses `sequence_parallel`, because
+    under SP each tensor-parallel rank normalises only its slice of the sequence, so the norm's weight and
+    bias gradients are partial sums. Like Apex's `FusedLayerNorm`, this marks the parameters with
+    `sequence_parallel`, which makes megatron-core's `finalize_model_grads` all-reduce them over the TP
+    group. Parameter names and shapes equal `WrappedTorchNorm`'s, so checkpoints are interchangeable.
+    """
+
+    def __new__(
+        cls,
+        config: TransformerConfig,
+        hidden_size: int,
+        eps: float = 1e-5,
+        persist_layer_norm: bool = False,
+        zero_centered_gamma: bool = False,
+        normalization: str = "LayerNorm",
+    ):
+        if config.layernorm_zero_centered_gamma:
+            raise ValueError("layernorm_zero_centered_gamma needs the Transformer Engine spec (GPU)")
+        if config.normalization == "LayerNorm":
+            norm = torch.nn.LayerNorm(hidden_size, eps=eps)
+        elif config.normalization == "RMSNorm":
+            norm = torch.nn.RMSNorm(hidden_size, eps=eps)
+        else:
+            raise ValueError(f"normalization={config.normalization!r}; supported: LayerNorm, RMSNorm")
+        for param in norm.parameters():
+            setattr(param, "sequence_parallel", config.sequence_parallel)
+        return norm
+
+
 def use_transformer_engine(requested: bool) -> bool:
     """TE spec only when asked for and actually usable (TE importable and CUDA present)."""
     if not requested:
@@ -123,4 +155,23 @@ def build_layer_spec(normalization: str, transformer_engine: bool, qk_layernorm:
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     spec = get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm)
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    spec.submodules.input_layernorm = TorchNormSP
+    spec.submodules.pre_mlp_layernorm = TorchNormSP
     return spec
+
+
+def build_decoder_spec(config: TransformerConfig, transformer_engine: bool, qk_layernorm: bool = False, vp_stage=None):
+    """`transformer_layer_spec` for GPTModel covering the whole decoder of this pipeline stage.
+
+    TE: the TE layer spec (megatron-core picks TENorm for the final norm). Local: every layer from
+    `build_layer_spec` and `TorchNormSP` as the final norm, so sequence parallelism works without Apex/TE
+    (megatron-core would otherwise pick `WrappedTorchNorm`, which refuses it).
+    """
+    layer = build_layer_spec(config.normalization, transformer_engine, qk_layernorm=qk_layernorm)
+    if use_transformer_engine(transformer_engine):
+        return layer
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage), layer_norm=TorchNormSP
+    )

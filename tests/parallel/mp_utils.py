@@ -53,13 +53,13 @@ def build_gpt(style: str, tp: int = 1, pp: int = 1, sequence_parallel: bool = Fa
     from megatron.core.models.gpt import GPTModel
 
     from nemo_neva.compat.cpu import seed_all
-    from nemo_neva.models.layer_specs import build_layer_spec
+    from nemo_neva.models.layer_specs import build_decoder_spec
 
     config, pos = gpt_config(style, tp, pp, sequence_parallel, num_layers)
     seed_all(seed)
     return GPTModel(
         config=config,
-        transformer_layer_spec=build_layer_spec(config.normalization, transformer_engine=False),
+        transformer_layer_spec=build_decoder_spec(config, transformer_engine=False),
         vocab_size=VOCAB,
         max_sequence_length=SEQ,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -125,3 +125,57 @@ def run_ranks(fn, world_size: int, result_dir: str, *args):
         errs = [open(os.path.join(result_dir, f)).read() for f in sorted(os.listdir(result_dir)) if f.endswith(".err")]
         raise RuntimeError("a rank failed:\n" + "\n".join(errs)) from exc
     return [torch.load(os.path.join(result_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+
+
+def microbatches(n_micro: int, mbs: int, seed: int):
+    return [batch(mbs, seed=seed * 1000 + i) for i in range(n_micro)]
+
+
+def forward_step(data_iterator, model):
+    """megatron-core forward_step_func: per-token loss from GPTModel, masked mean in the loss function."""
+    b = next(data_iterator)
+    out = model(b["tokens"], b["position_ids"], attention_mask=None, labels=b["labels"])
+    mask = b["loss_mask"]
+
+    def loss_func(output_tensor):
+        loss = (output_tensor.float() * mask).sum() / mask.sum()
+        return loss, {"loss": loss.detach().clone()}
+
+    return out, loss_func
+
+
+def unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def save_grads_as_checkpoint(ddp, ckpt_dir):
+    """Write the reduced gradients (DDP main_grad) in place of the weights as a dist checkpoint, so that
+    megatron-core's resharding can bring a TP/PP-sharded gradient back to the TP=1/PP=1 layout."""
+    from nemo_neva.parallel.dist_ckpt import save_sharded
+
+    module = unwrap(ddp)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.data.copy_(p.main_grad)
+    save_sharded(module.sharded_state_dict(), ckpt_dir)
+
+
+def load_full(style, ckpt_dir, num_layers=2):
+    """A TP=1/PP=1 model's named tensors from a dist checkpoint (the current layout must be TP=1/PP=1)."""
+    from nemo_neva.parallel.dist_ckpt import load_sharded
+
+    m = build_gpt(style, seed=4321, num_layers=num_layers)
+    m.load_state_dict(load_sharded(m.sharded_state_dict(), ckpt_dir), strict=True)
+    return {k: v.detach().clone() for k, v in m.named_parameters()}
+
+
+def main_grads(ddp):
+    return {k: p.main_grad.detach().clone() for k, p in unwrap(ddp).named_parameters()}
+
+
+def assert_dicts_close(a, b, rtol, atol):
+    assert a.keys() == b.keys(), (sorted(set(a) ^ set(b)))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
