@@ -161,7 +161,8 @@ def split_microbatches(batch: dict, micro_batch_size: int) -> list:
     image_offsets = torch.cumsum(batch["num_images"], 0) - batch["num_images"] if images is not None else None
     for start in range(0, n, micro_batch_size):
         sl = slice(start, start + micro_batch_size)
-        mb = {k: v[sl] for k, v in batch.items() if k not in ("images",) and torch.is_tensor(v)}
+        mb = {k: v[sl] for k, v in batch.items()
+              if k != "images" and torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n}
         if images is not None:
             first = int(image_offsets[start])
             count = int(batch["num_images"][sl].sum())

@@ -71,7 +71,6 @@ class MegatronNevaModel(ModelPT):
         self._apply_freeze(cfg)
         if restore_dir:
             self._load_dist_weights(os.path.join(restore_dir, save_restore.WEIGHTS_DIR))
-        self._save_restore_connector = save_restore.NevaSaveRestoreConnector()
         if trainer is not None and cfg.get("data") is not None and cfg.data.get("data_path"):
             self.setup_training_data(cfg.data)
 
@@ -161,7 +160,8 @@ class MegatronNevaModel(ModelPT):
 
     def save_to(self, save_path: str):
         """Write a `.nemo` (all ranks must call this: the weights are a distributed checkpoint)."""
-        return self._save_restore_connector.save_to(self, str(save_path))
+        # Always our connector: NeMo's restore_from resets the instance's connector to its default one.
+        return save_restore.NevaSaveRestoreConnector().save_to(self, str(save_path))
 
     def _load_dist_weights(self, ckpt_dir: str):
         from nemo_neva.parallel.dist_ckpt import load_sharded

@@ -11,7 +11,7 @@ def tiny_model_cfg(**overrides):
     cfg = OmegaConf.load(os.path.join(ROOT, "conf", "neva_pretrain.yaml")).model
     with open_dict(cfg):
         cfg.tokenizer.path = os.path.join(ROOT, "data", "tokenizer")
-        cfg.data.data_path = os.path.join(ROOT, "data", "shapes_demo", "pretrain.json")
+        cfg.data.data_path = os.path.join(ROOT, "data", "shapes_demo", "stage1_captions.json")
         cfg.data.image_folder = os.path.join(ROOT, "data", "shapes_demo", "images")
         cfg.encoder_seq_length = 64
         for key, value in overrides.items():

@@ -83,3 +83,12 @@ def test_without_import_nemo_refuses_the_target(saved, tmp_path):
     proc = subprocess.run([sys.executable, "-c", UNREGISTERED, path], cwd=str(tmp_path), capture_output=True,
                           text=True, env={**os.environ, "PYTHONPATH": ROOT})
     assert "REFUSED" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_a_restored_model_saves_a_restorable_nemo(saved, tmp_path):
+    path, batch, logits = saved
+    again = str(tmp_path / "again.nemo")
+    MegatronNevaModel.restore_from(path).save_to(again)
+    restored = MegatronNevaModel.restore_from(again)
+    restored.eval()
+    assert torch.equal(restored(batch["tokens"], batch["position_ids"], images=batch["images"]), logits)

@@ -1,0 +1,69 @@
+"""Worker for the multi-process model tests (run under torchrun; see test_model_parallel.py).
+
+Restores a .nemo at the requested TP/PP layout (megatron-core resharding), records logits, trains a few
+optimizer steps through megatron-core's DDP/optimizer/schedules on deterministic batches (each
+data-parallel rank takes its slice of the global batch), and saves the result as a .nemo.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+
+def main():
+    from megatron.core import parallel_state as ps
+    from omegaconf import open_dict
+
+    from nemo_neva import MegatronNevaModel
+    from nemo_neva.models.megatron_training import MegatronOptimizerAdapter  # noqa: F401  (import check)
+    from tests.model.helpers import batch_for
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--nemo", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--sp", action="store_true")
+    ap.add_argument("--optim", default="adam")
+    ap.add_argument("--steps", type=int, default=3)
+    args = ap.parse_args()
+
+    cfg = MegatronNevaModel.restore_from(args.nemo, return_config=True)
+    with open_dict(cfg):
+        cfg.tensor_model_parallel_size = args.tp
+        cfg.pipeline_model_parallel_size = args.pp
+        cfg.sequence_parallel = args.sp
+        cfg.optim.name = args.optim
+        cfg.optim.sched = None  # constant LR keeps the comparison simple
+    model = MegatronNevaModel.restore_from(args.nemo, override_config_path=cfg)
+    model.eval()
+    probe = batch_for(model, n=2, seed=100)
+    with torch.no_grad():
+        logits = model.model(probe["tokens"], probe["position_ids"], images=probe["images"],
+                             runtime_gather_output=True) if ps.is_pipeline_last_stage() and args.pp == 1 else None
+    model.train()
+    opt = model.configure_optimizers()
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    losses = []
+    for step in range(args.steps):
+        full = batch_for(model, n=cfg.global_batch_size, seed=step)
+        per_rank = cfg.global_batch_size // dp
+        sl = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+        batch = {k: v[sl] for k, v in full.items()}
+        losses.append(float(model.train_on_batch(batch, opt)))
+    model.save_to(os.path.join(args.out, "trained.nemo"))
+    if dist.get_rank() == 0:
+        if logits is not None:
+            torch.save(logits, os.path.join(args.out, "logits.pt"))
+        with open(os.path.join(args.out, "losses.json"), "w") as f:
+            json.dump(losses, f)
+
+
+if __name__ == "__main__":
+    main()
