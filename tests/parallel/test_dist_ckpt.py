@@ -31,8 +31,16 @@ def _round_trip(rank, world_size, ckpt_dir):
     from nemo_neva.parallel.dist_ckpt import load_sharded, save_sharded
     from nemo_neva.parallel.init import initialize_model_parallel_from_cfg
 
-    dist.destroy_process_group()  # prove save/load bring up a world-size-1 group themselves
+    # no process group and no launcher variables: ensure_distributed (called by init / save / load) must
+    # bring up a world-size-1 gloo group on a free port by itself
+    dist.destroy_process_group()
+    for var in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(var, None)
     for style in ("llama", "gpt"):
+        if style == "llama":
+            assert not dist.is_initialized()
+        else:
+            assert dist.get_backend() == "gloo" and dist.get_world_size() == 1
         initialize_model_parallel_from_cfg(tp=1, pp=1, num_attention_heads=4, num_query_groups=2, num_layers=2)
         src = build_gpt(style, seed=1)
         save_sharded(src.sharded_state_dict(), os.path.join(ckpt_dir, style))
