@@ -133,7 +133,9 @@ class NevaDataset(Dataset):
         segments = render(self.template, turns, system=system, attributes=rec.get("attributes"),
                           steerlm_defaults=self.steerlm_defaults)
         texts = [t for t, _ in segments]
-        pieces = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        # One call per segment, never a batch call: in a DataLoader worker forked from a parent whose
+        # `tokenizers` thread pool is up, a batch call hangs forever (single calls use no pool).
+        pieces = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         flat = [i for p in pieces for i in p]
         text = "".join(texts)
         decoded = self.tokenizer.decode(flat, skip_special_tokens=False, clean_up_tokenization_spaces=False)

@@ -137,3 +137,32 @@ def test_dataloader_with_workers(tmp_path, image_dir, tok, proc):
     batches = list(dl)
     assert [b["tokens"].shape[0] for b in batches] == [4, 3]
     assert batches[1]["num_images"].tolist() == [1, 1, 0] and batches[1]["images"].shape == (2, 3, 32, 32)
+
+
+def test_forked_workers_do_not_deadlock_without_tokenizers_env(tmp_path, image_dir):
+    """conftest sets TOKENIZERS_PARALLELISM=false; real users usually do not. Batch encodes inside forked
+    workers (parent's tokenizers pool already started) used to hang forever."""
+    import os
+    import subprocess
+    import sys
+
+    from neva_data_helpers import REPO
+
+    path = write_json(tmp_path / "w.json", [dict(GOOD, id=f"s{i}") for i in range(8)])
+    code = f"""
+import torch
+from transformers import CLIPImageProcessor
+from nemo_neva.data.collate import NevaCollator
+from nemo_neva.data.dataset import NevaDataset
+from nemo_neva.data.tokenizer import load_tokenizer
+tok = load_tokenizer({DEMO_TOKENIZER!r})
+tok(["warm", "the", "thread", "pool"] * 64)
+proc = CLIPImageProcessor(size={{"shortest_edge": 32}}, crop_size={{"height": 32, "width": 32}})
+ds = NevaDataset({path!r}, {str(image_dir)!r}, tok, proc, template="chatml", seq_length=64, num_image_tokens=4)
+dl = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, collate_fn=NevaCollator(0))
+print("batches", len(list(dl)))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=90)
+    assert "batches 4" in res.stdout, res.stderr[-2000:]
