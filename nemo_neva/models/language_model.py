@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from nemo_neva.models.layer_specs import build_layer_spec
+from nemo_neva.models.layer_specs import build_decoder_spec
 
 _ACTIVATIONS = {
     # name -> (activation_func, gated_linear_unit)
@@ -29,8 +29,15 @@ def params_dtype(precision) -> torch.dtype:
 
 
 def padded_vocab_size(vocab: int, divisible_by: int, tp: int) -> int:
-    multiple = divisible_by * tp
-    return int(math.ceil(vocab / multiple) * multiple)
+    """Pad to a multiple of `divisible_by` only, so the embedding shape (and thus the checkpoint) does not
+    depend on the TP size; megatron-core then splits it across TP ranks."""
+    padded = int(math.ceil(vocab / divisible_by) * divisible_by)
+    if padded % tp:
+        raise ValueError(
+            f"padded vocabulary {padded} (model.make_vocab_size_divisible_by={divisible_by}) is not divisible by "
+            f"tensor_model_parallel_size={tp}; use a make_vocab_size_divisible_by that is a multiple of {tp}"
+        )
+    return padded
 
 
 def build_transformer_config(cfg, dtype: torch.dtype) -> TransformerConfig:
@@ -87,7 +94,7 @@ def build_transformer_config(cfg, dtype: torch.dtype) -> TransformerConfig:
 
 
 def build_gpt(cfg, config: TransformerConfig, vocab_size: int, pre_process: bool, post_process: bool) -> GPTModel:
-    spec = build_layer_spec(config.normalization, cfg.get("transformer_engine", False))
+    spec = build_decoder_spec(config, cfg.get("transformer_engine", False))
     return GPTModel(
         config=config,
         transformer_layer_spec=spec,

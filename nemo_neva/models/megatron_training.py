@@ -135,12 +135,16 @@ def run_schedule(ddp, forward_step, microbatches: list, seq_length: int, micro_b
 
 
 def reduce_logged_loss(losses: Iterable[dict]) -> torch.Tensor:
-    """Mean micro-batch loss on the last pipeline stage, shared with every stage for logging."""
+    """Mean micro-batch loss over the last pipeline stage's data-parallel ranks, shared with every stage
+    (for logging; gradients are averaged by megatron-core's DDP)."""
     losses = list(losses)
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         value = torch.stack([d["loss"] for d in losses]).float().mean() if losses else torch.zeros(())
     else:
         value = torch.zeros(())
+    if parallel_state.get_data_parallel_world_size() > 1:
+        torch.distributed.all_reduce(value, group=parallel_state.get_data_parallel_group())
+        value /= parallel_state.get_data_parallel_world_size()
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         torch.distributed.broadcast(
             value, src=parallel_state.get_pipeline_model_parallel_last_rank(),

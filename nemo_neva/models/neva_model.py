@@ -24,12 +24,11 @@ from nemo_neva.models.language_model import (
 )
 from nemo_neva.models.neva_module import NevaModule
 from nemo_neva.models.projector import build_projector
-from nemo_neva.models.vision import VisionTower, build_image_processor, load_vision_config
+from nemo_neva.models.vision import VisionTower, build_image_processor, load_vision_config, tokens_per_image
 from nemo_neva.utils import resolve_path
 
 log = logging.getLogger(__name__)
 
-_HF_DIRS = ("tokenizer", "image_processor", "vision_config")
 
 
 def _precision_dtype(trainer: Optional[Trainer]) -> torch.dtype:
@@ -62,6 +61,7 @@ class MegatronNevaModel(ModelPT):
         )
         restore_dir = self._restore_folder()
         self.tokenizer, self.image_processor, vision_config = self._load_hf_side(cfg, restore_dir)
+        self.vision_config = vision_config
         self.image_token_id = self.tokenizer.convert_tokens_to_ids("<image>")
         if self.image_token_id is None or self.image_token_id == self.tokenizer.unk_token_id:
             raise ValueError("the tokenizer has no '<image>' token; add it as a special token")
@@ -146,17 +146,13 @@ class MegatronNevaModel(ModelPT):
 
     @property
     def tokens_per_image(self) -> int:
-        return self.model.vision_tower.tokens_per_image if self.model.vision_tower is not None else \
-            self.cfg.get("tokens_per_image")
+        return tokens_per_image(self.vision_config, self.cfg.mm_cfg.vision_encoder.get("drop_cls", True))
 
     # ------------------------------------------------------------------ save / restore
     def save_hf_files(self, folder: str):
         self.tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
         self.image_processor.save_pretrained(os.path.join(folder, "image_processor"))
-        vision_config = self.model.vision_tower.model.config if self.model.vision_tower is not None else None
-        if vision_config is None:
-            raise RuntimeError("save_hf_files must run on the first pipeline stage")
-        vision_config.save_pretrained(os.path.join(folder, "vision_config"))
+        self.vision_config.save_pretrained(os.path.join(folder, "vision_config"))
 
     def save_to(self, save_path: str):
         """Write a `.nemo` (all ranks must call this: the weights are a distributed checkpoint)."""

@@ -41,6 +41,19 @@ class NevaModule(MegatronModule):
     def tokens_per_image(self) -> int:
         return self.vision_tower.tokens_per_image
 
+    # megatron-core's finalize_model_grads finds the module by `pre_process` and then asks it for the
+    # embeddings it syncs across pipeline stages: answer for the wrapped GPTModel.
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.language_model.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
+
+    @property
+    def embedding(self):
+        return self.language_model.embedding
+
     def set_input_tensor(self, input_tensor):
         self.language_model.set_input_tensor(input_tensor)
 

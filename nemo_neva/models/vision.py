@@ -51,6 +51,12 @@ def load_vision_config(from_pretrained: Optional[str], model_type: str, override
     return _TOWERS[model_type][0](**(overrides or {}))
 
 
+def tokens_per_image(config, drop_cls: bool = True) -> int:
+    """Image placeholder tokens one image becomes (known on every pipeline stage, tower or not)."""
+    has_cls = _TOWERS[_tower_kind(config)][3]
+    return (config.image_size // config.patch_size) ** 2 + (1 if has_cls and not drop_cls else 0)
+
+
 class VisionTower(nn.Module):
     """Runs the HF vision model and returns patch features from `select_layer` (CLS dropped if asked)."""
 
@@ -74,13 +80,8 @@ class VisionTower(nn.Module):
         return self.model.config.hidden_size
 
     @property
-    def num_patches(self) -> int:
-        cfg = self.model.config
-        return (cfg.image_size // cfg.patch_size) ** 2
-
-    @property
     def tokens_per_image(self) -> int:
-        return self.num_patches + (1 if self.has_cls and not self.drop_cls else 0)
+        return tokens_per_image(self.model.config, self.drop_cls)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         dtype = next(self.model.parameters()).dtype

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from nemo_neva import MegatronNevaModel
+from nemo_neva.parallel.init import free_port
 from tests.model.helpers import ROOT, batch_for, llama_overrides, tiny_model_cfg
 
 WORKER = os.path.join(ROOT, "tests", "model", "parallel_worker.py")
@@ -20,7 +21,8 @@ WORKER = os.path.join(ROOT, "tests", "model", "parallel_worker.py")
 
 def _torchrun(nproc, out, nemo, *args):
     os.makedirs(out, exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}",
            WORKER, "--nemo", nemo, "--out", out, *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
