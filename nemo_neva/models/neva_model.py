@@ -48,8 +48,9 @@ class MegatronNevaModel(ModelPT):
         super().__init__(cfg=cfg, trainer=trainer)
         self.automatic_optimization = False  # megatron-core schedules + optimizer do the stepping
         self._ddp = None
-        cfg = self.cfg
         ensure_distributed()
+        self._fit_layout_to_world()
+        cfg = self.cfg
         initialize_model_parallel_from_cfg(
             tp=cfg.get("tensor_model_parallel_size", 1),
             pp=cfg.get("pipeline_model_parallel_size", 1),
@@ -75,6 +76,19 @@ class MegatronNevaModel(ModelPT):
             self.setup_training_data(cfg.data)
 
     # ------------------------------------------------------------------ construction
+    def _fit_layout_to_world(self):
+        """A .nemo saved at TP/PP > 1 restores on a single process as TP=PP=1 (megatron-core reshards)."""
+        import torch.distributed as dist
+
+        tp = self._cfg.get("tensor_model_parallel_size", 1)
+        pp = self._cfg.get("pipeline_model_parallel_size", 1)
+        if self._is_model_being_restored() and dist.get_world_size() == 1 and tp * pp > 1:
+            log.warning("restoring a TP=%d PP=%d checkpoint on one process: using TP=1 PP=1", tp, pp)
+            with open_dict(self._cfg):
+                self._cfg.tensor_model_parallel_size = 1
+                self._cfg.pipeline_model_parallel_size = 1
+                self._cfg.sequence_parallel = False
+
     def _restore_folder(self) -> Optional[str]:
         if not self._is_model_being_restored():
             return None
