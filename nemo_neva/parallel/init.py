@@ -49,7 +49,9 @@ def ensure_distributed(backend: Optional[str] = None, timeout_s: float = 600.0) 
                 f"WORLD_SIZE={world_size} but {', '.join(missing)} is not set; launch with torchrun "
                 "(or export MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE)"
             )
-        init_method = f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
+        # env:// (not tcp://): under torchrun the agent already hosts the store on MASTER_PORT and the
+        # workers must join it as clients (TORCHELASTIC_USE_AGENT_STORE); tcp:// would try to serve it again.
+        init_method = "env://"
     if backend == "nccl":
         torch.cuda.set_device(int(env.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1))))
     dist.init_process_group(
