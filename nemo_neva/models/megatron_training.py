@@ -10,12 +10,9 @@ from typing import Iterable
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from nemo_neva.compat.cpu import cuda_free
+from nemo_neva.parallel.optimizer import build_megatron_ddp_and_optimizer, step_optimizer
 
 _SCHEDULES = {"cosineannealing": "cosine", "cosine": "cosine", "linear": "linear", "constant": "constant"}
 _OPTIMIZERS = {"adam": ("adam", False), "adamw": ("adam", False), "distributed_fused_adam": ("adam", True),
@@ -48,8 +45,7 @@ class MegatronOptimizerAdapter(torch.optim.Optimizer):
     def step(self, closure=None):
         if closure is not None:
             closure()
-        with cuda_free():
-            ok, grad_norm, _ = self.megatron_optimizer.step()
+        ok, grad_norm, _ = step_optimizer(self.megatron_optimizer)
         if ok:
             self.scheduler.step(increment=1)
         self.last_grad_norm = grad_norm
@@ -63,75 +59,48 @@ class MegatronOptimizerAdapter(torch.optim.Optimizer):
         self.scheduler.load_state_dict(state_dict["scheduler"])
 
 
-def build_ddp(module, tconfig, distributed_optimizer: bool) -> DistributedDataParallel:
-    ddp = DistributedDataParallel(
-        tconfig,
-        DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=distributed_optimizer
-        ),
-        module,
-    )
-    tconfig.finalize_model_grads_func = finalize_model_grads
-    tconfig.no_sync_func = ddp.no_sync
-    return ddp
-
-
-def build_optimizer(optim_cfg, ddp, tconfig, max_steps: int) -> MegatronOptimizerAdapter:
+def optimizer_settings(optim_cfg) -> dict:
+    """`model.optim` (NeMo-style names) -> the keys of `nemo_neva.parallel.optimizer`."""
     name = str(optim_cfg.get("name", "adam")).lower()
     if name not in _OPTIMIZERS:
         raise ValueError(f"model.optim.name={name!r}; supported: {sorted(_OPTIMIZERS)}")
     kind, distributed = _OPTIMIZERS[name]
-    betas = optim_cfg.get("betas", [0.9, 0.999])
     sched_cfg = optim_cfg.get("sched") or {}
-    min_lr = sched_cfg.get("min_lr", optim_cfg.get("min_lr", 0.0)) if sched_cfg else optim_cfg.lr
-    config = OptimizerConfig(
-        optimizer=kind,
-        lr=optim_cfg.lr,
-        min_lr=min_lr,
-        weight_decay=optim_cfg.get("weight_decay", 0.0),
-        adam_beta1=betas[0],
-        adam_beta2=betas[1],
-        adam_eps=optim_cfg.get("eps", 1e-8),
-        clip_grad=optim_cfg.get("clip_grad", 1.0) or 0.0,
-        use_distributed_optimizer=distributed,
-        bf16=tconfig.bf16,
-        params_dtype=tconfig.params_dtype,
-    )
-    with cuda_free():
-        optimizer = get_megatron_optimizer(config, [ddp])
+    return {
+        "optimizer": kind,
+        "use_distributed_optimizer": distributed,
+        "lr": optim_cfg.lr,
+        "min_lr": sched_cfg.get("min_lr", optim_cfg.lr) if sched_cfg else optim_cfg.lr,
+        "weight_decay": optim_cfg.get("weight_decay", 0.0),
+        "betas": list(optim_cfg.get("betas", [0.9, 0.999])),
+        "eps": optim_cfg.get("eps", 1e-8),
+        "clip_grad": optim_cfg.get("clip_grad", 1.0) or 0.0,
+    }
+
+
+def build_training(module, optim_cfg, max_steps: int):
+    """megatron-core DDP + optimizer (nemo_neva.parallel.optimizer) + LR schedule, as a Lightning optimizer."""
+    settings = optimizer_settings(optim_cfg)
+    ddp, optimizer = build_megatron_ddp_and_optimizer(module, settings)
+    sched_cfg = optim_cfg.get("sched") or {}
     style = _SCHEDULES.get(str(sched_cfg.get("name", "constant")).lower()) if sched_cfg else "constant"
     if style is None:
         raise ValueError(f"model.optim.sched.name={sched_cfg.get('name')!r}; supported: {sorted(_SCHEDULES)}")
     warmup = sched_cfg.get("warmup_steps", 0) if sched_cfg else 0
     scheduler = OptimizerParamScheduler(
         optimizer,
-        init_lr=0.0 if warmup else optim_cfg.lr,
-        max_lr=optim_cfg.lr,
-        min_lr=min_lr,
+        init_lr=0.0 if warmup else settings["lr"],
+        max_lr=settings["lr"],
+        min_lr=settings["min_lr"],
         lr_warmup_steps=warmup,
         lr_decay_steps=max(max_steps, warmup + 1),
         lr_decay_style=style,
-        start_wd=config.weight_decay,
-        end_wd=config.weight_decay,
+        start_wd=settings["weight_decay"],
+        end_wd=settings["weight_decay"],
         wd_incr_steps=max(max_steps, 1),
         wd_incr_style="constant",
     )
-    return MegatronOptimizerAdapter(optimizer, scheduler)
-
-
-def run_schedule(ddp, forward_step, microbatches: list, seq_length: int, micro_batch_size: int,
-                 forward_only: bool) -> list:
-    """megatron-core's own forward-backward schedule (1F1B when pipelined) over the micro-batches."""
-    with cuda_free():
-        return get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iter(microbatches),
-            model=[ddp],
-            num_microbatches=len(microbatches),
-            seq_length=seq_length,
-            micro_batch_size=micro_batch_size,
-            forward_only=forward_only,
-        )
+    return ddp, MegatronOptimizerAdapter(optimizer, scheduler)
 
 
 def reduce_logged_loss(losses: Iterable[dict]) -> torch.Tensor:

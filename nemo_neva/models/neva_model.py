@@ -24,6 +24,8 @@ from nemo_neva.models.language_model import (
 )
 from nemo_neva.models.neva_module import NevaModule
 from nemo_neva.models.projector import build_projector
+from nemo_neva.parallel.optimizer import build_megatron_ddp
+from nemo_neva.parallel.schedule import run_forward_backward
 from nemo_neva.models.vision import VisionTower, build_image_processor, load_vision_config, tokens_per_image
 from nemo_neva.utils import resolve_path
 
@@ -226,11 +228,11 @@ class MegatronNevaModel(ModelPT):
 
     def _run_batch(self, batch, forward_only: bool) -> torch.Tensor:
         if self._ddp is None:  # validation before any training: wrap without an optimizer
-            self._ddp = [mt.build_ddp(self.model, self.model.config, distributed_optimizer=False)]
+            self._ddp = [build_megatron_ddp(self.model)]
         microbatches = mt.split_microbatches(batch, self.cfg.micro_batch_size)
-        seq = batch["tokens"].shape[1]
-        losses = mt.run_schedule(self._ddp[0], self._forward_step, microbatches, seq, self.cfg.micro_batch_size,
-                                 forward_only)
+        losses = run_forward_backward(self._ddp, iter(microbatches), self._forward_step, len(microbatches),
+                                      seq_length=batch["tokens"].shape[1],
+                                      micro_batch_size=self.cfg.micro_batch_size, forward_only=forward_only)
         return mt.reduce_logged_loss(losses)
 
     def train_on_batch(self, batch, optimizer) -> torch.Tensor:
@@ -264,13 +266,11 @@ class MegatronNevaModel(ModelPT):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
         """megatron-core DDP + optimizer + LR schedule (see models/megatron_training.py)."""
-        optim_name = str(self.cfg.optim.get("name", "adam")).lower()
-        ddp = mt.build_ddp(self.model, self.model.config,
-                           distributed_optimizer=optim_name == "distributed_fused_adam")
-        self._ddp = [ddp]  # a list, so the wrapper is not registered as a second copy of the weights
         trainer = self._trainer
         max_steps = trainer.max_steps if trainer is not None and trainer.max_steps > 0 else 1000
-        return mt.build_optimizer(self.cfg.optim, ddp, self.model.config, max_steps)
+        ddp, optimizer = mt.build_training(self.model, self.cfg.optim, max_steps)
+        self._ddp = [ddp]  # a list, so the wrapper is not registered as a second copy of the weights
+        return optimizer
 
     # ------------------------------------------------------------------ data
     def build_dataset(self, data_cfg, data_path=None):
