@@ -98,10 +98,37 @@ class MegatronNevaModel(ModelPT):
 
         folder = AppState().nemo_file_folder
         if folder and os.path.isdir(os.path.join(folder, save_restore.WEIGHTS_DIR)):
+            self._check_restore_source(folder, AppState().model_restore_path)
             return folder
         raise FileNotFoundError(
             f"this .nemo has no {save_restore.WEIGHTS_DIR}/ folder: it was not written by nemo_neva"
         )
+
+    def _check_restore_source(self, folder: str, archive: Optional[str]) -> None:
+        """Untrusted-input checks both restore routes share (ours and NeMo's generic ModelPT.restore_from):
+        NeMo's extractor only *skips* unsafe tar members, so re-scan the archive and refuse; refuse
+        symlinks/special files in the folder, a foreign config target, and a weights marker that is not
+        plain data (read with weights_only=True before NeMo's own torch.load of it)."""
+        from nemo_neva import security
+
+        if archive and os.path.isfile(archive):
+            security.check_nemo_archive(archive)
+        security.check_extracted_folder(folder)
+        security.check_model_config(self._cfg)
+        security.load_weights_marker(os.path.join(folder, save_restore.MARKER_FILE))
+
+    @classmethod
+    def restore_from(cls, restore_path: str, override_config_path=None, map_location=None, strict: bool = True,
+                     return_config: bool = False, save_restore_connector=None, trainer: Optional[Trainer] = None,
+                     validate_access_integrity: bool = True):
+        """NeMo's restore_from with our connector by default: the archive and its config `target` are
+        checked before NeMo extracts or instantiates anything (see nemo_neva.security)."""
+        if save_restore_connector is None:
+            save_restore_connector = save_restore.NevaSaveRestoreConnector()
+        return super().restore_from(restore_path, override_config_path=override_config_path,
+                                    map_location=map_location, strict=strict, return_config=return_config,
+                                    save_restore_connector=save_restore_connector, trainer=trainer,
+                                    validate_access_integrity=validate_access_integrity)
 
     @staticmethod
     def _load_hf_side(cfg, restore_dir):
@@ -177,7 +204,9 @@ class MegatronNevaModel(ModelPT):
 
     def _load_dist_weights(self, ckpt_dir: str):
         from nemo_neva.parallel.dist_ckpt import load_sharded
+        from nemo_neva.security import check_dist_checkpoint
 
+        check_dist_checkpoint(ckpt_dir)  # megatron-core/torch DCP unpickle parts of it: validate them first
         state = load_sharded(self.model.sharded_state_dict(prefix="model."), ckpt_dir)
         state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
         missing, unexpected = self.model.load_state_dict(state, strict=False)
@@ -292,8 +321,13 @@ class MegatronNevaModel(ModelPT):
         )
 
     def _loader(self, dataset, data_cfg, shuffle):
-        """Each data-parallel rank loads global_batch_size / dp samples per step (its micro-batches)."""
+        """Each data-parallel rank loads global_batch_size / dp rows per step (its micro-batches).
+
+        With `data.packed_sequence`, a row holds several samples (first-fit-decreasing to seq_length),
+        isolated by a block-diagonal attention mask, with positions restarting per sample.
+        """
         from nemo_neva.data.collate import NevaCollator
+        from nemo_neva.data.packing import PackedCollator, PackedNevaDataset
 
         dp = parallel_state.get_data_parallel_world_size()
         per_rank = self.cfg.global_batch_size // dp
@@ -302,17 +336,19 @@ class MegatronNevaModel(ModelPT):
                 f"model.global_batch_size={self.cfg.global_batch_size} must be a multiple of "
                 f"micro_batch_size x data-parallel size = {self.cfg.micro_batch_size * dp}"
             )
+        if data_cfg.get("packed_sequence", False):
+            seq = data_cfg.get("seq_length") or self.cfg.encoder_seq_length
+            dataset = PackedNevaDataset(dataset, seq)
+            collate = PackedCollator(pad_id=self.tokenizer.pad_token_id, seq_length=seq)
+        else:
+            collate = NevaCollator(pad_id=self.tokenizer.pad_token_id)
         sampler = torch.utils.data.DistributedSampler(
             dataset, num_replicas=dp, rank=parallel_state.get_data_parallel_rank(), shuffle=shuffle,
             seed=self.cfg.get("seed", 1234), drop_last=shuffle,
         )
         return torch.utils.data.DataLoader(
-            dataset,
-            batch_size=per_rank,
-            sampler=sampler,
-            num_workers=data_cfg.get("num_workers", 0),
-            collate_fn=NevaCollator(pad_id=self.tokenizer.pad_token_id),
-            drop_last=shuffle,
+            dataset, batch_size=per_rank, sampler=sampler, num_workers=data_cfg.get("num_workers", 0),
+            collate_fn=collate, drop_last=shuffle,
         )
 
     def setup_training_data(self, train_data_config):

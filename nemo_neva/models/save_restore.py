@@ -9,6 +9,10 @@
 
 NeMo 3's default connector refuses model parallel saves and writes one pickle; NeMo 1's Megatron
 connector (which wrote a dist checkpoint folder) is gone, hence this one.
+
+Restoring through this connector (`MegatronNevaModel.restore_from` uses it) first checks the archive and
+its config without extracting anything (see `nemo_neva.security`): unsafe tar members and a config whose
+`target` is not MegatronNevaModel are refused before NeMo extracts or instantiates anything.
 """
 from __future__ import annotations
 
@@ -19,9 +23,11 @@ import tempfile
 import torch
 import torch.distributed as dist
 from nemo.core.connectors.save_restore_connector import SaveRestoreConnector
+from omegaconf import DictConfig, OmegaConf
 
 WEIGHTS_DIR = "model_weights"
 WEIGHTS_MARKER = {"nemo_neva_weights": WEIGHTS_DIR}
+MARKER_FILE = "model_weights.ckpt"  # NeMo's default `model_weights_ckpt` name
 
 
 def is_weights_marker(state_dict) -> bool:
@@ -66,3 +72,29 @@ class NevaSaveRestoreConnector(SaveRestoreConnector):
             if _rank() == 0:
                 shutil.rmtree(tmpdir, ignore_errors=True)
         return save_path
+
+    # ------------------------------------------------------------------ restore (untrusted input)
+    def _check_before_restore(self, restore_path: str, override_config_path) -> None:
+        from nemo_neva import security
+
+        extracted = self.model_extracted_dir
+        if extracted is not None and os.path.isdir(extracted):
+            security.check_extracted_folder(extracted)
+            conf = OmegaConf.load(os.path.join(extracted, self.model_config_yaml))
+        else:
+            security.check_nemo_archive(restore_path)
+            conf = OmegaConf.create(security.read_archive_member(restore_path, self.model_config_yaml).decode())
+        if override_config_path is not None:
+            conf = override_config_path if isinstance(override_config_path, DictConfig) \
+                else OmegaConf.load(override_config_path)
+        security.check_model_config(conf)
+
+    def load_config_and_state_dict(self, calling_cls, restore_path, override_config_path=None, *args, **kwargs):
+        self._check_before_restore(restore_path, override_config_path)
+        return super().load_config_and_state_dict(calling_cls, restore_path, override_config_path, *args, **kwargs)
+
+    @staticmethod
+    def _load_state_dict_from_disk(model_weights, map_location="cpu"):
+        from nemo_neva import security
+
+        return security.load_weights_marker(model_weights)  # weights_only=True, and it must be our marker
