@@ -1,0 +1,457 @@
+"""Checkpoint interchange between Hugging Face `LlavaForConditionalGeneration` and a NeVA `.nemo`.
+
+Supported: a CLIP or SigLIP vision tower, the LLaVA-1.5 projector (`linear_1` -> GELU -> `linear_2`, our
+`mlp2x_gelu`) and a LLaMA-family language model (llama / mistral without a sliding window): RoPE,
+RMSNorm, SwiGLU, no biases, with or without grouped-query attention, tied or untied embeddings.
+
+Tensor layout differences (HF -> megatron-core):
+  q/k/v_proj          -> `linear_qkv`: rows grouped per query group as [q heads of the group, k, v]
+  gate_proj, up_proj  -> `linear_fc1`: [gate; up] (SwiGLU)
+  embed_tokens/lm_head-> `word_embeddings`/`output_layer`: padded with zero rows to a multiple of
+                         `make_vocab_size_divisible_by`; the padding is dropped again on export
+Everything else is a rename. Weights are read from safetensors; a pickle `.bin` checkpoint is only read
+when the caller says it trusts it.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import re
+from typing import Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+LLAMA_FAMILY = ("llama", "mistral")
+_VISION_KINDS = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
+# HF keys of the checkpoint, in the layout transformers 5 `save_pretrained` writes for LLaVA.
+_LM = "language_model.model."
+_LM_HEAD = "language_model.lm_head.weight"
+_VISION = "vision_tower."
+_PROJ = "multi_modal_projector."
+# Other spellings found in LLaVA checkpoints (older llava-hf uploads, in-memory module names).
+_ALIASES = [
+    (re.compile(r"^model\.language_model\."), _LM),
+    (re.compile(r"^lm_head\.weight$"), _LM_HEAD),
+    (re.compile(r"^model\.vision_tower\."), _VISION),
+    (re.compile(r"^model\.multi_modal_projector\."), _PROJ),
+    (re.compile(r"^vision_tower\.vision_model\."), _VISION),
+]
+_NEVA_LM = "language_model."
+_NEVA_VISION = "vision_tower.model."
+_PROJECTOR_MAP = {"projector.0.weight": _PROJ + "linear_1.weight", "projector.0.bias": _PROJ + "linear_1.bias",
+                  "projector.2.weight": _PROJ + "linear_2.weight", "projector.2.bias": _PROJ + "linear_2.bias"}
+
+
+class UnsupportedCheckpoint(ValueError):
+    """The checkpoint (or model) uses something this converter cannot express on the other side."""
+
+
+# --------------------------------------------------------------------------------------------- reading HF
+def canonical_key(key: str) -> str:
+    for pattern, repl in _ALIASES:
+        if pattern.search(key):
+            return pattern.sub(repl, key, count=1)
+    return key
+
+
+def read_hf_weights(input_dir: str, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """All tensors of a HF checkpoint directory, keys in the canonical (save_pretrained) spelling."""
+    from safetensors.torch import load_file
+
+    files = sorted(glob.glob(os.path.join(input_dir, "*.safetensors")))
+    if files:
+        raw = {}
+        for f in files:
+            raw.update(load_file(f, device="cpu"))
+    else:
+        pickles = sorted(glob.glob(os.path.join(input_dir, "*.bin")))
+        if not pickles:
+            raise FileNotFoundError(f"{input_dir}: no *.safetensors (or *.bin) weight files")
+        if not trust_pickle:
+            raise UnsupportedCheckpoint(
+                f"{input_dir} holds only pickle weights ({', '.join(os.path.basename(p) for p in pickles)}); "
+                "loading a pickle can run arbitrary code. Convert it to safetensors, or pass --trust-pickle "
+                "if you trust its origin"
+            )
+        raw = {}
+        for f in pickles:
+            raw.update(torch.load(f, map_location="cpu", weights_only=True))
+    out = {}
+    for key, value in raw.items():
+        name = canonical_key(key)
+        if name in out:
+            raise ValueError(f"checkpoint has two tensors for {name!r}")
+        out[name] = value
+    return out
+
+
+def _rope_theta_and_type(text_config) -> tuple[float, str]:
+    params = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
+    theta = params.get("rope_theta", getattr(text_config, "rope_theta", None))
+    kind = params.get("rope_type", params.get("type", "default"))
+    return float(theta if theta is not None else 10000.0), kind
+
+
+def _image_token_id(config) -> int:
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    raise UnsupportedCheckpoint("the LLaVA config names no image_token_index")
+
+
+def check_hf_config(config) -> None:
+    """Raise UnsupportedCheckpoint naming what this converter cannot map."""
+    if getattr(config, "model_type", None) != "llava":
+        raise UnsupportedCheckpoint(f"model_type {getattr(config, 'model_type', None)!r}: only 'llava' "
+                                    "(LlavaForConditionalGeneration) checkpoints are supported")
+    text, vision = config.text_config, config.vision_config
+    if text.model_type not in LLAMA_FAMILY:
+        raise UnsupportedCheckpoint(f"language model type {text.model_type!r} is not supported; "
+                                    f"supported: LLaMA-family {LLAMA_FAMILY}")
+    if vision.model_type not in _VISION_KINDS:
+        raise UnsupportedCheckpoint(f"vision tower type {vision.model_type!r} is not supported; "
+                                    f"supported: {sorted(_VISION_KINDS)} (CLIP / SigLIP)")
+    if getattr(text, "hidden_act", "silu") != "silu":
+        raise UnsupportedCheckpoint(f"LM hidden_act {text.hidden_act!r}: only silu (SwiGLU) is supported")
+    for flag in ("attention_bias", "mlp_bias"):
+        if getattr(text, flag, False):
+            raise UnsupportedCheckpoint(f"LM {flag}=True is not supported (megatron bias applies to all linears)")
+    _, rope_type = _rope_theta_and_type(text)
+    if rope_type != "default":
+        raise UnsupportedCheckpoint(f"RoPE scaling {rope_type!r} is not supported; only plain RoPE")
+    window = getattr(text, "sliding_window", None)
+    if window is not None and window < text.max_position_embeddings:
+        raise UnsupportedCheckpoint(f"sliding-window attention (sliding_window={window}) is not supported")
+    if config.projector_hidden_act != "gelu":
+        raise UnsupportedCheckpoint(f"projector_hidden_act {config.projector_hidden_act!r}: only gelu "
+                                    "(mlp2x_gelu) is supported")
+    if not isinstance(config.vision_feature_layer, int):
+        raise UnsupportedCheckpoint(f"vision_feature_layer={config.vision_feature_layer!r}: only a single layer "
+                                    "is supported")
+    if config.vision_feature_select_strategy not in ("default", "full"):
+        raise UnsupportedCheckpoint(f"vision_feature_select_strategy "
+                                    f"{config.vision_feature_select_strategy!r} is not supported")
+
+
+def nemo_config_from_hf(config, tokenizer_dir: str, make_vocab_size_divisible_by: int = 128) -> DictConfig:
+    """A complete `MegatronNevaModel` config (LLaMA-style LM) equivalent to a HF LLaVA config."""
+    check_hf_config(config)
+    text, vision = config.text_config, config.vision_config
+    theta, _ = _rope_theta_and_type(text)
+    heads = text.num_attention_heads
+    kv_channels = getattr(text, "head_dim", None) or text.hidden_size // heads
+    vision_overrides = {k: v for k, v in vision.to_diff_dict().items()
+                        if k not in ("model_type", "transformers_version", "architectures", "dtype", "torch_dtype")}
+    tie = bool(getattr(text, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False))
+    cfg = {
+        "target": "nemo_neva.models.neva_model.MegatronNevaModel",
+        "seed": 1234,
+        "micro_batch_size": 1,
+        "global_batch_size": 1,
+        "tensor_model_parallel_size": 1,
+        "pipeline_model_parallel_size": 1,
+        "sequence_parallel": False,
+        "encoder_seq_length": int(text.max_position_embeddings),
+        "num_layers": text.num_hidden_layers,
+        "hidden_size": text.hidden_size,
+        "ffn_hidden_size": text.intermediate_size,
+        "num_attention_heads": heads,
+        "num_query_groups": getattr(text, "num_key_value_heads", None) or heads,
+        "kv_channels": kv_channels,
+        "position_embedding_type": "rope",
+        "rotary_base": theta,
+        "rotary_percentage": 1.0,
+        "normalization": "RMSNorm",
+        "layernorm_epsilon": float(text.rms_norm_eps),
+        "activation": "swiglu",
+        "bias": False,
+        "share_embeddings_and_output_weights": tie,
+        "hidden_dropout": 0.0,
+        "attention_dropout": float(getattr(text, "attention_dropout", 0.0) or 0.0),
+        "init_method_std": float(getattr(text, "initializer_range", 0.02)),
+        "make_vocab_size_divisible_by": make_vocab_size_divisible_by,
+        "transformer_engine": False,
+        "tokenizer": {"path": os.path.abspath(tokenizer_dir)},
+        "mm_cfg": {
+            "mm_mlp_adapter_type": "mlp2x_gelu",
+            "llm": {"freeze": False},
+            "vision_encoder": {
+                "from_pretrained": None,
+                "model_type": _VISION_KINDS[vision.model_type],
+                "config": vision_overrides,
+                "vision_select_layer": int(config.vision_feature_layer),
+                "drop_cls": config.vision_feature_select_strategy == "default",
+                "freeze": True,
+            },
+        },
+        "data": {"data_path": None, "validation_data_path": None, "image_folder": None, "conv_template": "plain",
+                 "image_aspect_ratio": "square", "seq_length": None, "num_workers": 0, "strict": False},
+        "optim": {"name": "adam", "lr": 2e-5, "weight_decay": 0.0, "betas": [0.9, 0.98], "clip_grad": 1.0,
+                  "sched": {"name": "CosineAnnealing", "warmup_steps": 0, "min_lr": 2e-6}},
+        # What the HF side had that the NeVA config does not say (used again on export).
+        "hf": {"vocab_size": int(text.vocab_size), "text_model_type": text.model_type},
+    }
+    return OmegaConf.create(cfg)
+
+
+# ------------------------------------------------------------------------------------ tensor layout maps
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    if t.shape[0] > rows:
+        raise UnsupportedCheckpoint(f"vocabulary of {t.shape[0]} rows does not fit the model's {rows}; "
+                                    "raise make_vocab_size_divisible_by or extend the tokenizer")
+    out = t.new_zeros((rows, *t.shape[1:]))
+    out[: t.shape[0]] = t
+    return out
+
+
+def pack_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, groups: int) -> torch.Tensor:
+    """HF q/k/v_proj -> megatron `linear_qkv` ([q heads of group g, k_g, v_g] for each group g)."""
+    d = q.shape[0] // heads
+    h_in = q.shape[1]
+    q = q.reshape(groups, heads // groups * d, h_in)
+    k = k.reshape(groups, d, h_in)
+    v = v.reshape(groups, d, h_in)
+    return torch.cat([q, k, v], dim=1).reshape(-1, h_in)
+
+
+def unpack_qkv(qkv: torch.Tensor, heads: int, groups: int, head_dim: int):
+    per_group = heads // groups * head_dim
+    grouped = qkv.reshape(groups, per_group + 2 * head_dim, qkv.shape[-1])
+    q, k, v = torch.split(grouped, [per_group, head_dim, head_dim], dim=1)
+    return tuple(t.reshape(-1, qkv.shape[-1]).contiguous() for t in (q, k, v))
+
+
+def _layer_norm_keys(neva_keys, i: int) -> tuple[str, str]:
+    """Local spec: separate norms; TE spec: norms fused into linear_qkv / linear_fc1."""
+    p = f"{_NEVA_LM}decoder.layers.{i}."
+    if p + "input_layernorm.weight" in neva_keys:
+        return p + "input_layernorm.weight", p + "pre_mlp_layernorm.weight"
+    return p + "self_attention.linear_qkv.layer_norm_weight", p + "mlp.linear_fc1.layer_norm_weight"
+
+
+def hf_to_neva_state(hf: dict, cfg, neva_keys) -> dict[str, torch.Tensor]:
+    """Canonical HF tensors -> `NevaModule.state_dict()` names/layouts (TP=1)."""
+    hf = dict(hf)
+    out = {}
+    heads, groups = cfg.num_attention_heads, cfg.num_query_groups or cfg.num_attention_heads
+    vocab_rows = neva_keys[_NEVA_LM + "embedding.word_embeddings.weight"]
+    out[_NEVA_LM + "embedding.word_embeddings.weight"] = _pad_rows(hf.pop(_LM + "embed_tokens.weight"), vocab_rows)
+    lm_head = hf.pop(_LM_HEAD, None)
+    if cfg.share_embeddings_and_output_weights:
+        if lm_head is not None and not torch.equal(lm_head, out[_NEVA_LM + "embedding.word_embeddings.weight"]
+                                                   [: lm_head.shape[0]]):
+            raise UnsupportedCheckpoint("tie_word_embeddings=True but lm_head differs from embed_tokens")
+    else:
+        if lm_head is None:
+            raise ValueError(f"checkpoint has no {_LM_HEAD} (and tie_word_embeddings is False)")
+        out[_NEVA_LM + "output_layer.weight"] = _pad_rows(lm_head, vocab_rows)
+    out[_NEVA_LM + "decoder.final_layernorm.weight"] = hf.pop(_LM + "norm.weight")
+    for i in range(cfg.num_layers):
+        h, p = f"{_LM}layers.{i}.", f"{_NEVA_LM}decoder.layers.{i}."
+        ln1, ln2 = _layer_norm_keys(neva_keys, i)
+        out[ln1] = hf.pop(h + "input_layernorm.weight")
+        out[ln2] = hf.pop(h + "post_attention_layernorm.weight")
+        out[p + "self_attention.linear_qkv.weight"] = pack_qkv(
+            hf.pop(h + "self_attn.q_proj.weight"), hf.pop(h + "self_attn.k_proj.weight"),
+            hf.pop(h + "self_attn.v_proj.weight"), heads, groups)
+        out[p + "self_attention.linear_proj.weight"] = hf.pop(h + "self_attn.o_proj.weight")
+        out[p + "mlp.linear_fc1.weight"] = torch.cat(
+            [hf.pop(h + "mlp.gate_proj.weight"), hf.pop(h + "mlp.up_proj.weight")], dim=0)
+        out[p + "mlp.linear_fc2.weight"] = hf.pop(h + "mlp.down_proj.weight")
+    for ours, theirs in _PROJECTOR_MAP.items():
+        if theirs in hf:
+            out[ours] = hf.pop(theirs)
+        elif theirs.endswith(".bias"):  # multimodal_projector_bias=False is a zero bias here
+            out[ours] = torch.zeros(neva_keys[ours])
+        else:
+            raise ValueError(f"checkpoint has no {theirs}")
+    for key in [k for k in hf if k.startswith(_VISION)]:
+        out[_NEVA_VISION + key[len(_VISION):]] = hf.pop(key)
+    leftover = sorted(k for k in hf if not k.endswith("rotary_emb.inv_freq"))
+    if leftover:
+        raise UnsupportedCheckpoint(f"checkpoint tensors this converter does not know: {leftover[:8]}"
+                                    f"{' ...' if len(leftover) > 8 else ''}")
+    return out
+
+
+def neva_to_hf_state(state: dict, cfg, vocab_size: int) -> dict[str, torch.Tensor]:
+    """`NevaModule.state_dict()` (TP=1) -> canonical HF LLaVA tensors."""
+    heads, groups = cfg.num_attention_heads, cfg.num_query_groups or cfg.num_attention_heads
+    head_dim = cfg.get("kv_channels") or cfg.hidden_size // heads
+    keys = set(state)
+    out = {_LM + "embed_tokens.weight": state[_NEVA_LM + "embedding.word_embeddings.weight"][:vocab_size]}
+    if not cfg.get("share_embeddings_and_output_weights", False):
+        out[_LM_HEAD] = state[_NEVA_LM + "output_layer.weight"][:vocab_size]
+    out[_LM + "norm.weight"] = state[_NEVA_LM + "decoder.final_layernorm.weight"]
+    for i in range(cfg.num_layers):
+        h, p = f"{_LM}layers.{i}.", f"{_NEVA_LM}decoder.layers.{i}."
+        ln1, ln2 = _layer_norm_keys(keys, i)
+        out[h + "input_layernorm.weight"] = state[ln1]
+        out[h + "post_attention_layernorm.weight"] = state[ln2]
+        q, k, v = unpack_qkv(state[p + "self_attention.linear_qkv.weight"], heads, groups, head_dim)
+        out[h + "self_attn.q_proj.weight"], out[h + "self_attn.k_proj.weight"] = q, k
+        out[h + "self_attn.v_proj.weight"] = v
+        out[h + "self_attn.o_proj.weight"] = state[p + "self_attention.linear_proj.weight"]
+        gate, up = torch.chunk(state[p + "mlp.linear_fc1.weight"], 2, dim=0)
+        out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = gate, up
+        out[h + "mlp.down_proj.weight"] = state[p + "mlp.linear_fc2.weight"]
+    for ours, theirs in _PROJECTOR_MAP.items():
+        out[theirs] = state[ours]
+    for key in keys:
+        if key.startswith(_NEVA_VISION):
+            out[_VISION + key[len(_NEVA_VISION):]] = state[key]
+    return {k: v.detach().to("cpu").clone().contiguous() for k, v in out.items()}
+
+
+# ------------------------------------------------------------------------------------------ HF -> .nemo
+def _hf_image_processor(input_dir: str, vision_config):
+    """The folder's image processor (preprocessor_config.json, or inside processor_config.json)."""
+    from transformers import AutoImageProcessor
+
+    from nemo_neva.models.vision import build_image_processor
+
+    if any(os.path.isfile(os.path.join(input_dir, f)) for f in ("preprocessor_config.json", "processor_config.json")):
+        return AutoImageProcessor.from_pretrained(input_dir)
+    log.warning("%s has no image processor config: using a default one sized %d", input_dir, vision_config.image_size)
+    return build_image_processor(vision_config)
+
+
+def load_hf_llava_into_neva(input_dir: str, trust_pickle: bool = False, make_vocab_size_divisible_by: int = 128):
+    """Build a `MegatronNevaModel` holding the weights of a local HF LLaVA directory."""
+    from transformers import AutoConfig
+
+    from nemo_neva import MegatronNevaModel
+    if not os.path.isfile(os.path.join(input_dir, "config.json")):
+        raise FileNotFoundError(f"{input_dir}: no config.json (expected a LlavaForConditionalGeneration folder)")
+    with open(os.path.join(input_dir, "config.json")) as f:
+        model_type = json.load(f).get("model_type")
+    if model_type != "llava":
+        raise UnsupportedCheckpoint(f"{input_dir}: model_type {model_type!r}; only 'llava' is supported")
+    config = AutoConfig.from_pretrained(input_dir)
+    cfg = nemo_config_from_hf(config, input_dir, make_vocab_size_divisible_by)
+    hf = read_hf_weights(input_dir, trust_pickle)  # fail on weights before building anything
+    model = MegatronNevaModel(cfg)
+    if model.image_token_id != _image_token_id(config):
+        raise UnsupportedCheckpoint(f"config image_token_index={_image_token_id(config)} but the tokenizer's "
+                                    f"'<image>' token is {model.image_token_id}")
+    # Keep the checkpoint's own vision config and image processor (not the ones rebuilt from the cfg).
+    model.vision_config = config.vision_config
+    model.image_processor = _hf_image_processor(input_dir, config.vision_config)
+    target = model.model.state_dict()
+    shapes = {k: v.shape for k, v in target.items() if torch.is_tensor(v) and not k.endswith("_extra_state")}
+    mapped = hf_to_neva_state(hf, cfg, {k: (s[0] if len(s) else s) for k, s in shapes.items()})
+    missing = sorted(set(shapes) - set(mapped))
+    unexpected = sorted(set(mapped) - set(shapes))
+    if missing or unexpected:
+        raise UnsupportedCheckpoint(f"checkpoint does not match the model: missing={missing[:8]} "
+                                    f"unexpected={unexpected[:8]}")
+    with torch.no_grad():
+        for key, value in mapped.items():
+            if tuple(value.shape) != tuple(shapes[key]):
+                raise UnsupportedCheckpoint(f"{key}: checkpoint shape {tuple(value.shape)} != model "
+                                            f"{tuple(shapes[key])}")
+            target[key].copy_(value.to(target[key].dtype))
+    return model
+
+
+def convert_hf_to_nemo(input_dir: str, output_path: str, trust_pickle: bool = False,
+                       make_vocab_size_divisible_by: int = 128) -> str:
+    model = load_hf_llava_into_neva(input_dir, trust_pickle, make_vocab_size_divisible_by)
+    model.save_to(output_path)
+    return output_path
+
+
+# ------------------------------------------------------------------------------------------ .nemo -> HF
+def hf_config_from_neva(model):
+    """LlavaConfig equivalent to a (LLaMA-style, mlp2x_gelu) MegatronNevaModel; raises if there is none."""
+    from transformers import LlamaConfig, LlavaConfig, MistralConfig
+
+    cfg = model.cfg
+    problems = []
+    for key, want, default in (("position_embedding_type", "rope", "learned_absolute"),
+                               ("normalization", "RMSNorm", "LayerNorm"), ("activation", "swiglu", "gelu"),
+                               ("bias", False, True), ("rotary_percentage", 1.0, 1.0),
+                               ("layernorm_zero_centered_gamma", False, False)):
+        if cfg.get(key, default) != want:
+            problems.append(f"{key}={cfg.get(key, default)!r} (HF LLaMA needs {want!r})")
+    adapter = cfg.mm_cfg.mm_mlp_adapter_type
+    if adapter != "mlp2x_gelu":
+        problems.append(f"projector mm_mlp_adapter_type={adapter!r} (HF LLaVA's projector is "
+                        f"linear_1 -> GELU -> linear_2, i.e. mlp2x_gelu)")
+    if problems:
+        raise UnsupportedCheckpoint("this model cannot be written as HF LLaVA: " + "; ".join(problems))
+    vision = model.vision_config
+    kind = _VISION_KINDS.get(vision.model_type)
+    if kind is None:
+        raise UnsupportedCheckpoint(f"vision tower {vision.model_type!r}: only CLIP / SigLIP")
+    venc = cfg.mm_cfg.vision_encoder
+    drop_cls = venc.get("drop_cls", True) and kind == "clip"
+    hf_extra = cfg.get("hf") or {}
+    vocab_size = int(hf_extra.get("vocab_size") or len(model.tokenizer))
+    heads = cfg.num_attention_heads
+    tok = model.tokenizer
+    tie = bool(cfg.get("share_embeddings_and_output_weights", False))
+    text_kwargs = dict(
+        vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=heads,
+        num_key_value_heads=cfg.get("num_query_groups") or heads,
+        head_dim=cfg.get("kv_channels") or cfg.hidden_size // heads, hidden_act="silu",
+        max_position_embeddings=cfg.encoder_seq_length, rms_norm_eps=float(cfg.get("layernorm_epsilon", 1e-5)),
+        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.get("rotary_base", 10000))},
+        tie_word_embeddings=tie, attention_dropout=float(cfg.get("attention_dropout", 0.0)),
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    if hf_extra.get("text_model_type") == "mistral":
+        text = MistralConfig(sliding_window=None, **text_kwargs)
+    else:
+        text = LlamaConfig(attention_bias=False, mlp_bias=False, **text_kwargs)
+    config = LlavaConfig(
+        vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=model.image_token_id,
+        image_seq_length=model.tokens_per_image, projector_hidden_act="gelu",
+        vision_feature_select_strategy="default" if drop_cls else "full",
+        vision_feature_layer=int(venc.get("vision_select_layer", -2)), multimodal_projector_bias=True,
+        tie_word_embeddings=tie,
+    )
+    config.architectures = ["LlavaForConditionalGeneration"]
+    return config, vocab_size, drop_cls
+
+
+def export_neva_to_hf(model, output_dir: str) -> str:
+    """Write config.json, model.safetensors, tokenizer and processor files of an HF LLaVA model."""
+    from safetensors.torch import save_file
+    from transformers import LlavaProcessor
+
+    config, vocab_size, drop_cls = hf_config_from_neva(model)
+    state = {k: v for k, v in model.model.state_dict().items()
+             if torch.is_tensor(v) and not k.endswith("_extra_state")}
+    tensors = neva_to_hf_state(state, model.cfg, vocab_size)
+    os.makedirs(output_dir, exist_ok=True)
+    config.save_pretrained(output_dir)
+    save_file(tensors, os.path.join(output_dir, "model.safetensors"), metadata={"format": "pt"})
+    kind = _VISION_KINDS[model.vision_config.model_type]
+    processor = LlavaProcessor(
+        image_processor=model.image_processor, tokenizer=model.tokenizer,
+        patch_size=model.vision_config.patch_size,
+        vision_feature_select_strategy="default" if drop_cls else "full",
+        num_additional_image_tokens=1 if kind == "clip" else 0, image_token="<image>",
+    )
+    processor.save_pretrained(output_dir)
+    return output_dir
+
+
+def export_nemo_to_hf(nemo_path: str, output_dir: str) -> str:
+    """Restore a .nemo (any TP/PP layout: on one process it is resharded to TP=PP=1) and export it."""
+    from nemo_neva import MegatronNevaModel
+
+    if not os.path.isfile(nemo_path):
+        raise FileNotFoundError(f"{nemo_path}: no such .nemo file")
+    model = MegatronNevaModel.restore_from(nemo_path)
+    hf_config_from_neva(model)  # refuse before writing anything
+    return export_neva_to_hf(model, output_dir)
+
