@@ -8,32 +8,40 @@ TOKENIZER = os.path.join(ROOT, "data", "tokenizer")
 TOKENS_PER_IMAGE = 16  # (32 / 8) ** 2 patches, CLS dropped
 
 
-def make_tiny_llava(out_dir, num_kv_heads=2, tie=False, seed=0, processor=True):
+def make_tiny_llava(out_dir, num_kv_heads=2, tie=False, seed=0, processor=True, tower="clip"):
+    """tower "clip": CLS dropped (strategy "default"); "siglip": no CLS, all patches (strategy "full")."""
     from transformers import (AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+                              LlavaForConditionalGeneration, LlavaProcessor, SiglipVisionConfig)
 
-    from nemo_neva.models.vision import CLIPImageProcessor
+    from nemo_neva.models.vision import CLIPImageProcessor, SiglipImageProcessor
 
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
-    vision = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128,
-                              num_hidden_layers=2, num_attention_heads=4)
+    vision_cls = CLIPVisionConfig if tower == "clip" else SiglipVisionConfig
+    vision = vision_cls(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=2, num_attention_heads=4)
+    strategy = "default" if tower == "clip" else "full"
     text = LlamaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=num_kv_heads, intermediate_size=128, max_position_embeddings=128,
                        rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
                        tie_word_embeddings=tie, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                        pad_token_id=tok.pad_token_id)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
-                         image_seq_length=TOKENS_PER_IMAGE, tie_word_embeddings=tie)
+                         image_seq_length=TOKENS_PER_IMAGE, tie_word_embeddings=tie,
+                         vision_feature_select_strategy=strategy)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
     with torch.no_grad():  # move every tensor (norm gains included) off its init value, so a mix-up shows
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     model.save_pretrained(out_dir)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    if tower == "clip":
+        image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    else:
+        image_processor = SiglipImageProcessor(size={"height": 32, "width": 32})
     if processor:
         LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=8,
-                       vision_feature_select_strategy="default", num_additional_image_tokens=1).save_pretrained(out_dir)
+                       vision_feature_select_strategy=strategy,
+                       num_additional_image_tokens=1 if tower == "clip" else 0).save_pretrained(out_dir)
     else:
         tok.save_pretrained(out_dir)
         image_processor.save_pretrained(out_dir)

@@ -29,8 +29,9 @@ def _hf_model(path):
     return LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
 
 
-@pytest.fixture(scope="module", params=[{"num_kv_heads": 2}, {"num_kv_heads": 4, "tie": True}],
-                ids=["gqa", "mha_tied"])
+@pytest.fixture(scope="module", params=[{"num_kv_heads": 2}, {"num_kv_heads": 4, "tie": True},
+                                        {"num_kv_heads": 2, "tower": "siglip"}],
+                ids=["gqa", "mha_tied", "siglip"])
 def converted(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
     hf_dir = str(root / "hf")
@@ -59,12 +60,15 @@ def test_nemo_config_is_llama_style_and_keeps_hf_processor(converted):
                                                                                          "swiglu", False)
     assert cfg.num_query_groups == hf_cfg["text_config"]["num_key_value_heads"]
     assert cfg.rotary_base == 5000.0 and cfg.mm_cfg.mm_mlp_adapter_type == "mlp2x_gelu"
-    assert cfg.mm_cfg.vision_encoder.vision_select_layer == -2 and cfg.mm_cfg.vision_encoder.drop_cls
+    assert cfg.mm_cfg.vision_encoder.vision_select_layer == -2
+    assert cfg.mm_cfg.vision_encoder.drop_cls == (hf_cfg["vision_feature_select_strategy"] == "default")
+    assert cfg.mm_cfg.vision_encoder.model_type == hf_cfg["vision_config"]["model_type"].split("_")[0]
     assert cfg.share_embeddings_and_output_weights == hf_cfg["text_config"]["tie_word_embeddings"]
     # the padded vocabulary (576 -> 640) is megatron's; the HF size is kept for export
     assert model.model.language_model.embedding.word_embeddings.weight.shape[0] == 640
     assert cfg.hf.vocab_size == 576
-    assert model.image_processor.crop_size["height"] == 32
+    kind = hf_cfg["vision_config"]["model_type"].split("_")[0]
+    assert type(model.image_processor).__name__.lower().startswith(kind + "imageprocessor")
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +96,8 @@ def test_exported_folder_loads_in_transformers_and_matches(exported, converted):
     hf = _hf_model(out)
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["image_seq_length"] == TOKENS_PER_IMAGE and cfg["image_token_index"] == model.image_token_id
+    src_cfg = json.load(open(os.path.join(converted[1], "config.json")))
+    assert cfg["vision_feature_select_strategy"] == src_cfg["vision_feature_select_strategy"]
     ids, pixels = probe_inputs(model.image_token_id, len(model.tokenizer), seed=7)
     torch.testing.assert_close(hf_logits(hf, ids, pixels), neva_logits(model, ids, pixels), atol=ATOL, rtol=0)
 

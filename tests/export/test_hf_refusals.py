@@ -1,0 +1,117 @@
+"""What the HF interchange refuses, and that it says why (pickle weights, non-LLaMA LMs, projectors)."""
+import importlib.util
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nemo_neva import MegatronNevaModel
+from nemo_neva.export.hf import UnsupportedCheckpoint, check_hf_config, export_neva_to_hf, read_hf_weights
+from tests.export.hf_helpers import ROOT, make_tiny_llava
+from tests.model.helpers import llama_overrides, tiny_model_cfg
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("hf") / "tiny")
+    make_tiny_llava(path)
+    return path
+
+
+@pytest.fixture
+def bin_only(hf_dir, tmp_path):
+    path = str(tmp_path / "bin_only")
+    shutil.copytree(hf_dir, path)
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    os.remove(os.path.join(path, "model.safetensors"))
+    torch.save(tensors, os.path.join(path, "pytorch_model.bin"))
+    return path, tensors
+
+
+def test_pickle_only_checkpoint_is_refused_without_trust_pickle(bin_only, tmp_path, capsys):
+    path, _ = bin_only
+    out = str(tmp_path / "x.nemo")
+    assert _script("convert_hf_llava_to_nemo")(["--input-dir", path, "--output-path", out]) == 2
+    err = capsys.readouterr().err
+    assert "pickle" in err and "--trust-pickle" in err and "pytorch_model.bin" in err
+    assert not os.path.exists(out)
+    with pytest.raises(UnsupportedCheckpoint, match="--trust-pickle"):
+        read_hf_weights(path)
+
+
+def test_trust_pickle_reads_the_same_tensors_and_converts(bin_only, tmp_path):
+    path, tensors = bin_only
+    loaded = read_hf_weights(path, trust_pickle=True)
+    assert sorted(loaded) == sorted(tensors) and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    out = str(tmp_path / "x.nemo")
+    assert _script("convert_hf_llava_to_nemo")(["--input-dir", path, "--output-path", out, "--trust-pickle"]) == 0
+    assert os.path.isfile(out)
+
+
+def _llava_config(**changes):
+    from transformers import LlavaConfig
+
+    text = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "intermediate_size": 128, "vocab_size": 576}
+    vision = {"model_type": "clip_vision_model", "hidden_size": 64, "num_attention_heads": 4,
+              "intermediate_size": 128, "image_size": 32, "patch_size": 8}
+    text.update(changes.pop("text", {}))
+    vision.update(changes.pop("vision", {}))
+    return LlavaConfig(text_config=text, vision_config=vision, **changes)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"text": {"model_type": "qwen2"}}, "language model type 'qwen2'"),
+    ({"text": {"model_type": "gpt2"}}, "language model type 'gpt2'"),
+    ({"vision": {"model_type": "dinov2"}}, "vision tower type 'dinov2'"),
+    ({"projector_hidden_act": "relu"}, "projector_hidden_act 'relu'"),
+    ({"vision_feature_layer": [-2, -5]}, "vision_feature_layer"),
+    ({"text": {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 8192}}}, "RoPE scaling 'llama3'"),
+    ({"text": {"attention_bias": True}}, "attention_bias"),
+], ids=["qwen2", "gpt2", "dinov2", "relu_projector", "multi_layer", "rope_scaling", "qkv_bias"])
+def test_unsupported_hf_configs_are_refused(changes, message):
+    with pytest.raises(UnsupportedCheckpoint, match=message.replace("[", r"\[")):
+        check_hf_config(_llava_config(**changes))
+
+
+def test_convert_script_names_the_unsupported_lm(hf_dir, tmp_path, capsys):
+    path = str(tmp_path / "mixtral")
+    shutil.copytree(hf_dir, path)
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["text_config"]["model_type"] = "qwen2"
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    assert _script("convert_hf_llava_to_nemo")(["--input-dir", path, "--output-path", str(tmp_path / "x.nemo")]) == 2
+    assert "language model type 'qwen2' is not supported" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("adapter", ["linear", "mlp3x_gelu"])
+def test_projector_hf_cannot_express_is_refused_on_export(adapter, tmp_path):
+    model = MegatronNevaModel(tiny_model_cfg(**llama_overrides(), **{"mm_cfg.mm_mlp_adapter_type": adapter}))
+    out = str(tmp_path / "hf")
+    with pytest.raises(UnsupportedCheckpoint, match=f"mm_mlp_adapter_type='{adapter}'.*mlp2x_gelu"):
+        export_neva_to_hf(model, out)
+    assert not os.path.exists(out)
+
+
+def test_export_script_refuses_a_gpt_style_nemo(tmp_path, capsys):
+    nemo = str(tmp_path / "gpt.nemo")
+    MegatronNevaModel(tiny_model_cfg()).save_to(nemo)  # learned_absolute, LayerNorm, gelu, biases
+    out = str(tmp_path / "hf")
+    assert _script("export_to_hf")(["--nemo-path", nemo, "--output-dir", out]) == 2
+    err = capsys.readouterr().err
+    assert "position_embedding_type='learned_absolute'" in err and "normalization='LayerNorm'" in err
+    assert not os.path.exists(out)
