@@ -6,10 +6,10 @@
 import json
 
 from nemo.core.config import hydra_runner
-from PIL import Image
 
 from nemo_neva import MegatronNevaModel
 from nemo_neva.inference.prompting import build_prompt, stop_markers
+from nemo_neva.security import open_user_image
 from nemo_neva.training import user_errors
 
 
@@ -34,7 +34,8 @@ def main(cfg) -> None:
     requests = _requests(cfg)
     answers = []
     for req in requests:
-        image = Image.open(req["image"]).convert("RGB") if req.get("image") else None
+        # Byte and pixel limits before decoding; truncated/malformed files end with a clear message.
+        image = open_user_image(req["image"]) if req.get("image") else None
         prompt = build_prompt(template, req["prompt"], image is not None)
         answers += model.generate(
             [image], [prompt], max_new_tokens=inf.tokens_to_generate,
