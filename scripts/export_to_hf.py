@@ -16,12 +16,15 @@ def main(argv=None):
     ap.add_argument("--nemo-path", required=True, help="the .nemo to export")
     ap.add_argument("--output-dir", required=True, help="folder for config.json, model.safetensors, "
                                                         "tokenizer and processor files")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                    help="dtype of the written weights (default: that of the HF checkpoint the .nemo came from, "
+                         "else float32)")
     args = ap.parse_args(argv)
 
     from nemo_neva.export.hf import UnsupportedCheckpoint, export_nemo_to_hf
 
     try:
-        out = export_nemo_to_hf(args.nemo_path, args.output_dir)
+        out = export_nemo_to_hf(args.nemo_path, args.output_dir, args.dtype)
     except (UnsupportedCheckpoint, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

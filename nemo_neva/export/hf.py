@@ -139,6 +139,15 @@ def check_hf_config(config) -> None:
                                     f"{config.vision_feature_select_strategy!r} is not supported")
 
 
+_EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _dtype_name(dtype) -> str:
+    """The checkpoint's dtype as a name ("float32" when unknown); the .nemo itself always computes in fp32."""
+    name = str(dtype or "float32").replace("torch.", "")
+    return name if name in _EXPORT_DTYPES else "float32"
+
+
 def nemo_config_from_hf(config, tokenizer_dir: str, make_vocab_size_divisible_by: int = 128) -> DictConfig:
     """A complete `MegatronNevaModel` config (LLaMA-style LM) equivalent to a HF LLaVA config."""
     check_hf_config(config)
@@ -195,7 +204,8 @@ def nemo_config_from_hf(config, tokenizer_dir: str, make_vocab_size_divisible_by
         "optim": {"name": "adam", "lr": 2e-5, "weight_decay": 0.0, "betas": [0.9, 0.98], "clip_grad": 1.0,
                   "sched": {"name": "CosineAnnealing", "warmup_steps": 0, "min_lr": 2e-6}},
         # What the HF side had that the NeVA config does not say (used again on export).
-        "hf": {"vocab_size": int(text.vocab_size), "text_model_type": text.model_type},
+        "hf": {"vocab_size": int(text.vocab_size), "text_model_type": text.model_type,
+               "dtype": _dtype_name(getattr(config, "dtype", None) or getattr(text, "dtype", None))},
     }
     return OmegaConf.create(cfg)
 
@@ -422,15 +432,23 @@ def hf_config_from_neva(model):
     return config, vocab_size, drop_cls
 
 
-def export_neva_to_hf(model, output_dir: str) -> str:
-    """Write config.json, model.safetensors, tokenizer and processor files of an HF LLaVA model."""
+def export_neva_to_hf(model, output_dir: str, dtype: Optional[str] = None) -> str:
+    """Write config.json, model.safetensors, tokenizer and processor files of an HF LLaVA model.
+
+    `dtype` (float32 | bfloat16 | float16): of the written tensors; default: the dtype of the HF checkpoint
+    the .nemo was converted from (so a bf16 checkpoint goes back to bf16 bit for bit), else float32.
+    """
     from safetensors.torch import save_file
     from transformers import LlavaProcessor
 
     config, vocab_size, drop_cls = hf_config_from_neva(model)
+    dtype = dtype or (model.cfg.get("hf") or {}).get("dtype") or "float32"
+    if dtype not in _EXPORT_DTYPES:
+        raise UnsupportedCheckpoint(f"export dtype {dtype!r}; supported: {sorted(_EXPORT_DTYPES)}")
+    config.dtype = dtype
     state = {k: v for k, v in model.model.state_dict().items()
              if torch.is_tensor(v) and not k.endswith("_extra_state")}
-    tensors = neva_to_hf_state(state, model.cfg, vocab_size)
+    tensors = {k: v.to(_EXPORT_DTYPES[dtype]) for k, v in neva_to_hf_state(state, model.cfg, vocab_size).items()}
     os.makedirs(output_dir, exist_ok=True)
     config.save_pretrained(output_dir)
     save_file(tensors, os.path.join(output_dir, "model.safetensors"), metadata={"format": "pt"})
@@ -445,7 +463,7 @@ def export_neva_to_hf(model, output_dir: str) -> str:
     return output_dir
 
 
-def export_nemo_to_hf(nemo_path: str, output_dir: str) -> str:
+def export_nemo_to_hf(nemo_path: str, output_dir: str, dtype: Optional[str] = None) -> str:
     """Restore a .nemo (any TP/PP layout: on one process it is resharded to TP=PP=1) and export it."""
     from nemo_neva import MegatronNevaModel
 
@@ -453,5 +471,5 @@ def export_nemo_to_hf(nemo_path: str, output_dir: str) -> str:
         raise FileNotFoundError(f"{nemo_path}: no such .nemo file")
     model = MegatronNevaModel.restore_from(nemo_path)
     hf_config_from_neva(model)  # refuse before writing anything
-    return export_neva_to_hf(model, output_dir)
+    return export_neva_to_hf(model, output_dir, dtype)
 

@@ -8,7 +8,7 @@ TOKENIZER = os.path.join(ROOT, "data", "tokenizer")
 TOKENS_PER_IMAGE = 16  # (32 / 8) ** 2 patches, CLS dropped
 
 
-def make_tiny_llava(out_dir, num_kv_heads=2, tie=False, seed=0, processor=True, tower="clip"):
+def make_tiny_llava(out_dir, num_kv_heads=2, tie=False, seed=0, processor=True, tower="clip", dtype=None):
     """tower "clip": CLS dropped (strategy "default"); "siglip": no CLS, all patches (strategy "full")."""
     from transformers import (AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor, SiglipVisionConfig)
@@ -33,6 +33,8 @@ def make_tiny_llava(out_dir, num_kv_heads=2, tie=False, seed=0, processor=True, 
     with torch.no_grad():  # move every tensor (norm gains included) off its init value, so a mix-up shows
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
+    if dtype is not None:
+        model.to(dtype)
     model.save_pretrained(out_dir)
     if tower == "clip":
         image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})

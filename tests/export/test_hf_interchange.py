@@ -135,3 +135,20 @@ def test_export_from_tp2_nemo_matches_tp1(exported, converted):
     assert sorted(a) == sorted(b)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_bf16_checkpoint_goes_back_to_bf16_bit_for_bit(tmp_path):
+    from nemo_neva.export.hf import load_hf_llava_into_neva
+
+    src = str(tmp_path / "bf16")
+    make_tiny_llava(src, dtype=torch.bfloat16)
+    model = load_hf_llava_into_neva(src)  # computes in fp32; bf16 -> fp32 is exact
+    assert model.cfg.hf.dtype == "bfloat16"
+    out = str(tmp_path / "out")
+    export_neva_to_hf(model, out)
+    a, b = load_file(os.path.join(src, "model.safetensors")), load_file(os.path.join(out, "model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert b[key].dtype == torch.bfloat16 and torch.equal(a[key], b[key]), key
+    assert json.load(open(os.path.join(out, "config.json")))["dtype"] == "bfloat16"
+    assert _hf_model(out) is not None
