@@ -1,0 +1,465 @@
+"""Sharded streaming data: LLaVA records + image bytes in webdataset-style tar shards.
+
+Layout (written by scripts/convert_llava_to_shards.py): `shard-000000.tar`, ... each holding, per
+sample, `<key>.json` (the LLaVA record, `id` filled in) and, if it has one, `<key>.<ext>` (the image
+file's bytes, already validated), members of one sample adjacent. `index.json` lists the shards with
+their sample counts, so the length of an epoch is known without reading the shards. The shards are
+plain tar files in webdataset's naming convention, so `webdataset.WebDataset` can read them too.
+
+Reading uses `tarfile` rather than webdataset's pipeline because the order has to be exact, not just
+random: ShardedNevaDataset defines one global sequence per (seed, epoch) -- shards in a shuffled
+order, each shard's samples through a bounded shuffle buffer -- and deals position i of what is left
+of it to data-parallel rank i % dp; on a rank, consecutive batches of `batch_size` go round-robin to
+the DataLoader workers, which is the order the DataLoader collects them in. So a rank's output order
+does not depend on the number of workers, every sample is seen once per epoch, and the position is a
+single number (global samples consumed), which also survives a change of dp size on restart.
+Every worker walks every shard's tar headers but reads only its own samples' bytes (tar members are
+seeked over), so shards should be on a seekable filesystem.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+import re
+import tarfile
+from collections import Counter
+from typing import Iterator, Mapping, Sequence, Union
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from nemo_neva.data.constants import IMAGE_TOKEN
+from nemo_neva.data.dataset import _ERRORS, NevaDataset, SampleError
+from nemo_neva.data.image_io import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, ImageSource,
+                                     _decode, preprocess)
+from nemo_neva.data.records import iter_records
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "index.json"
+FORMAT = "nemo_neva.shards/1"
+IMAGE_EXTS = ("png", "jpg", "webp", "gif", "bmp")
+
+
+# ---------------------------------------------------------------------------------------- locating
+def expand_braces(pattern: str) -> list[str]:
+    """`a-{000..002}.tar` -> a-000.tar, a-001.tar, a-002.tar (zero padding kept); `{x,y}` lists too."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if not m:
+        return [pattern]
+    head, tail, body = pattern[: m.start()], pattern[m.end():], m.group(1)
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        lo, hi = rng.group(1), rng.group(2)
+        width = len(lo) if lo.startswith("0") else 0
+        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        options = body.split(",")
+    return [p for opt in options for p in expand_braces(head + opt + tail)]
+
+
+def is_shard_spec(path) -> bool:
+    """Whether a data_path names shards: an index.json, a folder with one, or `.tar` file(s)/pattern."""
+    if isinstance(path, (list, tuple)):
+        return bool(path) and all(isinstance(p, str) and p.endswith(".tar") for p in path)
+    if not isinstance(path, str):
+        return False
+    if path.endswith(".tar") and ("{" in path or os.path.isfile(path)):
+        return True
+    if os.path.basename(path) == INDEX_NAME:
+        return True
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, INDEX_NAME))
+
+
+def _count_samples(path: str) -> int:
+    keys = set()
+    with tarfile.open(path, "r:") as tf:
+        for m in tf:
+            if m.isfile():
+                keys.add(_split_name(m.name)[0])
+    return len(keys)
+
+
+def resolve_shards(spec: Union[str, Sequence[str]]) -> list[tuple[str, int]]:
+    """(shard path, sample count) per shard. Counts come from the folder's index.json where it lists
+    the shard, otherwise from scanning the shard's tar headers."""
+    if isinstance(spec, str) and (os.path.isdir(spec) or os.path.basename(spec) == INDEX_NAME):
+        index_path = spec if spec.endswith(INDEX_NAME) else os.path.join(spec, INDEX_NAME)
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+        folder = os.path.dirname(index_path)
+        return [(os.path.join(folder, s["name"]), int(s["samples"])) for s in index["shards"]]
+    paths = [p for s in ([spec] if isinstance(spec, str) else spec) for p in expand_braces(s)]
+    if not paths:
+        raise ValueError(f"no shards in {spec!r}")
+    indexes: dict[str, dict] = {}
+    out = []
+    for p in paths:
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"shard not found: {p!r}")
+        folder = os.path.dirname(p)
+        if folder not in indexes:
+            ip = os.path.join(folder, INDEX_NAME)
+            indexes[folder] = {}
+            if os.path.isfile(ip):
+                with open(ip, encoding="utf-8") as f:
+                    indexes[folder] = {s["name"]: int(s["samples"]) for s in json.load(f)["shards"]}
+        n = indexes[folder].get(os.path.basename(p))
+        out.append((p, n if n is not None else _count_samples(p)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- writing
+_PIL_EXT = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp"}
+
+
+def _add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata: reproducible shards
+    tf.addfile(info, io.BytesIO(data))
+
+
+def _image_bytes(images: ImageSource, rel: str, full_decode: bool) -> tuple[bytes, str]:
+    """The image's bytes and extension, after ImageSource's path/size checks and a decode (or header)
+    check with the same pixel limit as training."""
+    from PIL import Image
+
+    raw = images._read(rel)  # path checks + byte limit; bytes for a tar, a checked path for a folder
+    if isinstance(raw, str):
+        with open(raw, "rb") as f:
+            raw = f.read()
+    _decode(raw, rel, images.max_pixels, header_only=not full_decode)
+    with Image.open(io.BytesIO(raw), formats=sorted(_PIL_EXT)) as img:
+        return raw, _PIL_EXT[img.format]
+
+
+def convert_to_shards(data_path: Union[str, Sequence[str]], image_folder: str | None, output_dir: str,
+                      samples_per_shard: int = 1000, prefix: str = "shard", full_decode: bool = True,
+                      max_image_bytes: int = DEFAULT_MAX_BYTES, max_image_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+    """LLaVA JSON/JSONL + images -> `<prefix>-NNNNNN.tar` shards, `index.json`, and `rejected.jsonl`
+    (one line per sample left out: id, reason, detail). Returns the index (also holding the counts).
+
+    Checked here: the annotation line parses, the record is an object with a `conversations` list, at
+    most one image, and the image passes image_io's path, byte and pixel limits and decodes
+    (`full_decode=False`: header only). Template/tokenizer checks happen when the shards are read.
+    """
+    if samples_per_shard < 1:
+        raise ValueError("samples_per_shard must be >= 1")
+    os.makedirs(output_dir, exist_ok=True)
+    index_path = os.path.join(output_dir, INDEX_NAME)
+    if os.path.exists(index_path):
+        raise FileExistsError(f"{index_path} exists; convert into an empty folder")
+    images = ImageSource(image_folder, max_image_bytes, max_image_pixels) if image_folder else None
+    skipped: Counter = Counter()
+    shards: list[dict] = []
+    records = kept = 0
+    tf = tmp = None
+
+    def close_shard():
+        tf.close()
+        os.replace(tmp, os.path.join(output_dir, shards[-1]["name"]))
+
+    with open(os.path.join(output_dir, "rejected.jsonl"), "w", encoding="utf-8") as rejected:
+        for fallback_id, rec, error in iter_records(data_path):
+            records += 1
+            sid = str(rec.get("id", fallback_id)) if isinstance(rec, dict) else fallback_id
+            try:
+                if error is not None:
+                    raise SampleError("malformed_json", error)
+                if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list):
+                    raise SampleError("bad_record", "record is not an object with a 'conversations' list")
+                image = rec.get("image")
+                if isinstance(image, list):
+                    if len(image) != 1:
+                        raise SampleError("multiple_images", f"{len(image)} images; at most one is supported")
+                    image = image[0]
+                if image is not None and not isinstance(image, str):
+                    raise SampleError("bad_record", f"'image' is {type(image).__name__}, expected a path")
+                data = ext = None
+                if image is not None:
+                    if images is None:
+                        raise ImageError("missing", "sample has an image but no image folder was given")
+                    data, ext = _image_bytes(images, image, full_decode)
+            except (SampleError, ImageError) as e:
+                reason = e.reason if isinstance(e, SampleError) else f"image_{e.reason}"
+                skipped[reason] += 1
+                rejected.write(json.dumps({"id": sid, "reason": reason, "detail": str(e)}) + "\n")
+                log.warning("left out sample %r (%s): %s", sid, reason, e)
+                continue
+            if tf is None or shards[-1]["samples"] == samples_per_shard:
+                if tf is not None:
+                    close_shard()
+                shards.append({"name": f"{prefix}-{len(shards):06d}.tar", "samples": 0})
+                tmp = os.path.join(output_dir, shards[-1]["name"] + ".tmp")
+                tf = tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT)
+            key = f"{kept:09d}"
+            _add_member(tf, key + ".json", json.dumps(dict(rec, id=sid), ensure_ascii=False).encode("utf-8"))
+            if data is not None:
+                _add_member(tf, f"{key}.{ext}", data)
+            shards[-1]["samples"] += 1
+            kept += 1
+    if tf is not None:
+        close_shard()
+    paths = [data_path] if isinstance(data_path, (str, os.PathLike)) else list(data_path)
+    index = {"format": FORMAT, "total": kept, "records": records, "skipped": dict(sorted(skipped.items())),
+             "shards": shards, "source": [os.path.basename(str(p)) for p in paths]}
+    with open(index_path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=1)
+    os.replace(index_path + ".tmp", index_path)
+    return index
+
+
+# ---------------------------------------------------------------------------------------- reading
+def _split_name(name: str) -> tuple[str, str]:
+    """webdataset convention: key = path up to the first dot of the basename, the rest is the field."""
+    folder, base = os.path.split(name)
+    stem, _, ext = base.partition(".")
+    return os.path.join(folder, stem), ext.lower()
+
+
+def _iter_shard(path: str, wanted) -> Iterator[tuple[int, dict | None]]:
+    """(sample index in file order, {field: bytes} or None when not wanted) for each sample."""
+    with tarfile.open(path, "r:") as tf:
+        idx, key, fields = -1, None, None
+        for m in tf:
+            if not m.isfile():
+                continue
+            k, ext = _split_name(m.name)
+            if k != key:
+                if key is not None:
+                    yield idx, fields
+                idx, key = idx + 1, k
+                fields = {} if idx in wanted else None
+            if fields is not None:
+                fields[ext] = tf.extractfile(m).read()
+        if key is not None:
+            yield idx, fields
+
+
+def buffer_shuffle_order(n: int, buffer: int, rng: random.Random) -> list[int]:
+    """Output order of a shuffle buffer of `buffer` items fed 0..n-1 (the full permutation if
+    buffer >= n); computed on indices, so a reader holds at most ~buffer samples it still has to emit."""
+    buf, out = [], []
+    for i in range(n):
+        if len(buf) < max(buffer, 1):
+            buf.append(i)
+            continue
+        j = rng.randrange(len(buf))
+        out.append(buf[j])
+        buf[j] = i
+    rng.shuffle(buf)
+    return out + buf
+
+
+class _RecordEncoder(NevaDataset):
+    """NevaDataset's per-record encoding and skip bookkeeping, without reading an annotation file."""
+
+    def __init__(self, tokenizer, image_processor, template, image_aspect_ratio, seq_length,
+                 num_image_tokens, strict, steerlm_defaults, system_prompt, max_image_bytes, max_image_pixels):
+        # The attributes NevaDataset.encode/_turns/_skip read (kept in step with NevaDataset.__init__;
+        # tests/data/test_shards.py compares items with NevaDataset's).
+        if num_image_tokens < 1:
+            raise ValueError("num_image_tokens must be >= 1")
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.template, self.image_aspect_ratio = template, image_aspect_ratio
+        self.seq_length, self.num_image_tokens, self.strict = seq_length, num_image_tokens, strict
+        self.steerlm_defaults, self.system_prompt = steerlm_defaults, system_prompt
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
+            raise ValueError(f"tokenizer has no {IMAGE_TOKEN!r} token")
+        self.max_image_bytes, self.max_image_pixels = max_image_bytes, max_image_pixels
+        self.images = None
+        self.skip_counts: Counter = Counter()
+        self.truncated = 0
+        self._logged: set = set()
+        self.records, self.lengths, self.total = [], [], 0
+
+    def item(self, fields: Mapping[str, bytes], fallback_id: str):
+        """The NevaDataset item for one shard sample, or None (counted in skip_counts)."""
+        sid = fallback_id
+        try:
+            try:
+                rec = json.loads(fields["json"].decode("utf-8"))
+            except (KeyError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise SampleError("malformed_json", f"{fallback_id}: {e}") from e
+            if isinstance(rec, dict):
+                sid = str(rec.get("id", fallback_id))
+            ids, labels, image, _ = self.encode(rec)
+            pixels = None
+            if image is not None:
+                ext = next((x for x in IMAGE_EXTS if x in fields), None)
+                if ext is None:
+                    raise ImageError("missing", f"{image!r} has no image bytes in the shard")
+                data = fields[ext]
+                if len(data) > self.max_image_bytes:
+                    raise ImageError("too_large", f"{image!r}: {len(data)} bytes > {self.max_image_bytes}")
+                pixels = preprocess(_decode(data, image, self.max_image_pixels, header_only=False),
+                                    self.image_processor, self.image_aspect_ratio)
+        except _ERRORS as e:
+            self._skip(sid, e)
+            return None
+        return {"input_ids": torch.tensor(ids, dtype=torch.long),
+                "labels": torch.tensor(labels, dtype=torch.long), "image": pixels, "id": sid}
+
+
+class ShardedNevaDataset(IterableDataset):
+    """Streams NevaDataset items from tar shards; see the module docstring for the order.
+
+    `dp_rank`/`dp_size`: this rank's place among data-parallel ranks (megatron-core parallel_state).
+    `batch_size`: the DataLoader's batch size (ShardedLoader sets it); batches are dealt to workers
+    round-robin. `drop_remainder`: cut each epoch to a multiple of dp_size * batch_size, so every rank
+    runs the same number of full batches (training); otherwise every sample is served (evaluation).
+    A sample whose text or image fails NevaDataset's checks is served as None (the collators turn it
+    into an empty row), so every rank still gets the same number of rows.
+
+    Position: `state_dict()` -> {"epoch", "consumed", "seed", "total"}, `consumed` counting samples of
+    the epoch's global sequence taken by all ranks together; `load_state_dict` continues from there.
+    Consumption is counted where items reach the caller: by __iter__ when iterated in this process,
+    by ShardedLoader when DataLoader workers produce them. An exhausted pass moves to the next epoch.
+    """
+
+    def __init__(self, shards: Union[str, Sequence[str]], tokenizer, image_processor, template: str = "plain",
+                 image_aspect_ratio: str = "square", seq_length: int = 2048, num_image_tokens: int = 576,
+                 strict: bool = False, steerlm_defaults: Mapping[str, int] | None = None,
+                 system_prompt: str | None = None, max_image_bytes: int = DEFAULT_MAX_BYTES,
+                 max_image_pixels: int = DEFAULT_MAX_PIXELS, dp_rank: int = 0, dp_size: int = 1,
+                 seed: int = 1234, shuffle: bool = True, shuffle_buffer: int = 1000,
+                 drop_remainder: bool = False, batch_size: int = 1):
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
+        self.shards = resolve_shards(shards)
+        self.total = sum(n for _, n in self.shards)
+        if self.total == 0:
+            raise ValueError(f"no samples in shards {shards!r}")
+        self.encoder = _RecordEncoder(tokenizer, image_processor, template, image_aspect_ratio, seq_length,
+                                      num_image_tokens, strict, steerlm_defaults, system_prompt,
+                                      max_image_bytes, max_image_pixels)
+        self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
+        self.shuffle, self.shuffle_buffer, self.drop_remainder = shuffle, shuffle_buffer, drop_remainder
+        self.batch_size = batch_size
+        self.epoch, self._start, self._local = 0, 0, 0  # _local: this rank's samples taken since _start
+
+    # ------------------------------------------------------------------ position
+    def _epoch_len(self) -> int:
+        if not self.drop_remainder:
+            return self.total
+        step = self.dp_size * self.batch_size
+        return self.total - self.total % step
+
+    @property
+    def consumed(self) -> int:
+        return min(self._start + self._local * self.dp_size, self._epoch_len())
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self._start, self._local = int(epoch), 0, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "total": self.total}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if int(state.get("total", self.total)) != self.total or int(state.get("seed", self.seed)) != self.seed:
+            raise ValueError(f"data state {dict(state)} was saved for other shards or another seed "
+                             f"(now total={self.total}, seed={self.seed})")
+        consumed = int(state["consumed"])
+        if not 0 <= consumed <= self._epoch_len():
+            raise ValueError(f"consumed={consumed} outside the epoch (0..{self._epoch_len()})")
+        self.epoch, self._start, self._local = int(state["epoch"]), consumed, 0
+
+    def _advance(self, n: int) -> None:
+        self._local += n
+
+    def _end_epoch(self) -> None:
+        self.set_epoch(self.epoch + 1)
+
+    def __len__(self) -> int:
+        """Samples this rank still gets in the current epoch."""
+        left = self._epoch_len() - self.consumed - self.dp_rank
+        return max(0, -(-left // self.dp_size))
+
+    # ------------------------------------------------------------------ order
+    def _rng(self, what: str) -> random.Random:
+        return random.Random(f"{self.seed}:{self.epoch}:{what}")  # str seeds are hashed stably
+
+    def epoch_order(self) -> list[tuple[int, list[int]]]:
+        """(shard number, file-order sample indices in output order) for the current epoch."""
+        order = list(range(len(self.shards)))
+        if self.shuffle:
+            self._rng("shards").shuffle(order)
+        out = []
+        for s in order:
+            n = self.shards[s][1]
+            name = os.path.basename(self.shards[s][0])
+            perm = buffer_shuffle_order(n, self.shuffle_buffer, self._rng(name)) if self.shuffle else list(range(n))
+            out.append((s, perm))
+        return out
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        start, end, dp, bs = self.consumed, self._epoch_len(), self.dp_size, max(self.batch_size, 1)
+        self._start, self._local = start, 0
+        pos = 0  # global position of the next sample of the epoch's sequence
+        for s, perm in self.epoch_order():
+            path, n = self.shards[s]
+            mine = []
+            for p in range(n):
+                rel = pos + p - start
+                if 0 <= rel < end - start and rel % dp == self.dp_rank and (rel // dp // bs) % workers == worker:
+                    mine.append(perm[p])
+            pos += n
+            if not mine:
+                continue
+            loaded: dict[int, dict] = {}
+            reader = _iter_shard(path, set(mine))
+            for fi in mine:
+                while fi not in loaded:
+                    got = next(reader, None)
+                    if got is None:
+                        raise ValueError(f"{path}: fewer samples than the {n} its index lists")
+                    if got[1] is not None:
+                        loaded[got[0]] = got[1]
+                item = self.encoder.item(loaded.pop(fi), f"{os.path.basename(path)}:{fi}")
+                if info is None:
+                    self._local += 1
+                yield item
+            reader.close()
+        if info is None:
+            self._end_epoch()
+
+    def summary(self) -> str:
+        skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.encoder.skip_counts.items())) or "none"
+        return (f"{self.total} samples in {len(self.shards)} shards; epoch {self.epoch}, consumed "
+                f"{self.consumed}; skipped in this process: {skipped}")
+
+
+def _rows(batch) -> int:
+    if isinstance(batch, Mapping) and "tokens" in batch:
+        return int(batch["tokens"].shape[0])
+    if isinstance(batch, (list, tuple)):
+        return len(batch)
+    raise TypeError(f"cannot count the samples in a {type(batch).__name__} batch")
+
+
+class ShardedLoader(DataLoader):
+    """DataLoader over a ShardedNevaDataset that keeps the dataset's position (samples handed out)
+    and its epoch up to date in this process, with or without workers. Not for packed rows."""
+
+    def __init__(self, dataset: ShardedNevaDataset, batch_size: int = 1, **kwargs):
+        if kwargs.get("num_workers", 0) > 0 and kwargs.get("persistent_workers"):
+            raise ValueError("persistent_workers would keep a stale epoch/position in the workers")
+        dataset.batch_size = batch_size
+        super().__init__(dataset, batch_size=batch_size, **kwargs)
+
+    def __iter__(self):
+        ds, counting = self.dataset, self.num_workers > 0
+        if counting:
+            ds._start, ds._local = ds.consumed, 0
+        for batch in super().__iter__():
+            if counting:
+                ds._advance(_rows(batch))
+            yield batch
+        if counting:
+            ds._end_epoch()
