@@ -28,6 +28,10 @@ def install() -> None:
         return
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda device=None: None
+    # megatron-core's activation recompute (tensor_parallel.checkpoint) saves the CUDA generator state;
+    # there is none: an empty state (its restore is a queued no-op without CUDA). The CPU generator and
+    # the model-parallel tracker states are saved/restored by megatron-core as usual.
+    torch.cuda.random.get_rng_state = lambda device="cuda": torch.empty(0, dtype=torch.uint8)
     _INSTALLED = True
 
 

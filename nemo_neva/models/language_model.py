@@ -9,6 +9,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nemo_neva.models.layer_specs import build_decoder_spec
+from nemo_neva.models.precision import fp8_transformer_config_kwargs, recompute_transformer_config_kwargs
 
 _ACTIVATIONS = {
     # name -> (activation_func, gated_linear_unit)
@@ -58,6 +59,8 @@ def build_transformer_config(cfg, dtype: torch.dtype) -> TransformerConfig:
                 f"pick a tensor_model_parallel_size that divides it"
             )
     on_gpu = torch.cuda.is_available()
+    fp8 = fp8_transformer_config_kwargs(cfg, cfg.hidden_size, cfg.ffn_hidden_size)
+    recompute = recompute_transformer_config_kwargs(cfg, cfg.num_layers, cfg.get("pipeline_model_parallel_size", 1))
     return TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -80,9 +83,8 @@ def build_transformer_config(cfg, dtype: torch.dtype) -> TransformerConfig:
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         pipeline_dtype=dtype,
-        recompute_granularity=cfg.get("activations_checkpoint_granularity"),
-        recompute_method=cfg.get("activations_checkpoint_method"),
-        recompute_num_layers=cfg.get("activations_checkpoint_num_layers"),
+        **recompute,  # recompute_granularity/method/num_layers, validated (models/precision.py)
+        **fp8,  # fp8, fp8_recipe, fp8_margin, ...: megatron-core's TransformerBlock applies fp8_autocast
         # CPU: no fused kernels, parameters initialised on the host.
         use_cpu_initialization=not on_gpu,
         bias_dropout_fusion=on_gpu,

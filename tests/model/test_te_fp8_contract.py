@@ -1,0 +1,189 @@
+"""Transformer Engine / FP8 / activation-recompute contract, checked on CPU.
+
+Only the *availability check* (`layer_specs.HAVE_TE`, `torch.cuda.is_available`) is patched; megatron-core
+code runs unpatched. Tests that need Transformer Engine itself skip with a reason where it is absent.
+"""
+import pytest
+import torch
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+from nemo_neva import MegatronNevaModel
+from nemo_neva.models import layer_specs, precision
+from nemo_neva.models.language_model import build_transformer_config
+from tests.model.helpers import batch_for, llama_overrides, tiny_model_cfg
+
+
+@pytest.fixture
+def parallel_state_1():
+    """TP=PP=1 model-parallel state (the decoder spec asks it how many layers this stage builds)."""
+    from nemo_neva.parallel.init import ensure_distributed, initialize_model_parallel_from_cfg
+
+    ensure_distributed()
+    initialize_model_parallel_from_cfg(tp=1, pp=1, num_attention_heads=4, num_query_groups=4, num_layers=2,
+                                       sequence_parallel=False, seed=1234)
+
+
+# ----------------------------------------------------------------------------- spec selection
+def test_without_te_the_local_spec_with_sdpa_attention_is_chosen(monkeypatch, parallel_state_1):
+    monkeypatch.setattr(layer_specs, "HAVE_TE", False)
+    config = build_transformer_config(tiny_model_cfg(), torch.float32)
+    block = layer_specs.build_decoder_spec(config, transformer_engine=False)
+    assert isinstance(block, TransformerBlockSubmodules)
+    layer = block.layer_specs[0]
+    assert layer.submodules.self_attention.submodules.core_attention is layer_specs.SDPACoreAttention
+    assert layer.submodules.input_layernorm is layer_specs.TorchNormSP
+    assert block.layer_norm is layer_specs.TorchNormSP
+    with pytest.raises(RuntimeError, match="transformer_engine is not importable"):
+        layer_specs.build_decoder_spec(config, transformer_engine=True)
+
+
+def test_te_present_but_no_cuda_is_refused(monkeypatch):
+    monkeypatch.setattr(layer_specs, "HAVE_TE", True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        layer_specs.use_transformer_engine(True)
+    assert layer_specs.use_transformer_engine(False) is False
+
+
+# ----------------------------------------------------------------------------- fp8 config
+def test_fp8_without_transformer_engine_names_the_fix():
+    with pytest.raises(ValueError, match="model.transformer_engine=true"):
+        build_transformer_config(tiny_model_cfg(fp8="hybrid"), torch.bfloat16)
+    with pytest.raises(ValueError, match="model.transformer_engine=true"):
+        MegatronNevaModel(tiny_model_cfg(fp8="e4m3"))
+
+
+def test_fp8_with_transformer_engine_on_cpu_stops_at_the_te_check():
+    if layer_specs.HAVE_TE and torch.cuda.is_available():
+        pytest.skip("TE + CUDA present: this is the CPU refusal test")
+    with pytest.raises(RuntimeError, match="transformer_engine"):
+        MegatronNevaModel(tiny_model_cfg(fp8="hybrid", transformer_engine=True))
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("fp8", "e5m2", "model.fp8="),
+    ("fp8_recipe", "mxfp8", "model.fp8_recipe"),
+    ("fp8_amax_compute_algo", "mean", "model.fp8_amax_compute_algo"),
+    ("fp8_amax_history_len", 0, "model.fp8_amax_history_len"),
+    ("fp8_margin", -1, "model.fp8_margin"),
+    ("hidden_size", 72, "multiple of 16"),
+])
+def test_bad_fp8_settings_are_named(key, value, match):
+    cfg = tiny_model_cfg(**{"transformer_engine": True, "fp8": "hybrid", key: value})
+    with pytest.raises(ValueError, match=match):
+        precision.fp8_transformer_config_kwargs(cfg, cfg.hidden_size, cfg.ffn_hidden_size)
+
+
+def test_fp8_keys_reach_transformer_config():
+    """TransformerConfig accepts fp8 fields without TE, so the mapping is checkable on CPU."""
+    cfg = tiny_model_cfg(transformer_engine=True, fp8="hybrid", fp8_margin=1, fp8_amax_history_len=16,
+                         fp8_amax_compute_algo="most_recent", fp8_wgrad=False)
+    config = build_transformer_config(cfg, torch.bfloat16)
+    assert (config.fp8, config.fp8_recipe, config.fp8_margin) == ("hybrid", "delayed", 1)
+    assert (config.fp8_amax_history_len, config.fp8_amax_compute_algo, config.fp8_wgrad) == (16, "most_recent", False)
+    off = build_transformer_config(tiny_model_cfg(), torch.float32)
+    assert off.fp8 is None
+    # the shipped YAML: fp8 off and the recipe defaults equal TE's DelayedScaling defaults
+    base = tiny_model_cfg()
+    assert base.fp8 is None and base.fp8_amax_history_len == 1024 and base.fp8_amax_compute_algo == "max"
+
+
+def test_fp8_recipe_needs_te_with_clear_error():
+    if layer_specs.HAVE_TE:
+        pytest.skip("transformer_engine is importable here")
+    cfg = tiny_model_cfg(transformer_engine=True, fp8="hybrid")
+    with pytest.raises(RuntimeError, match="transformer_engine"):
+        precision.build_fp8_recipe(cfg)
+    assert precision.build_fp8_recipe(tiny_model_cfg()) is None
+
+
+def test_fp8_recipe_matches_megatron_core():
+    """Our recipe and the one megatron-core's TransformerBlock will enter agree (TE only)."""
+    pytest.importorskip("transformer_engine", reason="Transformer Engine is not installed (GPU-only library)")
+    from megatron.core.fp8_utils import get_fp8_recipe
+    from transformer_engine.common import recipe as te_recipe
+
+    cfg = tiny_model_cfg(transformer_engine=True, fp8="hybrid", fp8_margin=2, fp8_amax_history_len=32,
+                         fp8_amax_compute_algo="max")
+    ours = precision.build_fp8_recipe(cfg)
+    theirs = get_fp8_recipe(build_transformer_config(cfg, torch.bfloat16))
+    assert isinstance(ours, te_recipe.DelayedScaling) and isinstance(theirs, te_recipe.DelayedScaling)
+    for field in ("fp8_format", "margin", "amax_history_len", "amax_compute_algo"):
+        assert getattr(ours, field) == getattr(theirs, field), field
+    assert ours.fp8_format == te_recipe.Format.HYBRID
+    if hasattr(te_recipe, "Float8CurrentScaling"):
+        cur = precision.build_fp8_recipe(tiny_model_cfg(transformer_engine=True, fp8="e4m3", fp8_recipe="tensorwise"))
+        assert isinstance(cur, te_recipe.Float8CurrentScaling) and cur.fp8_format == te_recipe.Format.E4M3
+
+
+def test_te_spec_module_names():
+    pytest.importorskip("transformer_engine", reason="Transformer Engine is not installed (GPU-only library)")
+    if not torch.cuda.is_available():
+        pytest.skip("the TE spec is only selected with CUDA")
+    config = build_transformer_config(tiny_model_cfg(transformer_engine=True), torch.bfloat16)
+    spec = layer_specs.build_decoder_spec(config, transformer_engine=True)
+    attn = spec.submodules.self_attention.submodules
+    assert attn.core_attention.__name__ == "TEDotProductAttention"
+    assert attn.linear_qkv.__name__ == "TELayerNormColumnParallelLinear"
+    assert attn.linear_proj.__name__ == "TERowParallelLinear"
+
+
+# ----------------------------------------------------------------------------- recompute
+@pytest.mark.parametrize("overrides,match", [
+    ({"activations_checkpoint_granularity": "some"}, "activations_checkpoint_granularity"),
+    ({"activations_checkpoint_granularity": "full"}, "uniform or block"),
+    ({"activations_checkpoint_granularity": "full", "activations_checkpoint_method": "uniform"},
+     "activations_checkpoint_num_layers"),
+    ({"activations_checkpoint_granularity": "full", "activations_checkpoint_method": "block",
+      "activations_checkpoint_num_layers": 3}, "between 1 and"),
+    ({"activations_checkpoint_granularity": "selective", "activations_checkpoint_method": "uniform"}, "null"),
+    ({"activations_checkpoint_method": "uniform"}, "granularity is null"),
+])
+def test_bad_recompute_settings_are_named(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        build_transformer_config(tiny_model_cfg(**overrides), torch.float32)
+
+
+RECOMPUTE = {
+    "full-uniform": {"activations_checkpoint_granularity": "full", "activations_checkpoint_method": "uniform",
+                     "activations_checkpoint_num_layers": 1},
+    "full-block": {"activations_checkpoint_granularity": "full", "activations_checkpoint_method": "block",
+                   "activations_checkpoint_num_layers": 2},
+    "selective": {"activations_checkpoint_granularity": "selective"},
+}
+
+
+def _loss_and_grads(model, batch):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss, _ = model.loss_from_batch(batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("style", ["gpt", "llama"])
+def test_recompute_gives_the_same_loss_and_grads(style):
+    base_over = {"mm_cfg.llm.freeze": False, "hidden_dropout": 0.0, "attention_dropout": 0.0}
+    if style == "llama":
+        base_over.update(llama_overrides())
+    reference = MegatronNevaModel(tiny_model_cfg(**base_over))
+    batch = batch_for(reference)
+    ref_loss, ref_grads = _loss_and_grads(reference, batch)
+    assert any(n.startswith("model.language_model.decoder") for n in ref_grads)
+    for name, rc in RECOMPUTE.items():
+        model = MegatronNevaModel(tiny_model_cfg(**base_over, **rc))
+        model.load_state_dict(reference.state_dict(), strict=True)
+        layer = model.model.language_model.decoder.layers[0]
+        calls = []
+        handle = layer.register_forward_hook(lambda *a: calls.append(1))
+        try:
+            loss, grads = _loss_and_grads(model, batch)
+        finally:
+            handle.remove()
+        if rc["activations_checkpoint_granularity"] == "full":
+            assert len(calls) == 2, f"{name}: layer 0 ran {len(calls)}x; full recompute should re-run it once"
+        torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-6, msg=name)
+        assert grads.keys() == ref_grads.keys(), name
+        for key in grads:
+            torch.testing.assert_close(grads[key], ref_grads[key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
