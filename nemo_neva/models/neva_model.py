@@ -304,10 +304,24 @@ class MegatronNevaModel(ModelPT):
     # ------------------------------------------------------------------ data
     def build_dataset(self, data_cfg, data_path=None):
         from nemo_neva.data.dataset import NevaDataset
+        from nemo_neva.data.shards import ShardedNevaDataset, is_shard_spec
 
         path = data_path if data_path is not None else data_cfg.data_path
         paths = [resolve_path(p) for p in path] if isinstance(path, (list, tuple)) or OmegaConf.is_list(path) \
             else resolve_path(path)
+        if isinstance(paths, str) and "{" in paths:  # a shard pattern: resolve its folder
+            paths = os.path.join(resolve_path(os.path.dirname(paths)) or "", os.path.basename(paths))
+        if is_shard_spec(paths):  # tar shards from scripts/convert_llava_to_shards.py: streamed
+            return ShardedNevaDataset(
+                paths, self.tokenizer, self.image_processor,
+                template=data_cfg.get("conv_template", "plain"),
+                image_aspect_ratio=data_cfg.get("image_aspect_ratio", "square"),
+                seq_length=data_cfg.get("seq_length") or self.cfg.encoder_seq_length,
+                num_image_tokens=self.tokens_per_image, strict=data_cfg.get("strict", False),
+                dp_rank=parallel_state.get_data_parallel_rank(),
+                dp_size=parallel_state.get_data_parallel_world_size(), seed=self.cfg.get("seed", 1234),
+                shuffle_buffer=data_cfg.get("shuffle_buffer", 1000),
+            )
         return NevaDataset(
             data_path=paths,
             image_folder=resolve_path(data_cfg.get("image_folder")),
@@ -328,6 +342,7 @@ class MegatronNevaModel(ModelPT):
         """
         from nemo_neva.data.collate import NevaCollator
         from nemo_neva.data.packing import PackedCollator, PackedNevaDataset
+        from nemo_neva.data.shards import ShardedLoader, ShardedNevaDataset
 
         dp = parallel_state.get_data_parallel_world_size()
         per_rank = self.cfg.global_batch_size // dp
@@ -336,6 +351,12 @@ class MegatronNevaModel(ModelPT):
                 f"model.global_batch_size={self.cfg.global_batch_size} must be a multiple of "
                 f"micro_batch_size x data-parallel size = {self.cfg.micro_batch_size * dp}"
             )
+        if isinstance(dataset, ShardedNevaDataset):  # order, dp split and epochs live in the dataset
+            if data_cfg.get("packed_sequence", False):
+                raise ValueError("model.data.packed_sequence is not supported with sharded data_path")
+            dataset.shuffle = dataset.drop_remainder = shuffle
+            return ShardedLoader(dataset, batch_size=per_rank, num_workers=data_cfg.get("num_workers", 0),
+                                 collate_fn=NevaCollator(pad_id=self.tokenizer.pad_token_id), drop_last=shuffle)
         if data_cfg.get("packed_sequence", False):
             seq = data_cfg.get("seq_length") or self.cfg.encoder_seq_length
             dataset = PackedNevaDataset(dataset, seq)
