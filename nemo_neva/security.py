@@ -288,9 +288,13 @@ def check_dist_checkpoint(ckpt_dir: str) -> None:
         path = _plain_file(ckpt_dir, info.relative_path)
         if index.fqn in bytes_fqns:
             # torch DCP would torch.load(weights_only=False) these bytes: check them the safe way first.
-            with open(path, "rb") as f:
-                f.seek(int(info.offset))
-                data = f.read(int(info.length))
+            try:
+                offset, length = int(info.offset), int(info.length)
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    data = f.read(length)
+            except (TypeError, ValueError, OSError) as e:
+                raise UnsafeCheckpointError(f"refusing checkpoint: bad storage entry for {index.fqn!r} ({e})") from e
             _torch_load_plain(data, f"item {index.fqn!r}")
 
 
