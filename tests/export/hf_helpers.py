@@ -8,7 +8,8 @@ TOKENIZER = os.path.join(ROOT, "data", "tokenizer")
 TOKENS_PER_IMAGE = 16  # (32 / 8) ** 2 patches, CLS dropped
 
 
-def make_tiny_llava(out_dir, num_kv_heads=2, tie=False, seed=0, processor=True, tower="clip", dtype=None):
+def make_tiny_llava(out_dir, num_kv_heads=2, tie=False, seed=0, processor=True, tower="clip", dtype=None,
+                    lm="llama"):
     """tower "clip": CLS dropped (strategy "default"); "siglip": no CLS, all patches (strategy "full")."""
     from transformers import (AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor, SiglipVisionConfig)
@@ -20,7 +21,12 @@ def make_tiny_llava(out_dir, num_kv_heads=2, tie=False, seed=0, processor=True, 
     vision = vision_cls(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128,
                         num_hidden_layers=2, num_attention_heads=4)
     strategy = "default" if tower == "clip" else "full"
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+    text_cls = LlamaConfig
+    if lm == "mistral":
+        from transformers import MistralConfig
+
+        text_cls = lambda **kw: MistralConfig(sliding_window=None, **kw)  # noqa: E731
+    text = text_cls(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=num_kv_heads, intermediate_size=128, max_position_embeddings=128,
                        rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
                        tie_word_embeddings=tie, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,

@@ -87,7 +87,7 @@ def test_unsupported_hf_configs_are_refused(changes, message):
 
 
 def test_convert_script_names_the_unsupported_lm(hf_dir, tmp_path, capsys):
-    path = str(tmp_path / "mixtral")
+    path = str(tmp_path / "qwen2_lm")
     shutil.copytree(hf_dir, path)
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
