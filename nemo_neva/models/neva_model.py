@@ -285,6 +285,8 @@ class MegatronNevaModel(ModelPT):
             self.log("grad_norm", float(adapter.last_grad_norm), batch_size=bs)
         self.log("tokens_per_sec", batch["tokens"].numel() / max(elapsed, 1e-9), prog_bar=True, batch_size=bs)
         self.log("step_time", elapsed, batch_size=bs)
+        if torch.cuda.is_available():  # read by scripts/gpu_smoke.sh
+            self.log("peak_mem_gib", torch.cuda.max_memory_allocated() / 2**30, batch_size=bs)
         return loss
 
     def validation_step(self, batch, batch_idx):
