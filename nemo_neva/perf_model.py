@@ -343,14 +343,18 @@ def flops_per_sample(m: NevaShape, lay: Layout, recompute_counted: bool = False)
 
 def tokens_per_second(m: NevaShape, lay: Layout, mfu: float = 0.4, peak_tflops: Optional[dict] = None) -> dict:
     """Expected training throughput at a given MFU: LM GEMMs at the fp8 peak when precision=fp8, the rest
-    (attention core, vision, projector) at the bf16 peak. Returns tokens/s for the whole job and per GPU."""
+    (attention core, vision, projector) at the bf16 peak. `mfu` is the utilisation while a GPU is busy; the
+    1F1B pipeline bubble (pp - 1) / (m + pp - 1), m = micro-batches per step, comes on top.
+    Returns tokens/s for the whole job and per GPU."""
     peak = {k: v * 1e12 for k, v in (peak_tflops or H100_PEAK_TFLOPS).items()}
     f = flops_per_sample(m, lay)
     gemm_peak = peak["fp8"] if lay.precision == "fp8" else peak["bf16"]
     seconds_per_sample_one_gpu = (f["lm_gemm"] / gemm_peak + (f["total"] - f["lm_gemm"]) / peak["bf16"]) / mfu
-    per_gpu = lay.seq_length / seconds_per_sample_one_gpu
+    m_count = lay.num_microbatches
+    busy = m_count / (m_count + lay.pp - 1)
+    per_gpu = busy * lay.seq_length / seconds_per_sample_one_gpu
     return {"tokens_per_s": per_gpu * lay.world, "tokens_per_s_per_gpu": per_gpu,
-            "flops_per_token": f["total"] / lay.seq_length}
+            "flops_per_token": f["total"] / lay.seq_length, "pipeline_busy": busy}
 
 
 def from_model_cfg(cfg, vocab_size: int, vision_config) -> NevaShape:

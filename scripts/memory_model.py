@@ -19,15 +19,16 @@ pm = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = pm  # dataclasses look the module up while the class bodies run
 _spec.loader.exec_module(pm)
 
-# (model, layout) pairs of docs/PARALLELISM.md: 80 GiB H100, seq 4096, global batch 128, stage 2 (LM learns)
+# (model, layout) pairs of docs/PARALLELISM.md: 80 GiB H100, global batch 128, stage 2 (LM learns)
 RECOMMENDED = [
-    ("8B", pm.Layout(tp=2, pp=1, dp=4, sequence_parallel=True, recompute="selective")),
-    ("8B", pm.Layout(tp=2, pp=1, dp=4, sequence_parallel=True, recompute="selective", precision="fp8")),
-    ("22B", pm.Layout(tp=4, pp=1, dp=4, sequence_parallel=True, recompute="selective")),
-    ("22B", pm.Layout(tp=8, pp=1, dp=2, sequence_parallel=True, recompute="selective", precision="fp8")),
-    ("43B", pm.Layout(tp=8, pp=2, dp=2, sequence_parallel=True, recompute="selective")),
-    ("43B", pm.Layout(tp=8, pp=2, dp=2, sequence_parallel=True, recompute="full", precision="fp8")),
-    ("43B", pm.Layout(tp=8, pp=1, dp=4, sequence_parallel=True, recompute="full")),
+    ("8B", pm.Layout(tp=2, pp=1, dp=4, sequence_parallel=True)),
+    ("8B", pm.Layout(tp=2, pp=1, dp=4, sequence_parallel=True, precision="fp8")),
+    ("22B", pm.Layout(tp=4, pp=1, dp=4, sequence_parallel=True)),
+    ("22B", pm.Layout(tp=8, pp=1, dp=2, sequence_parallel=True, precision="fp8")),
+    ("43B", pm.Layout(tp=8, pp=1, dp=4, sequence_parallel=True)),
+    ("43B", pm.Layout(tp=8, pp=2, dp=2, sequence_parallel=True, precision="fp8")),
+    ("8B", pm.Layout(tp=1, pp=1, dp=8, recompute="full")),
+    ("43B", pm.Layout(tp=8, pp=2, dp=2, sequence_parallel=True, seq_length=32768, recompute="full")),
 ]
 
 
@@ -80,7 +81,7 @@ def main(argv=None):
           f"MFU {args.mfu:.2f}; tower CLIP ViT-L/14-336 ({pm.vision_params(pm.CLIP_VIT_L_14_336) / 1e6:.0f}M, "
           f"frozen), projector mlp2x_gelu. Memory in GiB per GPU (worst pipeline stage).")
     if not args.models:
-        print("Recommended layouts (seq 4096, global batch 128, stage 2 fine-tuning, distributed optimizer):")
+        print("Recommended layouts (global batch 128, stage 2 fine-tuning, flash attention, distributed optimizer):")
         print(table(RECOMMENDED, args.mfu))
         return
     lay = pm.Layout(
