@@ -44,10 +44,19 @@ class MegatronNevaModel(ModelPT):
     """NeVA: HF CLIP/SigLIP tower (frozen) + projector + megatron-core GPTModel."""
 
     def __init__(self, cfg: DictConfig, trainer: Optional[Trainer] = None):
-        from nemo_neva.parallel.init import ensure_distributed, initialize_model_parallel_from_cfg
-
         self._weights_restored = False
         super().__init__(cfg=cfg, trainer=trainer)
+        try:
+            self._construct(trainer)
+        except BaseException:
+            # NeMo keeps "a model is being restored" in process-global state and only clears it after a
+            # successful load: clear it, or every later fresh model would take itself for a restore.
+            self._set_model_restore_state(is_being_restored=False)
+            raise
+
+    def _construct(self, trainer: Optional[Trainer]):
+        from nemo_neva.parallel.init import ensure_distributed, initialize_model_parallel_from_cfg
+
         self.automatic_optimization = False  # megatron-core schedules + optimizer do the stepping
         self._ddp = None
         ensure_distributed()
@@ -125,10 +134,14 @@ class MegatronNevaModel(ModelPT):
         checked before NeMo extracts or instantiates anything (see nemo_neva.security)."""
         if save_restore_connector is None:
             save_restore_connector = save_restore.NevaSaveRestoreConnector()
-        return super().restore_from(restore_path, override_config_path=override_config_path,
-                                    map_location=map_location, strict=strict, return_config=return_config,
-                                    save_restore_connector=save_restore_connector, trainer=trainer,
-                                    validate_access_integrity=validate_access_integrity)
+        try:
+            return super().restore_from(restore_path, override_config_path=override_config_path,
+                                        map_location=map_location, strict=strict, return_config=return_config,
+                                        save_restore_connector=save_restore_connector, trainer=trainer,
+                                        validate_access_integrity=validate_access_integrity)
+        except BaseException:
+            cls._set_model_restore_state(is_being_restored=False)  # see __init__
+            raise
 
     @staticmethod
     def _load_hf_side(cfg, restore_dir):

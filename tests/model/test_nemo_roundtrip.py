@@ -92,3 +92,17 @@ def test_a_restored_model_saves_a_restorable_nemo(saved, tmp_path):
     restored = MegatronNevaModel.restore_from(again)
     restored.eval()
     assert torch.equal(restored(batch["tokens"], batch["position_ids"], images=batch["images"]), logits)
+
+
+def test_a_failed_restore_does_not_poison_later_models(saved, tmp_path):
+    """NeMo's 'being restored' flag is process-global; a failed restore must not leave it set."""
+    path, _, _ = saved
+    broken = tmp_path / "broken.nemo"
+    with tarfile.open(path) as src, tarfile.open(broken, "w") as dst:
+        for member in src.getmembers():  # drop the weights folder: restore must fail
+            if "model_weights/" not in member.name:
+                dst.addfile(member, src.extractfile(member) if member.isfile() else None)
+    with pytest.raises(Exception, match="model_weights"):
+        MegatronNevaModel.restore_from(str(broken))
+    fresh = MegatronNevaModel(tiny_model_cfg())
+    assert not fresh._weights_restored
