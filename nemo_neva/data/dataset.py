@@ -42,17 +42,9 @@ class NevaDataset(Dataset):
                  steerlm_defaults: Mapping[str, int] | None = None, system_prompt: str | None = None,
                  prescan_images: bool = True, max_image_bytes: int = DEFAULT_MAX_BYTES,
                  max_image_pixels: int = DEFAULT_MAX_PIXELS):
-        if num_image_tokens < 1:
-            raise ValueError("num_image_tokens must be >= 1")
-        self.tokenizer, self.image_processor = tokenizer, image_processor
-        self.template, self.image_aspect_ratio = template, image_aspect_ratio
-        self.seq_length, self.num_image_tokens, self.strict = seq_length, num_image_tokens, strict
-        self.steerlm_defaults, self.system_prompt = steerlm_defaults, system_prompt
-        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
-            raise ValueError(f"tokenizer has no {IMAGE_TOKEN!r} token")
+        self._init_encoding(tokenizer, image_processor, template, image_aspect_ratio, seq_length,
+                            num_image_tokens, strict, steerlm_defaults, system_prompt)
         self.images = ImageSource(image_folder, max_image_bytes, max_image_pixels) if image_folder else None
-        self.skip_counts: Counter = Counter()
         self.truncated = 0
         self._logged: set = set()
         self.records: list[dict] = []
@@ -79,6 +71,20 @@ class NevaDataset(Dataset):
             raise ValueError(f"no usable samples in {data_path!r}: {self.summary()}")
 
     # ------------------------------------------------------------------ bookkeeping
+    def _init_encoding(self, tokenizer, image_processor, template, image_aspect_ratio, seq_length,
+                       num_image_tokens, strict, steerlm_defaults, system_prompt) -> None:
+        """The state `encode` / `_turns` / `_skip` read (shared with the streaming shard reader)."""
+        if num_image_tokens < 1:
+            raise ValueError("num_image_tokens must be >= 1")
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.template, self.image_aspect_ratio = template, image_aspect_ratio
+        self.seq_length, self.num_image_tokens, self.strict = seq_length, num_image_tokens, strict
+        self.steerlm_defaults, self.system_prompt = steerlm_defaults, system_prompt
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
+            raise ValueError(f"tokenizer has no {IMAGE_TOKEN!r} token")
+        self.skip_counts: Counter = Counter()
+
     def _skip(self, sid: str, err: Exception) -> None:
         reason = getattr(err, "reason", "error")
         if isinstance(err, ImageError):

@@ -31,7 +31,6 @@ from typing import Iterator, Mapping, Sequence, Union
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from nemo_neva.data.constants import IMAGE_TOKEN
 from nemo_neva.data.dataset import _ERRORS, NevaDataset, SampleError
 from nemo_neva.data.image_io import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, ImageSource,
                                      _decode, preprocess)
@@ -259,20 +258,10 @@ class _RecordEncoder(NevaDataset):
 
     def __init__(self, tokenizer, image_processor, template, image_aspect_ratio, seq_length,
                  num_image_tokens, strict, steerlm_defaults, system_prompt, max_image_bytes, max_image_pixels):
-        # The attributes NevaDataset.encode/_turns/_skip read (kept in step with NevaDataset.__init__;
-        # tests/data/test_shards.py compares items with NevaDataset's).
-        if num_image_tokens < 1:
-            raise ValueError("num_image_tokens must be >= 1")
-        self.tokenizer, self.image_processor = tokenizer, image_processor
-        self.template, self.image_aspect_ratio = template, image_aspect_ratio
-        self.seq_length, self.num_image_tokens, self.strict = seq_length, num_image_tokens, strict
-        self.steerlm_defaults, self.system_prompt = steerlm_defaults, system_prompt
-        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
-            raise ValueError(f"tokenizer has no {IMAGE_TOKEN!r} token")
+        self._init_encoding(tokenizer, image_processor, template, image_aspect_ratio, seq_length,
+                            num_image_tokens, strict, steerlm_defaults, system_prompt)
         self.max_image_bytes, self.max_image_pixels = max_image_bytes, max_image_pixels
         self.images = None
-        self.skip_counts: Counter = Counter()
         self.truncated = 0
         self._logged: set = set()
         self.records, self.lengths, self.total = [], [], 0

@@ -19,7 +19,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 try:  # optional: never required
-    import transformer_engine  # noqa: F401
+    import transformer_engine as _te  # noqa: F401  (availability probe)
 
     HAVE_TE = True
 except Exception:  # ImportError, or a broken CUDA install

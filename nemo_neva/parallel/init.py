@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import socket
-import warnings
 from datetime import timedelta
 from typing import Optional
 
