@@ -6,6 +6,7 @@
 import json
 
 from nemo.core.config import hydra_runner
+from omegaconf import OmegaConf
 
 from nemo_neva import MegatronNevaModel
 from nemo_neva.inference.prompting import build_prompt, stop_markers
@@ -31,12 +32,13 @@ def main(cfg) -> None:
     template = cfg.conv_template or model.cfg.data.conv_template
     stop_ids, stop_strings = stop_markers(model.tokenizer, template)
     inf = cfg.inference
+    steerlm = OmegaConf.to_container(inf.steerlm, resolve=True) if inf.get("steerlm") else None
     requests = _requests(cfg)
     answers = []
     for req in requests:
         # Byte and pixel limits before decoding; truncated/malformed files end with a clear message.
         image = open_user_image(req["image"]) if req.get("image") else None
-        prompt = build_prompt(template, req["prompt"], image is not None)
+        prompt = build_prompt(template, req["prompt"], image is not None, steerlm=steerlm)
         answers += model.generate(
             [image], [prompt], max_new_tokens=inf.tokens_to_generate,
             temperature=0.0 if inf.greedy else inf.temperature, top_k=inf.top_k, top_p=inf.top_p,

@@ -4,17 +4,22 @@ from __future__ import annotations
 from typing import Mapping, Optional
 
 from nemo_neva.data.constants import IMAGE_TOKEN
-from nemo_neva.data.conversation import get_template, render_prompt
+from nemo_neva.data.conversation import STEERLM_INFERENCE_DEFAULTS, get_template, render_prompt
 
 
 def build_prompt(template: str, question: str, has_image: bool, system: Optional[str] = None,
                  steerlm: Optional[Mapping[str, int]] = None) -> str:
-    """One-turn generation prompt; the image tag goes first (LLaVA style) unless the question places it."""
+    """One-turn generation prompt; the image tag goes first (LLaVA style) unless the question places it.
+
+    For `nv_steerlm`, `steerlm` attributes (validated: known names, ints 0-9) are laid over the NGC card's
+    inference defaults and rendered as the `<extra_id_2>` label line; other templates have no such line.
+    """
     if has_image and IMAGE_TOKEN not in question:
         question = f"{IMAGE_TOKEN}\n{question}"
     if not has_image and IMAGE_TOKEN in question:
         raise ValueError(f"the prompt contains {IMAGE_TOKEN} but no image was given")
-    return render_prompt(template, [{"from": "human", "value": question}], system=system, attributes=steerlm)
+    return render_prompt(template, [{"from": "human", "value": question}], system=system, attributes=steerlm,
+                         steerlm_defaults=STEERLM_INFERENCE_DEFAULTS)
 
 
 def stop_markers(tokenizer, template: str) -> tuple[set, list]:
