@@ -9,6 +9,7 @@ from nemo.core.config import hydra_runner
 from omegaconf import OmegaConf
 
 from nemo_neva import MegatronNevaModel
+from nemo_neva.inference.generate import validate_sampling
 from nemo_neva.inference.prompting import build_prompt, stop_markers
 from nemo_neva.security import open_user_image
 from nemo_neva.training import user_errors
@@ -28,10 +29,13 @@ def _requests(cfg):
 def main(cfg) -> None:
     if not cfg.neva_model_file:
         raise ValueError("neva_model_file=... is required")
+    inf = cfg.inference
+    # Parameter ranges are checked before any work; the context-length check needs the model (in generate).
+    validate_sampling(0.0 if inf.greedy else inf.temperature, inf.top_k, inf.top_p, inf.tokens_to_generate,
+                      context=float("inf"))
     model = MegatronNevaModel.restore_from(cfg.neva_model_file)
     template = cfg.conv_template or model.cfg.data.conv_template
     stop_ids, stop_strings = stop_markers(model.tokenizer, template)
-    inf = cfg.inference
     steerlm = OmegaConf.to_container(inf.steerlm, resolve=True) if inf.get("steerlm") else None
     requests = _requests(cfg)
     answers = []

@@ -35,3 +35,14 @@ def test_stop_markers_follow_the_template():
     assert tok.convert_tokens_to_ids("<extra_id_1>") in ids and tok.eos_token_id in ids and strings == []
     ids, strings = stop_markers(tok, "plain")
     assert strings == ["\n"]
+
+
+def test_generate_cli_rejects_bad_sampling_before_loading_anything(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, f"{ROOT}/examples/neva_generate.py", "neva_model_file=/nonexistent.nemo",
+                           "prompt=hi", "inference.greedy=false", "inference.top_p=1.5"], cwd=str(tmp_path),
+                          capture_output=True, text=True, timeout=300)
+    # the bad top_p is reported, not the missing model file: validation ran first
+    assert proc.returncode == 2 and "top_p" in proc.stderr and "Traceback" not in proc.stderr
