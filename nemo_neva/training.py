@@ -8,6 +8,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from nemo_neva.models.megatron_training import num_microbatches
+
 log = logging.getLogger(__name__)
 
 
@@ -24,17 +26,6 @@ def data_parallel_size(model_cfg) -> int:
             f"= {mp}; launch a multiple of {mp} processes"
         )
     return world // mp
-
-
-def grad_accumulation(model_cfg) -> int:
-    """global_batch_size = micro_batch_size x data-parallel size x accumulation steps."""
-    per_step = model_cfg.micro_batch_size * data_parallel_size(model_cfg)
-    if model_cfg.global_batch_size % per_step:
-        raise ValueError(
-            f"model.global_batch_size={model_cfg.global_batch_size} must be a multiple of "
-            f"micro_batch_size x data-parallel size = {per_step}"
-        )
-    return model_cfg.global_batch_size // per_step
 
 
 class MegatronStrategy(DDPStrategy):
@@ -55,7 +46,8 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
             "set model.optim.clip_grad and model.global_batch_size instead of trainer.gradient_clip_val / "
             "trainer.accumulate_grad_batches: megatron-core clips and accumulates"
         )
-    grad_accumulation(cfg.model)  # validates the batch sizes against the launch
+    # Batch sizes against the launch, before any model is built.
+    num_microbatches(cfg.model.global_batch_size, cfg.model.micro_batch_size, data_parallel_size(cfg.model))
     import torch
 
     if trainer_cfg.get("accelerator") == "auto":

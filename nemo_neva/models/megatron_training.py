@@ -122,6 +122,23 @@ def reduce_logged_loss(losses: Iterable[dict]) -> torch.Tensor:
     return value
 
 
+def num_microbatches(global_batch_size: int, micro_batch_size: int, dp: int) -> int:
+    """global_batch_size = micro_batch_size x data-parallel size x micro-batches per step."""
+    per_step = micro_batch_size * dp
+    if global_batch_size % per_step:
+        raise ValueError(
+            f"model.global_batch_size={global_batch_size} must be a multiple of "
+            f"micro_batch_size x data-parallel size = {per_step}"
+        )
+    return global_batch_size // per_step
+
+
+def masked_mean_loss(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over trainable tokens; a batch with none gives a finite 0, never NaN."""
+    mask = loss_mask.to(per_token.dtype)
+    return (per_token.float() * mask).sum() / mask.sum().clamp(min=1)
+
+
 def split_microbatches(batch: dict, micro_batch_size: int) -> list:
     """Split a per-data-parallel-rank batch into micro-batches (images follow their samples)."""
     n = batch["tokens"].shape[0]

@@ -250,10 +250,7 @@ class MegatronNevaModel(ModelPT):
             batch["tokens"], batch["position_ids"], attention_mask=batch.get("attention_mask"),
             images=batch.get("images"), labels=batch["labels"], num_images=batch.get("num_images"),
         )
-        mask = batch["loss_mask"].to(per_token.dtype)
-        n_tokens = mask.sum()
-        loss = (per_token.float() * mask).sum() / n_tokens.clamp(min=1)
-        return loss, n_tokens
+        return mt.masked_mean_loss(per_token, batch["loss_mask"]), batch["loss_mask"].sum()
 
     def _forward_step(self, data_iterator, model):
         """megatron-core forward_step_func: one micro-batch -> (output, loss_func)."""
@@ -262,8 +259,7 @@ class MegatronNevaModel(ModelPT):
                        images=mb.get("images"), labels=mb["labels"], num_images=mb.get("num_images"))
 
         def loss_func(per_token):
-            mask = mb["loss_mask"].to(per_token.dtype)
-            loss = (per_token.float() * mask).sum() / mask.sum().clamp(min=1)
+            loss = mt.masked_mean_loss(per_token, mb["loss_mask"])
             return loss, {"loss": loss.detach().clone()}  # the schedule scales `loss` in place
 
         return output, loss_func
@@ -360,12 +356,8 @@ class MegatronNevaModel(ModelPT):
         from nemo_neva.data.shards import ShardedLoader, ShardedNevaDataset
 
         dp = parallel_state.get_data_parallel_world_size()
+        mt.num_microbatches(self.cfg.global_batch_size, self.cfg.micro_batch_size, dp)
         per_rank = self.cfg.global_batch_size // dp
-        if self.cfg.global_batch_size % (self.cfg.micro_batch_size * dp):
-            raise ValueError(
-                f"model.global_batch_size={self.cfg.global_batch_size} must be a multiple of "
-                f"micro_batch_size x data-parallel size = {self.cfg.micro_batch_size * dp}"
-            )
         if isinstance(dataset, ShardedNevaDataset):  # order, dp split and epochs live in the dataset
             if data_cfg.get("packed_sequence", False):
                 raise ValueError("model.data.packed_sequence is not supported with sharded data_path")

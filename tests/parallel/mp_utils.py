@@ -144,6 +144,16 @@ def forward_step(data_iterator, model):
     return out, loss_func
 
 
+def ddp_forward_backward(model, data: list, mbs: int):
+    """megatron-core DDP around `model`, one schedule pass over `data`; returns (ddp, micro-batch losses)."""
+    from nemo_neva.parallel.optimizer import build_megatron_ddp
+    from nemo_neva.parallel.schedule import run_forward_backward
+
+    ddp = build_megatron_ddp(model, {})
+    losses = run_forward_backward(ddp, iter(data), forward_step, len(data), SEQ, mbs, 64, forward_only=False)
+    return ddp, [d["loss"] for d in losses]
+
+
 def unwrap(model):
     while hasattr(model, "module"):
         model = model.module

@@ -25,16 +25,12 @@ def _logits(model):
 def _tp_run(rank, world_size, ckpt_dir, style, sp):
     from nemo_neva.parallel.dist_ckpt import load_sharded, save_sharded
     from nemo_neva.parallel.init import initialize_model_parallel_from_cfg
-    from nemo_neva.parallel.optimizer import build_megatron_ddp
-    from nemo_neva.parallel.schedule import run_forward_backward
 
     layout = dict(num_attention_heads=4, num_query_groups=2, num_layers=2)
     data = U.microbatches(NMICRO, MBS, seed=3)
 
     def fwd_bwd(model):
-        ddp = build_megatron_ddp(model, {})
-        losses = run_forward_backward(ddp, iter(data), U.forward_step, NMICRO, U.SEQ, MBS, 64, forward_only=False)
-        return ddp, [d["loss"] for d in losses]
+        return U.ddp_forward_backward(model, data, MBS)
 
     # TP=1 reference (two identical data-parallel replicas on the same data)
     initialize_model_parallel_from_cfg(tp=1, pp=1, **layout)
