@@ -170,7 +170,10 @@ class MegatronNevaModel(ModelPT):
         vocab = padded_vocab_size(
             len(self.tokenizer), cfg.get("make_vocab_size_divisible_by", 128), tconfig.tensor_model_parallel_size
         )
-        gpt = build_gpt(cfg, tconfig, vocab, pre_process=pre, post_process=post)
+        # megatron-core creates its linear weights in params_dtype but norms and learned positions in fp32;
+        # like megatron's Float16Module, keep every LM weight in the training dtype (fp32 masters live in the
+        # optimizer).
+        gpt = build_gpt(cfg, tconfig, vocab, pre_process=pre, post_process=post).to(self.dtype_)
         tower = projector = None
         venc = cfg.mm_cfg.vision_encoder
         if pre:
