@@ -32,7 +32,8 @@ class Finished:
 @dataclass
 class Job:
     request: ChatRequest
-    events: "queue.Queue" = field(default_factory=queue.Queue)  # ("delta", str) | ("done", Finished) | ("error", RequestError)
+    # ("delta", str) | ("done", Finished) | ("error", RequestError)
+    events: "queue.Queue" = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 

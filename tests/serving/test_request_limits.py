@@ -12,7 +12,8 @@ from tests.serving.serving_helpers import LIMITS, coloured, png_data_url
 
 
 def _image_msg(url, text="What is it?"):
-    return {"role": "user", "content": [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}]}
+    return {"role": "user", "content": [{"type": "text", "text": text},
+                                        {"type": "image_url", "image_url": {"url": url}}]}
 
 
 def _png_bytes(image):
@@ -105,7 +106,8 @@ PARAM = {
     "unsupported_parameter": "tools",
 }
 
-CODE = {"context_exceeded": "context_length_exceeded", "file_url": "local_path_refused", "local_path": "local_path_refused",
+CODE = {"context_exceeded": "context_length_exceeded", "file_url": "local_path_refused",
+        "local_path": "local_path_refused",
         "image_bytes": "image_too_large", "image_pixels_bomb": "image_too_many_pixels", "not_an_image": "bad_image",
         "max_tokens_over_cap": "max_tokens_too_large", "remote_http_url": "remote_url_refused",
         "remote_https_url": "remote_url_refused", "text_too_long": "prompt_too_long", "too_many_messages":
