@@ -21,7 +21,7 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest", "onnx", "onnxruntime"],
+        "test": ["pytest", "onnx", "onnxruntime", "openai==3.54.0"],  # openai: client that drives the server tests
         # GPU users: transformer-engine / apex are used when importable, never required.
         "gpu": ["transformer-engine[pytorch]"],
     },

@@ -1,0 +1,41 @@
+"""Serve a .nemo NeVA model over an OpenAI-compatible HTTP API.
+
+    python examples/neva_serve.py neva_model_file=M.nemo server.port=8000
+    curl http://127.0.0.1:8000/v1/models
+"""
+import logging
+import os
+
+from nemo.core.config import hydra_runner
+
+from nemo_neva import MegatronNevaModel
+from nemo_neva.data.conversation import get_template
+from nemo_neva.serving import ServerLimits, build_server
+from nemo_neva.training import user_errors
+
+
+@hydra_runner(config_path="../conf", config_name="neva_serve")
+@user_errors
+def main(cfg) -> None:
+    if not cfg.neva_model_file:
+        raise ValueError("neva_model_file=... is required")
+    limits = ServerLimits.from_cfg(cfg.server)  # config mistakes show before the model loads
+    if cfg.conv_template:
+        get_template(cfg.conv_template)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    model = MegatronNevaModel.restore_from(cfg.neva_model_file)
+    template = cfg.conv_template or model.cfg.data.conv_template
+    model_id = cfg.served_model_name or os.path.splitext(os.path.basename(cfg.neva_model_file))[0]
+    server = build_server(model, template, limits, cfg.server.host, int(cfg.server.port), model_id)
+    host, port = server.server_address[:2]
+    print(f"serving {model_id!r} (template {template}) on http://{host}:{port}/v1", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()

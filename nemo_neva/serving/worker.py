@@ -1,0 +1,141 @@
+"""The one thread that runs the model: requests queue up here and are generated one at a time.
+
+The model is not thread-safe (nor is the fast tokenizer), so only this thread touches it; HTTP handling
+stays concurrent. A streamed reply is handed back delta by delta through the job's event queue, so a slow
+client never holds the model, and a client that disconnects stops its generation at the next token.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Optional
+
+from nemo_neva.inference.generate import encode_prompt, generate, stream_generate
+from nemo_neva.inference.prompting import stop_markers
+from nemo_neva.serving.chat_request import ChatRequest
+from nemo_neva.serving.errors import RequestError, internal_error
+from nemo_neva.serving.token_count import count_sampled_tokens
+
+log = logging.getLogger("nemo_neva.serving")
+
+
+@dataclass
+class Finished:
+    text: str
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Job:
+    request: ChatRequest
+    # ("delta", str) | ("done", Finished) | ("error", RequestError)
+    events: "queue.Queue" = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+def strip_deltas(deltas: Iterable[str]) -> Iterator[str]:
+    """Deltas whose concatenation is `"".join(deltas).strip()` (what `generate` returns): leading
+    whitespace is dropped and trailing whitespace is only sent once text follows it."""
+    started, pending = False, ""
+    for d in deltas:
+        if not started:
+            d = d.lstrip()
+            if not d:
+                continue
+            started = True
+        body = d.rstrip()
+        if body:
+            yield pending + body
+            pending = d[len(body):]
+        else:
+            pending += d
+
+
+def serving_stops(model, template: str) -> tuple[set, list]:
+    """The template's end markers and EOS, plus the image placeholder: a sampled placeholder would make
+    the next step's prompt hold more image tokens than images, so the reply ends there instead."""
+    ids, strings = stop_markers(model.tokenizer, template)
+    return ids | {model.image_token_id}, strings
+
+
+class GenerationWorker:
+    def __init__(self, model, template: str, max_tokens_cap: int):
+        self.model, self.max_tokens_cap = model, max_tokens_cap
+        self.context = int(model.cfg.encoder_seq_length)
+        self.stop_ids, self.stop_strings = serving_stops(model, template)
+        self._jobs: "queue.Queue[Optional[Job]]" = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="neva-generation", daemon=True)
+
+    def start(self) -> "GenerationWorker":
+        self.model.eval()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=30)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, request: ChatRequest) -> Job:
+        job = Job(request)
+        self._jobs.put(job)
+        return job
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            if job.cancelled.is_set():
+                continue
+            try:
+                self._run(job)
+            except RequestError as e:
+                job.events.put(("error", e))
+            except Exception:  # requests are fully checked before generate: what fails here is ours
+                log.exception("generation failed")
+                job.events.put(("error", internal_error()))
+
+    def _budget(self, r: ChatRequest) -> tuple[int, int]:
+        """(prompt tokens, max new tokens), or a RequestError when they do not fit the context."""
+        n_prompt = len(encode_prompt(self.model, r.prompt, r.image is not None))
+        room = self.context - n_prompt
+        if room < 1:
+            raise RequestError(f"the conversation is {n_prompt} tokens; the model's context is {self.context}",
+                               "messages", code="context_length_exceeded")
+        if r.max_tokens is None:
+            return n_prompt, min(self.max_tokens_cap, room)
+        if r.max_tokens > room:
+            raise RequestError(f"max_tokens={r.max_tokens} + {n_prompt} prompt tokens exceed the model's context "
+                               f"of {self.context} tokens", "max_tokens", code="context_length_exceeded")
+        return n_prompt, r.max_tokens
+
+    def _run(self, job: Job) -> None:
+        r = job.request
+        n_prompt, max_new = self._budget(r)
+        kwargs = dict(max_new_tokens=max_new, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                      seed=r.seed, stop_token_ids=sorted(self.stop_ids),
+                      stop_strings=[*self.stop_strings, *r.stop])
+        with count_sampled_tokens(self.model) as counted:
+            if r.stream:
+                parts = []
+                for delta in strip_deltas(stream_generate(self.model, r.image, r.prompt, **kwargs)):
+                    if job.cancelled.is_set():
+                        log.info("client went away; generation stopped")
+                        return
+                    parts.append(delta)
+                    job.events.put(("delta", delta))
+                text = "".join(parts)
+            else:
+                text = generate(self.model, [r.image], [r.prompt], **kwargs)[0]
+        n_new = counted.n
+        if n_new is None:  # no output layer to observe: count the returned text instead
+            n_new = len(self.model.tokenizer(text, add_special_tokens=False)["input_ids"])
+        reason = "length" if n_new >= max_new else "stop"
+        job.events.put(("done", Finished(text, reason, n_prompt, n_new)))
