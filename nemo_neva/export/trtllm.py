@@ -124,11 +124,10 @@ def export_nemo_to_trtllm(nemo_path: str, output_dir: str, tp_size: int = 1, dty
 
     if not os.path.isfile(nemo_path):
         raise FileNotFoundError(f"{nemo_path}: no such .nemo file")
-    config = MegatronNevaModel.restore_from(nemo_path, return_config=True)
-    # Refuse an unsupported LM before paying for the restore.
-    from nemo_neva.export.trtllm_layout import architecture_for
-
-    architecture_for(config)
+    # Refuse an unsupported LM, TP size or dtype before paying for the restore.
+    trtllm_config(MegatronNevaModel.restore_from(nemo_path, return_config=True), 1, dtype, tp_size)
+    if fp8_enabled and calib_data is not None and not os.path.exists(calib_data):
+        raise FileNotFoundError(f"--calib-data {calib_data}: no such file")
     model = MegatronNevaModel.restore_from(nemo_path)
     calib = None
     if fp8_enabled:
@@ -139,7 +138,5 @@ def export_nemo_to_trtllm(nemo_path: str, output_dir: str, tp_size: int = 1, dty
             raise ValueError("--fp8 needs calibration samples for the activation scaling factors: pass "
                              "--calib-data LLAVA.json [--calib-image-folder DIR] (the .nemo's training data "
                              "path does not exist here)")
-        if not os.path.exists(calib_data):
-            raise FileNotFoundError(f"--calib-data {calib_data}: no such file")
         calib = (calib_data, calib_image_folder)
     return export_neva_to_trtllm(model, output_dir, tp_size, dtype, calib, calib_samples)
