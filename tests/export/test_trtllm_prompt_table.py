@@ -63,3 +63,15 @@ def test_emulated_lookup_reproduces_model_input_embeddings(model, images_per_row
             theirs = theirs + emb.position_embeddings.weight.detach()[: ids.shape[1]]
         assert torch.equal(theirs, ours[row]), row
     assert int((fake >= V).sum()) == ids.shape[0] * images_per_row * model.tokens_per_image
+
+
+def test_llm_build_command_sizes_the_prompt_table():
+    from nemo_neva.export.trtllm_build import llm_build_command
+
+    meta = {"llm_checkpoint": "llm", "tokens_per_image": 576}
+    cmd = llm_build_command("/x", meta, max_batch_size=4, max_input_len=2048, max_output_len=512,
+                            max_images_per_request=2)
+    args = dict(zip(cmd[::1], cmd[1:]))
+    assert args["--checkpoint_dir"] == "/x/llm" and args["--output_dir"] == "/x/engines/llm"
+    assert args["--max_prompt_embedding_table_size"] == str(4 * 2 * 576)
+    assert (args["--max_batch_size"], args["--max_input_len"], args["--max_seq_len"]) == ("4", "2048", "2560")
