@@ -90,10 +90,10 @@ def build_engines(export_dir: str, meta: dict, max_batch_size: int = 1, max_inpu
         subprocess.run(cmd, check=True)
         built.append(f"LLM engine: {os.path.join(export_dir, ENGINES_DIR, 'llm')}")
     else:
+        rows = max_prompt_embedding_table_size(max_batch_size, max_images_per_request, meta["tokens_per_image"])
         skipped.append("LLM engine: neither `trtllm-build` on PATH nor the tensorrt_llm package is available; "
-                       f"build it later with: trtllm-build --checkpoint_dir {os.path.join(export_dir, 'llm')} "
-                       f"--max_prompt_embedding_table_size "
-                       f"{max_prompt_embedding_table_size(max_batch_size, max_images_per_request, meta['tokens_per_image'])}")
+                       f"build it later with: trtllm-build --checkpoint_dir "
+                       f"{os.path.join(export_dir, meta['llm_checkpoint'])} --max_prompt_embedding_table_size {rows}")
     onnx_path = os.path.join(export_dir, meta["vision_onnx"])
     engine_path = os.path.join(export_dir, ENGINES_DIR, "vision.engine")
     max_images = max_batch_size * max_images_per_request

@@ -55,7 +55,8 @@ def test_config_fields(exported):
     cfg = json.load(open(os.path.join(dirs[2], "config.json")))
     assert cfg["architecture"] == {"llama": "LlamaForCausalLM", "gpt": "GPTForCausalLM"}[kind]
     assert cfg["dtype"] == "float32" and cfg["vocab_size"] == len(model.tokenizer) == 576
-    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["head_size"]) == (64, 2, 4, 16)
+    sizes = (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["head_size"])
+    assert sizes == (64, 2, 4, 16)
     assert cfg["num_key_value_heads"] == (2 if kind == "llama" else 4)
     assert cfg["intermediate_size"] == model.cfg.ffn_hidden_size
     assert cfg["max_position_embeddings"] == model.cfg.encoder_seq_length

@@ -53,7 +53,8 @@ def test_config_and_tensor_dtypes(exported):
 
 def test_dequantised_weights_within_fp8_error(exported):
     model, _, dirs = exported
-    state = {k: v for k, v in model.model.state_dict().items() if torch.is_tensor(v) and k.startswith("language_model.")}
+    state = {k: v for k, v in model.model.state_dict().items()
+             if torch.is_tensor(v) and k.startswith("language_model.")}
     full = neva_to_trtllm(state, model.cfg, len(model.tokenizer))
     t = load_file(os.path.join(dirs[1], "rank0.safetensors"))
     deq = fp8.dequantize(t)
