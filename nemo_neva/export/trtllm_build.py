@@ -47,7 +47,10 @@ def _vision_with_tensorrt(onnx_path: str, engine_path: str, image_size: int, max
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    # TensorRT 10 networks are always explicit-batch; 8.x still needs the flag.
+    explicit = 0 if int(trt.__version__.split(".")[0]) >= 10 else \
+        1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(explicit)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(onnx_path):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
