@@ -50,6 +50,11 @@ def _prompt_meta(model) -> dict:
 def write_llm_checkpoint(model, llm_dir: str, tp_size: int = 1, dtype: str = "bfloat16",
                          act_amax: Optional[dict] = None) -> dict:
     """config.json + rank{N}.safetensors; FP8 (per-tensor E4M3) when calibrated `act_amax` is given."""
+    from megatron.core import parallel_state
+
+    ps = parallel_state
+    if ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size() > 1:
+        raise ValueError("export from a model restored on one process (TP=PP=1); the .nemo reshards on restore")
     cfg = model.cfg
     vocab = export_vocab_size(model)
     config = trtllm_config(cfg, vocab, dtype, tp_size, quant_algo="FP8" if act_amax is not None else None)
