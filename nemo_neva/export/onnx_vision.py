@@ -1,0 +1,55 @@
+"""The vision tower + projector as one ONNX graph: pixel values [B,3,H,W] -> image features [B, tokens, hidden].
+
+Input and output are named `input` and `output`, the names TensorRT-LLM's multimodal runner uses for its
+vision engine. The batch axis is dynamic; height and width are the image processor's fixed size.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+INPUT, OUTPUT = "input", "output"
+MIN_OPSET = 17
+
+
+class VisionEncoder(nn.Module):
+    """What the prompt table is made of: the .nemo model's own `encode_images` path."""
+
+    def __init__(self, tower: nn.Module, projector: nn.Module):
+        super().__init__()
+        self.tower, self.projector = tower, projector
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        feats = self.tower(pixel_values)
+        return self.projector(feats.to(next(self.projector.parameters()).dtype))
+
+
+def image_size(vision_config) -> int:
+    return int(vision_config.image_size)
+
+
+def export_vision_onnx(model, path: str, opset: int = MIN_OPSET) -> str:
+    """Export `model.model.vision_tower` + projector (fp32) to `path`."""
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset {opset} < {MIN_OPSET}")
+    module = model.model
+    if module.vision_tower is None:
+        raise ValueError("this model rank holds no vision tower (not the first pipeline stage)")
+    encoder = VisionEncoder(module.vision_tower, module.projector).float().eval()
+    hf_model = module.vision_tower.model
+    previous = hf_model.config._attn_implementation
+    # Eager attention traces to plain MatMul/Softmax, which every ONNX runtime and TensorRT parses.
+    hf_model.set_attn_implementation("eager")
+    size = image_size(model.vision_config)
+    example = torch.zeros(2, 3, size, size)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        with torch.no_grad():
+            torch.onnx.export(encoder, (example,), path, dynamo=False, opset_version=opset,
+                              input_names=[INPUT], output_names=[OUTPUT],
+                              dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}, do_constant_folding=True)
+    finally:
+        hf_model.set_attn_implementation(previous)
+    return path
