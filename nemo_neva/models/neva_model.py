@@ -173,6 +173,7 @@ class MegatronNevaModel(ModelPT):
         gpt = build_gpt(cfg, tconfig, vocab, pre_process=pre, post_process=post)
         tower = projector = None
         venc = cfg.mm_cfg.vision_encoder
+        self.tokens_per_image  # noqa: B018  (refuses a projector that cannot take this tower's features)
         if pre:
             tower = VisionTower(vision_config, from_pretrained, venc.get("vision_select_layer", -2),
                                 venc.get("drop_cls", True)).to(self.dtype_)
@@ -202,7 +203,8 @@ class MegatronNevaModel(ModelPT):
 
     @property
     def tokens_per_image(self) -> int:
-        return tokens_per_image(self.vision_config, self.cfg.mm_cfg.vision_encoder.get("drop_cls", True))
+        return tokens_per_image(self.vision_config, self.cfg.mm_cfg.vision_encoder.get("drop_cls", True),
+                                self.cfg.mm_cfg.mm_mlp_adapter_type)
 
     # ------------------------------------------------------------------ save / restore
     def save_hf_files(self, folder: str):
