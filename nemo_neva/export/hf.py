@@ -390,6 +390,8 @@ def hf_config_from_neva(model):
                                ("layernorm_zero_centered_gamma", False, False)):
         if cfg.get(key, default) != want:
             problems.append(f"{key}={cfg.get(key, default)!r} (HF LLaMA needs {want!r})")
+    if (cfg.get("peft") or {}).get("peft_scheme"):
+        problems.append("the model has unmerged LoRA adapters (merge them first: scripts/merge_lora.py)")
     adapter = cfg.mm_cfg.mm_mlp_adapter_type
     if adapter != "mlp2x_gelu":
         problems.append(f"projector mm_mlp_adapter_type={adapter!r} (HF LLaVA's projector is "

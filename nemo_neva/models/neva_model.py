@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.nn.modules.module import _IncompatibleKeys
 
 from nemo_neva.models import megatron_training as mt
-from nemo_neva.models import save_restore
+from nemo_neva.models import peft, save_restore
 from nemo_neva.models.language_model import (
     build_gpt,
     build_transformer_config,
@@ -80,9 +80,12 @@ class MegatronNevaModel(ModelPT):
         self.dtype_ = _precision_dtype(trainer)
         self.model = self._build_module(cfg, vision_config, from_pretrained=None if restore_dir else
                                         resolve_path(cfg.mm_cfg.vision_encoder.get("from_pretrained")))
+        peft.apply(self.model, cfg)  # LoRA adapters (model.peft.*), before freezing and loading weights
         self._apply_freeze(cfg)
         if restore_dir:
-            self._load_dist_weights(os.path.join(restore_dir, save_restore.WEIGHTS_DIR))
+            from nemo.utils.app_state import AppState
+
+            peft.restore_weights(self, restore_dir, AppState().model_restore_path)
         if trainer is not None and cfg.get("data") is not None and cfg.data.get("data_path"):
             self.setup_training_data(cfg.data)
 
@@ -192,6 +195,7 @@ class MegatronNevaModel(ModelPT):
                 p.requires_grad_(not freeze_vision)
             if freeze_vision:
                 self.model.vision_tower.eval()
+        peft.freeze(self.model, cfg)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -217,15 +221,19 @@ class MegatronNevaModel(ModelPT):
         # Always our connector: NeMo's restore_from resets the instance's connector to its default one.
         return save_restore.NevaSaveRestoreConnector().save_to(self, str(save_path))
 
-    def _load_dist_weights(self, ckpt_dir: str):
+    def _load_dist_weights(self, ckpt_dir: str, keep=None):
+        """Load `model_weights/`; `keep(key)` limits it to part of the model (PEFT: base or adapters)."""
         from nemo_neva.parallel.dist_ckpt import load_sharded
         from nemo_neva.security import check_dist_checkpoint
 
         check_dist_checkpoint(ckpt_dir)  # megatron-core/torch DCP unpickle parts of it: validate them first
-        state = load_sharded(self.model.sharded_state_dict(prefix="model."), ckpt_dir)
+        sharded = self.model.sharded_state_dict(prefix="model.")
+        if keep is not None:
+            sharded = {k: v for k, v in sharded.items() if keep(k)}
+        state = load_sharded(sharded, ckpt_dir)
         state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
         missing, unexpected = self.model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
+        missing = [k for k in missing if not k.endswith("_extra_state") and (keep is None or keep("model." + k))]
         if missing or unexpected:
             raise RuntimeError(f"checkpoint does not match the model: missing={missing} unexpected={unexpected}")
         self._weights_restored = True

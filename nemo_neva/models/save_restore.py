@@ -57,7 +57,10 @@ class NevaSaveRestoreConnector(SaveRestoreConnector):
             dist.barrier()
         tmpdir = _shared_tmpdir(parent)
         try:
-            save_sharded(model.model.sharded_state_dict(prefix="model."), os.path.join(tmpdir, WEIGHTS_DIR))
+            from nemo_neva.models import peft  # a PEFT model stores only its adapters + projector
+
+            state = peft.checkpoint_subset(model, model.model.sharded_state_dict(prefix="model."))
+            save_sharded(state, os.path.join(tmpdir, WEIGHTS_DIR))
             if _rank() == 0:
                 model.to_config_file(path2yaml_file=os.path.join(tmpdir, self.model_config_yaml))
                 model.save_hf_files(tmpdir)
