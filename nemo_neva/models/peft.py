@@ -92,12 +92,39 @@ def checkpoint_subset(model, sharded_state_dict: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ restore
+_SHA_CACHE: dict = {}
+
+
 def sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """SHA-256 of a file (remembered per path, size and mtime: a restore checks the base twice)."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        _SHA_CACHE[key] = digest.hexdigest()
+    return _SHA_CACHE[key]
+
+
+def check_base_reference(cfg) -> None:
+    """A PEFT config's base .nemo exists and is the file the adapters were trained on (else a clear error).
+    Called by our connector before NeMo instantiates anything, and again before the base is loaded."""
+    peft = cfg.get("peft") or {}
+    path = peft.get("base_nemo_path")
+    if lora_settings(cfg) is None or not path:
+        return
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"the PEFT .nemo's base {path!r} (model.peft.base_nemo_path) does not exist; "
+                                "pass its new location with an override config (scripts/merge_lora.py: --base-nemo)")
+    sha256 = peft.get("base_nemo_sha256")
+    if not sha256:
+        raise ValueError("the PEFT .nemo records no model.peft.base_nemo_sha256; refusing an unverified base")
+    actual = sha256_of(path)
+    if actual != sha256:
+        raise ValueError(f"base .nemo {path} has SHA-256 {actual}, but the adapters were trained on "
+                         f"{sha256}: it is not the same base model")
 
 
 def restore_weights(model, restore_dir: str, archive: Optional[str]) -> None:
@@ -116,7 +143,8 @@ def restore_weights(model, restore_dir: str, archive: Optional[str]) -> None:
         return
     peft = model.cfg.peft
     if peft.get("base_nemo_path"):
-        with base_weights_dir(peft.base_nemo_path, peft.get("base_nemo_sha256")) as base_dir:
+        check_base_reference(model.cfg)
+        with base_weights_dir(peft.base_nemo_path) as base_dir:
             model._load_dist_weights(base_dir, keep=lambda k: not is_adapter_key(k))
         model._load_dist_weights(own, keep=is_peft_key)
         return
@@ -130,20 +158,11 @@ def restore_weights(model, restore_dir: str, archive: Optional[str]) -> None:
 
 
 @contextmanager
-def base_weights_dir(path: str, sha256: Optional[str]):
-    """The base .nemo's `model_weights/` extracted into a temporary folder (checksum and archive checked)."""
+def base_weights_dir(path: str):
+    """The base .nemo's `model_weights/` extracted into a temporary folder (archive checked first)."""
     from nemo_neva import security
     from nemo_neva.models.save_restore import WEIGHTS_DIR
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"the PEFT .nemo's base {path!r} (model.peft.base_nemo_path) does not exist; "
-                                "pass its new location with an override config")
-    if not sha256:
-        raise ValueError("the PEFT .nemo records no base_nemo_sha256; refusing an unverified base")
-    actual = sha256_of(path)
-    if actual != sha256:
-        raise ValueError(f"base .nemo {path} has SHA-256 {actual}, but the adapters were trained on "
-                         f"{sha256}: it is not the same base model")
     security.check_nemo_archive(path)
     tmp = tempfile.mkdtemp(prefix="neva_peft_base_")
     try:

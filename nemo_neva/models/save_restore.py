@@ -91,6 +91,9 @@ class NevaSaveRestoreConnector(SaveRestoreConnector):
             conf = override_config_path if isinstance(override_config_path, DictConfig) \
                 else OmegaConf.load(override_config_path)
         security.check_model_config(conf)
+        from nemo_neva.models import peft
+
+        peft.check_base_reference(conf)  # a PEFT .nemo's base: present and the same file (SHA-256)
 
     def load_config_and_state_dict(self, calling_cls, restore_path, override_config_path=None, *args, **kwargs):
         self._check_before_restore(restore_path, override_config_path)
