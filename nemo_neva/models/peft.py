@@ -111,19 +111,22 @@ def sha256_of(path: str) -> str:
 def check_base_reference(cfg) -> None:
     """A PEFT config's base .nemo exists and is the file the adapters were trained on (else a clear error).
     Called by our connector before NeMo instantiates anything, and again before the base is loaded."""
+    from nemo_neva.security import UnsafeCheckpointError  # a ValueError that NeMo's restore passes on as is
+
     peft = cfg.get("peft") or {}
     path = peft.get("base_nemo_path")
     if lora_settings(cfg) is None or not path:
         return
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"the PEFT .nemo's base {path!r} (model.peft.base_nemo_path) does not exist; "
+        raise UnsafeCheckpointError(f"the PEFT .nemo's base {path!r} (model.peft.base_nemo_path) does not exist; "
                                 "pass its new location with an override config (scripts/merge_lora.py: --base-nemo)")
     sha256 = peft.get("base_nemo_sha256")
     if not sha256:
-        raise ValueError("the PEFT .nemo records no model.peft.base_nemo_sha256; refusing an unverified base")
+        raise UnsafeCheckpointError("the PEFT .nemo records no model.peft.base_nemo_sha256; refusing an "
+                                    "unverified base")
     actual = sha256_of(path)
     if actual != sha256:
-        raise ValueError(f"base .nemo {path} has SHA-256 {actual}, but the adapters were trained on "
+        raise UnsafeCheckpointError(f"base .nemo {path} has SHA-256 {actual}, but the adapters were trained on "
                          f"{sha256}: it is not the same base model")
 
 

@@ -2,7 +2,6 @@
 merge into a full .nemo, HF export from the merged one, and TP=2 == TP=1 with the same adapter weights."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -95,8 +94,27 @@ def test_restore_refuses_a_different_or_missing_base(saved, tmp_path):
         MegatronNevaModel.restore_from(str(root / "peft.nemo"), override_config_path=cfg)
     with open_dict(cfg):
         cfg.peft.base_nemo_path = str(tmp_path / "gone.nemo")
-    with pytest.raises(FileNotFoundError, match="base_nemo_path"):
+    with pytest.raises(ValueError, match="base_nemo_path.*does not exist"):
         MegatronNevaModel.restore_from(str(root / "peft.nemo"), override_config_path=cfg)
+
+
+GENERIC = r"""
+import sys, torch
+import nemo_neva
+from nemo.core import ModelPT
+from tests.variants.lora_cases import lora_logits
+m = ModelPT.restore_from(sys.argv[1])
+torch.save(lora_logits(m), sys.argv[2])
+"""
+
+
+def test_generic_modelpt_restore_of_peft_nemo(saved, tmp_path):
+    """NeMo's own ModelPT.restore_from (fresh process) also loads the base, then the adapters."""
+    root, _, _, adapted = saved
+    proc = subprocess.run([sys.executable, "-c", GENERIC, str(root / "peft.nemo"), str(tmp_path / "out.pt")],
+                          cwd=str(tmp_path), capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert torch.equal(torch.load(tmp_path / "out.pt"), adapted)
 
 
 def test_bad_lora_config_and_peft_without_base_are_refused(tmp_path):
