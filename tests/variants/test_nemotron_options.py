@@ -84,3 +84,14 @@ def test_nemotron_trains_roundtrips_and_refuses_hf_export(tmp_path):
     for what in ("normalization='LayerNorm1p'", "activation='squared-relu'", "rotary_percentage=0.5"):
         assert what in str(err.value)
     assert not (tmp_path / "hf").exists()
+
+
+def test_hf_export_reads_the_normalization_spelling():
+    from nemo_neva.export.hf import hf_config_from_neva
+    from tests.model.helpers import llama_overrides
+
+    model = MegatronNevaModel(tiny_model_cfg(**{**llama_overrides(), "normalization": "rmsnorm"}))
+    assert hf_config_from_neva(model)[0].text_config.rms_norm_eps == 1e-5  # plain RMSNorm, any case: exportable
+    model.cfg.normalization = "RMSNorm1p"
+    with pytest.raises(UnsupportedCheckpoint, match="'RMSNorm1p' with zero-centred gamma"):
+        hf_config_from_neva(model)
