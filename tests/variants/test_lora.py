@@ -199,3 +199,17 @@ def test_two_ranks_lora_match_one(saved, tmp_path, layout):
     assert ref_ad.keys() == tp_ad.keys() and len(ref_ad) == 16
     worst = max((ref_ad[k] - tp_ad[k]).abs().max().item() for k in ref_ad)
     assert worst < 2e-5, worst
+
+
+def test_adapter_dropout_only_in_training(saved):
+    root = saved[0]
+    model = MegatronNevaModel.restore_from(str(root / "base.nemo"),
+                                           override_config_path=peft_cfg(str(root / "base.nemo"), dropout=0.5))
+    randomise_adapters(model)
+    layer = model.model.language_model.decoder.layers[0].self_attention.linear_qkv
+    x = torch.randn(5, 2, model.cfg.hidden_size)
+    layer.train()
+    assert not torch.equal(layer.delta(x), layer.delta(x))  # a fresh dropout mask per call
+    layer.eval()
+    assert torch.equal(layer.delta(x), layer.delta(x))
+    assert all(torch.isfinite(torch.tensor(lora_train(model, 1))))
