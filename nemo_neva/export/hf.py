@@ -382,14 +382,21 @@ def hf_config_from_neva(model):
     """LlavaConfig equivalent to a (LLaMA-style, mlp2x_gelu) MegatronNevaModel; raises if there is none."""
     from transformers import LlamaConfig, LlavaConfig, MistralConfig
 
+    from nemo_neva.models.language_model import normalization_settings
+
     cfg = model.cfg
     problems = []
+    norm, zero_centered = normalization_settings(cfg)  # any spelling of plain RMSNorm is fine
+    if (norm, zero_centered) != ("RMSNorm", False):
+        problems.append(f"normalization={cfg.get('normalization', 'LayerNorm')!r}"
+                        f"{' with zero-centred gamma' if zero_centered else ''} (HF LLaMA needs plain 'RMSNorm')")
     for key, want, default in (("position_embedding_type", "rope", "learned_absolute"),
-                               ("normalization", "RMSNorm", "LayerNorm"), ("activation", "swiglu", "gelu"),
-                               ("bias", False, True), ("rotary_percentage", 1.0, 1.0),
-                               ("layernorm_zero_centered_gamma", False, False)):
+                               ("activation", "swiglu", "gelu"), ("bias", False, True),
+                               ("rotary_percentage", 1.0, 1.0)):
         if cfg.get(key, default) != want:
             problems.append(f"{key}={cfg.get(key, default)!r} (HF LLaMA needs {want!r})")
+    if (cfg.get("peft") or {}).get("peft_scheme"):
+        problems.append("the model has unmerged LoRA adapters (merge them first: scripts/merge_lora.py)")
     adapter = cfg.mm_cfg.mm_mlp_adapter_type
     if adapter != "mlp2x_gelu":
         problems.append(f"projector mm_mlp_adapter_type={adapter!r} (HF LLaVA's projector is "

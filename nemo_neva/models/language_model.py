@@ -41,6 +41,20 @@ def padded_vocab_size(vocab: int, divisible_by: int, tp: int) -> int:
     return padded
 
 
+_NORMS = {"layernorm": ("LayerNorm", False), "rmsnorm": ("RMSNorm", False),
+          "layernorm1p": ("LayerNorm", True), "rmsnorm1p": ("RMSNorm", True)}
+
+
+def normalization_settings(cfg) -> tuple[str, bool]:
+    """`model.normalization` (LayerNorm | RMSNorm | LayerNorm1p | RMSNorm1p, any case) -> megatron-core's
+    (normalization, layernorm_zero_centered_gamma). `model.layernorm_zero_centered_gamma=true` also works."""
+    name = str(cfg.get("normalization", "LayerNorm"))
+    if name.lower() not in _NORMS:
+        raise ValueError(f"model.normalization={name!r}; supported: LayerNorm, RMSNorm, LayerNorm1p, RMSNorm1p")
+    norm, zero_centered = _NORMS[name.lower()]
+    return norm, zero_centered or bool(cfg.get("layernorm_zero_centered_gamma", False))
+
+
 def build_transformer_config(cfg, dtype: torch.dtype) -> TransformerConfig:
     """cfg is `model` (NeMo-style keys at the top level of the model config)."""
     activation = cfg.get("activation", "gelu")
@@ -58,6 +72,10 @@ def build_transformer_config(cfg, dtype: torch.dtype) -> TransformerConfig:
                 f"model.{name}={value} is not divisible by model.tensor_model_parallel_size={tp}; "
                 f"pick a tensor_model_parallel_size that divides it"
             )
+    normalization, zero_centered = normalization_settings(cfg)
+    rotary_percentage = cfg.get("rotary_percentage", 1.0)
+    if not 0.0 < rotary_percentage <= 1.0:
+        raise ValueError(f"model.rotary_percentage={rotary_percentage}; must be in (0, 1]")
     on_gpu = torch.cuda.is_available()
     fp8 = fp8_transformer_config_kwargs(cfg, cfg.hidden_size, cfg.ffn_hidden_size)
     recompute = recompute_transformer_config_kwargs(cfg, cfg.num_layers, cfg.get("pipeline_model_parallel_size", 1))
@@ -68,9 +86,9 @@ def build_transformer_config(cfg, dtype: torch.dtype) -> TransformerConfig:
         num_attention_heads=heads,
         num_query_groups=groups,
         kv_channels=cfg.get("kv_channels") or cfg.hidden_size // heads,
-        normalization=cfg.get("normalization", "LayerNorm"),
+        normalization=normalization,
         layernorm_epsilon=cfg.get("layernorm_epsilon", 1e-5),
-        layernorm_zero_centered_gamma=cfg.get("layernorm_zero_centered_gamma", False),
+        layernorm_zero_centered_gamma=zero_centered,
         activation_func=act_fn,
         gated_linear_unit=gated,
         add_bias_linear=cfg.get("bias", True),

@@ -109,6 +109,8 @@ class TorchNormSP:
     bias gradients are partial sums. Like Apex's `FusedLayerNorm`, this marks the parameters with
     `sequence_parallel`, which makes megatron-core's `finalize_model_grads` all-reduce them over the TP
     group. Parameter names and shapes equal `WrappedTorchNorm`'s, so checkpoints are interchangeable.
+    `config.layernorm_zero_centered_gamma` (LayerNorm1p) gives the (1 + weight) norms of `models/norms.py`;
+    on the TE spec megatron-core passes the same flag to TE as `zero_centered_gamma`.
     """
 
     def __new__(
@@ -120,12 +122,13 @@ class TorchNormSP:
         zero_centered_gamma: bool = False,
         normalization: str = "LayerNorm",
     ):
-        if config.layernorm_zero_centered_gamma:
-            raise ValueError("layernorm_zero_centered_gamma needs the Transformer Engine spec (GPU)")
+        from nemo_neva.models.norms import LayerNorm1p, RMSNorm1p
+
+        one_p = config.layernorm_zero_centered_gamma  # LayerNorm1p: weight stored as gamma - 1
         if config.normalization == "LayerNorm":
-            norm = torch.nn.LayerNorm(hidden_size, eps=eps)
+            norm = (LayerNorm1p if one_p else torch.nn.LayerNorm)(hidden_size, eps=eps)
         elif config.normalization == "RMSNorm":
-            norm = torch.nn.RMSNorm(hidden_size, eps=eps)
+            norm = (RMSNorm1p if one_p else torch.nn.RMSNorm)(hidden_size, eps=eps)
         else:
             raise ValueError(f"normalization={config.normalization!r}; supported: LayerNorm, RMSNorm")
         for param in norm.parameters():

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.nn.modules.module import _IncompatibleKeys
 
 from nemo_neva.models import megatron_training as mt
-from nemo_neva.models import save_restore
+from nemo_neva.models import peft, save_restore
 from nemo_neva.models.language_model import (
     build_gpt,
     build_transformer_config,
@@ -80,9 +80,12 @@ class MegatronNevaModel(ModelPT):
         self.dtype_ = _precision_dtype(trainer)
         self.model = self._build_module(cfg, vision_config, from_pretrained=None if restore_dir else
                                         resolve_path(cfg.mm_cfg.vision_encoder.get("from_pretrained")))
+        peft.apply(self.model, cfg)  # LoRA adapters (model.peft.*), before freezing and loading weights
         self._apply_freeze(cfg)
         if restore_dir:
-            self._load_dist_weights(os.path.join(restore_dir, save_restore.WEIGHTS_DIR))
+            from nemo.utils.app_state import AppState
+
+            peft.restore_weights(self, restore_dir, AppState().model_restore_path)
         if trainer is not None and cfg.get("data") is not None and cfg.data.get("data_path"):
             self.setup_training_data(cfg.data)
 
@@ -176,6 +179,7 @@ class MegatronNevaModel(ModelPT):
         gpt = build_gpt(cfg, tconfig, vocab, pre_process=pre, post_process=post).to(self.dtype_)
         tower = projector = None
         venc = cfg.mm_cfg.vision_encoder
+        self.tokens_per_image  # noqa: B018  (refuses a projector that cannot take this tower's features)
         if pre:
             tower = VisionTower(vision_config, from_pretrained, venc.get("vision_select_layer", -2),
                                 venc.get("drop_cls", True)).to(self.dtype_)
@@ -194,6 +198,7 @@ class MegatronNevaModel(ModelPT):
                 p.requires_grad_(not freeze_vision)
             if freeze_vision:
                 self.model.vision_tower.eval()
+        peft.freeze(self.model, cfg)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -205,7 +210,8 @@ class MegatronNevaModel(ModelPT):
 
     @property
     def tokens_per_image(self) -> int:
-        return tokens_per_image(self.vision_config, self.cfg.mm_cfg.vision_encoder.get("drop_cls", True))
+        return tokens_per_image(self.vision_config, self.cfg.mm_cfg.vision_encoder.get("drop_cls", True),
+                                self.cfg.mm_cfg.mm_mlp_adapter_type)
 
     # ------------------------------------------------------------------ save / restore
     def save_hf_files(self, folder: str):
@@ -218,15 +224,19 @@ class MegatronNevaModel(ModelPT):
         # Always our connector: NeMo's restore_from resets the instance's connector to its default one.
         return save_restore.NevaSaveRestoreConnector().save_to(self, str(save_path))
 
-    def _load_dist_weights(self, ckpt_dir: str):
+    def _load_dist_weights(self, ckpt_dir: str, keep=None):
+        """Load `model_weights/`; `keep(key)` limits it to part of the model (PEFT: base or adapters)."""
         from nemo_neva.parallel.dist_ckpt import load_sharded
         from nemo_neva.security import check_dist_checkpoint
 
         check_dist_checkpoint(ckpt_dir)  # megatron-core/torch DCP unpickle parts of it: validate them first
-        state = load_sharded(self.model.sharded_state_dict(prefix="model."), ckpt_dir)
+        sharded = self.model.sharded_state_dict(prefix="model.")
+        if keep is not None:
+            sharded = {k: v for k, v in sharded.items() if keep(k)}
+        state = load_sharded(sharded, ckpt_dir)
         state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
         missing, unexpected = self.model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
+        missing = [k for k in missing if not k.endswith("_extra_state") and (keep is None or keep("model." + k))]
         if missing or unexpected:
             raise RuntimeError(f"checkpoint does not match the model: missing={missing} unexpected={unexpected}")
         self._weights_restored = True

@@ -39,7 +39,9 @@ class NevaModule(MegatronModule):
 
     @property
     def tokens_per_image(self) -> int:
-        return self.vision_tower.tokens_per_image
+        from nemo_neva.models.projector import output_tokens
+
+        return output_tokens(self.projector, self.vision_tower.tokens_per_image)
 
     # megatron-core's finalize_model_grads finds the module by `pre_process` and then asks it for the
     # embeddings it syncs across pipeline stages: answer for the wrapped GPTModel.

@@ -57,7 +57,10 @@ class NevaSaveRestoreConnector(SaveRestoreConnector):
             dist.barrier()
         tmpdir = _shared_tmpdir(parent)
         try:
-            save_sharded(model.model.sharded_state_dict(prefix="model."), os.path.join(tmpdir, WEIGHTS_DIR))
+            from nemo_neva.models import peft  # a PEFT model stores only its adapters + projector
+
+            state = peft.checkpoint_subset(model, model.model.sharded_state_dict(prefix="model."))
+            save_sharded(state, os.path.join(tmpdir, WEIGHTS_DIR))
             if _rank() == 0:
                 model.to_config_file(path2yaml_file=os.path.join(tmpdir, self.model_config_yaml))
                 model.save_hf_files(tmpdir)
@@ -88,6 +91,9 @@ class NevaSaveRestoreConnector(SaveRestoreConnector):
             conf = override_config_path if isinstance(override_config_path, DictConfig) \
                 else OmegaConf.load(override_config_path)
         security.check_model_config(conf)
+        from nemo_neva.models import peft
+
+        peft.check_base_reference(conf)  # a PEFT .nemo's base: present and the same file (SHA-256)
 
     def load_config_and_state_dict(self, calling_cls, restore_path, override_config_path=None, *args, **kwargs):
         self._check_before_restore(restore_path, override_config_path)

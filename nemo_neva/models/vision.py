@@ -51,10 +51,18 @@ def load_vision_config(from_pretrained: Optional[str], model_type: str, override
     return _TOWERS[model_type][0](**(overrides or {}))
 
 
-def tokens_per_image(config, drop_cls: bool = True) -> int:
-    """Image placeholder tokens one image becomes (known on every pipeline stage, tower or not)."""
+def tokens_per_image(config, drop_cls: bool = True, projector: str = "linear") -> int:
+    """Image placeholder tokens one image becomes (known on every pipeline stage, tower or not):
+    the tower's patch (+ CLS) features, as many as the projector `projector` turns them into."""
+    from nemo_neva.models.projector import projected_tokens
+
     has_cls = _TOWERS[_tower_kind(config)][3]
-    return (config.image_size // config.patch_size) ** 2 + (1 if has_cls and not drop_cls else 0)
+    keeps_cls = has_cls and not drop_cls
+    if keeps_cls and projector == "mlp_downsample":
+        raise ValueError("mm_mlp_adapter_type=mlp_downsample merges a square patch grid and cannot keep the CLS "
+                         "token; set model.mm_cfg.vision_encoder.drop_cls=true")
+    patches = (config.image_size // config.patch_size) ** 2
+    return projected_tokens(projector, patches) + (1 if keeps_cls else 0)
 
 
 class VisionTower(nn.Module):

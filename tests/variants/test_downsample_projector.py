@@ -1,0 +1,70 @@
+"""mlp_downsample projector: 2x2 patch merge -> LayerNorm -> Linear -> GELU -> Linear, 4x fewer image tokens."""
+import pytest
+import torch
+
+from nemo_neva import MegatronNevaModel
+from nemo_neva.export.hf import UnsupportedCheckpoint, export_neva_to_hf
+from nemo_neva.inference.generate import encode_prompt
+from nemo_neva.models.projector import PatchMerge2x2, build_projector
+from tests.model.helpers import llama_overrides, tiny_model_cfg
+from tests.variants.variant_helpers import assert_nemo_roundtrip, train_steps, variant_batch
+
+DOWNSAMPLE = {"mm_cfg.mm_mlp_adapter_type": "mlp_downsample", "mm_cfg.llm.freeze": False}
+
+
+def test_patch_merge_concatenates_each_2x2_block():
+    # 4x4 grid, feature = patch index: block (0,0) holds patches 0,1,4,5 in row-major order.
+    feats = torch.arange(16.0).reshape(1, 16, 1)
+    merged = PatchMerge2x2()(feats)
+    assert merged.shape == (1, 4, 4)
+    assert merged[0].tolist() == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
+
+
+def test_odd_grid_is_zero_padded():
+    feats = torch.arange(1.0, 10.0).reshape(1, 9, 1)  # 3x3 grid
+    merged = PatchMerge2x2()(feats)
+    assert merged.shape == (1, 4, 4)
+    assert merged[0].tolist() == [[1, 2, 4, 5], [3, 0, 6, 0], [7, 8, 0, 0], [9, 0, 0, 0]]
+
+
+def test_non_square_grid_is_refused():
+    with pytest.raises(ValueError, match="square patch grid"):
+        PatchMerge2x2()(torch.zeros(1, 17, 8))
+
+
+def test_projector_shapes():
+    proj = build_projector("mlp_downsample", 8, 32)
+    assert [type(m).__name__ for m in proj] == ["PatchMerge2x2", "LayerNorm", "Linear", "GELU", "Linear"]
+    assert proj[1].normalized_shape == (32,) and proj[2].in_features == 32
+    assert proj(torch.randn(2, 16, 8)).shape == (2, 4, 32)
+
+
+def test_placeholder_count_follows_projector_everywhere():
+    model = MegatronNevaModel(tiny_model_cfg(**DOWNSAMPLE))
+    assert model.tokens_per_image == 4 == model.model.tokens_per_image  # 4x4 patches -> 2x2
+    prompt = encode_prompt(model, "<image>\nWhat is it?", has_image=True)
+    assert int((prompt == model.image_token_id).sum()) == 4
+    item = model.build_dataset(model.cfg.data)[0]
+    assert int((item["input_ids"] == model.image_token_id).sum()) == 4
+    feats = model.model.encode_images(variant_batch(model)["images"])
+    assert feats.shape[1] == 4
+
+
+def test_odd_grid_model_and_cls_refusal():
+    model = MegatronNevaModel(tiny_model_cfg(**DOWNSAMPLE, **{"mm_cfg.vision_encoder.config.image_size": 40}))
+    assert model.tokens_per_image == 9  # 5x5 patches, padded to 6x6 -> 3x3
+    logits = model(**{k: v for k, v in variant_batch(model).items() if k in ("tokens", "position_ids", "images")})
+    assert torch.isfinite(logits).all()
+    with pytest.raises(ValueError, match="drop_cls=true"):
+        MegatronNevaModel(tiny_model_cfg(**DOWNSAMPLE, **{"mm_cfg.vision_encoder.drop_cls": False}))
+
+
+def test_trains_roundtrips_and_refuses_hf_export(tmp_path):
+    model = MegatronNevaModel(tiny_model_cfg(**DOWNSAMPLE, **llama_overrides()))
+    before = {k: v.clone() for k, v in model.model.projector.state_dict().items()}
+    train_steps(model)
+    assert all(not torch.equal(before[k], v) for k, v in model.model.projector.state_dict().items())
+    restored = assert_nemo_roundtrip(model, tmp_path / "down.nemo")
+    with pytest.raises(UnsupportedCheckpoint, match="mlp_downsample"):
+        export_neva_to_hf(restored, str(tmp_path / "hf"))
+    assert not (tmp_path / "hf").exists()

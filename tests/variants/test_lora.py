@@ -1,0 +1,215 @@
+"""LoRA finetuning: adapters on the LM's linear layers, PEFT .nemo (adapters + projector + base reference),
+merge into a full .nemo, HF export from the merged one, and TP=2 == TP=1 with the same adapter weights."""
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+import torch
+from omegaconf import open_dict
+
+from nemo_neva import MegatronNevaModel
+from nemo_neva.export.hf import UnsupportedCheckpoint, export_neva_to_hf
+from nemo_neva.models.lora import LoraLinear
+from nemo_neva.parallel.init import free_port
+from tests.export.hf_helpers import hf_logits, neva_logits, probe_inputs
+from tests.model.helpers import ROOT
+from tests.variants.lora_cases import base_cfg, lora_logits, lora_train, peft_cfg, randomise_adapters
+
+WORKER = os.path.join(ROOT, "tests", "variants", "lora_tp_worker.py")
+
+
+def _state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if torch.is_tensor(v)}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """base.nemo (full), and peft.nemo: LoRA on it with non-zero adapters."""
+    root = tmp_path_factory.mktemp("lora")
+    base = MegatronNevaModel(base_cfg())
+    base.save_to(str(root / "base.nemo"))
+    model = MegatronNevaModel.restore_from(str(root / "base.nemo"), override_config_path=peft_cfg(str(root / "base.nemo")))
+    step0 = lora_logits(model)
+    randomise_adapters(model)
+    model.save_to(str(root / "peft.nemo"))
+    return root, lora_logits(base), step0, lora_logits(model)
+
+
+def test_zero_b_keeps_base_logits_and_wraps_every_target(saved):
+    _, base_logits, step0, adapted = saved
+    assert torch.equal(step0, base_logits)  # B = 0: an untrained adapter changes nothing
+    assert not torch.allclose(adapted, base_logits, atol=1e-4)  # ... and a trained one does
+
+
+def test_only_adapters_and_projector_learn(saved):
+    root = saved[0]
+    model = MegatronNevaModel.restore_from(str(root / "peft.nemo"))
+    wrapped = [m for m in model.model.language_model.modules() if isinstance(m, LoraLinear)]
+    assert len(wrapped) == 4 * model.cfg.num_layers
+    lm, vis, proj = (_state(m) for m in (model.model.language_model, model.model.vision_tower,
+                                         model.model.projector))
+    lora_train(model, 2)
+    after = _state(model.model.language_model)
+    changed = {k for k in lm if not torch.equal(lm[k], after[k])}
+    assert changed and all(k.endswith("lora_a") or k.endswith("lora_b") for k in changed), changed
+    assert all(torch.equal(v, _state(model.model.vision_tower)[k]) for k, v in vis.items())
+    assert any(not torch.equal(v, _state(model.model.projector)[k]) for k, v in proj.items())
+
+
+def test_projector_frozen_when_asked(saved):
+    root = saved[0]
+    cfg = MegatronNevaModel.restore_from(str(root / "peft.nemo"), return_config=True)
+    with open_dict(cfg):
+        cfg.peft.train_projector = False
+    model = MegatronNevaModel.restore_from(str(root / "peft.nemo"), override_config_path=cfg)
+    proj = _state(model.model.projector)
+    lora_train(model, 1)
+    assert all(torch.equal(v, _state(model.model.projector)[k]) for k, v in proj.items())
+
+
+def test_peft_nemo_holds_adapters_projector_and_base_reference(saved, tmp_path):
+    from megatron.core.dist_checkpointing import load_tensors_metadata
+
+    root, _, _, adapted = saved
+    with tarfile.open(root / "peft.nemo") as tar:
+        tar.extractall(tmp_path, filter="data")
+    keys = set(load_tensors_metadata(str(tmp_path / "model_weights")))
+    assert keys and all(k.endswith((".lora_a", ".lora_b")) or k.startswith("model.projector.") for k in keys)
+    assert any(k.startswith("model.projector.") for k in keys)
+    cfg = MegatronNevaModel.restore_from(str(root / "peft.nemo"), return_config=True)
+    assert cfg.peft.base_nemo_path == str(root / "base.nemo") and len(cfg.peft.base_nemo_sha256) == 64
+    restored = MegatronNevaModel.restore_from(str(root / "peft.nemo"))  # base first, then the adapters
+    assert torch.equal(lora_logits(restored), adapted)
+
+
+def test_restore_refuses_a_different_or_missing_base(saved, tmp_path):
+    root = saved[0]
+    cfg = MegatronNevaModel.restore_from(str(root / "peft.nemo"), return_config=True)
+    with open_dict(cfg):
+        cfg.peft.base_nemo_sha256 = "0" * 64
+    with pytest.raises(ValueError, match="not the same base model"):
+        MegatronNevaModel.restore_from(str(root / "peft.nemo"), override_config_path=cfg)
+    with open_dict(cfg):
+        cfg.peft.base_nemo_path = str(tmp_path / "gone.nemo")
+    with pytest.raises(ValueError, match="base_nemo_path.*does not exist"):
+        MegatronNevaModel.restore_from(str(root / "peft.nemo"), override_config_path=cfg)
+
+
+GENERIC = r"""
+import sys, torch
+import nemo_neva
+from nemo.core import ModelPT
+from tests.variants.lora_cases import lora_logits
+m = ModelPT.restore_from(sys.argv[1])
+torch.save(lora_logits(m), sys.argv[2])
+"""
+
+
+def test_generic_modelpt_restore_of_peft_nemo(saved, tmp_path):
+    """NeMo's own ModelPT.restore_from (fresh process) also loads the base, then the adapters."""
+    root, _, _, adapted = saved
+    proc = subprocess.run([sys.executable, "-c", GENERIC, str(root / "peft.nemo"), str(tmp_path / "out.pt")],
+                          cwd=str(tmp_path), capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert torch.equal(torch.load(tmp_path / "out.pt"), adapted)
+
+
+def test_bad_lora_config_and_peft_without_base_are_refused(tmp_path):
+    for lora, match in (({"target_modules": ["linear_q"]}, "linear_q"), ({"rank": 0}, "rank=0"),
+                        ({"dropout": 1.0}, "dropout")):
+        cfg = base_cfg()
+        with open_dict(cfg):
+            cfg.peft = {"peft_scheme": "lora", "lora": lora}
+        with pytest.raises(ValueError, match=match):
+            MegatronNevaModel(cfg)
+    cfg = base_cfg()
+    with open_dict(cfg):
+        cfg.peft = {"peft_scheme": "prefix_tuning"}
+    with pytest.raises(ValueError, match="peft_scheme"):
+        MegatronNevaModel(cfg)
+    with open_dict(cfg):
+        cfg.peft = {"peft_scheme": "lora"}
+    with pytest.raises(ValueError, match="base .nemo"):
+        MegatronNevaModel(cfg).save_to(str(tmp_path / "x.nemo"))
+
+
+def test_merge_script_gives_identical_logits_and_exports_to_hf(saved, tmp_path, capsys):
+    from transformers import LlavaForConditionalGeneration
+
+    from scripts.merge_lora import main as merge_main
+
+    root, _, _, adapted = saved
+    peft_model = MegatronNevaModel.restore_from(str(root / "peft.nemo"))
+    with pytest.raises(UnsupportedCheckpoint, match="merge_lora"):
+        export_neva_to_hf(peft_model, str(tmp_path / "refused"))
+    merged_path = str(tmp_path / "merged.nemo")
+    assert merge_main(["--peft-nemo", str(root / "peft.nemo"), "--output-path", merged_path]) == 0
+    assert "merged 8 LoRA adapters" in capsys.readouterr().out
+    merged = MegatronNevaModel.restore_from(merged_path)
+    assert merged.cfg.get("peft") is None
+    assert not any(isinstance(m, LoraLinear) for m in merged.modules())
+    torch.testing.assert_close(lora_logits(merged), adapted, rtol=0, atol=2e-5)
+    out = export_neva_to_hf(merged, str(tmp_path / "hf"))
+    hf = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    ids, pixels = probe_inputs(merged.image_token_id, len(merged.tokenizer))
+    torch.testing.assert_close(hf_logits(hf, ids, pixels), neva_logits(peft_model, ids, pixels), rtol=0, atol=1e-4)
+    with pytest.raises(SystemExit) as exit_:
+        merge_main(["--peft-nemo", merged_path, "--output-path", str(tmp_path / "again.nemo")])
+    assert exit_.value.code == 2
+    assert "not a PEFT .nemo" in capsys.readouterr().err
+
+
+def _torchrun(out, nemo, *args):
+    os.makedirs(out, exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", WORKER, "--nemo", nemo, "--out", out, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(os.path.join(out, "losses.json")) as f:
+        losses = json.load(f)
+    logits = os.path.join(out, "logits.pt")
+    return losses, torch.load(logits) if os.path.exists(logits) else None
+
+
+def _adapters(path):
+    model = MegatronNevaModel.restore_from(path)
+    return {k: v for k, v in _state(model.model).items() if k.endswith(("lora_a", "lora_b"))}
+
+
+@pytest.mark.parametrize("layout", [pytest.param(["--tp", "2"], id="tp2"),
+                                    pytest.param(["--tp", "2", "--sp"], id="tp2_sp", marks=pytest.mark.slow),
+                                    pytest.param(["--pp", "2"], id="pp2", marks=pytest.mark.slow)])
+def test_two_ranks_lora_match_one(saved, tmp_path, layout):
+    """Column-parallel bases: A replicated, B split on the output dim; row-parallel: A split on the input dim,
+    B replicated. Same adapters at TP=2 -> same logits, same losses and same trained adapters as TP=1
+    (PP=2: same losses and adapters)."""
+    root, _, _, adapted = saved
+    ref = MegatronNevaModel.restore_from(str(root / "peft.nemo"))
+    ref_losses = lora_train(ref, 2)
+    ref.save_to(str(tmp_path / "ref.nemo"))
+    losses, logits = _torchrun(str(tmp_path / "tp2"), str(root / "peft.nemo"), *layout)
+    if "--pp" not in layout:
+        torch.testing.assert_close(logits, adapted, rtol=0, atol=1e-5)
+    assert losses == pytest.approx(ref_losses, abs=2e-5)
+    ref_ad, tp_ad = _adapters(str(tmp_path / "ref.nemo")), _adapters(str(tmp_path / "tp2" / "trained.nemo"))
+    assert ref_ad.keys() == tp_ad.keys() and len(ref_ad) == 16
+    worst = max((ref_ad[k] - tp_ad[k]).abs().max().item() for k in ref_ad)
+    assert worst < 2e-5, worst
+
+
+def test_adapter_dropout_only_in_training(saved):
+    root = saved[0]
+    model = MegatronNevaModel.restore_from(str(root / "base.nemo"),
+                                           override_config_path=peft_cfg(str(root / "base.nemo"), dropout=0.5))
+    randomise_adapters(model)
+    layer = model.model.language_model.decoder.layers[0].self_attention.linear_qkv
+    x = torch.randn(5, 2, model.cfg.hidden_size)
+    layer.train()
+    assert not torch.equal(layer.delta(x), layer.delta(x))  # a fresh dropout mask per call
+    layer.eval()
+    assert torch.equal(layer.delta(x), layer.delta(x))
+    assert all(torch.isfinite(torch.tensor(lora_train(model, 1))))
