@@ -5,12 +5,12 @@ room in O(log n), so LLaVA-665K-sized sets pack in seconds.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
-from nemo_neva.data.collate import NevaCollator
+from nemo_neva.data.collate import NevaCollator, new_skips
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -54,6 +54,12 @@ class PackedNevaDataset(Dataset):
     def __getitem__(self, idx: int) -> list:
         return [self.dataset[i] for i in self.bins[idx]]
 
+    def take_new_skips(self):
+        return self.dataset.take_new_skips()
+
+    def summary(self) -> str:
+        return f"{len(self.bins)} packed rows; {self.dataset.summary()}"
+
 
 def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     """[B,S] segment ids -> [B,1,S,S] bool, True = masked (megatron): causal within a segment only."""
@@ -70,8 +76,10 @@ class PackedCollator:
     segments included, as TransformerEngine's THD format expects.
     """
 
-    def __init__(self, pad_id: int, seq_length: int | None = None):
+    def __init__(self, pad_id: int, seq_length: int | None = None,
+                 skip_source: Callable[[], Mapping[str, int]] | None = None):
         self.pad_id, self.seq_length = int(pad_id), seq_length
+        self.skip_source = skip_source  # as in NevaCollator
         self._flat = NevaCollator(pad_id)
 
     def __call__(self, rows: Sequence[list]) -> dict:
@@ -111,4 +119,5 @@ class PackedCollator:
         out["images"] = torch.cat(images) if images else None
         out["num_images"] = num_images
         out["num_dropped"] = torch.tensor(dropped, dtype=torch.long)
+        out["skips"] = new_skips(self.skip_source)
         return out

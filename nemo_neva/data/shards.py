@@ -418,6 +418,15 @@ class ShardedNevaDataset(IterableDataset):
         if info is None:
             self._end_epoch()
 
+    prescan_skips: Counter = Counter()  # shards are checked only while streaming
+
+    @property
+    def skip_counts(self) -> Counter:
+        return self.encoder.skip_counts
+
+    def take_new_skips(self) -> Counter:
+        return self.encoder.take_new_skips()
+
     def summary(self) -> str:
         skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.encoder.skip_counts.items())) or "none"
         return (f"{self.total} samples in {len(self.shards)} shards; epoch {self.epoch}, consumed "

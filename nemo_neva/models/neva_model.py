@@ -294,6 +294,7 @@ class MegatronNevaModel(ModelPT):
             self.log("grad_norm", float(adapter.last_grad_norm), batch_size=bs)
         self.log("tokens_per_sec", batch["tokens"].numel() / max(elapsed, 1e-9), prog_bar=True, batch_size=bs)
         self.log("step_time", elapsed, batch_size=bs)
+        self._log_data_skips(batch, bs)
         if torch.cuda.is_available():  # read by scripts/gpu_smoke.sh
             self.log("peak_mem_gib", torch.cuda.max_memory_allocated() / 2**30, batch_size=bs)
         return loss
@@ -314,12 +315,26 @@ class MegatronNevaModel(ModelPT):
 
     # ------------------------------------------------------------------ data
     def build_dataset(self, data_cfg, data_path=None):
+        """data_path: a file, shards, a list (concatenated) or a weighted blend [w1, path1, w2, path2, ...]."""
+        from nemo_neva.data.blend import BlendedNevaDataset, parse_blend
+        from nemo_neva.data.shards import ShardedNevaDataset
+
+        path = data_path if data_path is not None else data_cfg.data_path
+        path = OmegaConf.to_object(path) if OmegaConf.is_list(path) else path
+        paths, weights = parse_blend(path)
+        if weights is None:  # one file / shard spec, or a list of them concatenated
+            return self._build_source(data_cfg, path)
+        sources = [self._build_source(data_cfg, p) for p in paths]
+        if any(isinstance(s, ShardedNevaDataset) for s in sources):
+            raise ValueError("model.data.data_path: a weighted blend of tar shards is not supported yet; blend "
+                             "LLaVA JSON files, or convert the blend into one set of shards")
+        return BlendedNevaDataset(sources, weights, seed=self.cfg.get("seed", 1234), names=[str(p) for p in paths])
+
+    def _build_source(self, data_cfg, path):
         from nemo_neva.data.dataset import NevaDataset
         from nemo_neva.data.shards import ShardedNevaDataset, is_shard_spec
 
-        path = data_path if data_path is not None else data_cfg.data_path
-        paths = [resolve_path(p) for p in path] if isinstance(path, (list, tuple)) or OmegaConf.is_list(path) \
-            else resolve_path(path)
+        paths = [resolve_path(p) for p in path] if isinstance(path, (list, tuple)) else resolve_path(path)
         if isinstance(paths, str) and "{" in paths:  # a shard pattern: resolve its folder
             paths = os.path.join(resolve_path(os.path.dirname(paths)) or "", os.path.basename(paths))
         if is_shard_spec(paths):  # tar shards from scripts/convert_llava_to_shards.py: streamed
@@ -363,13 +378,14 @@ class MegatronNevaModel(ModelPT):
                 raise ValueError("model.data.packed_sequence is not supported with sharded data_path")
             dataset.shuffle = dataset.drop_remainder = shuffle
             return ShardedLoader(dataset, batch_size=per_rank, num_workers=data_cfg.get("num_workers", 0),
-                                 collate_fn=NevaCollator(pad_id=self.tokenizer.pad_token_id), drop_last=shuffle)
+                                 collate_fn=NevaCollator(self.tokenizer.pad_token_id, skip_source=dataset.take_new_skips),
+                                 drop_last=shuffle)
         if data_cfg.get("packed_sequence", False):
             seq = data_cfg.get("seq_length") or self.cfg.encoder_seq_length
             dataset = PackedNevaDataset(dataset, seq)
-            collate = PackedCollator(pad_id=self.tokenizer.pad_token_id, seq_length=seq)
+            collate = PackedCollator(self.tokenizer.pad_token_id, seq_length=seq, skip_source=dataset.take_new_skips)
         else:
-            collate = NevaCollator(pad_id=self.tokenizer.pad_token_id)
+            collate = NevaCollator(self.tokenizer.pad_token_id, skip_source=dataset.take_new_skips)
         sampler = torch.utils.data.DistributedSampler(
             dataset, num_replicas=dp, rank=parallel_state.get_data_parallel_rank(), shuffle=shuffle,
             seed=self.cfg.get("seed", 1234), drop_last=shuffle,
@@ -380,8 +396,11 @@ class MegatronNevaModel(ModelPT):
         )
 
     def setup_training_data(self, train_data_config):
+        from nemo_neva.data.skip_tally import SkipTally
+
         self._train_ds = self.build_dataset(train_data_config)
         self._train_dl = self._loader(self._train_ds, train_data_config, shuffle=True)
+        self._skip_tally = SkipTally(getattr(self._train_ds, "prescan_skips", None))
         if train_data_config.get("validation_data_path"):
             self.setup_validation_data(train_data_config)
 
@@ -389,10 +408,27 @@ class MegatronNevaModel(ModelPT):
         self._validation_ds = self.build_dataset(val_data_config, val_data_config.validation_data_path)
         self._validation_dl = self._loader(self._validation_ds, val_data_config, shuffle=False)
 
+    def _log_data_skips(self, batch, bs: int) -> None:
+        """`data_skipped`: samples skipped so far (before training + while loading, every DP rank's
+        DataLoader workers included); gathered over DP only on logging steps (same step on every rank)."""
+        tally = getattr(self, "_skip_tally", None)
+        if tally is None:
+            return
+        tally.add(batch)
+        every = max(getattr(self._trainer, "log_every_n_steps", 1) or 1, 1) if self._trainer is not None else 1
+        if self.global_step % every == 0:
+            total = tally.global_counts(parallel_state.get_data_parallel_group())
+            self.log("data_skipped", float(sum(total.values())), batch_size=bs)
+
     def on_train_epoch_end(self):
         summary = getattr(getattr(self, "_train_ds", None), "summary", None)
         if callable(summary):
             log.info("data: %s", summary())
+        tally = getattr(self, "_skip_tally", None)
+        if tally is not None:
+            total = tally.global_counts(parallel_state.get_data_parallel_group())
+            log.info("data: skipped so far (all data-parallel ranks and workers): %s",
+                     ", ".join(f"{k}={v}" for k, v in sorted(total.items())) or "none")
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
