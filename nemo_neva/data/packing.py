@@ -121,3 +121,43 @@ class PackedCollator:
         out["num_dropped"] = torch.tensor(dropped, dtype=torch.long)
         out["skips"] = new_skips(self.skip_source)
         return out
+
+
+# ---------------------------------------------------------------------------------------- THD (TE path)
+def cu_seqlens_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
+    """[B,S] segment ids (restarting per row) -> int32 offsets of every segment in the flattened [B*S]
+    tokens, the padding segment included: the same as PackedCollator's `cu_seqlens`, but computed from a
+    tensor that survives the split into micro-batches."""
+    flat = segment_ids.reshape(-1)
+    bsz, seq = segment_ids.shape
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[::seq] = True  # every row starts a segment, even if its id equals the previous row's last
+    idx = starts.nonzero().flatten()
+    return torch.cat([idx, torch.tensor([bsz * seq])]).to(torch.int32)
+
+
+def packed_seq_params(segment_ids: torch.Tensor):
+    """megatron-core PackedSeqParams (qkv_format='thd') for a packed micro-batch: the attention kernel
+    (TE fused/flash attention, or SDPACoreAttention on CPU) then attends within each sample only."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = cu_seqlens_from_segments(segment_ids).to(segment_ids.device)
+    max_len = int(torch.diff(cu).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                           max_seqlen_q=max_len, max_seqlen_kv=max_len)
+
+
+def to_thd(mb: dict) -> dict:
+    """A packed micro-batch [B,S] -> one row [1, B*S] plus `packed_seq_params`, the layout megatron-core
+    needs for qkv_format='thd' (its attention squeezes the batch dimension). Rows are concatenated in
+    order, so image placeholders keep their order and the images need no change."""
+    out = dict(mb)
+    for key in ("tokens", "labels", "loss_mask", "position_ids"):
+        out[key] = mb[key].reshape(1, -1)
+    if mb.get("num_images") is not None:
+        out["num_images"] = mb["num_images"].sum().reshape(1)
+    out["segment_ids"] = mb["segment_ids"]  # kept [B,S] for per-sample bookkeeping
+    out["attention_mask"] = None
+    out["packed_seq_params"] = packed_seq_params(mb["segment_ids"])
+    return out

@@ -244,19 +244,36 @@ class MegatronNevaModel(ModelPT):
     def forward(self, tokens, position_ids, images=None, attention_mask=None, labels=None):
         return self.model(tokens, position_ids, attention_mask=attention_mask, images=images, labels=labels)
 
+    def _thd(self, batch) -> bool:
+        """Packed rows go to the TE attention as THD + PackedSeqParams (cu_seqlens): TE's causal kernels
+        ignore a dense mask, so packed samples would attend to each other. The local (CPU) spec takes the
+        block-diagonal mask; setting `model.packed_thd = True` makes it take THD as well (tests)."""
+        return batch.get("segment_ids") is not None and \
+            getattr(self, "packed_thd", self.cfg.get("transformer_engine", False))
+
+    def _packed_layout(self, mb: dict) -> dict:
+        if not self._thd(mb):
+            return mb
+        from nemo_neva.data.packing import to_thd
+
+        return to_thd(mb)
+
     def loss_from_batch(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Masked mean next-token loss; a batch with no trainable token gives a finite 0."""
+        batch = self._packed_layout(batch)
         per_token = self.model(
             batch["tokens"], batch["position_ids"], attention_mask=batch.get("attention_mask"),
             images=batch.get("images"), labels=batch["labels"], num_images=batch.get("num_images"),
+            packed_seq_params=batch.get("packed_seq_params"),
         )
         return mt.masked_mean_loss(per_token, batch["loss_mask"]), batch["loss_mask"].sum()
 
     def _forward_step(self, data_iterator, model):
         """megatron-core forward_step_func: one micro-batch -> (output, loss_func)."""
-        mb = next(data_iterator)
+        mb = self._packed_layout(next(data_iterator))
         output = model(mb["tokens"], mb["position_ids"], attention_mask=mb.get("attention_mask"),
-                       images=mb.get("images"), labels=mb["labels"], num_images=mb.get("num_images"))
+                       images=mb.get("images"), labels=mb["labels"], num_images=mb.get("num_images"),
+                       packed_seq_params=mb.get("packed_seq_params"))
 
         def loss_func(per_token):
             loss = mt.masked_mean_loss(per_token, mb["loss_mask"])
@@ -268,9 +285,11 @@ class MegatronNevaModel(ModelPT):
         if self._ddp is None:  # validation before any training: wrap without an optimizer
             self._ddp = [build_megatron_ddp(self.model)]
         microbatches = mt.split_microbatches(batch, self.cfg.micro_batch_size)
+        seq, mbs = batch["tokens"].shape[1], self.cfg.micro_batch_size
+        if self._thd(batch):
+            seq, mbs = seq * mbs, 1  # THD: pipeline stages exchange [mbs*S, 1, H]
         losses = run_forward_backward(self._ddp, iter(microbatches), self._forward_step, len(microbatches),
-                                      seq_length=batch["tokens"].shape[1],
-                                      micro_batch_size=self.cfg.micro_batch_size, forward_only=forward_only)
+                                      seq_length=seq, micro_batch_size=mbs, forward_only=forward_only)
         return mt.reduce_logged_loss(losses)
 
     def train_on_batch(self, batch, optimizer) -> torch.Tensor:
