@@ -83,6 +83,8 @@ class PackedCollator:
         self._flat = NevaCollator(pad_id)
 
     def __call__(self, rows: Sequence[list]) -> dict:
+        # packed shard rows (packed_shards.PackedRow) say which window they finish, for the position
+        windows_done = [w for w in (getattr(r, "window_done", None) for r in rows) if w is not None]
         dropped = sum(it is None for row in rows for it in row)
         rows = [[it for it in row if it is not None] for row in rows]
         per_row = [self._flat(row) if row else None for row in rows]
@@ -119,7 +121,10 @@ class PackedCollator:
         out["images"] = torch.cat(images) if images else None
         out["num_images"] = num_images
         out["num_dropped"] = torch.tensor(dropped, dtype=torch.long)
+        out["ids"] = [[it.get("id") for it in row] for row in rows]  # per row, in segment order
         out["skips"] = new_skips(self.skip_source)
+        if windows_done:
+            out["windows_done"] = windows_done
         return out
 
 

@@ -219,8 +219,9 @@ def _split_name(name: str) -> tuple[str, str]:
     return os.path.join(folder, stem), ext.lower()
 
 
-def _iter_shard(path: str, wanted) -> Iterator[tuple[int, dict | None]]:
-    """(sample index in file order, {field: bytes} or None when not wanted) for each sample."""
+def _iter_shard(path: str, wanted, only: set | None = None) -> Iterator[tuple[int, dict | None]]:
+    """(sample index in file order, {field: bytes} or None when not wanted) for each sample; `only`:
+    the fields to read (others are seeked over)."""
     with tarfile.open(path, "r:") as tf:
         idx, key, fields = -1, None, None
         for m in tf:
@@ -232,7 +233,7 @@ def _iter_shard(path: str, wanted) -> Iterator[tuple[int, dict | None]]:
                     yield idx, fields
                 idx, key = idx + 1, k
                 fields = {} if idx in wanted else None
-            if fields is not None:
+            if fields is not None and (only is None or ext in only):
                 fields[ext] = tf.extractfile(m).read()
         if key is not None:
             yield idx, fields

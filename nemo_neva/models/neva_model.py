@@ -393,9 +393,16 @@ class MegatronNevaModel(ModelPT):
         mt.num_microbatches(self.cfg.global_batch_size, self.cfg.micro_batch_size, dp)
         per_rank = self.cfg.global_batch_size // dp
         if isinstance(dataset, ShardedNevaDataset):  # order, dp split and epochs live in the dataset
-            if data_cfg.get("packed_sequence", False):
-                raise ValueError("model.data.packed_sequence is not supported with sharded data_path")
             dataset.shuffle = dataset.drop_remainder = shuffle
+            if data_cfg.get("packed_sequence", False):  # packed windows of the stream (data/packed_shards.py)
+                from nemo_neva.data.packed_shards import PackedShardDataset, PackedShardLoader
+
+                seq = data_cfg.get("seq_length") or self.cfg.encoder_seq_length
+                return PackedShardLoader(
+                    PackedShardDataset(dataset, seq, window=data_cfg.get("pack_window", 1000)), batch_size=per_rank,
+                    num_workers=data_cfg.get("num_workers", 0), drop_last=shuffle,
+                    collate_fn=PackedCollator(self.tokenizer.pad_token_id, seq_length=seq,
+                                              skip_source=dataset.take_new_skips))
             return ShardedLoader(dataset, batch_size=per_rank, num_workers=data_cfg.get("num_workers", 0),
                                  collate_fn=NevaCollator(self.tokenizer.pad_token_id, skip_source=dataset.take_new_skips),
                                  drop_last=shuffle)
