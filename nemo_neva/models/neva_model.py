@@ -403,9 +403,9 @@ class MegatronNevaModel(ModelPT):
                     num_workers=data_cfg.get("num_workers", 0), drop_last=shuffle,
                     collate_fn=PackedCollator(self.tokenizer.pad_token_id, seq_length=seq,
                                               skip_source=dataset.take_new_skips))
+            collate = NevaCollator(self.tokenizer.pad_token_id, skip_source=dataset.take_new_skips)
             return ShardedLoader(dataset, batch_size=per_rank, num_workers=data_cfg.get("num_workers", 0),
-                                 collate_fn=NevaCollator(self.tokenizer.pad_token_id, skip_source=dataset.take_new_skips),
-                                 drop_last=shuffle)
+                                 collate_fn=collate, drop_last=shuffle)
         if data_cfg.get("packed_sequence", False):
             seq = data_cfg.get("seq_length") or self.cfg.encoder_seq_length
             dataset = PackedNevaDataset(dataset, seq)
