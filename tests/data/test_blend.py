@@ -81,6 +81,10 @@ def test_model_blends_json_files(tmp_path):
     ids = [ds[i]["id"] for i in range(12)]
     assert sum(i.startswith("a") for i in ids) == 9
     assert "weight 0.750" in ds.summary()
+    cfg.data.packed_sequence = True  # packing works on a blend (its lengths follow the blended positions)
+    packed = model._loader(ds, cfg.data, shuffle=False)
+    rows = [i for batch in packed for row in batch["ids"] for i in row]
+    assert sorted(rows) == sorted(ids)
     assert isinstance(model.build_dataset(cfg.data, [a, b]), NevaDataset)  # plain list: concatenation
     with pytest.raises(ValueError, match="odd-length"):
         model.build_dataset(cfg.data, [3, a, 1])
