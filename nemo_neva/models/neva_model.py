@@ -344,9 +344,14 @@ class MegatronNevaModel(ModelPT):
         if weights is None:  # one file / shard spec, or a list of them concatenated
             return self._build_source(data_cfg, path)
         sources = [self._build_source(data_cfg, p) for p in paths]
-        if any(isinstance(s, ShardedNevaDataset) for s in sources):
-            raise ValueError("model.data.data_path: a weighted blend of tar shards is not supported yet; blend "
-                             "LLaVA JSON files, or convert the blend into one set of shards")
+        sharded = [isinstance(s, ShardedNevaDataset) for s in sources]
+        if all(sharded):  # streamed: the blend is one more shard order (data/blended_shards.py)
+            from nemo_neva.data.blended_shards import BlendedShardedDataset
+
+            return BlendedShardedDataset(sources, weights, names=[str(p) for p in paths])
+        if any(sharded):
+            raise ValueError("model.data.data_path: a blend mixes tar shards and JSON files; use one kind "
+                             "(convert the JSON files with scripts/convert_llava_to_shards.py)")
         return BlendedNevaDataset(sources, weights, seed=self.cfg.get("seed", 1234), names=[str(p) for p in paths])
 
     def _build_source(self, data_cfg, path):
