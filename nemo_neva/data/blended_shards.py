@@ -47,6 +47,16 @@ class BlendedShardedDataset(ShardedNevaDataset):
                 raise ValueError(f"blend source {name!r} (weight {w:.3g}) gets no sample in {self.total} draws; "
                                  f"raise its weight")
 
+    @property
+    def shuffle(self) -> bool:
+        return self._shuffle
+
+    @shuffle.setter
+    def shuffle(self, value: bool) -> None:  # the loader turns shuffling off for evaluation: sources too
+        self._shuffle = bool(value)
+        for src in self.sources:
+            src.shuffle = bool(value)
+
     def _source_sequence(self, s: int, pass_: int) -> list[tuple[int, int]]:
         """(global shard number, file index) of source s's samples in its order for this pass."""
         off = self._shard_offset[s]

@@ -219,16 +219,18 @@ def _split_name(name: str) -> tuple[str, str]:
     return os.path.join(folder, stem), ext.lower()
 
 
-_INDEX_CACHE: "OrderedDict[str, list]" = OrderedDict()
+_INDEX_CACHE: "OrderedDict[tuple, list]" = OrderedDict()
 _INDEX_CACHE_SHARDS = 16  # per process; a blend reads from about one shard per source at a time
 
 
 def _member_index(path: str) -> list[list[tarfile.TarInfo]]:
     """Each sample's tar members, in file order. The headers are walked once per process and kept for the
     last few shards, so reading scattered samples (blends, packed windows) does not rescan them."""
-    got = _INDEX_CACHE.get(path)
+    st = os.stat(path)
+    key = (path, st.st_size, st.st_mtime_ns)  # a rewritten shard is indexed again
+    got = _INDEX_CACHE.get(key)
     if got is not None:
-        _INDEX_CACHE.move_to_end(path)
+        _INDEX_CACHE.move_to_end(key)
         return got
     samples, key = [], None
     with tarfile.open(path, "r:") as tf:
@@ -240,7 +242,7 @@ def _member_index(path: str) -> list[list[tarfile.TarInfo]]:
                 samples.append([])
                 key = k
             samples[-1].append(m)
-    _INDEX_CACHE[path] = samples
+    _INDEX_CACHE[key] = samples
     while len(_INDEX_CACHE) > _INDEX_CACHE_SHARDS:
         _INDEX_CACHE.popitem(last=False)
     return samples

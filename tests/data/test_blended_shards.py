@@ -51,6 +51,9 @@ def test_blend_of_shards_proportions_determinism_reach(sources, tok, proc):
     assert len({i for i in got if i[0] == "a"}) == per["a"]  # undersampled a: no repeats within the epoch
     assert ids(blend(sources, tok, proc, weights=(0.7, 0.3))) == got  # same seed, same stream
     assert ds.epoch == 1 and ids(ds) != got  # the next epoch has another order
+    ds.shuffle = False  # evaluation: the sources stream in file order
+    ordered = ids(ds)
+    assert [i for i in ordered if i[0] == "a"] == [f"a{k}" for k in range(per["a"])]
 
 
 def test_blend_of_shards_split_over_ranks_and_workers(sources, tok, proc):
