@@ -1,14 +1,16 @@
-"""Data pipeline throughput and padding waste.
+"""Data pipeline throughput, supply vs a training step's demand, and padding waste.
 
 1. samples/s of NevaDataset + NevaCollator on the shipped demo set (vicuna_v1, CLIP 336px processor,
    576 image tokens, like LLaVA-1.5) with 0 and 2 DataLoader workers.
-2. Pad fraction with plain right-padded batches vs FFD packing, on a synthetic length mix modelled on
-   LLaVA-665K (assumed: ~94% image samples = 576 image tokens + log-normal text, ~6% longer text-only
-   conversations; seq_length 2048). The mix is an assumption, not measured on the real file.
-
-Measured on the 2-core CPU dev box while other jobs ran (load ~2, so noisy): workers=0 204 samples/s,
-workers=2 164 samples/s (no gain: 2 shared cores, worker start-up each epoch); pad fraction 39.1% with
-right-padded batches of 16 -> 8.1% packed into 2048-token rows; FFD over 665K lengths ~5 s.
+2. Supply vs demand, measured in the same run: the model's own training loader (conf/neva_pretrain.yaml,
+   the tiny CPU config, data.num_workers=2) delivering batches vs `train_on_batch` consuming them (one
+   optimizer step of the same config). Supply is timed on a fresh epoch after the first batch (worker
+   start-up reported separately); demand is the median of timed steps after a warm-up step.
+3. Pad tokens with right-padded random batches vs first-fit-decreasing packing, on a synthetic length mix
+   modelled on LLaVA-665K (assumed: ~94% image samples = 576 image tokens + log-normal text, ~6% longer
+   text-only conversations); "removed" counts pad *tokens* (1 - pad after / pad before), at seq 2048 and
+   4096, for global FFD (what PackedNevaDataset does) and FFD within windows of consecutive samples
+   (what packed shards do, model.data.pack_window). The mix is an assumption, not measured on the real file.
 """
 import argparse
 import math
@@ -43,6 +45,47 @@ def throughput(workers: int, batch_size: int, epochs: int) -> float:
     return n / (time.perf_counter() - start)
 
 
+def supply_vs_demand(steps: int, workers: int = 2) -> dict:
+    """Samples/s the tiny config's training loader delivers with `workers` workers vs samples/s one
+    training step of that config consumes."""
+    import statistics
+
+    import torch
+    from omegaconf import OmegaConf, open_dict
+
+    from nemo_neva import MegatronNevaModel
+
+    cfg = OmegaConf.load(os.path.join(REPO, "conf", "neva_pretrain.yaml")).model
+    with open_dict(cfg):
+        cfg.tokenizer.path = os.path.join(REPO, "data", "tokenizer")
+        cfg.data.data_path = os.path.join(REPO, "data", "shapes_demo", "stage1_captions.json")
+        cfg.data.image_folder = os.path.join(REPO, "data", "shapes_demo", "images")
+        cfg.data.num_workers = workers
+    model = MegatronNevaModel(cfg)
+    model.setup_training_data(cfg.data)
+    dl = model._train_dl
+    it = iter(dl)
+    t0 = time.perf_counter()
+    next(it)
+    startup = time.perf_counter() - t0
+    n, t1 = 0, time.perf_counter()
+    for batch in it:
+        n += batch["tokens"].shape[0]
+    supply = n / (time.perf_counter() - t1)
+    opt = model.configure_optimizers()
+    batches = [b for _, b in zip(range(steps + 1), iter(dl))]
+    times = []
+    for k, batch in enumerate(batches):
+        t = time.perf_counter()
+        model.train_on_batch(batch, opt)
+        if k:  # the first step builds buffers
+            times.append(time.perf_counter() - t)
+    step = statistics.median(times)
+    demand = cfg.global_batch_size / step
+    return {"supply": supply, "startup": startup, "step": step, "demand": demand, "ratio": supply / demand,
+            "batch": cfg.global_batch_size, "samples": n, "torch_threads": torch.get_num_threads()}
+
+
 def length_mix(n: int, seed: int = 0) -> list[int]:
     rng = random.Random(seed)
     out = []
@@ -54,32 +97,49 @@ def length_mix(n: int, seed: int = 0) -> list[int]:
     return out
 
 
-def pad_fractions(lengths: list[int], batch_size: int, seq_length: int, seed: int = 0) -> tuple[float, float]:
-    from nemo_neva.data.packing import first_fit_decreasing
-
+def padded_tokens(lengths: list[int], batch_size: int, seed: int = 0) -> int:
+    """Tokens of right-padded batches of randomly ordered samples."""
     order = list(range(len(lengths)))
     random.Random(seed).shuffle(order)
-    padded = sum(max(lengths[i] for i in order[k:k + batch_size]) * len(order[k:k + batch_size])
-                 for k in range(0, len(order), batch_size))
-    bins = first_fit_decreasing(lengths, seq_length)
-    real = sum(lengths)
-    return 1 - real / padded, 1 - real / (len(bins) * seq_length)
+    return sum(max(lengths[i] for i in order[k:k + batch_size]) * len(order[k:k + batch_size])
+               for k in range(0, len(order), batch_size))
+
+
+def packed_rows(lengths: list[int], seq_length: int, window: int | None = None) -> int:
+    from nemo_neva.data.packing import first_fit_decreasing
+
+    if window is None:
+        return len(first_fit_decreasing(lengths, seq_length))
+    return sum(len(first_fit_decreasing(lengths[k:k + window], seq_length)) for k in range(0, len(lengths), window))
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--steps", type=int, default=6, help="timed training steps for the supply/demand ratio")
     p.add_argument("--num-lengths", type=int, default=665_000)
     a = p.parse_args()
     for workers in (0, 2):
         print(f"throughput workers={workers}: {throughput(workers, a.batch_size, a.epochs):.1f} samples/s")
+    r = supply_vs_demand(a.steps)
+    print(f"supply vs demand (tiny config, batch {r['batch']}): loader with 2 workers {r['supply']:.1f} samples/s "
+          f"({r['samples']} samples after the first batch; first batch {r['startup']:.2f}s), training step "
+          f"{r['step'] * 1000:.0f} ms = {r['demand']:.1f} samples/s -> ratio {r['ratio']:.1f}x (target >= 5x)")
     lengths = length_mix(a.num_lengths)
+    real = sum(lengths)
     t = time.perf_counter()
-    before, after = pad_fractions(lengths, a.batch_size, 2048)
-    print(f"pad fraction ({a.num_lengths} samples, mean length {sum(lengths) / len(lengths):.0f}): "
-          f"right-padded batches of {a.batch_size} {before:.1%} -> packed rows of 2048 {after:.1%} "
-          f"(packing + padding stats took {time.perf_counter() - t:.1f}s)")
+    padded = padded_tokens(lengths, a.batch_size)
+    print(f"length mix: {a.num_lengths} samples, mean {real / len(lengths):.0f} tokens; right-padded batches of "
+          f"{a.batch_size}: {1 - real / padded:.1%} pad tokens")
+    for seq in (2048, 4096):
+        for window in (None, 1000):
+            rows = packed_rows(lengths, seq, window)
+            after = rows * seq - real
+            print(f"  packed into {seq}-token rows, FFD {'global' if window is None else f'window {window}'}: "
+                  f"{after / (rows * seq):.1%} pad tokens, {1 - after / (padded - real):.1%} of the pad tokens removed "
+                  f"(target >= 90%)")
+    print(f"(padding/packing stats took {time.perf_counter() - t:.1f}s)")
 
 
 if __name__ == "__main__":

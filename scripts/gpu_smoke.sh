@@ -94,4 +94,11 @@ if [ "$NGPU" -ge 2 ]; then
 else
     echo "(1 GPU visible: TP=2 runs skipped)"
 fi
+# Packed sequences on the TE path: rows go to TE's attention as THD + PackedSeqParams (cu_seqlens), so every
+# sample's losses must equal the sample alone; then a short packed pretrain run must keep a finite loss.
+echo "== packed THD attention (TE): per-sample losses vs unpacked"
+"$PY" -m pytest -q -p no:cacheprovider tests/model/test_packing_te.py >"$OUT/packed_te_test.log" 2>&1 \
+    || { tail -n 40 "$OUT/packed_te_test.log" >&2; die "packed THD test failed (log: $OUT/packed_te_test.log)"; }
+grep -q "1 passed" "$OUT/packed_te_test.log" || die "packed THD test did not run (skipped?): $OUT/packed_te_test.log"
+run tp1_te_packed 1 model.transformer_engine=true model.data.packed_sequence=true
 echo "gpu_smoke.sh: OK; logs and summary in $OUT"

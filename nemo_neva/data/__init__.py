@@ -5,7 +5,10 @@ conversation.py  chat templates -> (text, trainable) segments; generation prompt
 image_io.py      safe image loading (path/size checks before decode), aspect-ratio preprocessing
 records.py       reading LLaVA JSON / JSONL annotation files
 dataset.py       NevaDataset: tokens, exact labels, image placeholder run, counted skips
-collate.py       NevaCollator: shift, pad, gather images
+collate.py       NevaCollator: shift, pad, gather images; carries workers' skip counts (skip_tally.py)
+blend.py         weighted data_path blends of map-style sets; blended_shards.py: of shard sources
+packing.py       first-fit-decreasing packing, packed collator, THD / PackedSeqParams for the TE path
+shards.py        tar shards: conversion, streaming; packed_shards.py: packing windows of the stream
 tokenizer.py     the demo byte-level BPE tokenizer (train / load locally)
 shapes.py        synthetic coloured-shapes task; demo.py builds the shipped demo set
 """

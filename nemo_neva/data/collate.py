@@ -1,7 +1,7 @@
 """Batching: shift to next-token targets, right-pad, gather images in sample order."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -15,11 +15,17 @@ class NevaCollator:
     cross-entropy has no ignore index; loss_mask carries the information). A dropped item becomes an
     all-padding row with loss_mask 0, so the batch size stays fixed (pipeline schedules rely on it);
     `num_dropped` says how many. `pad_to` fixes S (e.g. seq_length for pipeline parallelism).
+
+    `skip_source` (the dataset's `take_new_skips`): called once per batch, in the process that fetched
+    the items (a DataLoader worker or the main process), so `batch["skips"]` ({reason: count}) brings the
+    skips counted in a worker's copy of the dataset to the main process.
     """
 
-    def __init__(self, pad_id: int, pad_to: int | None = None):
+    def __init__(self, pad_id: int, pad_to: int | None = None,
+                 skip_source: Callable[[], Mapping[str, int]] | None = None):
         self.pad_id = int(pad_id)
         self.pad_to = pad_to
+        self.skip_source = skip_source
 
     def __call__(self, items: Sequence[dict | None]) -> dict:
         kept = [it for it in items if it is not None]
@@ -58,4 +64,9 @@ class NevaCollator:
             "num_images": num_images,
             "num_dropped": torch.tensor(bsz - len(kept), dtype=torch.long),
             "ids": ids,
+            "skips": new_skips(self.skip_source),
         }
+
+
+def new_skips(skip_source) -> dict:
+    return {k: int(v) for k, v in skip_source().items() if v} if skip_source is not None else {}

@@ -33,7 +33,8 @@ class NevaDataset(Dataset):
     """Parsing, rendering, tokenization and image header checks run at construction, so bad samples
     are counted before training. Image decoding runs in __getitem__; an image that fails there makes
     the item None (the collator drops it and reports `num_dropped`). Skips counted inside DataLoader
-    workers stay in the worker's copy of `skip_counts`, but every one is logged with its id.
+    workers land in the worker's copy of `skip_counts`; the collators carry them to the main process
+    (`take_new_skips`, see collate.py), where the model sums them over data-parallel ranks.
     """
 
     def __init__(self, data_path: Union[str, Sequence[str]], image_folder: str | None, tokenizer,
@@ -67,6 +68,8 @@ class NevaDataset(Dataset):
             self.lengths.append(len(ids))
             self.truncated += truncated
         self.total = total
+        self.prescan_skips = Counter(self.skip_counts)  # found before training, in every rank's copy
+        self._reported = Counter(self.skip_counts)
         if not self.records:
             raise ValueError(f"no usable samples in {data_path!r}: {self.summary()}")
 
@@ -84,6 +87,7 @@ class NevaDataset(Dataset):
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"tokenizer has no {IMAGE_TOKEN!r} token")
         self.skip_counts: Counter = Counter()
+        self._reported: Counter = Counter()
 
     def _skip(self, sid: str, err: Exception) -> None:
         reason = getattr(err, "reason", "error")
@@ -95,6 +99,14 @@ class NevaDataset(Dataset):
         if (sid, reason) not in self._logged:
             self._logged.add((sid, reason))
             log.warning("skipping sample %r (%s): %s", sid, reason, err)
+
+    def take_new_skips(self) -> Counter:
+        """Skips counted in this process (a DataLoader worker's copy, or the main process) since the last
+        call, construction-time skips excluded. The collator calls it right after fetching a batch's
+        items, so each batch carries the skips its own items caused."""
+        new = self.skip_counts - self._reported
+        self._reported = Counter(self.skip_counts)
+        return new
 
     def summary(self) -> str:
         skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.skip_counts.items())) or "none"

@@ -5,12 +5,12 @@ room in O(log n), so LLaVA-665K-sized sets pack in seconds.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
-from nemo_neva.data.collate import NevaCollator
+from nemo_neva.data.collate import NevaCollator, new_skips
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -54,6 +54,12 @@ class PackedNevaDataset(Dataset):
     def __getitem__(self, idx: int) -> list:
         return [self.dataset[i] for i in self.bins[idx]]
 
+    def take_new_skips(self):
+        return self.dataset.take_new_skips()
+
+    def summary(self) -> str:
+        return f"{len(self.bins)} packed rows; {self.dataset.summary()}"
+
 
 def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     """[B,S] segment ids -> [B,1,S,S] bool, True = masked (megatron): causal within a segment only."""
@@ -70,11 +76,15 @@ class PackedCollator:
     segments included, as TransformerEngine's THD format expects.
     """
 
-    def __init__(self, pad_id: int, seq_length: int | None = None):
+    def __init__(self, pad_id: int, seq_length: int | None = None,
+                 skip_source: Callable[[], Mapping[str, int]] | None = None):
         self.pad_id, self.seq_length = int(pad_id), seq_length
+        self.skip_source = skip_source  # as in NevaCollator
         self._flat = NevaCollator(pad_id)
 
     def __call__(self, rows: Sequence[list]) -> dict:
+        # packed shard rows (packed_shards.PackedRow) say which window they finish, for the position
+        windows_done = [w for w in (getattr(r, "window_done", None) for r in rows) if w is not None]
         dropped = sum(it is None for row in rows for it in row)
         rows = [[it for it in row if it is not None] for row in rows]
         per_row = [self._flat(row) if row else None for row in rows]
@@ -111,4 +121,48 @@ class PackedCollator:
         out["images"] = torch.cat(images) if images else None
         out["num_images"] = num_images
         out["num_dropped"] = torch.tensor(dropped, dtype=torch.long)
+        out["ids"] = [[it.get("id") for it in row] for row in rows]  # per row, in segment order
+        out["skips"] = new_skips(self.skip_source)
+        if windows_done:
+            out["windows_done"] = windows_done
         return out
+
+
+# ---------------------------------------------------------------------------------------- THD (TE path)
+def cu_seqlens_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
+    """[B,S] segment ids (restarting per row) -> int32 offsets of every segment in the flattened [B*S]
+    tokens, the padding segment included: the same as PackedCollator's `cu_seqlens`, but computed from a
+    tensor that survives the split into micro-batches."""
+    flat = segment_ids.reshape(-1)
+    bsz, seq = segment_ids.shape
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[::seq] = True  # every row starts a segment, even if its id equals the previous row's last
+    idx = starts.nonzero().flatten()
+    return torch.cat([idx, torch.tensor([bsz * seq])]).to(torch.int32)
+
+
+def packed_seq_params(segment_ids: torch.Tensor):
+    """megatron-core PackedSeqParams (qkv_format='thd') for a packed micro-batch: the attention kernel
+    (TE fused/flash attention, or SDPACoreAttention on CPU) then attends within each sample only."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = cu_seqlens_from_segments(segment_ids).to(segment_ids.device)
+    max_len = int(torch.diff(cu).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                           max_seqlen_q=max_len, max_seqlen_kv=max_len)
+
+
+def to_thd(mb: dict) -> dict:
+    """A packed micro-batch [B,S] -> one row [1, B*S] plus `packed_seq_params`, the layout megatron-core
+    needs for qkv_format='thd' (its attention squeezes the batch dimension). Rows are concatenated in
+    order, so image placeholders keep their order and the images need no change."""
+    out = dict(mb)
+    for key in ("tokens", "labels", "loss_mask", "position_ids"):
+        out[key] = mb[key].reshape(1, -1)
+    if mb.get("num_images") is not None:
+        out["num_images"] = mb["num_images"].sum().reshape(1)
+    out["segment_ids"] = mb["segment_ids"]  # kept [B,S] for per-sample bookkeeping
+    out["attention_mask"] = None
+    out["packed_seq_params"] = packed_seq_params(mb["segment_ids"])
+    return out

@@ -13,8 +13,8 @@ of it to data-parallel rank i % dp; on a rank, consecutive batches of `batch_siz
 the DataLoader workers, which is the order the DataLoader collects them in. So a rank's output order
 does not depend on the number of workers, every sample is seen once per epoch, and the position is a
 single number (global samples consumed), which also survives a change of dp size on restart.
-Every worker walks every shard's tar headers but reads only its own samples' bytes (tar members are
-seeked over), so shards should be on a seekable filesystem.
+A worker walks the tar headers of a shard once (kept for the last few shards) and seeks to its own samples'
+bytes, so shards should be on a seekable filesystem.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import os
 import random
 import re
 import tarfile
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Iterator, Mapping, Sequence, Union
 
 import torch
@@ -219,22 +219,49 @@ def _split_name(name: str) -> tuple[str, str]:
     return os.path.join(folder, stem), ext.lower()
 
 
-def _iter_shard(path: str, wanted) -> Iterator[tuple[int, dict | None]]:
-    """(sample index in file order, {field: bytes} or None when not wanted) for each sample."""
+_INDEX_CACHE: "OrderedDict[tuple, list]" = OrderedDict()
+_INDEX_CACHE_SHARDS = 16  # per process; a blend reads from about one shard per source at a time
+
+
+def _member_index(path: str) -> list[list[tarfile.TarInfo]]:
+    """Each sample's tar members, in file order. The headers are walked once per process and kept for the
+    last few shards, so reading scattered samples (blends, packed windows) does not rescan them."""
+    st = os.stat(path)
+    key = (path, st.st_size, st.st_mtime_ns)  # a rewritten shard is indexed again
+    got = _INDEX_CACHE.get(key)
+    if got is not None:
+        _INDEX_CACHE.move_to_end(key)
+        return got
+    samples, key = [], None
     with tarfile.open(path, "r:") as tf:
-        idx, key, fields = -1, None, None
         for m in tf:
             if not m.isfile():
                 continue
-            k, ext = _split_name(m.name)
+            k = _split_name(m.name)[0]
             if k != key:
-                if key is not None:
-                    yield idx, fields
-                idx, key = idx + 1, k
-                fields = {} if idx in wanted else None
-            if fields is not None:
-                fields[ext] = tf.extractfile(m).read()
-        if key is not None:
+                samples.append([])
+                key = k
+            samples[-1].append(m)
+    _INDEX_CACHE[key] = samples
+    while len(_INDEX_CACHE) > _INDEX_CACHE_SHARDS:
+        _INDEX_CACHE.popitem(last=False)
+    return samples
+
+
+def _iter_shard(path: str, wanted, only: set | None = None) -> Iterator[tuple[int, dict]]:
+    """(sample index in file order, {field: bytes}) for the `wanted` samples, in file order; `only`: the
+    fields to read. Ends early if the shard holds fewer samples than asked for (callers report it)."""
+    index = _member_index(path)
+    with open(path, "rb") as f:
+        for idx in sorted(wanted):
+            if idx >= len(index):
+                return
+            fields = {}
+            for m in index[idx]:
+                ext = _split_name(m.name)[1]
+                if only is None or ext in only:
+                    f.seek(m.offset_data)
+                    fields[ext] = f.read(m.size)
             yield idx, fields
 
 
@@ -369,19 +396,22 @@ class ShardedNevaDataset(IterableDataset):
         return max(0, -(-left // self.dp_size))
 
     # ------------------------------------------------------------------ order
-    def _rng(self, what: str) -> random.Random:
-        return random.Random(f"{self.seed}:{self.epoch}:{what}")  # str seeds are hashed stably
+    def _rng(self, what: str, epoch=None) -> random.Random:
+        epoch = self.epoch if epoch is None else epoch
+        return random.Random(f"{self.seed}:{epoch}:{what}")  # str seeds are hashed stably
 
-    def epoch_order(self) -> list[tuple[int, list[int]]]:
-        """(shard number, file-order sample indices in output order) for the current epoch."""
+    def epoch_order(self, epoch=None) -> list[tuple[int, list[int]]]:
+        """(shard number, file-order sample indices in output order) for the current epoch (or `epoch`,
+        any value naming an order: a blend asks for its sources' passes)."""
         order = list(range(len(self.shards)))
         if self.shuffle:
-            self._rng("shards").shuffle(order)
+            self._rng("shards", epoch).shuffle(order)
         out = []
         for s in order:
             n = self.shards[s][1]
             name = os.path.basename(self.shards[s][0])
-            perm = buffer_shuffle_order(n, self.shuffle_buffer, self._rng(name)) if self.shuffle else list(range(n))
+            perm = buffer_shuffle_order(n, self.shuffle_buffer, self._rng(name, epoch)) if self.shuffle \
+                else list(range(n))
             out.append((s, perm))
         return out
 
@@ -391,8 +421,8 @@ class ShardedNevaDataset(IterableDataset):
         start, end, dp, bs = self.consumed, self._epoch_len(), self.dp_size, max(self.batch_size, 1)
         self._start, self._local = start, 0
         pos = 0  # global position of the next sample of the epoch's sequence
-        for s, perm in self.epoch_order():
-            path, n = self.shards[s]
+        for s, perm in self.epoch_order():  # runs of one shard (a whole shard here; shorter in a blend)
+            path, n = self.shards[s][0], len(perm)
             mine = []
             for p in range(n):
                 rel = pos + p - start
@@ -402,21 +432,32 @@ class ShardedNevaDataset(IterableDataset):
             if not mine:
                 continue
             loaded: dict[int, dict] = {}
+            left = Counter(mine)  # a blend's run may draw the same sample twice
             reader = _iter_shard(path, set(mine))
             for fi in mine:
                 while fi not in loaded:
                     got = next(reader, None)
                     if got is None:
-                        raise ValueError(f"{path}: fewer samples than the {n} its index lists")
-                    if got[1] is not None:
-                        loaded[got[0]] = got[1]
-                item = self.encoder.item(loaded.pop(fi), f"{os.path.basename(path)}:{fi}")
+                        raise ValueError(f"{path}: fewer samples than its index lists (no sample {fi})")
+                    loaded[got[0]] = got[1]
+                left[fi] -= 1
+                fields = loaded.pop(fi) if left[fi] == 0 else loaded[fi]
+                item = self.encoder.item(fields, f"{os.path.basename(path)}:{fi}")
                 if info is None:
                     self._local += 1
                 yield item
             reader.close()
         if info is None:
             self._end_epoch()
+
+    prescan_skips: Counter = Counter()  # shards are checked only while streaming
+
+    @property
+    def skip_counts(self) -> Counter:
+        return self.encoder.skip_counts
+
+    def take_new_skips(self) -> Counter:
+        return self.encoder.take_new_skips()
 
     def summary(self) -> str:
         skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.encoder.skip_counts.items())) or "none"

@@ -26,12 +26,26 @@ except Exception:  # ImportError, or a broken CUDA install
     HAVE_TE = False
 
 
+def thd_attention_mask(cu_q: torch.Tensor, cu_kv: torch.Tensor, device) -> torch.Tensor:
+    """[1,1,t,t] bool, True = masked (megatron): causal attention inside each cu_seqlens segment only --
+    what TE's THD kernels compute, as a dense mask for the CPU path."""
+    if not torch.equal(cu_q, cu_kv):
+        raise ValueError("SDPACoreAttention: packed sequences need cu_seqlens_q == cu_seqlens_kv")
+    lens = torch.diff(cu_q.to(torch.long)).cpu()
+    seg = torch.repeat_interleave(torch.arange(len(lens)), lens).to(device)
+    t = seg.numel()
+    allowed = (seg[:, None] == seg[None, :]) & torch.ones(t, t, dtype=torch.bool, device=device).tril()
+    return ~allowed[None, None]
+
+
 class SDPACoreAttention(MegatronModule):
     """Core attention on `F.scaled_dot_product_attention`; a drop-in for megatron-core's `core_attention`.
 
     Inputs follow megatron-core: q [sq, b, np, hn], k/v [sk, b, ng, hn] (already split per TP rank);
     output [sq, b, np*hn]. `attention_mask` may be a boolean mask [b|1, 1, sq, sk] where True means
-    *masked out* (megatron convention), used for packed/padded batches on CPU.
+    *masked out* (megatron convention), used for packed/padded batches on CPU. With `packed_seq_params`
+    (qkv_format 'thd', q/k/v [t, np, hn]) it builds that mask from cu_seqlens, so the THD batches the TE
+    path runs give the same per-sample attention here.
     """
 
     def __init__(
@@ -68,8 +82,16 @@ class SDPACoreAttention(MegatronModule):
     ):
         if attention_bias is not None:
             raise ValueError("attention_bias is not supported by SDPACoreAttention")
-        if packed_seq_params is not None:
-            raise ValueError("packed_seq_params needs the TE spec; on CPU pass a block-diagonal attention_mask")
+        thd = packed_seq_params is not None
+        if thd:
+            if packed_seq_params.qkv_format != "thd":
+                raise ValueError(f"SDPACoreAttention supports packed qkv_format 'thd' only, not "
+                                 f"{packed_seq_params.qkv_format!r}")
+            # megatron-core squeezed the batch dim: [t, h, d] -> [t, 1, h, d]; samples isolated by the mask
+            query, key, value = (t.unsqueeze(1) for t in (query, key, value))
+            attention_mask = thd_attention_mask(packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_kv,
+                                                query.device)
+            attn_mask_type = AttnMaskType.padding_causal
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         rep = self.heads_per_partition // self.groups_per_partition
         if rep > 1:  # grouped-query attention: share each K/V group across its query heads

@@ -257,19 +257,36 @@ class MegatronNevaModel(ModelPT):
     def forward(self, tokens, position_ids, images=None, attention_mask=None, labels=None):
         return self.model(tokens, position_ids, attention_mask=attention_mask, images=images, labels=labels)
 
+    def _thd(self, batch) -> bool:
+        """Packed rows go to the TE attention as THD + PackedSeqParams (cu_seqlens): TE's causal kernels
+        ignore a dense mask, so packed samples would attend to each other. The local (CPU) spec takes the
+        block-diagonal mask; setting `model.packed_thd = True` makes it take THD as well (tests)."""
+        return batch.get("segment_ids") is not None and \
+            getattr(self, "packed_thd", self.cfg.get("transformer_engine", False))
+
+    def _packed_layout(self, mb: dict) -> dict:
+        if not self._thd(mb):
+            return mb
+        from nemo_neva.data.packing import to_thd
+
+        return to_thd(mb)
+
     def loss_from_batch(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Masked mean next-token loss; a batch with no trainable token gives a finite 0."""
+        batch = self._packed_layout(batch)
         per_token = self.model(
             batch["tokens"], batch["position_ids"], attention_mask=batch.get("attention_mask"),
             images=batch.get("images"), labels=batch["labels"], num_images=batch.get("num_images"),
+            packed_seq_params=batch.get("packed_seq_params"),
         )
         return mt.masked_mean_loss(per_token, batch["loss_mask"]), batch["loss_mask"].sum()
 
     def _forward_step(self, data_iterator, model):
         """megatron-core forward_step_func: one micro-batch -> (output, loss_func)."""
-        mb = next(data_iterator)
+        mb = self._packed_layout(next(data_iterator))
         output = model(mb["tokens"], mb["position_ids"], attention_mask=mb.get("attention_mask"),
-                       images=mb.get("images"), labels=mb["labels"], num_images=mb.get("num_images"))
+                       images=mb.get("images"), labels=mb["labels"], num_images=mb.get("num_images"),
+                       packed_seq_params=mb.get("packed_seq_params"))
 
         def loss_func(per_token):
             loss = mt.masked_mean_loss(per_token, mb["loss_mask"])
@@ -281,9 +298,11 @@ class MegatronNevaModel(ModelPT):
         if self._ddp is None:  # validation before any training: wrap without an optimizer
             self._ddp = [build_megatron_ddp(self.model)]
         microbatches = mt.split_microbatches(batch, self.cfg.micro_batch_size)
+        seq, mbs = batch["tokens"].shape[1], self.cfg.micro_batch_size
+        if self._thd(batch):
+            seq, mbs = seq * mbs, 1  # THD: pipeline stages exchange [mbs*S, 1, H]
         losses = run_forward_backward(self._ddp, iter(microbatches), self._forward_step, len(microbatches),
-                                      seq_length=batch["tokens"].shape[1],
-                                      micro_batch_size=self.cfg.micro_batch_size, forward_only=forward_only)
+                                      seq_length=seq, micro_batch_size=mbs, forward_only=forward_only)
         return mt.reduce_logged_loss(losses)
 
     def train_on_batch(self, batch, optimizer) -> torch.Tensor:
@@ -307,6 +326,7 @@ class MegatronNevaModel(ModelPT):
             self.log("grad_norm", float(adapter.last_grad_norm), batch_size=bs)
         self.log("tokens_per_sec", batch["tokens"].numel() / max(elapsed, 1e-9), prog_bar=True, batch_size=bs)
         self.log("step_time", elapsed, batch_size=bs)
+        self._log_data_skips(batch, bs)
         if torch.cuda.is_available():  # read by scripts/gpu_smoke.sh
             self.log("peak_mem_gib", torch.cuda.max_memory_allocated() / 2**30, batch_size=bs)
         return loss
@@ -327,12 +347,31 @@ class MegatronNevaModel(ModelPT):
 
     # ------------------------------------------------------------------ data
     def build_dataset(self, data_cfg, data_path=None):
+        """data_path: a file, shards, a list (concatenated) or a weighted blend [w1, path1, w2, path2, ...]."""
+        from nemo_neva.data.blend import BlendedNevaDataset, parse_blend
+        from nemo_neva.data.shards import ShardedNevaDataset
+
+        path = data_path if data_path is not None else data_cfg.data_path
+        path = OmegaConf.to_object(path) if OmegaConf.is_list(path) else path
+        paths, weights = parse_blend(path)
+        if weights is None:  # one file / shard spec, or a list of them concatenated
+            return self._build_source(data_cfg, path)
+        sources = [self._build_source(data_cfg, p) for p in paths]
+        sharded = [isinstance(s, ShardedNevaDataset) for s in sources]
+        if all(sharded):  # streamed: the blend is one more shard order (data/blended_shards.py)
+            from nemo_neva.data.blended_shards import BlendedShardedDataset
+
+            return BlendedShardedDataset(sources, weights, names=[str(p) for p in paths])
+        if any(sharded):
+            raise ValueError("model.data.data_path: a blend mixes tar shards and JSON files; use one kind "
+                             "(convert the JSON files with scripts/convert_llava_to_shards.py)")
+        return BlendedNevaDataset(sources, weights, seed=self.cfg.get("seed", 1234), names=[str(p) for p in paths])
+
+    def _build_source(self, data_cfg, path):
         from nemo_neva.data.dataset import NevaDataset
         from nemo_neva.data.shards import ShardedNevaDataset, is_shard_spec
 
-        path = data_path if data_path is not None else data_cfg.data_path
-        paths = [resolve_path(p) for p in path] if isinstance(path, (list, tuple)) or OmegaConf.is_list(path) \
-            else resolve_path(path)
+        paths = [resolve_path(p) for p in path] if isinstance(path, (list, tuple)) else resolve_path(path)
         if isinstance(paths, str) and "{" in paths:  # a shard pattern: resolve its folder
             paths = os.path.join(resolve_path(os.path.dirname(paths)) or "", os.path.basename(paths))
         if is_shard_spec(paths):  # tar shards from scripts/convert_llava_to_shards.py: streamed
@@ -372,17 +411,25 @@ class MegatronNevaModel(ModelPT):
         mt.num_microbatches(self.cfg.global_batch_size, self.cfg.micro_batch_size, dp)
         per_rank = self.cfg.global_batch_size // dp
         if isinstance(dataset, ShardedNevaDataset):  # order, dp split and epochs live in the dataset
-            if data_cfg.get("packed_sequence", False):
-                raise ValueError("model.data.packed_sequence is not supported with sharded data_path")
             dataset.shuffle = dataset.drop_remainder = shuffle
+            if data_cfg.get("packed_sequence", False):  # packed windows of the stream (data/packed_shards.py)
+                from nemo_neva.data.packed_shards import PackedShardDataset, PackedShardLoader
+
+                seq = data_cfg.get("seq_length") or self.cfg.encoder_seq_length
+                return PackedShardLoader(
+                    PackedShardDataset(dataset, seq, window=data_cfg.get("pack_window", 1000)), batch_size=per_rank,
+                    num_workers=data_cfg.get("num_workers", 0), drop_last=shuffle,
+                    collate_fn=PackedCollator(self.tokenizer.pad_token_id, seq_length=seq,
+                                              skip_source=dataset.take_new_skips))
+            collate = NevaCollator(self.tokenizer.pad_token_id, skip_source=dataset.take_new_skips)
             return ShardedLoader(dataset, batch_size=per_rank, num_workers=data_cfg.get("num_workers", 0),
-                                 collate_fn=NevaCollator(pad_id=self.tokenizer.pad_token_id), drop_last=shuffle)
+                                 collate_fn=collate, drop_last=shuffle)
         if data_cfg.get("packed_sequence", False):
             seq = data_cfg.get("seq_length") or self.cfg.encoder_seq_length
             dataset = PackedNevaDataset(dataset, seq)
-            collate = PackedCollator(pad_id=self.tokenizer.pad_token_id, seq_length=seq)
+            collate = PackedCollator(self.tokenizer.pad_token_id, seq_length=seq, skip_source=dataset.take_new_skips)
         else:
-            collate = NevaCollator(pad_id=self.tokenizer.pad_token_id)
+            collate = NevaCollator(self.tokenizer.pad_token_id, skip_source=dataset.take_new_skips)
         sampler = torch.utils.data.DistributedSampler(
             dataset, num_replicas=dp, rank=parallel_state.get_data_parallel_rank(), shuffle=shuffle,
             seed=self.cfg.get("seed", 1234), drop_last=shuffle,
@@ -393,8 +440,11 @@ class MegatronNevaModel(ModelPT):
         )
 
     def setup_training_data(self, train_data_config):
+        from nemo_neva.data.skip_tally import SkipTally
+
         self._train_ds = self.build_dataset(train_data_config)
         self._train_dl = self._loader(self._train_ds, train_data_config, shuffle=True)
+        self._skip_tally = SkipTally(getattr(self._train_ds, "prescan_skips", None))
         if train_data_config.get("validation_data_path"):
             self.setup_validation_data(train_data_config)
 
@@ -402,10 +452,27 @@ class MegatronNevaModel(ModelPT):
         self._validation_ds = self.build_dataset(val_data_config, val_data_config.validation_data_path)
         self._validation_dl = self._loader(self._validation_ds, val_data_config, shuffle=False)
 
+    def _log_data_skips(self, batch, bs: int) -> None:
+        """`data_skipped`: samples skipped so far (before training + while loading, every DP rank's
+        DataLoader workers included); gathered over DP only on logging steps (same step on every rank)."""
+        tally = getattr(self, "_skip_tally", None)
+        if tally is None:
+            return
+        tally.add(batch)
+        every = max(getattr(self._trainer, "log_every_n_steps", 1) or 1, 1) if self._trainer is not None else 1
+        if self.global_step % every == 0:
+            total = tally.global_counts(parallel_state.get_data_parallel_group())
+            self.log("data_skipped", float(sum(total.values())), batch_size=bs)
+
     def on_train_epoch_end(self):
         summary = getattr(getattr(self, "_train_ds", None), "summary", None)
         if callable(summary):
             log.info("data: %s", summary())
+        tally = getattr(self, "_skip_tally", None)
+        if tally is not None:
+            total = tally.global_counts(parallel_state.get_data_parallel_group())
+            log.info("data: skipped so far (all data-parallel ranks and workers): %s",
+                     ", ".join(f"{k}={v}" for k, v in sorted(total.items())) or "none")
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()

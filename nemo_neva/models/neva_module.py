@@ -110,7 +110,7 @@ class NevaModule(MegatronModule):
         return mask, feats
 
     def forward(self, tokens, position_ids, attention_mask=None, images=None, labels=None,
-                inference_context=None, runtime_gather_output=None, num_images=None):
+                inference_context=None, runtime_gather_output=None, num_images=None, packed_seq_params=None):
         """Logits [b, s, vocab/tp] (or per-token loss [b, s] when labels are given)."""
         if self.pre_process:
             self._pending = self._image_mask_and_features(tokens, images, num_images)
@@ -125,6 +125,7 @@ class NevaModule(MegatronModule):
                 labels=labels,
                 inference_context=inference_context,
                 runtime_gather_output=runtime_gather_output,
+                packed_seq_params=packed_seq_params,
             )
         finally:
             self._pending = None

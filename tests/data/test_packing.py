@@ -80,3 +80,41 @@ def test_packed_dataset_end_to_end(tmp_path, image_dir, tok, proc):
     assert out["num_images"].sum() == 9 and out["images"].shape[0] == 9
     img_id = tok.convert_tokens_to_ids("<image>")
     assert ((out["tokens"] == img_id).sum(1) == out["num_images"] * 8).all()
+
+
+def test_packed_seq_params_contract():
+    """What the TE path gets from a packed batch: one THD row and cu_seqlens matching the collator's."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from nemo_neva.data.packing import cu_seqlens_from_segments, packed_seq_params, to_thd
+
+    rows = [[item([1, 2, 3, 4]), item([5, 6, 7])], [item(list(range(10, 19)))], [item([8, 9])]]
+    out = PackedCollator(pad_id=0, seq_length=8)(rows)
+    # row 1 is exactly full (one segment id 0), row 2 starts with id 0 as well: still separate segments
+    assert out["cu_seqlens"].tolist() == [0, 3, 5, 8, 16, 17, 24]
+    assert torch.equal(cu_seqlens_from_segments(out["segment_ids"]), out["cu_seqlens"])
+    params = packed_seq_params(out["segment_ids"])
+    assert isinstance(params, PackedSeqParams) and params.qkv_format == "thd"
+    assert params.cu_seqlens_q.dtype == torch.int32 and params.cu_seqlens_q.tolist() == out["cu_seqlens"].tolist()
+    assert params.cu_seqlens_kv.tolist() == out["cu_seqlens"].tolist()
+    assert params.max_seqlen_q == params.max_seqlen_kv == 8
+    # micro-batch of the last two rows (as split_microbatches slices it): offsets restart at 0
+    assert cu_seqlens_from_segments(out["segment_ids"][1:]).tolist() == [0, 8, 9, 16]
+    thd = to_thd(out)
+    assert thd["tokens"].shape == (1, 24) and thd["tokens"][0, 8:16].tolist() == list(range(10, 18))
+    assert thd["position_ids"][0].tolist()[:8] == [0, 1, 2, 0, 1, 0, 1, 2]
+    assert thd["attention_mask"] is None and out["attention_mask"] is not None  # the input is left alone
+
+
+def test_sdpa_thd_mask_matches_per_sample_attention():
+    from nemo_neva.models.layer_specs import thd_attention_mask
+
+    cu = torch.tensor([0, 3, 5, 8], dtype=torch.int32)
+    mask = thd_attention_mask(cu, cu, "cpu")
+    q, k, v = (torch.randn(1, 2, 8, 4) for _ in range(3))
+    packed = F.scaled_dot_product_attention(q, k, v, attn_mask=~mask)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        alone = F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True)
+        torch.testing.assert_close(packed[:, :, a:b], alone)
+    with pytest.raises(ValueError, match="cu_seqlens_q == cu_seqlens_kv"):
+        thd_attention_mask(cu, torch.tensor([0, 8], dtype=torch.int32), "cpu")

@@ -1,10 +1,14 @@
-"""model.data.data_path naming shards makes the model stream them (ShardedLoader) instead of NevaDataset."""
+"""model.data.data_path naming shards makes the model stream them (ShardedLoader, or PackedShardLoader with
+packed_sequence) instead of NevaDataset."""
 import json
 import os
 
 import pytest
 
 from nemo_neva import MegatronNevaModel
+import torch
+
+from nemo_neva.data.packed_shards import PackedShardLoader
 from nemo_neva.data.shards import ShardedLoader, ShardedNevaDataset
 from neva_data_helpers import REPO, write_json
 from scripts.convert_llava_to_shards import main as convert_main
@@ -33,6 +37,13 @@ def test_model_streams_shards(tmp_path):
                for b in batches)
     assert sum(len(b["ids"]) for b in val) == 20  # evaluation serves every sample
     assert model._train_ds.epoch == 1
-    with pytest.raises(ValueError, match="packed_sequence"):
-        cfg.data.packed_sequence = True
-        model._loader(model._train_ds, cfg.data, shuffle=True)
+    cfg.data.packed_sequence = True  # packing windows of the stream (data/packed_shards.py)
+    cfg.data.pack_window = 10
+    packed = model._loader(model._train_ds, cfg.data, shuffle=True)
+    assert isinstance(packed, PackedShardLoader)
+    batches = list(packed)
+    served = [i for b in batches for row in b["ids"] for i in row]
+    assert len(set(served)) == len(served) >= 20 - cfg.global_batch_size  # rows of a partial last batch dropped
+    assert all(len(row) >= 1 for row in batches[0]["ids"]) and "segment_ids" in batches[0]
+    loss, tokens = model.loss_from_batch(batches[0])
+    assert torch.isfinite(loss) and tokens > 0

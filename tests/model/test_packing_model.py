@@ -1,15 +1,17 @@
-"""Packed rows give every sample the same per-token losses as running it alone (CPU attention mask path)."""
+"""Packed rows give every sample the same per-token losses as running it alone: with the block-diagonal mask
+(local spec default) and with THD + megatron-core PackedSeqParams (the layout the TE path runs)."""
 import pytest
 import torch
 
 from nemo_neva import MegatronNevaModel
 from nemo_neva.data.collate import NevaCollator
-from nemo_neva.data.packing import PackedCollator, first_fit_decreasing
+from nemo_neva.data.packing import PackedCollator, first_fit_decreasing, to_thd
 from tests.model.helpers import ROOT, llama_overrides, tiny_model_cfg
 
 
 @pytest.mark.parametrize("style", ["gpt", "llama"])
 def test_packed_per_sample_losses_equal_unpacked(style):
+    """Both layouts in one model build: the dense mask, then THD (q/k/v [t, h, d], cu_seqlens)."""
     overrides = llama_overrides() if style == "llama" else {}
     cfg = tiny_model_cfg(**overrides, **{
         "data.data_path": f"{ROOT}/data/shapes_demo/stage2_instruct.json", "data.conv_template": "vicuna_v1",
@@ -28,10 +30,56 @@ def test_packed_per_sample_losses_equal_unpacked(style):
             return model.model(batch["tokens"], batch["position_ids"], attention_mask=batch.get("attention_mask"),
                                images=batch["images"], labels=batch["labels"], num_images=batch["num_images"])
 
-    packed_loss = per_token(packed)
-    for row, members in enumerate(bins):
-        for seg, idx in enumerate(members):
-            alone = NevaCollator(model.tokenizer.pad_token_id)([items[idx]])
-            ref = per_token(alone)[0][alone["loss_mask"][0] > 0]
-            sel = (packed["segment_ids"][row] == seg) & (packed["loss_mask"][row] > 0)
-            assert torch.allclose(packed_loss[row][sel], ref, atol=1e-4), (style, idx)
+    def per_token_thd(batch):
+        thd = to_thd(batch)
+        assert thd["tokens"].shape == (1, batch["tokens"].numel()) and thd["attention_mask"] is None
+        with torch.no_grad():
+            out = model.model(thd["tokens"], thd["position_ids"], images=thd["images"], labels=thd["labels"],
+                              num_images=thd["num_images"], packed_seq_params=thd["packed_seq_params"])
+        return out.reshape(batch["tokens"].shape)
+
+    refs = {}
+    for idx in {i for b in bins for i in b}:
+        alone = NevaCollator(model.tokenizer.pad_token_id)([items[idx]])
+        refs[idx] = per_token(alone)[0][alone["loss_mask"][0] > 0]
+    for layout, packed_loss in [("mask", per_token(packed)), ("thd", per_token_thd(packed))]:
+        for row, members in enumerate(bins):
+            for seg, idx in enumerate(members):
+                sel = (packed["segment_ids"][row] == seg) & (packed["loss_mask"][row] > 0)
+                assert torch.allclose(packed_loss[row][sel], refs[idx], atol=1e-4), (style, layout, idx)
+    # control: without isolation the later samples of a row see the earlier ones and their losses change
+    leaky = per_token(dict(packed, attention_mask=None))
+    row = next(r for r, m in enumerate(bins) if len(m) > 1)
+    sel = (packed["segment_ids"][row] == 1) & (packed["loss_mask"][row] > 0)
+    assert not torch.allclose(leaky[row][sel], refs[bins[row][1]], atol=1e-4)
+    # the model's own step path takes THD when asked (TE does by default) and gives the same loss
+    model.packed_thd = True
+    with torch.no_grad():
+        thd_loss, _ = model.loss_from_batch(packed)
+    model.packed_thd = False
+    with torch.no_grad():
+        mask_loss, _ = model.loss_from_batch(packed)
+    torch.testing.assert_close(thd_loss, mask_loss, atol=1e-5, rtol=1e-5)
+
+
+def test_thd_training_step_matches_mask_step():
+    """One optimizer step through megatron-core's schedule: THD layout (as on TE) == block-diagonal mask."""
+    import copy
+
+    cfg = tiny_model_cfg(**{
+        "data.data_path": f"{ROOT}/data/shapes_demo/stage2_instruct.json", "data.conv_template": "vicuna_v1",
+        "encoder_seq_length": 256, "data.seq_length": 256, "data.packed_sequence": True})
+    model = MegatronNevaModel(cfg)
+    model.setup_training_data(cfg.data)
+    batch = next(iter(model._train_dl))
+    assert (batch["segment_ids"].amax(1) > 1).any()  # rows really hold several samples
+    start = copy.deepcopy(model.state_dict())
+    losses, weights = [], []
+    for thd in (True, False):
+        model.load_state_dict(start)
+        model.packed_thd = thd
+        losses.append(float(model.train_on_batch(batch, model.configure_optimizers())))
+        weights.append({k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)})
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    for k in weights[0]:
+        torch.testing.assert_close(weights[0][k], weights[1][k], atol=1e-5, rtol=1e-4)
