@@ -4,7 +4,8 @@ Model FLOPs per sample come from nemo_neva/perf_model.py (`flops_per_sample`: 6 
 learning LM GEMMs, attention QK^T/AV uncausal, frozen vision tower forward only). The reference peak is the
 best fp32 `torch.mm` rate measured in the same run with the same thread count (square 1024-2048 matrices).
 transformers' LlavaForConditionalGeneration on the same weights and batches is timed alongside (steps
-alternate), so its MFU is printed too. Batches: fixed length (one 64-token image + text), no padding.
+alternate), so its MFU is printed too. Times are CPU seconds of the process (one torch thread), so other
+load on a shared machine does not enter the ratio (see bench_train_common.paired_times). Batches: fixed length (one 64-token image + text), no padding.
 
     python bench/bench_mfu.py [--preset 100m] [--batch-size 2] [--seq 512] [--steps 3] [--threads 1]
 """
@@ -19,7 +20,7 @@ import bench_train_common as common  # noqa: E402
 
 
 def matmul_flops(threads: int, sizes=(1024, 1536, 2048), reps: int = 5) -> float:
-    """Best fp32 GEMM FLOP/s over a few square sizes (2*n^3 FLOPs per product)."""
+    """Best fp32 GEMM FLOP/s (per CPU-second, like the step times) over a few square sizes (2n^3 FLOPs)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -28,9 +29,9 @@ def matmul_flops(threads: int, sizes=(1024, 1536, 2048), reps: int = 5) -> float
         a, b = torch.randn(n, n), torch.randn(n, n)
         torch.mm(a, b)
         for _ in range(reps):
-            t = time.perf_counter()
+            t = time.process_time()
             torch.mm(a, b)
-            best = max(best, 2 * n ** 3 / (time.perf_counter() - t))
+            best = max(best, 2 * n ** 3 / max(time.process_time() - t, 1e-9))
     return best
 
 
@@ -69,7 +70,7 @@ def main(argv=None) -> None:
     for s in ("ours", "hf"):
         t = common.median(run["times"][s])
         mfu[s] = step_flops / t / peak
-        print(f"{s:5} median step {t:.2f} s  {step_flops / t / 1e9:6.1f} GFLOP/s  MFU {100 * mfu[s]:.1f}%  "
+        print(f"{s:5} median step {t:.2f} CPU-s ({common.median(run['wall'][s]):.2f} s wall)  {step_flops / t / 1e9:6.1f} GFLOP/s  MFU {100 * mfu[s]:.1f}%  "
               f"losses {[round(x, 4) for x in run['losses'][s]]}")
     print(f"ratio ours/hf MFU: {mfu['ours'] / mfu['hf']:.2f}x")
 

@@ -2,7 +2,7 @@
 
 Same weights and batches on both sides (see bench_train_common; steps alternate between the two models).
 Sequence sweep: one 64-token image + text, total length L. Image sweep: k images per sample (64 tokens each,
-spliced in order) + 128 text tokens, so the length is 64k + 128. Median of the timed steps per point.
+spliced in order) + 128 text tokens, so the length is 64k + 128. Median CPU seconds of the timed steps per point (one torch thread; see bench_train_common.paired_times).
 
     python bench/bench_scaling.py [--preset small] [--batch-size 2] [--steps 3] [--threads 1]
 """
@@ -40,14 +40,14 @@ def main(argv=None) -> None:
         sides = {name: common.Side(name, info, a.threads) for name in ("ours", "hf")}
         P = info["tokens_per_image"]
         print(f"machine: {common.machine()}; threads={a.threads}; preset {a.preset}, batch {a.batch_size}")
-        print(f"{'sweep':8} {'point':>14} {'ours s':>8} {'hf s':>8} {'hf/ours':>8}")
+        print(f"{'sweep':8} {'point':>14} {'ours CPU-s':>11} {'hf CPU-s':>9} {'hf/ours':>8}")
         for L in (int(x) for x in a.lengths.split(",")):
             t = point(sides, info, a, L - P, 1)
-            print(f"{'seq':8} {f'L={L}':>14} {t['ours']:8.3f} {t['hf']:8.3f} {t['hf'] / t['ours']:8.2f}")
+            print(f"{'seq':8} {f'L={L}':>14} {t['ours']:11.3f} {t['hf']:9.3f} {t['hf'] / t['ours']:8.2f}")
         for k in (int(x) for x in a.images.split(",")):
             t = point(sides, info, a, 128, k)
             label = f"{k} img, L={k * P + 128}"
-            print(f"{'images':8} {label:>14} {t['ours']:8.3f} {t['hf']:8.3f} {t['hf'] / t['ours']:8.2f}")
+            print(f"{'images':8} {label:>14} {t['ours']:11.3f} {t['hf']:9.3f} {t['hf'] / t['ours']:8.2f}")
 
 
 if __name__ == "__main__":

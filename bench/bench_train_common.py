@@ -4,7 +4,7 @@ LlavaForConditionalGeneration, the same batches for both, one optimizer step eac
 Peak memory per step = the process's resident-set high-water mark during the step minus its resident set
 just before it (Linux: the mark is reset by writing 5 to /proc/self/clear_refs). So it counts activations,
 gradients and, on the first step, the optimizer state; it does not count weights already resident.
-Memory: each side runs in its own process so that one allocator's cached pages do not hide the other's
+Time is CPU time of the process per step (see paired_times). Memory: each side runs in its own process so that one allocator's cached pages do not hide the other's
 peak. Time: both models live in one process and take turns, step by step, on the same batch, so that load
 from other processes on a shared machine hits both alike; the ratio is the median of the per-batch ratios.
 """
@@ -180,17 +180,24 @@ def measure(side: Side, batches: list, warmup: int) -> dict:
 
 
 def paired_times(sides: dict, batches: list, warmup: int) -> dict:
-    """Alternate the sides step by step on each batch; per-side step times and real tokens per batch."""
+    """Alternate the sides step by step on each batch; per-side step times and real tokens per batch.
+
+    "times" are CPU seconds of this process per step (time.process_time): on a shared, oversubscribed
+    machine they are far steadier than wall time and, with one torch thread, equal the wall time the step
+    takes on an idle core (up to cache effects). "wall" keeps the wall-clock times as well.
+    """
     times = {name: [] for name in sides}
+    wall = {name: [] for name in sides}
     losses = {name: [] for name in sides}
     for i, b in enumerate(batches):
         order = list(sides) if i % 2 == 0 else list(sides)[::-1]  # neither side always goes first
         for name in order:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             losses[name].append(sides[name].step(b))
             if i >= warmup:
-                times[name].append(time.perf_counter() - t)
-    return {"times": times, "losses": losses, "tokens": [b["real_tokens"] for b in batches[warmup:]]}
+                times[name].append(time.process_time() - c)
+                wall[name].append(time.perf_counter() - t)
+    return {"times": times, "wall": wall, "losses": losses, "tokens": [b["real_tokens"] for b in batches[warmup:]]}
 
 
 def median(xs: list) -> float:

@@ -3,7 +3,8 @@
 Same weights (ours exported with nemo_neva/export/hf.py; vocabulary 576 with no padded rows, so the losses
 agree), same batches (a realistic length mix: one image of 64 tokens + log-uniform 32..448 text tokens per
 sample, right-padded), one AdamW step with grad clipping each, fp32 on CPU, vision tower frozen in both.
-tokens/s counts real (unpadded) tokens. Time: both models in one process taking turns on each batch;
+tokens/s counts real (unpadded) tokens per CPU-second of the step (one torch thread; see
+bench_train_common.paired_times). Time: both models in one process taking turns on each batch;
 memory: each side alone in a child process (see bench_train_common).
 
     python bench/bench_train_vs_hf.py [--preset small] [--batch-size 4] [--steps 8] [--warmup 2] [--threads 1]
@@ -62,10 +63,11 @@ def main(argv=None) -> None:
     tok = sum(run["tokens"])
     tps = {s: tok / sum(run["times"][s]) for s in sides}
     per_batch = [h / o for o, h in zip(run["times"]["ours"], run["times"]["hf"])]
-    print(f"{'':6} {'tokens/s':>10} {'median step s':>14} {'peak MiB/step':>14} {'first step MiB':>15}")
+    print(f"{'':6} {'tokens/CPU-s':>12} {'median CPU-s':>13} {'median wall s':>14} {'peak MiB/step':>14} "
+          f"{'first step MiB':>15}")
     for s in ("ours", "hf"):
-        print(f"{s:6} {tps[s]:10.1f} {common.median(run['times'][s]):14.3f} {mem[s]['peak_step_mib']:14.1f} "
-              f"{mem[s]['peak_first_step_mib']:15.1f}")
+        print(f"{s:6} {tps[s]:12.1f} {common.median(run['times'][s]):13.3f} {common.median(run['wall'][s]):14.3f} "
+              f"{mem[s]['peak_step_mib']:14.1f} {mem[s]['peak_first_step_mib']:15.1f}")
     print(f"ratio ours/hf: tokens/s {tps['ours'] / tps['hf']:.2f}x (median of per-batch ratios "
           f"{common.median(per_batch):.2f}x, range {min(per_batch):.2f}-{max(per_batch):.2f}); peak memory per "
           f"step {mem['ours']['peak_step_mib'] / mem['hf']['peak_step_mib']:.2f}x (RSS high-water mark delta)")
