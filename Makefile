@@ -24,6 +24,6 @@ test: install
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow tests
 
-# Proof of learning to the issue's bar (colour >= 90% held-out, ~10 min on 2 cores); prints the scores.
+# Longer proof of learning on fresh generated data (held-out colour >= 80%, ~5 min on 2 idle cores); prints the scores.
 learn: install
 	$(BIN)/python -m pytest -q -s -m slow tests/model/test_learning.py -k colour_bar
