@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install demo test test-slow
+.PHONY: install demo test test-slow learn
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
@@ -23,3 +23,7 @@ test: install
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow tests
+
+# Longer proof of learning on fresh generated data (held-out colour >= 75%; see the test's docstring); prints the scores.
+learn: install
+	$(BIN)/python -m pytest -q -s -m slow tests/model/test_learning.py -k colour_bar
