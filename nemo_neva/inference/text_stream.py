@@ -23,13 +23,14 @@ class TextStream:
         """Add one token: (delta, stopped). `stopped` means a stop string just completed (it is cut off)."""
         self.tokens.append(token)
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        hit = next((s for s in self.stop_strings if text.endswith(s)), None)
-        if hit:
-            ready = text[: -len(hit)]
+        # A stop string may end inside a token (" pictu" for "pi"): look for it anywhere, cut at the first.
+        found = [i for i in (text.find(s, max(0, len(self.sent) - self.held)) for s in self.stop_strings) if i >= 0]
+        if found:
+            ready = text[: min(found)]
         else:
             ready = text[: len(text) - self.held] if self.held else text
             ready = ready.rstrip("\ufffd")
-        return self._release(ready), hit is not None
+        return self._release(ready), bool(found)
 
     def flush(self) -> str:
         return self._release(self.tokenizer.decode(self.tokens, skip_special_tokens=True))
