@@ -34,8 +34,8 @@ def prefill_mask(valid: torch.Tensor) -> Optional[torch.Tensor]:
     if bool(valid.all()):
         return None
     s = valid.shape[1]
-    causal = torch.ones(s, s, dtype=torch.bool).tril()
-    allowed = causal & valid[:, None, :] | torch.eye(s, dtype=torch.bool)
+    causal = torch.ones(s, s, dtype=torch.bool, device=valid.device).tril()
+    allowed = causal & valid[:, None, :] | torch.eye(s, dtype=torch.bool, device=valid.device)
     return ~allowed[:, None]
 
 

@@ -115,7 +115,7 @@ def _shared_seed(seed: Optional[int]) -> int:
     """An unseeded run draws one seed; tensor-parallel ranks must agree on it to pick the same tokens."""
     if seed is not None:
         return seed
-    drawn = torch.randint(0, 2**62, (1,))
+    drawn = torch.randint(0, 2**62, (1,), device="cuda" if torch.cuda.is_available() else "cpu")  # NCCL: on GPU
     if dist.is_initialized() and parallel_state.get_tensor_model_parallel_world_size() > 1:
         dist.broadcast(drawn, src=parallel_state.get_tensor_model_parallel_src_rank(),
                        group=parallel_state.get_tensor_model_parallel_group())
@@ -146,17 +146,18 @@ def _decode_batch(model, requests: list[_Request], s: _Settings, seeds: list[int
     """Decode one batch; yields (row, text delta). Every row's deltas join to its answer (before stripping)."""
     tokenizer = model.tokenizer
     vocab = len(tokenizer)
-    tokens, valid = left_pad([r.ids for r in requests])
+    device = next(model.model.parameters()).device
+    tokens, valid = (t.to(device) for t in left_pad([r.ids for r in requests]))
     image_rows = [row for row, r in enumerate(requests) if r.pixels is not None]
-    images = torch.stack([requests[row].pixels for row in image_rows]) if image_rows else None
+    images = torch.stack([requests[row].pixels for row in image_rows]).to(device) if image_rows else None
     if s.use_cache:
         decoder = CachedDecoder(model.model, images, image_rows, tokens.shape[1] + s.max_new_tokens)
     else:
         decoder = RecomputeDecoder(model.model, images, image_rows)
-    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-    seen = torch.zeros(len(requests), vocab, dtype=torch.bool)  # for the repetition penalty
+    generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+    seen = torch.zeros(len(requests), vocab, dtype=torch.bool, device=device)  # for the repetition penalty
     seen[valid.nonzero()[:, 0], tokens[valid].clamp(max=vocab - 1)] = True
-    active = torch.arange(len(requests))  # batch row -> request row
+    active = torch.arange(len(requests), device=device)  # batch row -> request row
 
     logits = decoder.prefill(tokens, valid)
     for step in range(s.max_new_tokens):
@@ -180,7 +181,7 @@ def _decode_batch(model, requests: list[_Request], s: _Settings, seeds: list[int
         if not keep:
             return
         if len(keep) < len(active):
-            keep_t = torch.tensor(keep)
+            keep_t = torch.tensor(keep, device=device)
             decoder.keep(keep_t)
             active, chosen = active[keep_t], chosen[keep_t]
         logits = decoder.step(chosen)
