@@ -136,7 +136,8 @@ def main(argv=None):
         same = result["ours (KV cache)"][2] == result["HF generate"][2]
         for name, (ttft, tps, _) in result.items():
             rows.append((batch, ids.shape[1], name, ttft, tps))
-        print(f"batch {batch} (prompt {int(valid.sum(1).min())}-{ids.shape[1]} tokens): greedy tokens ours == HF: {same}")
+        lengths = f"{int(valid.sum(1).min())}-{ids.shape[1]}"
+        print(f"batch {batch} (prompt {lengths} tokens): greedy tokens ours == HF: {same}")
         hf_ttft, hf_tps = result["HF generate"][:2]
         ours_ttft, ours_tps = result["ours (KV cache)"][:2]
         print(f"  decode throughput ours/HF: {ours_tps / hf_tps:.2f}x   TTFT ours/HF: {ours_ttft / hf_ttft:.2f}x")
