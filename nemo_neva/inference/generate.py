@@ -1,45 +1,46 @@
-"""Minimal autoregressive generation (full recompute per token; the KV-cache engine is separate work)."""
+"""Autoregressive generation for NeVA: batched prompts of any length, KV cache, sampling controls.
+
+`generate` answers many (image, prompt) pairs; `stream_generate` yields one answer's text as it is decoded.
+Requests are sorted by length and decoded in left-padded batches (`batching.py`) through megatron-core's
+static KV cache (`kv_cache.py`); finished answers leave the batch. With an attention that cannot take a
+padding mask in its cached steps (the Transformer Engine spec), only prompts of equal length share a batch.
+"""
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 
 from nemo_neva.data.constants import IMAGE_TOKEN
+from nemo_neva.inference.batching import left_pad
+from nemo_neva.inference.kv_cache import CachedDecoder, RecomputeDecoder
+from nemo_neva.inference.sampling import apply_repetition_penalty, sample_next, validate_sampling
+from nemo_neva.inference.text_stream import TextStream
+
+__all__ = ["generate", "generate_tokens", "stream_generate", "validate_sampling", "sample_next", "encode_prompt"]
 
 
-def validate_sampling(temperature: float, top_k: int, top_p: float, max_new_tokens: int, context: int):
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if max_new_tokens >= context:
-        raise ValueError(f"max_new_tokens={max_new_tokens} does not fit the model context of {context} tokens")
+@dataclass
+class _Settings:
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    repetition_penalty: float
+    seed: Optional[int]
+    stops: set
+    stop_strings: Sequence[str]
+    use_cache: bool
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                generator: Optional[torch.Generator]) -> torch.Tensor:
-    """logits [b, vocab] -> token ids [b]. temperature 0 is greedy."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(-1)
-        # Drop a token once the mass before it already reaches top_p (the top token always stays).
-        drop = probs.cumsum(-1) - probs >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+@dataclass
+class _Request:
+    ids: torch.Tensor  # prompt token ids, image placeholders expanded
+    pixels: Optional[torch.Tensor]  # [3, H, W] or None
 
 
 def encode_prompt(model, prompt: str, has_image: bool) -> torch.Tensor:
@@ -56,101 +57,200 @@ def encode_prompt(model, prompt: str, has_image: bool) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _pixels(model, image):
+def _pixels(model, image) -> Optional[torch.Tensor]:
     if image is None:
         return None
-    return image.unsqueeze(0) if torch.is_tensor(image) else \
-        model.image_processor(images=image, return_tensors="pt")["pixel_values"]
+    if torch.is_tensor(image):
+        return image
+    return model.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
-def _check_request(model, n_images: int, n_prompts: int, temperature, top_k, top_p, max_new_tokens):
+def _settings(model, n_images, n_prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
+              stop_token_ids, stop_strings, use_cache) -> _Settings:
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         raise NotImplementedError("generation with pipeline parallelism is not supported; restore at PP=1")
     if n_images != n_prompts:
         raise ValueError(f"{n_images} images for {n_prompts} prompts")
-    validate_sampling(temperature, top_k, top_p, max_new_tokens, model.cfg.encoder_seq_length)
-
-
-@torch.no_grad()
-def _decode(model, image, prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-            generator: Optional[torch.Generator], stops: set, stop_strings: Sequence[str]) -> Iterator[str]:
-    """Yields text deltas for one (image, prompt); their concatenation is the answer before stripping."""
-    context = model.cfg.encoder_seq_length
-    pixels = _pixels(model, image)
-    ids = encode_prompt(model, prompt, image is not None)
-    if ids.numel() + max_new_tokens > context:
-        raise ValueError(f"prompt ({ids.numel()} tokens) + max_new_tokens ({max_new_tokens}) "
-                         f"exceeds the context of {context} tokens")
-    vocab = len(model.tokenizer)
-    out, sent = [], ""
-    for _ in range(max_new_tokens):
-        tokens = torch.cat([ids, torch.tensor(out, dtype=torch.long)]).unsqueeze(0)
-        pos = torch.arange(tokens.shape[1]).unsqueeze(0)
-        logits = model.model(tokens, pos, images=pixels, runtime_gather_output=True)
-        last = logits[:, -1, :vocab]  # padded vocab entries are never sampled
-        nxt = int(sample_next(last, temperature, top_k, top_p, generator)[0])
-        if nxt in stops:
-            break
-        out.append(nxt)
-        text = model.tokenizer.decode(out, skip_special_tokens=True)
-        hit = next((s for s in stop_strings if s and text.endswith(s)), None)
-        if hit:
-            text = text[: -len(hit)]
-        # Hold back a possible partial stop string or an incomplete UTF-8 sequence until it resolves.
-        held = max([len(s) - 1 for s in stop_strings if s] + [0]) if not hit else 0
-        ready = text[: len(text) - held] if held else text
-        if ready.endswith("\ufffd") and not hit:
-            ready = ready.rstrip("\ufffd")
-        if len(ready) > len(sent) and ready.startswith(sent):
-            yield ready[len(sent):]
-            sent = ready
-        if hit:
-            return
-    text = model.tokenizer.decode(out, skip_special_tokens=True)
-    if text.startswith(sent) and len(text) > len(sent):
-        yield text[len(sent):]
-
-
-def _prepare(model, seed, stop_token_ids):
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    validate_sampling(temperature, top_k, top_p, max_new_tokens, model.cfg.encoder_seq_length, repetition_penalty)
     stops = set(stop_token_ids) if stop_token_ids is not None else {model.tokenizer.eos_token_id}
-    return generator, stops
+    return _Settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stops,
+                     list(stop_strings), use_cache)
+
+
+def _requests(model, images, prompts, max_new_tokens: int) -> list[_Request]:
+    """Tokenise and check every request before any model work."""
+    context = model.cfg.encoder_seq_length
+    out = []
+    for i, (image, prompt) in enumerate(zip(images, prompts)):
+        ids = encode_prompt(model, prompt, image is not None)
+        if ids.numel() + max_new_tokens > context:
+            raise ValueError(f"prompt {i} ({ids.numel()} tokens) + max_new_tokens ({max_new_tokens}) "
+                             f"exceeds the context of {context} tokens")
+        out.append(_Request(ids, _pixels(model, image)))
+    return out
+
+
+def _pads_in_cached_steps(module) -> bool:
+    """Our CPU core attention honours a padding mask in cached steps; TE's drops it there (no_mask)."""
+    from nemo_neva.models.layer_specs import SDPACoreAttention
+
+    return any(isinstance(m, SDPACoreAttention) for m in module.modules())
+
+
+def _batches(module, requests: list[_Request], batch_size: Optional[int]) -> list[list[int]]:
+    """Request indices per batch: sorted by length (less padding); equal lengths only where padding can't work."""
+    order = sorted(range(len(requests)), key=lambda i: requests[i].ids.numel())
+    pads = _pads_in_cached_steps(module)
+    groups: list[list[int]] = []
+    for i in order:
+        fits = groups and (pads or requests[groups[-1][0]].ids.numel() == requests[i].ids.numel())
+        if fits and (batch_size is None or len(groups[-1]) < batch_size):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _shared_seed(seed: Optional[int]) -> int:
+    """An unseeded run draws one seed; tensor-parallel ranks must agree on it to pick the same tokens."""
+    if seed is not None:
+        return seed
+    drawn = torch.randint(0, 2**62, (1,), device="cuda" if torch.cuda.is_available() else "cpu")  # NCCL: on GPU
+    if dist.is_initialized() and parallel_state.get_tensor_model_parallel_world_size() > 1:
+        dist.broadcast(drawn, src=parallel_state.get_tensor_model_parallel_src_rank(),
+                       group=parallel_state.get_tensor_model_parallel_group())
+    return int(drawn)
+
+
+@contextlib.contextmanager
+def _generation_mode(model):
+    """eval(), and sequence parallelism off: a one-token step cannot be split over the sequence."""
+    from megatron.core.transformer.utils import set_model_to_sequence_parallel
+
+    gpt = model.model.language_model
+    was_training, sp = model.training, gpt.config.sequence_parallel
+    model.eval()
+    if sp:
+        set_model_to_sequence_parallel(gpt, False)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        if sp:
+            set_model_to_sequence_parallel(gpt, True)
+        model.train(was_training)
+
+
+def _decode_batch(model, requests: list[_Request], s: _Settings, seeds: list[int],
+                  streams: list[TextStream]) -> Iterator[tuple[int, str]]:
+    """Decode one batch; yields (row, text delta). Every row's deltas join to its answer (before stripping)."""
+    tokenizer = model.tokenizer
+    vocab = len(tokenizer)
+    device = next(model.model.parameters()).device
+    tokens, valid = (t.to(device) for t in left_pad([r.ids for r in requests]))
+    image_rows = [row for row, r in enumerate(requests) if r.pixels is not None]
+    images = torch.stack([requests[row].pixels for row in image_rows]).to(device) if image_rows else None
+    if s.use_cache:
+        decoder = CachedDecoder(model.model, images, image_rows, tokens.shape[1] + s.max_new_tokens)
+    else:
+        decoder = RecomputeDecoder(model.model, images, image_rows)
+    generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+    seen = torch.zeros(len(requests), vocab, dtype=torch.bool, device=device)  # for the repetition penalty
+    seen[valid.nonzero()[:, 0], tokens[valid].clamp(max=vocab - 1)] = True
+    active = torch.arange(len(requests), device=device)  # batch row -> request row
+
+    logits = decoder.prefill(tokens, valid)
+    for step in range(s.max_new_tokens):
+        logits = logits[:, :vocab].float()  # padded vocab entries are never sampled
+        logits[:, model.image_token_id] = float("-inf")  # nor is the image placeholder
+        logits = apply_repetition_penalty(logits, seen[active], s.repetition_penalty)
+        chosen = sample_next(logits, s.temperature, s.top_k, s.top_p, [generators[int(r)] for r in active])
+        keep = []
+        for b, (row, token) in enumerate(zip(active.tolist(), chosen.tolist())):
+            if token in s.stops:
+                delta, done = streams[row].flush(), True
+            else:
+                delta, done = streams[row].push(token)
+                seen[row, token] = True
+                if step == s.max_new_tokens - 1 and not done:
+                    delta, done = delta + streams[row].flush(), True
+            if delta:
+                yield row, delta
+            if not done:
+                keep.append(b)
+        if not keep:
+            return
+        if len(keep) < len(active):
+            keep_t = torch.tensor(keep, device=device)
+            decoder.keep(keep_t)
+            active, chosen = active[keep_t], chosen[keep_t]
+        logits = decoder.step(chosen)
+
+
+def _run(model, requests: list[_Request], s: _Settings, batch_size: Optional[int],
+         streams: list[TextStream]) -> Iterator[tuple[int, str]]:
+    """(request index, delta) over all requests, batch after batch; `streams[i]` collects request i's tokens."""
+    seed = _shared_seed(s.seed)
+    for group in _batches(model.model, requests, batch_size):
+        # An explicit seed gives every request the same stream, so its text does not depend on its batch.
+        seeds = [seed if s.seed is not None else seed + i for i in group]
+        for row, delta in _decode_batch(model, [requests[i] for i in group], s, seeds, [streams[i] for i in group]):
+            yield group[row], delta
 
 
 def stream_generate(model, image, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0,
                     top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None,
-                    stop_token_ids: Optional[Sequence[int]] = None,
-                    stop_strings: Sequence[str] = ()) -> Iterator[str]:
+                    stop_token_ids: Optional[Sequence[int]] = None, stop_strings: Sequence[str] = (),
+                    repetition_penalty: float = 1.0, use_cache: bool = True) -> Iterator[str]:
     """Like `generate` for one (image, prompt), yielding text deltas as they are decoded.
 
     Parameters are validated before the first token; `"".join(deltas).strip()` equals `generate(...)[0]`.
     """
-    _check_request(model, 1, 1, temperature, top_k, top_p, max_new_tokens)
-    generator, stops = _prepare(model, seed, stop_token_ids)
-    was_training = model.training
-    model.eval()
-    try:
-        yield from _decode(model, image, prompt, max_new_tokens, temperature, top_k, top_p, generator, stops,
-                           stop_strings)
-    finally:
-        model.train(was_training)
+    s = _settings(model, 1, 1, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
+                  stop_token_ids, stop_strings, use_cache)
+    requests = _requests(model, [image], [prompt], max_new_tokens)
+    with _generation_mode(model):
+        for _, delta in _run(model, requests, s, 1, [TextStream(model.tokenizer, s.stop_strings)]):
+            yield delta
 
 
 def generate(model, images: Sequence, prompts: Sequence[str], max_new_tokens: int = 32, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None,
-             stop_token_ids: Optional[Sequence[int]] = None,
-             stop_strings: Sequence[str] = ()) -> list[str]:
+             stop_token_ids: Optional[Sequence[int]] = None, stop_strings: Sequence[str] = (),
+             repetition_penalty: float = 1.0, batch_size: Optional[int] = None,
+             use_cache: bool = True) -> list[str]:
     """`images[i]` is a PIL image, a [3,H,W] tensor, or None; `prompts[i]` is the rendered prompt text.
 
-    Decoding ends at a stop token id (default: EOS), a stop string, or `max_new_tokens`.
+    Decoding ends at a stop token id (default: EOS), a stop string, or `max_new_tokens`. temperature 0 is
+    greedy; `repetition_penalty` > 1 discourages tokens already in the prompt or answer. With a `seed`, each
+    answer is reproducible and independent of the other requests. `batch_size` caps how many requests decode
+    together (None: all); `use_cache=False` recomputes the whole sequence per token (reference/benchmark).
     """
-    _check_request(model, len(images), len(prompts), temperature, top_k, top_p, max_new_tokens)
-    generator, stops = _prepare(model, seed, stop_token_ids)
-    was_training = model.training
-    model.eval()
-    try:
-        return ["".join(_decode(model, image, prompt, max_new_tokens, temperature, top_k, top_p, generator, stops,
-                                stop_strings)).strip()
-                for image, prompt in zip(images, prompts)]
-    finally:
-        model.train(was_training)
+    answers = [""] * len(prompts)
+    for i, delta in _stream_all(model, images, prompts, max_new_tokens, temperature, top_k, top_p, seed,
+                                stop_token_ids, stop_strings, repetition_penalty, batch_size, use_cache):
+        answers[i] += delta
+    return [a.strip() for a in answers]
+
+
+def generate_tokens(model, images: Sequence, prompts: Sequence[str], **kwargs) -> list[list[int]]:
+    """Like `generate` (same keyword arguments), but the generated token ids (stop token excluded)."""
+    streams: list[TextStream] = []
+    for _ in _stream_all(model, images, prompts, streams=streams, **kwargs):
+        pass
+    return [st.tokens for st in streams]
+
+
+def _stream_all(model, images, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
+                top_p: float = 1.0, seed: Optional[int] = None, stop_token_ids: Optional[Sequence[int]] = None,
+                stop_strings: Sequence[str] = (), repetition_penalty: float = 1.0, batch_size: Optional[int] = None,
+                use_cache: bool = True, streams: Optional[list] = None) -> Iterator[tuple[int, str]]:
+    s = _settings(model, len(images), len(prompts), max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                  seed, stop_token_ids, stop_strings, use_cache)
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    requests = _requests(model, images, prompts, max_new_tokens)
+    streams = streams if streams is not None else []
+    streams[:] = [TextStream(model.tokenizer, s.stop_strings) for _ in requests]
+    with _generation_mode(model):
+        yield from _run(model, requests, s, batch_size, streams)

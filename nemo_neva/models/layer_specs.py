@@ -102,7 +102,9 @@ class SDPACoreAttention(MegatronModule):
         sq, sk = q.shape[2], k.shape[2]
         mask = None
         is_causal = False
-        if attention_mask is not None and mask_type != AttnMaskType.no_mask:
+        if attention_mask is not None:
+            # An explicit mask is honoured even as no_mask: megatron-core's KV cache switches to no_mask after
+            # the prompt, but a left-padded generation batch must still hide its padding keys.
             mask = ~attention_mask.to(torch.bool)  # megatron: True = masked; SDPA: True = attend
         elif mask_type == AttnMaskType.causal:
             if sq == sk:

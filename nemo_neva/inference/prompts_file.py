@@ -1,0 +1,58 @@
+"""A JSONL file of generation requests: one `{"image": path, "prompt": text}` object per line.
+
+`image` is optional; a relative path is resolved against the JSONL file's folder (so a folder of images and
+its prompt file can be moved together). A line that cannot be used is not fatal: it becomes a `Skipped`
+entry with its line number and reason, and the caller reports it (and keeps its place in the output).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+
+@dataclass
+class PromptRequest:
+    line: int
+    record: dict  # the line's object, as written (echoed into the output)
+    prompt: str
+    image_path: Optional[str]  # resolved
+
+
+@dataclass
+class Skipped:
+    line: int
+    reason: str
+    record: dict = field(default_factory=dict)
+
+
+def read_prompts_file(path: str) -> list[Union[PromptRequest, Skipped]]:
+    """Every non-blank line, in order, as a request or as a skip with its reason."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompts_file={path}: no such file")
+    base = os.path.dirname(os.path.abspath(path))
+    out: list[Union[PromptRequest, Skipped]] = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                out.append(_parse(number, line, base))
+    return out
+
+
+def _parse(number: int, line: str, base: str) -> Union[PromptRequest, Skipped]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        return Skipped(number, f"not valid JSON ({err.msg})")
+    if not isinstance(record, dict):
+        return Skipped(number, f"expected a JSON object, got {type(record).__name__}")
+    prompt = record.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        return Skipped(number, "'prompt' must be a non-empty string", record)
+    image = record.get("image")
+    if image is not None and (not isinstance(image, str) or not image):
+        return Skipped(number, "'image' must be a path string (or absent)", record)
+    if image is not None and not os.path.isabs(image):
+        image = os.path.join(base, image)
+    return PromptRequest(number, record, prompt, image)

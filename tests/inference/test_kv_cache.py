@@ -1,0 +1,81 @@
+"""megatron-core's static KV cache against full recomputation (no cache): the same logits, the same tokens.
+
+Both GPT-style (learned positions, LayerNorm, GELU, biases) and LLaMA-style (RoPE, RMSNorm, SwiGLU,
+grouped-query attention) decoders; single prompts and a left-padded batch of different lengths.
+"""
+import pytest
+import torch
+
+from nemo_neva import MegatronNevaModel
+from nemo_neva.inference.batching import left_pad
+from nemo_neva.inference.generate import encode_prompt, generate, generate_tokens
+from nemo_neva.inference.kv_cache import CachedDecoder, RecomputeDecoder
+from tests.model.helpers import llama_overrides, tiny_model_cfg
+
+STYLES = {"gpt": {}, "llama_gqa": llama_overrides()}
+PROMPTS = ["<image>\nWhat colour is the shape in the middle of this picture?", "<image>\nHi", "Describe a red square."]
+
+
+@pytest.fixture(scope="module", params=list(STYLES), ids=list(STYLES))
+def model(request):
+    torch.manual_seed(0)
+    model = MegatronNevaModel(tiny_model_cfg(**STYLES[request.param]))
+    model.eval()
+    return model
+
+
+def _inputs(model, n):
+    g = torch.Generator().manual_seed(5)
+    images = [torch.rand(3, 32, 32, generator=g) if "<image>" in p else None for p in PROMPTS[:n]]
+    ids = [encode_prompt(model, p, img is not None) for p, img in zip(PROMPTS[:n], images)]
+    rows = [i for i, img in enumerate(images) if img is not None]
+    pixels = torch.stack([images[i] for i in rows]) if rows else None
+    return ids, pixels, rows
+
+
+@pytest.mark.parametrize("n", [1, 3], ids=["single", "padded_batch"])
+def test_cached_logits_match_recompute_at_every_step(model, n):
+    ids, pixels, rows = _inputs(model, n)
+    tokens, valid = left_pad(ids)
+    if n > 1:
+        assert not bool(valid.all())  # the batch really is padded
+    steps = 8
+    cached = CachedDecoder(model.model, pixels, rows, tokens.shape[1] + steps)
+    full = RecomputeDecoder(model.model, pixels, rows)
+    vocab = len(model.tokenizer)
+    with torch.no_grad():
+        a, b = cached.prefill(tokens, valid), full.prefill(tokens, valid)
+        for _ in range(steps):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+            nxt = b[:, :vocab].argmax(-1)
+            a, b = cached.step(nxt), full.step(nxt)
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+def test_cached_greedy_tokens_equal_full_recompute(model):
+    images = [torch.rand(3, 32, 32), torch.rand(3, 32, 32), None]
+    kw = dict(max_new_tokens=12, stop_token_ids=[])
+    for image, prompt in zip(images, PROMPTS):
+        cached = generate_tokens(model, [image], [prompt], use_cache=True, **kw)
+        assert cached == generate_tokens(model, [image], [prompt], use_cache=False, **kw)
+        assert len(cached[0]) == 12
+    assert generate(model, images, PROMPTS, use_cache=True, **kw) == generate(model, images, PROMPTS,
+                                                                                use_cache=False, **kw)
+
+
+def test_decode_steps_feed_one_token_and_never_rerun_the_vision_tower(model):
+    """What makes a decoded token's cost independent of the prompt: after the prefill, each forward pass
+    embeds a single new token per row, and the image is encoded once."""
+    fed, tower_calls = [], []
+    h1 = model.model.language_model.embedding.register_forward_pre_hook(
+        lambda mod, args, kwargs: fed.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    h2 = model.model.vision_tower.register_forward_hook(lambda *a: tower_calls.append(1))
+    try:
+        generate_tokens(model, [torch.rand(3, 32, 32), None], PROMPTS[:1] + PROMPTS[2:], max_new_tokens=6,
+                        stop_token_ids=[])
+    finally:
+        h1.remove()
+        h2.remove()
+    assert len(fed) == 6 and fed[0][1] > 20  # prefill with the whole padded prompt, then 5 decode steps
+    assert all(shape == (2, 1) for shape in fed[1:]), fed
+    assert len(tower_calls) == 1
