@@ -220,13 +220,38 @@ class MegatronNevaModel(ModelPT):
         from nemo_neva.security import check_dist_checkpoint
 
         check_dist_checkpoint(ckpt_dir)  # megatron-core/torch DCP unpickle parts of it: validate them first
-        state = load_sharded(self.model.sharded_state_dict(prefix="model."), ckpt_dir)
+        self.load_checkpoint_weights(load_sharded(self.model.sharded_state_dict(prefix="model."), ckpt_dir))
+        self._weights_restored = True
+
+    # ------------------------------------------------------------------ training checkpoints (resume)
+    def checkpoint_sharded_state(self, is_loading: bool) -> dict:
+        """Weights + optimizer state as megatron-core sharded state dicts (see nemo_neva.checkpointing)."""
+        from nemo_neva.compat.cpu import cuda_free
+
+        model_sd = self.model.sharded_state_dict(prefix="model.")
+        with cuda_free():
+            opt_sd = self.optimizers(use_pl_optimizer=False).megatron_optimizer.sharded_state_dict(
+                model_sd, is_loading=is_loading)
+        return {"model": model_sd, "optimizer": opt_sd}
+
+    def load_checkpoint_weights(self, state: dict) -> None:
         state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if missing or unexpected:
             raise RuntimeError(f"checkpoint does not match the model: missing={missing} unexpected={unexpected}")
-        self._weights_restored = True
+
+    def on_save_checkpoint(self, checkpoint):
+        from nemo_neva.checkpointing_data import data_state
+
+        checkpoint["neva_data"] = data_state(self.trainer.global_step, self.cfg.global_batch_size)
+
+    def on_load_checkpoint(self, checkpoint):
+        from nemo_neva.checkpointing_data import restore_data_position
+
+        if getattr(self, "_train_dl", None) is not None:
+            restore_data_position(self._train_dl, checkpoint.get("neva_data"), self.cfg.global_batch_size,
+                                  parallel_state.get_data_parallel_world_size())
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         if save_restore.is_weights_marker(state_dict):
@@ -294,9 +319,25 @@ class MegatronNevaModel(ModelPT):
             self.log("grad_norm", float(adapter.last_grad_norm), batch_size=bs)
         self.log("tokens_per_sec", batch["tokens"].numel() / max(elapsed, 1e-9), prog_bar=True, batch_size=bs)
         self.log("step_time", elapsed, batch_size=bs)
+        self._log_mfu(batch, elapsed, bs)
         if torch.cuda.is_available():  # read by scripts/gpu_smoke.sh
             self.log("peak_mem_gib", torch.cuda.max_memory_allocated() / 2**30, batch_size=bs)
         return loss
+
+    def _log_mfu(self, batch, elapsed: float, bs: int) -> None:
+        """Model FLOPs/s of this device and their share of its peak (nemo_neva.mfu says how both are got)."""
+        from nemo_neva import mfu
+
+        if getattr(self, "_step_flops", None) is None:
+            self._step_flops = mfu.step_flops_for(self)
+            precision = mfu.training_precision(self.trainer.precision, self.cfg.get("fp8"))
+            self._peak_flops, source = mfu.resolve_peak(self.cfg.get("peak_tflops"), precision,
+                                                        self.trainer.strategy.root_device)
+            log.info("MFU: peak %.1f TFLOP/s per device (%s)", self._peak_flops / 1e12, source)
+        images = int(batch["num_images"].sum()) if "num_images" in batch else 0
+        flops = self._step_flops(bs, batch["tokens"].shape[1], images) / max(elapsed, 1e-9)
+        self.log("model_tflops_per_sec", flops / 1e12, batch_size=bs)
+        self.log("mfu", flops / self._peak_flops, batch_size=bs)
 
     def validation_step(self, batch, batch_idx):
         loss = self._run_batch(batch, forward_only=True)
@@ -353,6 +394,7 @@ class MegatronNevaModel(ModelPT):
         """
         from nemo_neva.data.collate import NevaCollator
         from nemo_neva.data.packing import PackedCollator, PackedNevaDataset
+        from nemo_neva.checkpointing_data import ResumableDistributedSampler
         from nemo_neva.data.shards import ShardedLoader, ShardedNevaDataset
 
         dp = parallel_state.get_data_parallel_world_size()
@@ -370,7 +412,7 @@ class MegatronNevaModel(ModelPT):
             collate = PackedCollator(pad_id=self.tokenizer.pad_token_id, seq_length=seq)
         else:
             collate = NevaCollator(pad_id=self.tokenizer.pad_token_id)
-        sampler = torch.utils.data.DistributedSampler(
+        sampler = ResumableDistributedSampler(  # a resumed run skips what it already trained on
             dataset, num_replicas=dp, rank=parallel_state.get_data_parallel_rank(), shuffle=shuffle,
             seed=self.cfg.get("seed", 1234), drop_last=shuffle,
         )
