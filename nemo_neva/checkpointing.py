@@ -204,10 +204,14 @@ class DistCheckpointMixin:
 
     def load_checkpoint(self, checkpoint_path) -> dict:
         from nemo_neva.parallel.dist_ckpt import load_sharded
+        from nemo_neva.security import check_dist_checkpoint
 
         folder = checkpoint_dir(checkpoint_path)
         if not is_complete(folder):
             raise FileNotFoundError(f"{folder} is not a complete nemo_neva training checkpoint")
+        # Same checks as a .nemo's weights (megatron-core / torch DCP unpickle parts of dist/); the rest is
+        # read with weights_only=True.
+        check_dist_checkpoint(os.path.join(folder, DIST_DIR))
         state = torch.load(os.path.join(folder, TRAINER_STATE), map_location="cpu", weights_only=True)
         loaded = load_sharded(self.lightning_module.checkpoint_sharded_state(is_loading=True),
                               os.path.join(folder, DIST_DIR))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 from torch.utils.data import DistributedSampler
 
@@ -17,62 +17,53 @@ log = logging.getLogger(__name__)
 
 
 class ResumableDistributedSampler(DistributedSampler):
-    """DistributedSampler that keeps its own epoch and can start an epoch part-way.
+    """DistributedSampler whose passes start where the run is, not where Lightning's epoch counter says.
 
-    The epoch advances when a pass is exhausted, not when Lightning calls `set_epoch` (ignored): after a
-    resume Lightning's epoch counter and the data position need not agree (a checkpoint written at the end
-    of training already counts the next epoch, and a resumed epoch may be entered and left at once).
-    `resume_at(epoch, skip)`: passes of that epoch leave out this rank's first `skip` indices until one
-    pass has been exhausted.
+    `consumed_fn()` -> samples the run has trained on so far (all ranks; the model passes
+    `global_step * global_batch_size`). Each pass computes its epoch and how many of this rank's indices
+    to leave out from that, so a resumed run continues after exactly what it trained on, also when a
+    checkpoint was written at an epoch's last batch or at the end of training (where Lightning's restored
+    epoch counter is ahead of the data). Without `consumed_fn` it is a plain DistributedSampler.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, batch_size: int = 1, consumed_fn: Optional[Callable[[], int]] = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self._skip = 0
+        self.batch_size, self.consumed_fn = int(batch_size), consumed_fn
 
-    def set_epoch(self, epoch: int) -> None:
-        pass
-
-    def resume_at(self, epoch: int, skip: int) -> None:
-        self.epoch, self._skip = int(epoch), int(skip)
+    def position(self, consumed: int) -> tuple[int, int]:
+        """(epoch, samples of that epoch consumed by all ranks) after `consumed` samples of the run."""
+        steps = self.num_samples // self.batch_size  # full batches per epoch (the loader drops the rest)
+        epoch_len = steps * self.batch_size * self.num_replicas
+        if epoch_len == 0:
+            raise ValueError("the training data has fewer samples than one global batch")
+        return divmod(int(consumed), epoch_len)
 
     def __iter__(self):
-        indices = list(super().__iter__())[self._skip:]
-
-        def one_pass():
-            yield from indices
-            self.epoch, self._skip = self.epoch + 1, 0
-
-        return one_pass()
+        if self.consumed_fn is None:
+            return super().__iter__()
+        epoch, offset = self.position(self.consumed_fn())
+        self.epoch = epoch
+        return iter(list(super().__iter__())[offset // self.num_replicas:])
 
 
 def consumed_samples(global_step: int, global_batch_size: int) -> int:
     return int(global_step) * int(global_batch_size)
 
 
-def fast_forward(loader, consumed: int, global_batch_size: int, dp_size: int) -> tuple[int, int]:
-    """Position `loader` (the model's training loader) after `consumed` samples of the run.
-
-    Returns (epoch, samples of that epoch already consumed by all ranks)."""
+def fast_forward(loader, consumed: int) -> tuple[int, int]:
+    """Position the model's training `loader` after `consumed` samples of the run; returns (epoch, samples
+    of that epoch already consumed by all ranks)."""
     from nemo_neva.data.shards import ShardedNevaDataset
 
     ds = loader.dataset
     if isinstance(ds, ShardedNevaDataset):
-        epoch_len = ds._epoch_len()
-        epoch, offset = divmod(consumed, epoch_len)
+        epoch, offset = divmod(consumed, ds._epoch_len())
         ds.load_state_dict({"epoch": epoch, "consumed": offset, "seed": ds.seed, "total": ds.total})
         return epoch, offset
     sampler = loader.sampler
-    if not isinstance(sampler, ResumableDistributedSampler):
+    if not isinstance(sampler, ResumableDistributedSampler) or sampler.consumed_fn is None:
         raise TypeError(f"cannot fast-forward a loader with a {type(sampler).__name__}")
-    epoch_len = len(loader) * global_batch_size
-    if epoch_len == 0:
-        raise ValueError("the training data has fewer samples than one global batch")
-    epoch, offset = divmod(consumed, epoch_len)
-    if offset % dp_size:
-        raise ValueError(f"consumed samples {consumed} do not split over {dp_size} data-parallel ranks")
-    sampler.resume_at(epoch, offset // dp_size)
-    return epoch, offset
+    return sampler.position(consumed)  # the sampler follows the run's global step by itself
 
 
 def data_state(global_step: int, global_batch_size: int) -> dict:
@@ -80,7 +71,7 @@ def data_state(global_step: int, global_batch_size: int) -> dict:
             "global_batch_size": int(global_batch_size)}
 
 
-def restore_data_position(loader, state: Optional[dict], global_batch_size: int, dp_size: int) -> None:
+def restore_data_position(loader, state: Optional[dict], global_batch_size: int) -> None:
     # Lightning cannot see that our loaders resume mid-epoch; its warning would say the opposite.
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     if not state:
@@ -89,7 +80,7 @@ def restore_data_position(loader, state: Optional[dict], global_batch_size: int,
     if int(state["global_batch_size"]) != int(global_batch_size):
         log.warning("global_batch_size changed from %s to %s on resume; continuing after %s samples",
                     state["global_batch_size"], global_batch_size, state["consumed_samples"])
-    epoch, offset = fast_forward(loader, int(state["consumed_samples"]), global_batch_size, dp_size)
+    epoch, offset = fast_forward(loader, int(state["consumed_samples"]))
     log.info("data: resuming at epoch %d after %d of its samples", epoch, offset)
 
 

@@ -122,14 +122,13 @@ def _dryrun_text(exp) -> str:
 
 
 def launch(argv: Optional[Sequence[str]] = None) -> int:
-    import nemo_run as run
-
     args = parse_args(argv)
     try:
         training_args(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    import nemo_run as run  # after the checks: importing it takes seconds
     repo = args.repo_dir if args.executor == "slurm" else None
     task = build_task(args, repo)
     executor = build_executor(args)

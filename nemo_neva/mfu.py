@@ -34,8 +34,9 @@ def table_peak(device_name: str, precision: str) -> Optional[float]:
 
 def measured_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 512, repeats: int = 8) -> float:
     """FLOP/s of an n x n matmul on `device` (best of `repeats`)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(0)  # leave the training RNG streams alone
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     best = float("inf")
     for _ in range(repeats + 1):  # the first is a warm-up
         if device.type == "cuda":

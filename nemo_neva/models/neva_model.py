@@ -249,9 +249,13 @@ class MegatronNevaModel(ModelPT):
     def on_load_checkpoint(self, checkpoint):
         from nemo_neva.checkpointing_data import restore_data_position
 
+        # Lightning saves mid-epoch checkpoints before counting the step's batch, so its logging step would
+        # trail global_step by one after a resume: one step per batch here, so they are equal.
+        epoch_loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+        if "_batches_that_stepped" in epoch_loop and "global_step" in checkpoint:
+            epoch_loop["_batches_that_stepped"] = checkpoint["global_step"]
         if getattr(self, "_train_dl", None) is not None:
-            restore_data_position(self._train_dl, checkpoint.get("neva_data"), self.cfg.global_batch_size,
-                                  parallel_state.get_data_parallel_world_size())
+            restore_data_position(self._train_dl, checkpoint.get("neva_data"), self.cfg.global_batch_size)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         if save_restore.is_weights_marker(state_dict):
@@ -412,14 +416,19 @@ class MegatronNevaModel(ModelPT):
             collate = PackedCollator(pad_id=self.tokenizer.pad_token_id, seq_length=seq)
         else:
             collate = NevaCollator(pad_id=self.tokenizer.pad_token_id)
-        sampler = ResumableDistributedSampler(  # a resumed run skips what it already trained on
+        sampler = ResumableDistributedSampler(  # training: passes follow the global step (exact resume)
             dataset, num_replicas=dp, rank=parallel_state.get_data_parallel_rank(), shuffle=shuffle,
-            seed=self.cfg.get("seed", 1234), drop_last=shuffle,
+            seed=self.cfg.get("seed", 1234), drop_last=shuffle, batch_size=per_rank,
+            consumed_fn=self._consumed_samples if shuffle else None,
         )
         return torch.utils.data.DataLoader(
             dataset, batch_size=per_rank, sampler=sampler, num_workers=data_cfg.get("num_workers", 0),
             collate_fn=collate, drop_last=shuffle,
         )
+
+    def _consumed_samples(self) -> int:
+        trainer = self._trainer
+        return trainer.global_step * self.cfg.global_batch_size if trainer is not None else 0
 
     def setup_training_data(self, train_data_config):
         self._train_ds = self.build_dataset(train_data_config)
