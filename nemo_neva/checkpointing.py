@@ -230,8 +230,11 @@ class DistCheckpointMixin:
         self.lightning_module.load_checkpoint_weights(checkpoint["state_dict"])
 
     def load_optimizer_state_dict(self, checkpoint) -> None:
-        for optimizer, opt_state in zip(self.optimizers, checkpoint["optimizer_states"]):
-            optimizer.load_state_dict(opt_state)
+        from nemo_neva.compat.cpu import cuda_free
+
+        with cuda_free():  # the distributed optimizer places its shards with CUDA calls
+            for optimizer, opt_state in zip(self.optimizers, checkpoint["optimizer_states"]):
+                optimizer.load_state_dict(opt_state)
 
     def remove_checkpoint(self, filepath) -> None:
         if _rank() == 0:

@@ -86,6 +86,9 @@ def build_executor(args: argparse.Namespace):
     import nemo_run as run
 
     if args.executor == "local":
+        # NeMo-Run starts `torchrun` by name: use the one of this interpreter's environment
+        bin_dir = os.path.dirname(sys.executable)
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
         return run.LocalExecutor(ntasks_per_node=args.nproc_per_node, launcher="torchrun",
                                  env_vars={"PYTHONPATH": _pythonpath(ROOT)})
     repo = args.repo_dir or ROOT
