@@ -232,7 +232,9 @@ class DistCheckpointMixin:
     def load_optimizer_state_dict(self, checkpoint) -> None:
         from nemo_neva.compat.cpu import cuda_free
 
-        with cuda_free():  # the distributed optimizer places its shards with CUDA calls
+        # cuda_free: the distributed optimizer places its shards with CUDA calls; no_grad: it copies into
+        # views of the (fp32) parameters in place
+        with cuda_free(), torch.no_grad():
             for optimizer, opt_state in zip(self.optimizers, checkpoint["optimizer_states"]):
                 optimizer.load_state_dict(opt_state)
 
