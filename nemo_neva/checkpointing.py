@@ -162,6 +162,17 @@ def exp_manager_with_resume(trainer, exp_cfg):
     return exp_manager(trainer, exp_cfg)
 
 
+def _unshare_adam_steps(megatron_optimizer) -> None:
+    """megatron-core 0.16.1's distributed optimizer (torch Adam, no Apex/TE) loads one `step` tensor into
+    every parameter's state; torch Adam increments it in place once per parameter, which would corrupt the
+    bias correction after a resume. Give each parameter its own copy."""
+    for opt in getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for state in (inner.state.values() if inner is not None else ()):
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+
 # ------------------------------------------------------------------------------------------ strategy
 class DistCheckpointMixin:
     """Strategy methods that turn Lightning's checkpoint dict into the folder described above.
@@ -237,6 +248,7 @@ class DistCheckpointMixin:
         with cuda_free(), torch.no_grad():
             for optimizer, opt_state in zip(self.optimizers, checkpoint["optimizer_states"]):
                 optimizer.load_state_dict(opt_state)
+                _unshare_adam_steps(optimizer.megatron_optimizer)
 
     def remove_checkpoint(self, filepath) -> None:
         if _rank() == 0:
