@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import uuid
 
 import pytest
 import torch
@@ -38,8 +39,22 @@ def _cmd(exp, data, extra=(), nproc=1, kill=False):
     return [sys.executable, *prog, *args]
 
 
+def _end_leftovers(marker: str) -> None:
+    """SIGKILL what a killed run left behind (its dist-checkpoint writer's helper processes; torchrun's
+    workers get process groups of their own): the processes whose environment carries this run's marker."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if marker.encode() in f.read().split(b"\0"):
+                    os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+
+
 def _run(cmd, cwd, expect_killed=False):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NEVA_TEST_KILL_AT_STEP": str(KILL_AT)}
+    marker = f"NEVA_TEST_RUN={uuid.uuid4().hex}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NEVA_TEST_KILL_AT_STEP": str(KILL_AT),
+           marker.split("=")[0]: marker.split("=")[1]}
     # Own session: a SIGKILLed run leaves its dist-checkpoint helper process behind (holding the output
     # pipes open); it is ended with the session's process group.
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -52,6 +67,7 @@ def _run(cmd, cwd, expect_killed=False):
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            _end_leftovers(marker)
         out.seek(0)
         err.seek(0)
         proc.stdout, proc.stderr = out.read(), err.read()
