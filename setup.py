@@ -24,5 +24,9 @@ setup(
         "test": ["pytest", "onnx", "onnxruntime", "openai==3.54.0"],  # openai: client that drives the server tests
         # GPU users: transformer-engine / apex are used when importable, never required.
         "gpu": ["transformer-engine[pytorch]"],
+        # scripts/launch_neva.py. nemo_run 0.11.1 imports leptonai's v1 API (gone in leptonai 0.47), and
+        # leptonai / torchx pin old httpx / anyio / urllib3: the dev venv installs nemo_run, torchx and
+        # leptonai==0.27.3 with --no-deps plus their light dependencies (see README, "Launching with NeMo-Run").
+        "launch": ["nemo_run==0.11.1", "leptonai==0.27.3"],
     },
 )

@@ -3,7 +3,7 @@
     python examples/neva_finetune.py model.restore_from_path=PATH.nemo [hydra overrides]
 """
 from nemo.core.config import hydra_runner
-from nemo.utils.exp_manager import exp_manager
+from nemo_neva.checkpointing import exp_manager_with_resume
 
 from nemo_neva import MegatronNevaModel
 from nemo_neva.training import user_errors, build_trainer, finetune_config, nemo_output_path
@@ -20,7 +20,7 @@ def main(cfg) -> None:
     model_cfg = finetune_config(restore, cfg.model)
     cfg.model = model_cfg
     trainer = build_trainer(cfg)
-    exp_manager(trainer, cfg.exp_manager)
+    exp_manager_with_resume(trainer, cfg.exp_manager)  # relaunching resumes from the last checkpoint
     model = MegatronNevaModel.restore_from(restore, override_config_path=model_cfg, trainer=trainer)
     trainer.fit(model)
     path = nemo_output_path(cfg)

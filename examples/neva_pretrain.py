@@ -3,7 +3,7 @@
     python examples/neva_pretrain.py [hydra overrides, e.g. trainer.max_steps=3 exp_manager.exp_dir=/tmp/x]
 """
 from nemo.core.config import hydra_runner
-from nemo.utils.exp_manager import exp_manager
+from nemo_neva.checkpointing import exp_manager_with_resume
 
 from nemo_neva import MegatronNevaModel
 from nemo_neva.training import user_errors, build_trainer, nemo_output_path
@@ -13,7 +13,7 @@ from nemo_neva.training import user_errors, build_trainer, nemo_output_path
 @user_errors
 def main(cfg) -> None:
     trainer = build_trainer(cfg)
-    exp_manager(trainer, cfg.exp_manager)
+    exp_manager_with_resume(trainer, cfg.exp_manager)  # relaunching resumes from the last checkpoint
     model = MegatronNevaModel(cfg.model, trainer=trainer)
     trainer.fit(model)
     path = nemo_output_path(cfg)

@@ -5,9 +5,10 @@ import logging
 import os
 
 import lightning.pytorch as pl
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from nemo_neva.checkpointing import DistCheckpointMixin
 from nemo_neva.models.megatron_training import num_microbatches
 
 log = logging.getLogger(__name__)
@@ -28,15 +29,20 @@ def data_parallel_size(model_cfg) -> int:
     return world // mp
 
 
-class MegatronStrategy(DDPStrategy):
+class MegatronStrategy(DistCheckpointMixin, DDPStrategy):
     """Lightning's DDP launch and rank bookkeeping, without torch DDP wrapping.
 
     Gradient sync belongs to megatron-core's DDP (set up by the model in `configure_optimizers`), which
     reduces over the data-parallel group only; torch DDP would also average across tensor/pipeline ranks.
+    Checkpoints are megatron-core distributed checkpoints written by all ranks (nemo_neva.checkpointing).
     """
 
     def configure_ddp(self) -> None:
         pass
+
+
+class MegatronSingleDeviceStrategy(DistCheckpointMixin, SingleDeviceStrategy):
+    """One process: the same checkpoint format as MegatronStrategy, so a run resumes in either."""
 
 
 def build_trainer(cfg: DictConfig) -> pl.Trainer:
@@ -63,6 +69,10 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
         trainer_cfg["strategy"] = MegatronStrategy(
             process_group_backend="nccl" if torch.cuda.is_available() else "gloo"
         )
+    else:
+        accel = trainer_cfg.get("accelerator")
+        trainer_cfg["strategy"] = MegatronSingleDeviceStrategy(
+            device=torch.device("cuda", 0) if accel in ("gpu", "cuda") else torch.device("cpu"))
     # The model's loaders shard by data-parallel rank (not by global rank, which would split TP groups).
     trainer_cfg["use_distributed_sampler"] = False
     return pl.Trainer(**trainer_cfg)

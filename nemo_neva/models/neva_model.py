@@ -233,13 +233,50 @@ class MegatronNevaModel(ModelPT):
         sharded = self.model.sharded_state_dict(prefix="model.")
         if keep is not None:
             sharded = {k: v for k, v in sharded.items() if keep(k)}
-        state = load_sharded(sharded, ckpt_dir)
+        self.load_checkpoint_weights(load_sharded(sharded, ckpt_dir), keep)
+        self._weights_restored = True
+
+    # ------------------------------------------------------------------ training checkpoints (resume)
+    def checkpoint_sharded_state(self, is_loading: bool) -> dict:
+        """Weights + optimizer state as megatron-core sharded state dicts (see nemo_neva.checkpointing)."""
+        from nemo_neva.compat.cpu import cuda_free
+
+        model_sd = self.model.sharded_state_dict(prefix="model.")
+        megatron_opt = self.optimizers(use_pl_optimizer=False).megatron_optimizer
+        with cuda_free():
+            if is_loading:  # the distributed optimizer describes its state only once it has one (as on resume)
+                for opt in getattr(megatron_opt, "chained_optimizers", [megatron_opt]):
+                    if hasattr(opt, "_init_optimizer_states_with_dummy_values") and not opt.optimizer.state:
+                        opt._init_optimizer_states_with_dummy_values()
+            # Distributed optimizer: megatron-core 0.16.1 no longer writes its default (flattened) format, and
+            # its fully_reshardable loader drops torch Adam's per-parameter "step" (KeyError without
+            # Apex/TE); dp_reshardable round-trips (same TP/PP layout on resume).
+            opt_sd = megatron_opt.sharded_state_dict(
+                model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "dp_reshardable"})
+        return {"model": model_sd, "optimizer": opt_sd}
+
+    def load_checkpoint_weights(self, state: dict, keep=None) -> None:
         state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state") and (keep is None or keep("model." + k))]
         if missing or unexpected:
             raise RuntimeError(f"checkpoint does not match the model: missing={missing} unexpected={unexpected}")
-        self._weights_restored = True
+
+    def on_save_checkpoint(self, checkpoint):
+        from nemo_neva.checkpointing_data import data_state
+
+        checkpoint["neva_data"] = data_state(self.trainer.global_step, self.cfg.global_batch_size)
+
+    def on_load_checkpoint(self, checkpoint):
+        from nemo_neva.checkpointing_data import restore_data_position
+
+        # Lightning saves mid-epoch checkpoints before counting the step's batch, so its logging step would
+        # trail global_step by one after a resume: one step per batch here, so they are equal.
+        epoch_loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+        if "_batches_that_stepped" in epoch_loop and "global_step" in checkpoint:
+            epoch_loop["_batches_that_stepped"] = checkpoint["global_step"]
+        if getattr(self, "_train_dl", None) is not None:
+            restore_data_position(self._train_dl, checkpoint.get("neva_data"), self.cfg.global_batch_size)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         if save_restore.is_weights_marker(state_dict):
@@ -327,9 +364,25 @@ class MegatronNevaModel(ModelPT):
         self.log("tokens_per_sec", batch["tokens"].numel() / max(elapsed, 1e-9), prog_bar=True, batch_size=bs)
         self.log("step_time", elapsed, batch_size=bs)
         self._log_data_skips(batch, bs)
+        self._log_mfu(batch, elapsed, bs)
         if torch.cuda.is_available():  # read by scripts/gpu_smoke.sh
             self.log("peak_mem_gib", torch.cuda.max_memory_allocated() / 2**30, batch_size=bs)
         return loss
+
+    def _log_mfu(self, batch, elapsed: float, bs: int) -> None:
+        """Model FLOPs/s of this device and their share of its peak (nemo_neva.mfu says how both are got)."""
+        from nemo_neva import mfu
+
+        if getattr(self, "_step_flops", None) is None:
+            self._step_flops = mfu.step_flops_for(self)
+            precision = mfu.training_precision(self.trainer.precision, self.cfg.get("fp8"))
+            self._peak_flops, source = mfu.resolve_peak(self.cfg.get("peak_tflops"), precision,
+                                                        self.trainer.strategy.root_device)
+            log.info("MFU: peak %.1f TFLOP/s per device (%s)", self._peak_flops / 1e12, source)
+        images = int(batch["num_images"].sum()) if "num_images" in batch else 0
+        flops = self._step_flops(bs, batch["tokens"].shape[1], images) / max(elapsed, 1e-9)
+        self.log("model_tflops_per_sec", flops / 1e12, batch_size=bs)
+        self.log("mfu", flops / self._peak_flops, batch_size=bs)
 
     def validation_step(self, batch, batch_idx):
         loss = self._run_batch(batch, forward_only=True)
@@ -405,6 +458,7 @@ class MegatronNevaModel(ModelPT):
         """
         from nemo_neva.data.collate import NevaCollator
         from nemo_neva.data.packing import PackedCollator, PackedNevaDataset
+        from nemo_neva.checkpointing_data import ResumableDistributedSampler
         from nemo_neva.data.shards import ShardedLoader, ShardedNevaDataset
 
         dp = parallel_state.get_data_parallel_world_size()
@@ -430,14 +484,19 @@ class MegatronNevaModel(ModelPT):
             collate = PackedCollator(self.tokenizer.pad_token_id, seq_length=seq, skip_source=dataset.take_new_skips)
         else:
             collate = NevaCollator(self.tokenizer.pad_token_id, skip_source=dataset.take_new_skips)
-        sampler = torch.utils.data.DistributedSampler(
+        sampler = ResumableDistributedSampler(  # training: passes follow the global step (exact resume)
             dataset, num_replicas=dp, rank=parallel_state.get_data_parallel_rank(), shuffle=shuffle,
-            seed=self.cfg.get("seed", 1234), drop_last=shuffle,
+            seed=self.cfg.get("seed", 1234), drop_last=shuffle, batch_size=per_rank,
+            consumed_fn=self._consumed_samples if shuffle else None,
         )
         return torch.utils.data.DataLoader(
             dataset, batch_size=per_rank, sampler=sampler, num_workers=data_cfg.get("num_workers", 0),
             collate_fn=collate, drop_last=shuffle,
         )
+
+    def _consumed_samples(self) -> int:
+        trainer = self._trainer
+        return trainer.global_step * self.cfg.global_batch_size if trainer is not None else 0
 
     def setup_training_data(self, train_data_config):
         from nemo_neva.data.skip_tally import SkipTally

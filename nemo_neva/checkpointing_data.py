@@ -1,0 +1,87 @@
+"""The data position of a resumed run: samples consumed so far -> where each loader continues.
+
+Training consumes exactly `global_batch_size` rows per optimizer step (loaders drop the last partial
+batch), so the position is one number, `consumed_samples = global_step * global_batch_size`, and it is
+turned back into (epoch, offset) with the loader's epoch length: the map-style loader's sampler
+(ResumableDistributedSampler) and the tar-shard dataset (ShardedNevaDataset) both continue from there.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Callable, Optional
+
+from torch.utils.data import DistributedSampler
+
+log = logging.getLogger(__name__)
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """DistributedSampler whose passes start where the run is, not where Lightning's epoch counter says.
+
+    `consumed_fn()` -> samples the run has trained on so far (all ranks; the model passes
+    `global_step * global_batch_size`). Each pass computes its epoch and how many of this rank's indices
+    to leave out from that, so a resumed run continues after exactly what it trained on, also when a
+    checkpoint was written at an epoch's last batch or at the end of training (where Lightning's restored
+    epoch counter is ahead of the data). Without `consumed_fn` it is a plain DistributedSampler.
+    """
+
+    def __init__(self, *args, batch_size: int = 1, consumed_fn: Optional[Callable[[], int]] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batch_size, self.consumed_fn = int(batch_size), consumed_fn
+
+    def position(self, consumed: int) -> tuple[int, int]:
+        """(epoch, samples of that epoch consumed by all ranks) after `consumed` samples of the run."""
+        steps = self.num_samples // self.batch_size  # full batches per epoch (the loader drops the rest)
+        epoch_len = steps * self.batch_size * self.num_replicas
+        if epoch_len == 0:
+            raise ValueError("the training data has fewer samples than one global batch")
+        return divmod(int(consumed), epoch_len)
+
+    def __iter__(self):
+        if self.consumed_fn is None:
+            return super().__iter__()
+        epoch, offset = self.position(self.consumed_fn())
+        self.epoch = epoch
+        return iter(list(super().__iter__())[offset // self.num_replicas:])
+
+
+def consumed_samples(global_step: int, global_batch_size: int) -> int:
+    return int(global_step) * int(global_batch_size)
+
+
+def fast_forward(loader, consumed: int) -> tuple[int, int]:
+    """Position the model's training `loader` after `consumed` samples of the run; returns (epoch, samples
+    of that epoch already consumed by all ranks)."""
+    from nemo_neva.data.shards import ShardedNevaDataset
+
+    ds = loader.dataset
+    if isinstance(ds, ShardedNevaDataset):
+        epoch, offset = divmod(consumed, ds._epoch_len())
+        ds.load_state_dict({"epoch": epoch, "consumed": offset, "seed": ds.seed, "total": ds.total})
+        return epoch, offset
+    sampler = loader.sampler
+    if not isinstance(sampler, ResumableDistributedSampler) or sampler.consumed_fn is None:
+        raise TypeError(f"cannot fast-forward a loader with a {type(sampler).__name__}")
+    return sampler.position(consumed)  # the sampler follows the run's global step by itself
+
+
+def data_state(global_step: int, global_batch_size: int) -> dict:
+    return {"consumed_samples": consumed_samples(global_step, global_batch_size),
+            "global_batch_size": int(global_batch_size)}
+
+
+def restore_data_position(loader, state: Optional[dict], global_batch_size: int) -> None:
+    # Lightning cannot see that our loaders resume mid-epoch; its warning would say the opposite.
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    if not state:
+        log.warning("checkpoint has no data position; the loader starts from the beginning")
+        return
+    if int(state["global_batch_size"]) != int(global_batch_size):
+        log.warning("global_batch_size changed from %s to %s on resume; continuing after %s samples",
+                    state["global_batch_size"], global_batch_size, state["consumed_samples"])
+    epoch, offset = fast_forward(loader, int(state["consumed_samples"]))
+    log.info("data: resuming at epoch %d after %d of its samples", epoch, offset)
+
+
+__all__ = ["ResumableDistributedSampler", "fast_forward", "data_state", "restore_data_position"]

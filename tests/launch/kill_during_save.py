@@ -1,0 +1,32 @@
+"""Runs an example script exactly as `python examples/<script> <overrides>` would, except that the process
+SIGKILLs itself while writing the first training checkpoint at or after step $NEVA_TEST_KILL_AT_STEP: the
+new checkpoint's files are on disk in its temporary folder, not yet renamed into place. Test helper for
+tests/launch/test_resume.py (a crash in the middle of a save, the worst moment to die)."""
+import os
+import runpy
+import signal
+import sys
+
+import torch
+
+from nemo_neva import checkpointing
+
+
+def main():
+    kill_at = int(os.environ["NEVA_TEST_KILL_AT_STEP"])
+    publish = checkpointing._publish
+
+    def publish_or_die(tmp, final):
+        state = torch.load(os.path.join(tmp, checkpointing.TRAINER_STATE), weights_only=True)
+        if state["global_step"] >= kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        publish(tmp, final)
+
+    checkpointing._publish = publish_or_die
+    script = sys.argv[1]
+    sys.argv = [script] + sys.argv[2:]
+    runpy.run_path(script, run_name="__main__")
+
+
+if __name__ == "__main__":  # the dist-checkpoint writer re-imports __main__ in a spawned helper
+    main()

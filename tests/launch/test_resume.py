@@ -1,0 +1,192 @@
+"""Fault tolerance, end to end: a training run SIGKILLed in the middle of writing a checkpoint and then
+relaunched with the same command ends with the same weights and loss as a run that was never interrupted."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import uuid
+
+import pytest
+import torch
+
+from nemo_neva import checkpointing
+from nemo_neva.parallel.init import free_port
+from tests.model.helpers import ROOT
+
+STEPS = 7  # 24 samples / global batch 8 = 3 steps per epoch: the resumed part crosses an epoch boundary
+KILL_AT = 4  # dies while publishing the step-4 checkpoint: only the step-2 one is complete
+
+
+def _small_data(tmp_path):
+    records = json.load(open(os.path.join(ROOT, "data", "shapes_demo", "stage1_captions.json")))[:24]
+    path = tmp_path / "captions.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def _cmd(exp, data, extra=(), nproc=1, kill=False):
+    script = os.path.join(ROOT, "examples", "neva_pretrain.py")
+    args = [f"trainer.max_steps={STEPS}", f"exp_manager.exp_dir={exp}", f"model.data.data_path={data}",
+            "exp_manager.checkpoint_callback_params.every_n_train_steps=2", "trainer.log_every_n_steps=1",
+            "model.optim.sched.warmup_steps=2", *extra]
+    prog = [os.path.join(ROOT, "tests", "launch", "kill_during_save.py"), script] if kill else [script]
+    if nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                "--master_addr=127.0.0.1", f"--master_port={free_port()}", *prog, f"trainer.devices={nproc}", *args]
+    return [sys.executable, *prog, *args]
+
+
+def _end_leftovers(marker: str) -> None:
+    """SIGKILL what a killed run left behind (its dist-checkpoint writer's helper processes; torchrun's
+    workers get process groups of their own): the processes whose environment carries this run's marker."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if marker.encode() in f.read().split(b"\0"):
+                    os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+
+
+def _run(cmd, cwd, expect_killed=False):
+    marker = f"NEVA_TEST_RUN={uuid.uuid4().hex}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NEVA_TEST_KILL_AT_STEP": str(KILL_AT),
+           marker.split("=")[0]: marker.split("=")[1]}
+    # Own session: a SIGKILLed run leaves its dist-checkpoint helper process behind (holding the output
+    # pipes open); it is ended with the session's process group.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=str(cwd), stdout=out, stderr=err, text=True, env=env,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=600)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            _end_leftovers(marker)
+        out.seek(0)
+        err.seek(0)
+        proc.stdout, proc.stderr = out.read(), err.read()
+    if expect_killed:
+        assert proc.returncode != 0, "the run was meant to die during its checkpoint save"
+        if "torch.distributed.run" not in cmd:
+            assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    else:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def _final_state(exp):
+    """Weights and the last logged train_loss of a finished run (its last training checkpoint)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ckpts = glob.glob(str(exp / "neva_pretrain" / "checkpoints" / "*-last"))
+    assert len(ckpts) == 1, ckpts
+    state = torch.load(os.path.join(ckpts[0], checkpointing.TRAINER_STATE), weights_only=True)
+    assert state["global_step"] == STEPS
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = FileSystemReader(os.path.join(ckpts[0], checkpointing.DIST_DIR))
+    meta = reader.read_metadata()
+    tensors = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()
+               if isinstance(m, TensorStorageMetadata)}
+    load(tensors, storage_reader=reader, no_dist=True)
+    losses = {}
+    for events in glob.glob(str(exp / "neva_pretrain" / "**" / "events.out.tfevents.*"), recursive=True):
+        acc = EventAccumulator(events)
+        acc.Reload()
+        if "train_loss" in acc.Tags()["scalars"]:
+            losses.update({e.step: e.value for e in acc.Scalars("train_loss")})
+    return tensors, losses
+
+
+def _compare(reference, resumed):
+    ref_t, ref_loss = reference
+    res_t, res_loss = resumed
+    assert ref_t.keys() == res_t.keys()
+    assert any(k.startswith("optimizer.") for k in ref_t), "optimizer state is part of the checkpoint"
+    for k in ref_t:
+        torch.testing.assert_close(res_t[k], ref_t[k], rtol=0, atol=1e-6, msg=k)
+    last = max(ref_loss)
+    assert last == max(res_loss)
+    assert abs(ref_loss[last] - res_loss[last]) < 1e-6
+
+
+def _kill_and_resume(tmp_path, extra=(), nproc=1):
+    data = _small_data(tmp_path)
+    ref_exp, exp = tmp_path / "uninterrupted", tmp_path / "killed"
+    _run(_cmd(ref_exp, data, extra, nproc), tmp_path)
+    _run(_cmd(exp, data, extra, nproc, kill=True), tmp_path, expect_killed=True)
+    root = exp / "neva_pretrain" / "checkpoints"
+    left = sorted(os.listdir(root))
+    assert any(n.endswith(checkpointing.PARTIAL_SUFFIX) for n in left), left  # died mid-save
+    assert any(n.endswith("-last") and checkpointing.is_complete(str(root / n)) for n in left), left
+    proc = _run(_cmd(exp, data, extra, nproc), tmp_path)
+    assert "removed unfinished" in proc.stdout + proc.stderr
+    _compare(_final_state(ref_exp), _final_state(exp))
+
+
+def test_sigkill_during_a_save_then_relaunch_matches_an_uninterrupted_run(tmp_path):
+    _kill_and_resume(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="distributed optimizer (megatron-core 0.16.1, torch Adam on CPU): the run resumes with "
+                          "the exact weights and the first resumed step matches, but the Adam state restored from "
+                          "the dp_reshardable checkpoint does not yet reproduce the following updates", strict=False)
+def test_two_process_distributed_optimizer_resume_matches(tmp_path):
+    _kill_and_resume(tmp_path, extra=("model.optim.name=distributed_fused_adam",), nproc=2)
+
+
+def test_sampler_passes_follow_the_run_position():
+    """Each pass of the training sampler starts where global_step says, whatever epoch Lightning counts."""
+    from nemo_neva.checkpointing_data import ResumableDistributedSampler
+
+    data = list(range(26))  # 2 ranks x 13; 4 per rank per step -> 3 steps (24 samples) per epoch
+    step = {"n": 0}
+
+    def sampler(rank):
+        return ResumableDistributedSampler(data, num_replicas=2, rank=rank, shuffle=True, seed=7, drop_last=True,
+                                           batch_size=4, consumed_fn=lambda: step["n"] * 8)
+
+    def epoch_order(rank, epoch):
+        plain = torch.utils.data.DistributedSampler(data, num_replicas=2, rank=rank, shuffle=True, seed=7,
+                                                    drop_last=True)
+        plain.set_epoch(epoch)
+        return list(plain)
+
+    for rank in (0, 1):
+        s = sampler(rank)
+        assert list(s) == epoch_order(rank, 0)
+        step["n"] = 3  # a new epoch starts after 3 steps: reshuffled
+        s.set_epoch(0)  # Lightning's counter is ignored
+        assert list(s) == epoch_order(rank, 1)
+        step["n"] = 4  # resumed after 4 steps: epoch 1, this rank's first 4 already trained on
+        assert list(s) == epoch_order(rank, 1)[4:]
+        assert s.position(4 * 8) == (1, 8)
+        step["n"] = 0
+    with pytest.raises(ValueError, match="fewer samples than one global batch"):
+        ResumableDistributedSampler(data[:3], num_replicas=2, rank=0, batch_size=4).position(0)
+
+
+def test_tidy_clears_what_an_interrupted_save_leaves(tmp_path):
+    def ckpt(name, step):
+        d = tmp_path / name
+        (d / checkpointing.DIST_DIR).mkdir(parents=True)
+        (d / checkpointing.DIST_DIR / "metadata.json").write_text("{}")
+        torch.save({"global_step": step}, d / checkpointing.TRAINER_STATE)
+        return d
+
+    ckpt("run--epoch=0-last", 2)
+    ckpt("run--epoch=1-last", 4)  # died after the new last, before the old one was removed
+    ckpt("run--epoch=1-last.partial", 6)  # died while writing
+    (tmp_path / "run--epoch=3").mkdir()
+    ckpt("run--epoch=2.old", 3)  # died between the two renames of a re-save: only the old copy exists
+    actions = checkpointing.tidy_checkpoint_dir(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["run--epoch=1-last", "run--epoch=2", "run--epoch=3"], actions
+    assert checkpointing.checkpoint_dir("x/a.ckpt") == "x/a"
