@@ -8,9 +8,16 @@ TORCH_PIN := torch==2.13.0
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
+# NeMo-Run (scripts/launch_neva.py) goes in without its own pins, which would pull ray and a leptonai it
+# cannot import; then the few packages it really imports.
 $(VENV)/.installed: setup.py | $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH_PIN)"
 	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps nemo_run==0.11.1 torchx==0.7.0 leptonai==0.27.3
+	$(BIN)/pip install -q inquirerpy==0.3.4 catalogue==2.0.10 fabric==3.2.3 fiddle==0.3.1 typer==0.29.2 \
+		rich==15.0.0 jinja2==3.1.6 networkx==3.6.1 toml==0.10.2 pyre-extensions==0.0.32 docstring-parser==0.18.0 \
+		docker==7.2.0 tabulate==0.10.0 fastapi==0.165.0 loguru==0.7.3 uvicorn==0.54.0 \
+		prometheus-fastapi-instrumentator==8.1.0 ledoc-ui==0.1.0
 	touch $@
 
 install: $(VENV)/.installed
