@@ -162,15 +162,60 @@ def exp_manager_with_resume(trainer, exp_cfg):
     return exp_manager(trainer, exp_cfg)
 
 
-def _unshare_adam_steps(megatron_optimizer) -> None:
-    """megatron-core 0.16.1's distributed optimizer (torch Adam, no Apex/TE) loads one `step` tensor into
-    every parameter's state; torch Adam increments it in place once per parameter, which would corrupt the
-    bias correction after a resume. Give each parameter its own copy."""
-    for opt in getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        for state in (inner.state.values() if inner is not None else ()):
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
+def _distributed_optimizers(megatron_optimizer) -> list:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    chain = getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer])
+    return [opt for opt in chain if isinstance(opt, DistributedOptimizer)]
+
+
+def optimizer_sharded_state(megatron_optimizer, model_sharded_state: dict, is_loading: bool) -> dict:
+    """The megatron-core optimizer's sharded state dict (for `checkpoint_sharded_state`)."""
+    from nemo_neva.compat.cpu import cuda_free
+
+    with cuda_free():
+        if is_loading:  # the distributed optimizer describes its state only once it has one (as on resume)
+            for opt in _distributed_optimizers(megatron_optimizer):
+                if not opt.optimizer.state:
+                    opt._init_optimizer_states_with_dummy_values()
+        # Distributed optimizer: megatron-core 0.16.1 no longer writes its default (flattened) format, and
+        # its fully_reshardable loader drops torch Adam's per-parameter "step" (KeyError without
+        # Apex/TE); dp_reshardable round-trips (same TP/PP layout on resume).
+        return megatron_optimizer.sharded_state_dict(
+            model_sharded_state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "dp_reshardable"})
+
+
+def _restore_adam_steps(megatron_optimizer) -> None:
+    """Put the checkpoint's Adam step count back into every parameter's state (distributed optimizer,
+    torch Adam, i.e. no Apex/TE).
+
+    megatron-core 0.16.1 saves that count once per param group. Its load_state_dict sets it into the
+    parameters' states, but load_parameter_state_from_dp_reshardable then copies every per-parameter
+    entry of the loaded dict over them, "step" included, and the dict's "step" is a non-persistent
+    reference to the live step of the optimizer that was loading (1, from the dummy state it was given
+    to be described): Adam's bias correction would restart and the run would diverge from the first
+    resumed update. torch Adam also increments the tensor in place, so each parameter gets its own."""
+    for opt in _distributed_optimizers(megatron_optimizer):
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            if group.get("step") is None:
+                continue
+            for param in group["params"]:
+                state = inner.state.get(param)
+                if state and torch.is_tensor(state.get("step")):
+                    old = state["step"]
+                    state["step"] = torch.tensor(float(group["step"]), dtype=old.dtype, device=old.device)
+
+
+def load_optimizer_state(megatron_optimizer, state: dict) -> None:
+    """Load a state dict from `optimizer_sharded_state(..., is_loading=True)` (read back from dist/)."""
+    from nemo_neva.compat.cpu import cuda_free
+
+    # cuda_free: the distributed optimizer places its shards with CUDA calls; no_grad: it copies into
+    # views of the (fp32) parameters in place
+    with cuda_free(), torch.no_grad():
+        megatron_optimizer.load_state_dict(state)
+        _restore_adam_steps(megatron_optimizer)
 
 
 # ------------------------------------------------------------------------------------------ strategy
@@ -241,14 +286,9 @@ class DistCheckpointMixin:
         self.lightning_module.load_checkpoint_weights(checkpoint["state_dict"])
 
     def load_optimizer_state_dict(self, checkpoint) -> None:
-        from nemo_neva.compat.cpu import cuda_free
-
-        # cuda_free: the distributed optimizer places its shards with CUDA calls; no_grad: it copies into
-        # views of the (fp32) parameters in place
-        with cuda_free(), torch.no_grad():
-            for optimizer, opt_state in zip(self.optimizers, checkpoint["optimizer_states"]):
-                optimizer.load_state_dict(opt_state)
-                _unshare_adam_steps(optimizer.megatron_optimizer)
+        for optimizer, opt_state in zip(self.optimizers, checkpoint["optimizer_states"]):
+            load_optimizer_state(optimizer.megatron_optimizer, opt_state["optimizer"])
+            optimizer.scheduler.load_state_dict(opt_state["scheduler"])
 
     def remove_checkpoint(self, filepath) -> None:
         if _rank() == 0:

@@ -239,20 +239,11 @@ class MegatronNevaModel(ModelPT):
     # ------------------------------------------------------------------ training checkpoints (resume)
     def checkpoint_sharded_state(self, is_loading: bool) -> dict:
         """Weights + optimizer state as megatron-core sharded state dicts (see nemo_neva.checkpointing)."""
-        from nemo_neva.compat.cpu import cuda_free
+        from nemo_neva.checkpointing import optimizer_sharded_state
 
         model_sd = self.model.sharded_state_dict(prefix="model.")
         megatron_opt = self.optimizers(use_pl_optimizer=False).megatron_optimizer
-        with cuda_free():
-            if is_loading:  # the distributed optimizer describes its state only once it has one (as on resume)
-                for opt in getattr(megatron_opt, "chained_optimizers", [megatron_opt]):
-                    if hasattr(opt, "_init_optimizer_states_with_dummy_values") and not opt.optimizer.state:
-                        opt._init_optimizer_states_with_dummy_values()
-            # Distributed optimizer: megatron-core 0.16.1 no longer writes its default (flattened) format, and
-            # its fully_reshardable loader drops torch Adam's per-parameter "step" (KeyError without
-            # Apex/TE); dp_reshardable round-trips (same TP/PP layout on resume).
-            opt_sd = megatron_opt.sharded_state_dict(
-                model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "dp_reshardable"})
+        opt_sd = optimizer_sharded_state(megatron_opt, model_sd, is_loading)
         return {"model": model_sd, "optimizer": opt_sd}
 
     def load_checkpoint_weights(self, state: dict, keep=None) -> None:

@@ -136,9 +136,6 @@ def test_sigkill_during_a_save_then_relaunch_matches_an_uninterrupted_run(tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="distributed optimizer (megatron-core 0.16.1, torch Adam on CPU): the run resumes with "
-                          "the exact weights and the first resumed step matches, but the Adam state restored from "
-                          "the dp_reshardable checkpoint does not yet reproduce the following updates", strict=False)
 def test_two_process_distributed_optimizer_resume_matches(tmp_path):
     _kill_and_resume(tmp_path, extra=("model.optim.name=distributed_fused_adam",), nproc=2)
 
