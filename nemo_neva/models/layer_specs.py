@@ -94,7 +94,12 @@ class SDPACoreAttention(MegatronModule):
             attn_mask_type = AttnMaskType.padding_causal
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         rep = self.heads_per_partition // self.groups_per_partition
-        if rep > 1:  # grouped-query attention: share each K/V group across its query heads
+        # Grouped-query attention: each K/V group serves `rep` query heads. Without autograd (generation),
+        # SDPA's enable_gqa shares the groups in place: same outputs bit for bit, but no copy of the whole
+        # KV cache per layer per decoded token. With autograd the explicit copy stays, because the two
+        # sum the K/V gradients in a different order (last-bit differences) and training must not change.
+        gqa = rep > 1 and not torch.is_grad_enabled()
+        if rep > 1 and not gqa:
             key = key.repeat_interleave(rep, dim=2)
             value = value.repeat_interleave(rep, dim=2)
         # [s, b, h, d] -> [b, h, s, d]
@@ -115,11 +120,13 @@ class SDPACoreAttention(MegatronModule):
         if dropout > 0 and not self.config.sequence_parallel:
             with tensor_parallel.get_cuda_rng_tracker().fork():
                 ctx = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=self.softmax_scale
+                    q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=self.softmax_scale,
+                    enable_gqa=gqa,
                 )
         else:
             ctx = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=self.softmax_scale
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=self.softmax_scale,
+                enable_gqa=gqa,
             )
         b, h, s, d = ctx.shape
         return ctx.permute(2, 0, 1, 3).reshape(s, b, h * d)

@@ -79,3 +79,19 @@ def test_decode_steps_feed_one_token_and_never_rerun_the_vision_tower(model):
     assert len(fed) == 6 and fed[0][1] > 20  # prefill with the whole padded prompt, then 5 decode steps
     assert all(shape == (2, 1) for shape in fed[1:]), fed
     assert len(tower_calls) == 1
+
+
+def test_generation_attention_equals_the_training_attention_bit_for_bit(model):
+    """Without autograd, SDPACoreAttention shares grouped K/V heads through SDPA's enable_gqa instead of
+    copying them (repeat_interleave) as in training: the logits must not change in the last bit."""
+    ids, pixels, rows = _inputs(model, 3)
+    tokens, valid = left_pad(ids)
+
+    def logits():
+        return RecomputeDecoder(model.model, pixels, rows).prefill(tokens, valid)
+
+    with torch.no_grad():
+        generation = logits()
+    training = logits()
+    assert training.requires_grad  # really the autograd path
+    assert torch.equal(generation, training.detach())
