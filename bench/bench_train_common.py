@@ -102,8 +102,46 @@ def make_batch(info: dict, text_lengths: list, images_per_sample: int, seed: int
                  "position_ids": torch.arange(S).expand(B, S).contiguous(), "images": images,
                  "num_images": torch.full((B,), k, dtype=torch.long)},
         "hf": {"input_ids": tokens, "labels": hf_labels, "pixel_values": images},
-        "real_tokens": sum(lengths), "padded_tokens": B * S,
+        "real_tokens": sum(lengths), "padded_tokens": B * S, "text_lengths": list(text_lengths),
     }
+
+
+def pack_ours(batch: dict, info: dict, images_per_sample: int, capacity: int) -> dict:
+    """The same samples as `batch["ours"]`, packed first-fit-decreasing into rows of at most `capacity`
+    tokens (nemo_neva.data.packing, as model.data.packed_sequence packs), the rows right-padded to the
+    longest one: fewer padded tokens, each sample attending only to itself
+    (block-diagonal mask, position ids restarting per sample). Same tokens, labels and loss mask per sample,
+    so the masked-mean loss is the padded batch's."""
+    import torch
+
+    from nemo_neva.data.packing import first_fit_decreasing, packed_attention_mask
+
+    ours, k = batch["ours"], images_per_sample
+    lengths = [k * info["tokens_per_image"] + t for t in batch["text_lengths"]]
+    bins = first_fit_decreasing(lengths, max(capacity, max(lengths)))
+    rows = len(bins)
+    seq = max(sum(lengths[i] for i in members) for members in bins)
+    out = {key: torch.zeros(rows, seq, dtype=ours[key].dtype) for key in ("tokens", "labels", "loss_mask")}
+    out["position_ids"] = torch.zeros(rows, seq, dtype=torch.long)
+    segments = torch.zeros(rows, seq, dtype=torch.long)
+    for r, members in enumerate(bins):
+        pos = 0
+        for seg, i in enumerate(members):
+            n = lengths[i]
+            for key in ("tokens", "labels", "loss_mask"):
+                out[key][r, pos:pos + n] = ours[key][i, :n]
+            out["position_ids"][r, pos:pos + n] = torch.arange(n)
+            segments[r, pos:pos + n] = seg
+            pos += n
+        out["position_ids"][r, pos:] = torch.arange(seq - pos)  # padding: a segment of its own
+        segments[r, pos:] = len(members)
+    order = [i for members in bins for i in members]
+    images = ours["images"]
+    if images is not None:  # images follow their samples into the packed order
+        images = images.view(len(lengths), k, *images.shape[1:])[order].flatten(0, 1)
+    out.update(images=images, segment_ids=segments, attention_mask=packed_attention_mask(segments),
+               num_images=torch.tensor([k * len(m) for m in bins], dtype=torch.long))
+    return out
 
 
 def _rss_kib() -> tuple:
@@ -129,7 +167,7 @@ class Side:
 
         torch.set_num_threads(threads)
         self.side = side
-        if side == "ours":
+        if side in ("ours", "ours-packed"):
             from nemo_neva import MegatronNevaModel
 
             self.model = MegatronNevaModel.restore_from(info["nemo"])
@@ -152,6 +190,13 @@ class Side:
 
         if self.side == "ours":
             return float(self.model.train_on_batch(batch["ours"], self.opt))
+        if self.side == "ours-packed":
+            from omegaconf import open_dict
+
+            packed = batch["ours-packed"]
+            with open_dict(self.model.cfg):  # one micro-batch of however many packed rows this batch has
+                self.model.cfg.micro_batch_size = packed["tokens"].shape[0]
+            return float(self.model.train_on_batch(packed, self.opt))
         self.opt.zero_grad(set_to_none=True)
         loss = self.model(**{k: v for k, v in batch["hf"].items() if v is not None}).loss
         loss.backward()

@@ -8,6 +8,14 @@ bench_train_common.paired_times). Time: both models in one process taking turns 
 memory: each side alone in a child process (see bench_train_common).
 
     python bench/bench_train_vs_hf.py [--preset small] [--batch-size 4] [--steps 8] [--warmup 2] [--threads 1]
+                                      [--packed [--pack-length N]]
+
+--packed adds a third side, "ours-packed": our model (its own copy of the same weights) trained on the same
+samples of each batch packed into fewer rows of at most --pack-length tokens (default: the padded batch's
+length, so no row is longer than in the padded batch; bench_train_common.pack_ours): fewer padded tokens.
+tokens/s still counts real tokens only, so its ratio to HF (padded) is the gain packing buys. Longer rows
+(e.g. --pack-length 1024) pad less but are slower on CPU: the local attention path computes each row's
+full causal score matrix under the block-diagonal mask.
 """
 import argparse
 import json
@@ -20,7 +28,11 @@ import bench_train_common as common  # noqa: E402
 
 
 def batches_for(info, a, n):
-    return [common.make_batch(info, common.length_mix(a.batch_size, seed=i), 1, seed=i) for i in range(n)]
+    batches = [common.make_batch(info, common.length_mix(a.batch_size, seed=i), 1, seed=i) for i in range(n)]
+    if a.packed:
+        for b in batches:
+            b["ours-packed"] = common.pack_ours(b, info, 1, a.pack_length or b["ours"]["tokens"].shape[1])
+    return batches
 
 
 def child(a) -> None:
@@ -37,7 +49,10 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--side", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    p.add_argument("--packed", action="store_true", help="also time ours on the same samples, packed")
+    p.add_argument("--pack-length", type=int, default=0,
+                   help="packed row capacity in tokens (default: the batch's padded length)")
+    p.add_argument("--side", choices=["ours", "hf", "ours-packed"], help=argparse.SUPPRESS)
     p.add_argument("--info", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.side:
@@ -54,23 +69,35 @@ def main(argv=None) -> None:
         info_path = os.path.join(tmp, "info.json")
         json.dump({k: v for k, v in info.items() if k not in ("shape", "params")}, open(info_path, "w"))
         args = ["--preset", a.preset, "--batch-size", str(a.batch_size), "--threads", str(a.threads),
-                "--info", info_path]
-        mem = {side: common.run_child(__file__, args + ["--side", side]) for side in ("ours", "hf")}
-        sides = {name: common.Side(name, info, a.threads) for name in ("ours", "hf")}
-        run = common.paired_times(sides, batches_for(info, a, a.warmup + a.steps), a.warmup)
+                "--info", info_path] + (["--packed", "--pack-length", str(a.pack_length)] if a.packed else [])
+        names = ["ours", "hf"] + (["ours-packed"] if a.packed else [])
+        mem = {side: common.run_child(__file__, args + ["--side", side]) for side in names}
+        sides = {name: common.Side(name, info, a.threads) for name in names}
+        batches = batches_for(info, a, a.warmup + a.steps)
+        run = common.paired_times(sides, batches, a.warmup)
     print(f"first-step loss: ours {run['losses']['ours'][0]:.6f}  hf {run['losses']['hf'][0]:.6f} "
           f"(same weights and batch); last: ours {run['losses']['ours'][-1]:.6f}  hf {run['losses']['hf'][-1]:.6f}")
     tok = sum(run["tokens"])
     tps = {s: tok / sum(run["times"][s]) for s in sides}
     per_batch = [h / o for o, h in zip(run["times"]["ours"], run["times"]["hf"])]
-    print(f"{'':6} {'tokens/CPU-s':>12} {'median CPU-s':>13} {'median wall s':>14} {'peak MiB/step':>14} "
+    print(f"{'':11} {'tokens/CPU-s':>12} {'median CPU-s':>13} {'median wall s':>14} {'peak MiB/step':>14} "
           f"{'first step MiB':>15}")
-    for s in ("ours", "hf"):
-        print(f"{s:6} {tps[s]:12.1f} {common.median(run['times'][s]):13.3f} {common.median(run['wall'][s]):14.3f} "
+    for s in names:
+        print(f"{s:11} {tps[s]:12.1f} {common.median(run['times'][s]):13.3f} {common.median(run['wall'][s]):14.3f} "
               f"{mem[s]['peak_step_mib']:14.1f} {mem[s]['peak_first_step_mib']:15.1f}")
     print(f"ratio ours/hf: tokens/s {tps['ours'] / tps['hf']:.2f}x (median of per-batch ratios "
           f"{common.median(per_batch):.2f}x, range {min(per_batch):.2f}-{max(per_batch):.2f}); peak memory per "
           f"step {mem['ours']['peak_step_mib'] / mem['hf']['peak_step_mib']:.2f}x (RSS high-water mark delta)")
+    if a.packed:
+        timed = batches[a.warmup:]
+        padded = sum(b["padded_tokens"] for b in timed)
+        packed = sum(b["ours-packed"]["tokens"].numel() for b in timed)
+        per_batch = [h / o for o, h in zip(run["times"]["ours-packed"], run["times"]["hf"])]
+        print(f"packed: {packed} computed tokens vs {padded} padded ({tok} real); first-step loss ours-packed "
+              f"{run['losses']['ours-packed'][0]:.6f}, last {run['losses']['ours-packed'][-1]:.6f}")
+        print(f"ratio ours-packed/hf (padded): real tokens/s {tps['ours-packed'] / tps['hf']:.2f}x (median of "
+              f"per-batch ratios {common.median(per_batch):.2f}x, range {min(per_batch):.2f}-{max(per_batch):.2f}); "
+              f"peak memory per step {mem['ours-packed']['peak_step_mib'] / mem['hf']['peak_step_mib']:.2f}x")
 
 
 if __name__ == "__main__":

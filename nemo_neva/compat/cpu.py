@@ -78,6 +78,23 @@ def cuda_free():
         yield
 
 
+@contextlib.contextmanager
+def cuda_free_paused():
+    """Inside a `cuda_free()` region, run the enclosed code without its TorchFunctionMode.
+
+    For the model's own forward within megatron-core's schedule: it asks for no CUDA placement that the
+    `install()` patches do not already answer, and the mode would route each of its thousands of torch
+    calls through Python. A no-op when the innermost torch-function mode is not ours (e.g. on GPU).
+    """
+    from torch.overrides import _get_current_function_mode, _pop_mode_temporarily
+
+    if not isinstance(_get_current_function_mode(), CudaDeviceToCPU):
+        yield
+        return
+    with _pop_mode_temporarily():
+        yield
+
+
 def _cpu_tracker_class():
     from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
 

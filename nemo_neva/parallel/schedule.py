@@ -2,18 +2,30 @@
 they also work on CPU (their hard-coded CUDA placements are redirected by `nemo_neva.compat.cpu`)."""
 from __future__ import annotations
 
+import functools
 from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from nemo_neva.compat.cpu import cuda_free
+from nemo_neva.compat.cpu import cuda_free, cuda_free_paused
 
 
 def _unwrap_config(module):
     while not hasattr(module, "config") and hasattr(module, "module"):
         module = module.module
     return getattr(module, "config", None)
+
+
+def _without_compat_mode(forward_step_func: Callable) -> Callable:
+    """`forward_step_func` run with `cuda_free`'s mode paused: the schedule around it needs the mode (it
+    builds tensors on "cuda"), the model forward does not, and the mode costs Python per torch call."""
+    @functools.wraps(forward_step_func)
+    def step(*args, **kwargs):
+        with cuda_free_paused():
+            return forward_step_func(*args, **kwargs)
+
+    return step
 
 
 def run_forward_backward(
@@ -44,7 +56,7 @@ def run_forward_backward(
         raise ValueError(f"num_microbatches={num_microbatches} must be >= 1")
     with cuda_free():
         return get_forward_backward_func()(
-            forward_step_func=forward_step_func,
+            forward_step_func=_without_compat_mode(forward_step_func),
             data_iterator=data_iterator,
             model=chunks,
             num_microbatches=num_microbatches,
