@@ -17,7 +17,8 @@ $(VENV)/.installed: setup.py | $(BIN)/python
 	$(BIN)/pip install -q inquirerpy==0.3.4 catalogue==2.0.10 fabric==3.2.3 fiddle==0.3.1 typer==0.29.2 \
 		rich==15.0.0 jinja2==3.1.6 networkx==3.6.1 toml==0.10.2 pyre-extensions==0.0.32 docstring-parser==0.18.0 \
 		docker==7.2.0 tabulate==0.10.0 fastapi==0.165.0 loguru==0.7.3 uvicorn==0.54.0 \
-		prometheus-fastapi-instrumentator==8.1.0 ledoc-ui==0.1.0
+		prometheus-fastapi-instrumentator==8.1.0 ledoc-ui==0.1.0 importlib-metadata==10.2.0 contextlib2==21.6.0 \
+		exceptiongroup==1.3.1
 	touch $@
 
 install: $(VENV)/.installed
