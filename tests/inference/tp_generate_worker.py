@@ -15,10 +15,9 @@ sys.path.insert(0, ROOT)
 
 
 def main():
-    from omegaconf import open_dict
 
-    from nemo_neva import MegatronNevaModel
     from nemo_neva.inference.generate import generate_tokens
+    from tests.model.helpers import restore_at_layout
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--nemo", required=True)
@@ -28,11 +27,7 @@ def main():
     ap.add_argument("--sp", action="store_true")
     args = ap.parse_args()
 
-    cfg = MegatronNevaModel.restore_from(args.nemo, return_config=True)
-    with open_dict(cfg):
-        cfg.tensor_model_parallel_size = args.tp
-        cfg.sequence_parallel = args.sp
-    model = MegatronNevaModel.restore_from(args.nemo, override_config_path=cfg)
+    model = restore_at_layout(args.nemo, tp=args.tp, sp=args.sp)
     req = torch.load(args.requests)
     greedy = generate_tokens(model, req["images"], req["prompts"], max_new_tokens=req["max_new_tokens"],
                              stop_token_ids=[])

@@ -47,3 +47,17 @@ def batch_for(model, n=2, seq=40, seed=0):
         "images": torch.randn(n, 3, 32, 32, generator=g),
         "num_images": torch.ones(n, dtype=torch.long),
     }
+
+
+def restore_at_layout(nemo_path, tp=1, pp=1, sp=False, **overrides):
+    """Restore a .nemo at a TP/PP/SP layout (megatron-core reshards); `overrides` are further `model.` keys."""
+    from nemo_neva import MegatronNevaModel
+
+    cfg = MegatronNevaModel.restore_from(nemo_path, return_config=True)
+    with open_dict(cfg):
+        cfg.tensor_model_parallel_size = tp
+        cfg.pipeline_model_parallel_size = pp
+        cfg.sequence_parallel = sp
+        for key, value in overrides.items():
+            OmegaConf.update(cfg, key, value, merge=False)
+    return MegatronNevaModel.restore_from(nemo_path, override_config_path=cfg)

@@ -18,11 +18,9 @@ sys.path.insert(0, ROOT)
 
 def main():
     from megatron.core import parallel_state as ps
-    from omegaconf import open_dict
 
-    from nemo_neva import MegatronNevaModel
     from nemo_neva.models.megatron_training import MegatronOptimizerAdapter  # noqa: F401  (import check)
-    from tests.model.helpers import batch_for
+    from tests.model.helpers import batch_for, restore_at_layout
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--nemo", required=True)
@@ -34,14 +32,9 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     args = ap.parse_args()
 
-    cfg = MegatronNevaModel.restore_from(args.nemo, return_config=True)
-    with open_dict(cfg):
-        cfg.tensor_model_parallel_size = args.tp
-        cfg.pipeline_model_parallel_size = args.pp
-        cfg.sequence_parallel = args.sp
-        cfg.optim.name = args.optim
-        cfg.optim.sched = None  # constant LR keeps the comparison simple
-    model = MegatronNevaModel.restore_from(args.nemo, override_config_path=cfg)
+    # constant LR (no schedule) keeps the comparison simple
+    model = restore_at_layout(args.nemo, args.tp, args.pp, args.sp,
+                              **{"optim.name": args.optim, "optim.sched": None})
     model.eval()
     probe = batch_for(model, n=2, seed=100)
     with torch.no_grad():
@@ -52,8 +45,8 @@ def main():
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     losses = []
     for step in range(args.steps):
-        full = batch_for(model, n=cfg.global_batch_size, seed=step)
-        per_rank = cfg.global_batch_size // dp
+        full = batch_for(model, n=model.cfg.global_batch_size, seed=step)
+        per_rank = model.cfg.global_batch_size // dp
         sl = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
         batch = {k: v[sl] for k, v in full.items()}
         losses.append(float(model.train_on_batch(batch, opt)))

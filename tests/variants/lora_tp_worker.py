@@ -14,9 +14,8 @@ sys.path.insert(0, ROOT)
 
 
 def main():
-    from omegaconf import open_dict
 
-    from nemo_neva import MegatronNevaModel
+    from tests.model.helpers import restore_at_layout
     from tests.variants.lora_cases import lora_logits, lora_train
 
     ap = argparse.ArgumentParser()
@@ -27,12 +26,7 @@ def main():
     ap.add_argument("--sp", action="store_true")
     ap.add_argument("--steps", type=int, default=2)
     args = ap.parse_args()
-    cfg = MegatronNevaModel.restore_from(args.nemo, return_config=True)
-    with open_dict(cfg):
-        cfg.tensor_model_parallel_size = args.tp
-        cfg.pipeline_model_parallel_size = args.pp
-        cfg.sequence_parallel = args.sp
-    model = MegatronNevaModel.restore_from(args.nemo, override_config_path=cfg)
+    model = restore_at_layout(args.nemo, args.tp, args.pp, args.sp)
     logits = lora_logits(model) if args.pp == 1 else None  # PP: logits live on the last stage only
     losses = lora_train(model, args.steps)
     model.save_to(os.path.join(args.out, "trained.nemo"))
