@@ -7,9 +7,9 @@ a PEFT .nemo that holds only the adapters + projector and a checksummed referenc
 import os
 
 from nemo.core.config import hydra_runner
-from nemo.utils.exp_manager import exp_manager
 
 from nemo_neva import MegatronNevaModel
+from nemo_neva.checkpointing import exp_manager_with_resume
 from nemo_neva.models.peft import lora_settings
 from nemo_neva.training import build_trainer, finetune_config, nemo_output_path, user_errors
 from nemo_neva.utils import resolve_path
@@ -31,7 +31,7 @@ def main(cfg) -> None:
         raise ValueError("model.peft.peft_scheme is null: nothing to train here (use examples/neva_finetune.py)")
     cfg.model = model_cfg
     trainer = build_trainer(cfg)
-    exp_manager(trainer, cfg.exp_manager)
+    exp_manager_with_resume(trainer, cfg.exp_manager)  # tidies interrupted saves when resume_if_exists=true
     # The constructor loads the base weights, adds the adapters (B = 0) and records `restore` as their base.
     model = MegatronNevaModel.restore_from(restore, override_config_path=model_cfg, trainer=trainer)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
