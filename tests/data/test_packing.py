@@ -106,15 +106,10 @@ def test_packed_seq_params_contract():
     assert thd["attention_mask"] is None and out["attention_mask"] is not None  # the input is left alone
 
 
-def test_sdpa_thd_mask_matches_per_sample_attention():
-    from nemo_neva.models.layer_specs import thd_attention_mask
+def test_thd_segment_lengths():
+    from nemo_neva.models.layer_specs import thd_segment_lengths
 
     cu = torch.tensor([0, 3, 5, 8], dtype=torch.int32)
-    mask = thd_attention_mask(cu, cu, "cpu")
-    q, k, v = (torch.randn(1, 2, 8, 4) for _ in range(3))
-    packed = F.scaled_dot_product_attention(q, k, v, attn_mask=~mask)
-    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        alone = F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True)
-        torch.testing.assert_close(packed[:, :, a:b], alone)
+    assert thd_segment_lengths(cu, cu) == [3, 2, 3]
     with pytest.raises(ValueError, match="cu_seqlens_q == cu_seqlens_kv"):
-        thd_attention_mask(cu, torch.tensor([0, 8], dtype=torch.int32), "cpu")
+        thd_segment_lengths(cu, torch.tensor([0, 8], dtype=torch.int32))
