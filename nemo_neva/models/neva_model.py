@@ -294,11 +294,18 @@ class MegatronNevaModel(ModelPT):
         return batch.get("segment_ids") is not None and getattr(self, "packed_thd", True)
 
     def _packed_layout(self, mb: dict) -> dict:
+        """THD for packed micro-batches. On the local spec with one pipeline stage and no sequence parallelism
+        the rows' padding is left out as well (`to_thd(drop_padding=True)`): pipeline stages exchange
+        fixed-shape activations and SP splits the sequence evenly over TP ranks, so those keep it, and so
+        does TE (not measured here)."""
         if not self._thd(mb):
             return mb
         from nemo_neva.data.packing import to_thd
 
-        return to_thd(mb)
+        cfg = self.cfg
+        drop = (mb.get("row_tokens") is not None and not cfg.get("transformer_engine", False)
+                and cfg.get("pipeline_model_parallel_size", 1) == 1 and not cfg.get("sequence_parallel", False))
+        return to_thd(mb, drop_padding=drop)
 
     def loss_from_batch(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Masked mean next-token loss; a batch with no trainable token gives a finite 0."""

@@ -60,6 +60,10 @@ def test_packed_per_sample_losses_equal_unpacked(style):
     with torch.no_grad():
         mask_loss, _ = model.loss_from_batch(packed)
     torch.testing.assert_close(thd_loss, mask_loss, atol=1e-5, rtol=1e-5)
+    # ... and that THD step left the rows' padding out (local spec, one pipeline stage)
+    model.packed_thd = True
+    real = int(packed["row_tokens"].sum())
+    assert model._packed_layout(packed)["tokens"].shape == (1, real) and real < packed["tokens"].numel()
 
 
 def test_thd_training_step_matches_mask_step():
