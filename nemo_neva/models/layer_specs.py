@@ -132,11 +132,12 @@ class SDPACoreAttention(MegatronModule):
         for n in lengths:
             if n:
                 seg = slice(start, start + n)
-                out.append(self._sdpa(q[:, :, seg], k[:, :, seg], v[:, :, seg], None, dropout, True, gqa))
+                ctx = self._sdpa(q[:, :, seg], k[:, :, seg], v[:, :, seg], None, dropout, True, gqa)
+                out.append(ctx.permute(2, 0, 1, 3))  # [n, 1, h, d] view: the cat below is the only copy
             start += n
-        ctx = torch.cat(out, dim=2)[0]  # [h, t, d]
-        h, t, d = ctx.shape
-        return ctx.permute(1, 0, 2).reshape(t, 1, h * d)
+        ctx = torch.cat(out, dim=0)
+        t, _, h, d = ctx.shape
+        return ctx.view(t, 1, h * d)
 
 
 class TorchNormSP:
