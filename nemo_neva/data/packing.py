@@ -72,8 +72,9 @@ class PackedCollator:
     """Packed rows -> NevaCollator's keys + `attention_mask` (CPU path) + `cu_seqlens` (TE path).
 
     Each row is padded to `seq_length` (or the longest row); padding is its own segment so no attention
-    row is fully masked, and `row_tokens` [B] counts each row's tokens before it (`to_thd` can drop it). `cu_seqlens` (int32) are offsets into the flattened [B*S] tokens, padding
-    segments included, as TransformerEngine's THD format expects.
+    row is fully masked, and `row_tokens` [B] counts each row's tokens before it (`to_thd` can drop it).
+    `cu_seqlens` (int32) are offsets into the flattened [B*S] tokens, padding segments included, as
+    TransformerEngine's THD format expects.
     """
 
     def __init__(self, pad_id: int, seq_length: int | None = None,
