@@ -76,7 +76,8 @@ def test_tp2_matches_tp1(tmp_path, style, sp):
     for r in U.run_ranks(_tp_run, 2, str(tmp_path / "res"), str(tmp_path / "ckpt"), style, sp):
         torch.testing.assert_close(r["tp_logits"], r["ref_logits"], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(r["tp_thd"], r["ref_thd"], rtol=1e-5, atol=1e-5)
-        assert not torch.allclose(r["ref_thd"].flatten(0, 1), r["ref_logits"].flatten(0, 1), atol=1e-3)  # really packed
+        # really packed: the second samples do not see the first ones
+        assert not torch.allclose(r["ref_thd"].flatten(0, 1), r["ref_logits"].flatten(0, 1), atol=1e-3)
         assert len(r["tp_losses"]) == len(r["ref_losses"]) == NMICRO
         torch.testing.assert_close(torch.stack(r["tp_losses"]), torch.stack(r["ref_losses"]), rtol=1e-6, atol=1e-6)
         assert all(g.abs().sum() > 0 for g in r["ref_grads"].values())
