@@ -109,9 +109,9 @@ def make_batch(info: dict, text_lengths: list, images_per_sample: int, seed: int
 def pack_ours(batch: dict, info: dict, images_per_sample: int, capacity: int) -> dict:
     """The same samples as `batch["ours"]`, packed first-fit-decreasing into rows of at most `capacity`
     tokens (nemo_neva.data.packing, as model.data.packed_sequence packs), the rows right-padded to the
-    longest one: fewer padded tokens, each sample attending only to itself
-    (block-diagonal mask, position ids restarting per sample). Same tokens, labels and loss mask per sample,
-    so the masked-mean loss is the padded batch's."""
+    longest one (`row_tokens`: the real tokens per row, as PackedCollator gives them), each sample attending
+    only to itself (segment ids -> THD cu_seqlens, position ids restarting per sample). Same tokens, labels
+    and loss mask per sample, so the masked-mean loss is the padded batch's."""
     import torch
 
     from nemo_neva.data.packing import first_fit_decreasing, packed_attention_mask
@@ -140,6 +140,7 @@ def pack_ours(batch: dict, info: dict, images_per_sample: int, capacity: int) ->
     if images is not None:  # images follow their samples into the packed order
         images = images.view(len(lengths), k, *images.shape[1:])[order].flatten(0, 1)
     out.update(images=images, segment_ids=segments, attention_mask=packed_attention_mask(segments),
+               row_tokens=torch.tensor([sum(lengths[i] for i in m) for m in bins], dtype=torch.long),
                num_images=torch.tensor([k * len(m) for m in bins], dtype=torch.long))
     return out
 

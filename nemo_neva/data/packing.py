@@ -72,8 +72,9 @@ class PackedCollator:
     """Packed rows -> NevaCollator's keys + `attention_mask` (CPU path) + `cu_seqlens` (TE path).
 
     Each row is padded to `seq_length` (or the longest row); padding is its own segment so no attention
-    row is fully masked. `cu_seqlens` (int32) are offsets into the flattened [B*S] tokens, padding
-    segments included, as TransformerEngine's THD format expects.
+    row is fully masked, and `row_tokens` [B] counts each row's tokens before it (`to_thd` can drop it).
+    `cu_seqlens` (int32) are offsets into the flattened [B*S] tokens, padding segments included, as
+    TransformerEngine's THD format expects.
     """
 
     def __init__(self, pad_id: int, seq_length: int | None = None,
@@ -116,6 +117,7 @@ class PackedCollator:
                 if batch["images"] is not None:
                     images.append(batch["images"])
         out["attention_mask"] = packed_attention_mask(out["segment_ids"])
+        out["row_tokens"] = torch.tensor([sum(x) for x in lens], dtype=torch.long)  # before the padding
         out["cu_seqlens"] = torch.tensor(cu, dtype=torch.int32)
         out["max_seqlen"] = int(torch.diff(out["cu_seqlens"]).max()) if len(cu) > 1 else 0
         out["images"] = torch.cat(images) if images else None
@@ -129,40 +131,54 @@ class PackedCollator:
 
 
 # ---------------------------------------------------------------------------------------- THD (TE path)
-def cu_seqlens_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
+def cu_seqlens_from_segments(segment_ids: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
     """[B,S] segment ids (restarting per row) -> int32 offsets of every segment in the flattened [B*S]
     tokens, the padding segment included: the same as PackedCollator's `cu_seqlens`, but computed from a
-    tensor that survives the split into micro-batches."""
-    flat = segment_ids.reshape(-1)
+    tensor that survives the split into micro-batches. With `keep` ([B,S] bool), only the kept tokens are
+    flattened (`to_thd(drop_padding=True)`)."""
     bsz, seq = segment_ids.shape
+    rows = torch.arange(bsz, device=segment_ids.device)[:, None].expand(bsz, seq)
+    flat, rows = (segment_ids.reshape(-1), rows.reshape(-1)) if keep is None else (segment_ids[keep], rows[keep])
     starts = torch.ones_like(flat, dtype=torch.bool)
-    starts[1:] = flat[1:] != flat[:-1]
-    starts[::seq] = True  # every row starts a segment, even if its id equals the previous row's last
-    idx = starts.nonzero().flatten()
-    return torch.cat([idx, torch.tensor([bsz * seq])]).to(torch.int32)
+    # every row starts a segment, even if its id equals the previous row's last
+    starts[1:] = (flat[1:] != flat[:-1]) | (rows[1:] != rows[:-1])
+    idx = starts.nonzero().flatten().cpu()
+    return torch.cat([idx, torch.tensor([flat.numel()])]).to(torch.int32)
 
 
-def packed_seq_params(segment_ids: torch.Tensor):
+def packed_seq_params(segment_ids: torch.Tensor, keep: torch.Tensor | None = None):
     """megatron-core PackedSeqParams (qkv_format='thd') for a packed micro-batch: the attention kernel
     (TE fused/flash attention, or SDPACoreAttention on CPU) then attends within each sample only."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    cu = cu_seqlens_from_segments(segment_ids).to(segment_ids.device)
+    cu = cu_seqlens_from_segments(segment_ids, keep).to(segment_ids.device)
     max_len = int(torch.diff(cu).max())
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                            max_seqlen_q=max_len, max_seqlen_kv=max_len)
 
 
-def to_thd(mb: dict) -> dict:
+def to_thd(mb: dict, drop_padding: bool = False) -> dict:
     """A packed micro-batch [B,S] -> one row [1, B*S] plus `packed_seq_params`, the layout megatron-core
     needs for qkv_format='thd' (its attention squeezes the batch dimension). Rows are concatenated in
-    order, so image placeholders keep their order and the images need no change."""
+    order, so image placeholders keep their order and the images need no change.
+
+    `drop_padding`: leave each row's padding tail (past `row_tokens`, PackedCollator) out, so the row is
+    [1, real tokens]: padding is a segment of its own with no loss, so the samples' losses and gradients
+    do not change, and no layer computes it. Needs a layout where the length may vary per micro-batch
+    (one pipeline stage, no sequence parallelism: see MegatronNevaModel._packed_layout)."""
     out = dict(mb)
+    keep = None
+    if drop_padding:
+        if mb.get("row_tokens") is None:
+            raise ValueError("to_thd(drop_padding=True) needs the batch's 'row_tokens' (PackedCollator)")
+        keep = torch.arange(mb["tokens"].shape[1], device=mb["tokens"].device)[None] < mb["row_tokens"][:, None]
+        if not keep.any():  # a micro-batch of padding only: keep one layout rule, its padding
+            keep = None
     for key in ("tokens", "labels", "loss_mask", "position_ids"):
-        out[key] = mb[key].reshape(1, -1)
+        out[key] = (mb[key] if keep is None else mb[key][keep]).reshape(1, -1)
     if mb.get("num_images") is not None:
         out["num_images"] = mb["num_images"].sum().reshape(1)
     out["segment_ids"] = mb["segment_ids"]  # kept [B,S] for per-sample bookkeeping
     out["attention_mask"] = None
-    out["packed_seq_params"] = packed_seq_params(mb["segment_ids"])
+    out["packed_seq_params"] = packed_seq_params(mb["segment_ids"], keep)
     return out

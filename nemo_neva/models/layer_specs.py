@@ -26,16 +26,11 @@ except Exception:  # ImportError, or a broken CUDA install
     HAVE_TE = False
 
 
-def thd_attention_mask(cu_q: torch.Tensor, cu_kv: torch.Tensor, device) -> torch.Tensor:
-    """[1,1,t,t] bool, True = masked (megatron): causal attention inside each cu_seqlens segment only --
-    what TE's THD kernels compute, as a dense mask for the CPU path."""
+def thd_segment_lengths(cu_q: torch.Tensor, cu_kv: torch.Tensor) -> list[int]:
+    """Token count of every cu_seqlens segment (packed THD batch); queries and keys must be packed alike."""
     if not torch.equal(cu_q, cu_kv):
         raise ValueError("SDPACoreAttention: packed sequences need cu_seqlens_q == cu_seqlens_kv")
-    lens = torch.diff(cu_q.to(torch.long)).cpu()
-    seg = torch.repeat_interleave(torch.arange(len(lens)), lens).to(device)
-    t = seg.numel()
-    allowed = (seg[:, None] == seg[None, :]) & torch.ones(t, t, dtype=torch.bool, device=device).tril()
-    return ~allowed[None, None]
+    return torch.diff(cu_q.to(torch.long)).tolist()
 
 
 class SDPACoreAttention(MegatronModule):
@@ -43,9 +38,9 @@ class SDPACoreAttention(MegatronModule):
 
     Inputs follow megatron-core: q [sq, b, np, hn], k/v [sk, b, ng, hn] (already split per TP rank);
     output [sq, b, np*hn]. `attention_mask` may be a boolean mask [b|1, 1, sq, sk] where True means
-    *masked out* (megatron convention), used for packed/padded batches on CPU. With `packed_seq_params`
-    (qkv_format 'thd', q/k/v [t, np, hn]) it builds that mask from cu_seqlens, so the THD batches the TE
-    path runs give the same per-sample attention here.
+    *masked out* (megatron convention): padded, or packed with a block-diagonal mask. With
+    `packed_seq_params` (qkv_format 'thd', q/k/v [t, np, hn]) it attends within each cu_seqlens segment, as
+    the TE path's THD kernels do.
     """
 
     def __init__(
@@ -82,26 +77,26 @@ class SDPACoreAttention(MegatronModule):
     ):
         if attention_bias is not None:
             raise ValueError("attention_bias is not supported by SDPACoreAttention")
-        thd = packed_seq_params is not None
-        if thd:
-            if packed_seq_params.qkv_format != "thd":
-                raise ValueError(f"SDPACoreAttention supports packed qkv_format 'thd' only, not "
-                                 f"{packed_seq_params.qkv_format!r}")
-            # megatron-core squeezed the batch dim: [t, h, d] -> [t, 1, h, d]; samples isolated by the mask
-            query, key, value = (t.unsqueeze(1) for t in (query, key, value))
-            attention_mask = thd_attention_mask(packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_kv,
-                                                query.device)
-            attn_mask_type = AttnMaskType.padding_causal
-        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         rep = self.heads_per_partition // self.groups_per_partition
-        # Grouped-query attention: each K/V group serves `rep` query heads. Without autograd (generation),
-        # SDPA's enable_gqa shares the groups in place: same outputs bit for bit, but no copy of the whole
-        # KV cache per layer per decoded token. With autograd the explicit copy stays, because the two
-        # sum the K/V gradients in a different order (last-bit differences) and training must not change.
-        gqa = rep > 1 and not torch.is_grad_enabled()
-        if rep > 1 and not gqa:
-            key = key.repeat_interleave(rep, dim=2)
-            value = value.repeat_interleave(rep, dim=2)
+        # Grouped-query attention: each K/V group serves `rep` query heads; SDPA's enable_gqa shares the
+        # groups in place instead of copying K/V `rep` times (a copy forward and a sum backward per layer,
+        # and a copy of the whole KV cache per decoded token). It is what HF's SDPA path does too.
+        gqa = rep > 1
+        dropout = self.dropout_p if self.training else 0.0
+        if dropout > 0 and not self.config.sequence_parallel:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                return self._attend(query, key, value, attention_mask, attn_mask_type, packed_seq_params,
+                                    dropout, gqa)
+        return self._attend(query, key, value, attention_mask, attn_mask_type, packed_seq_params, dropout, gqa)
+
+    def _sdpa(self, q, k, v, mask, dropout, is_causal, gqa):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
+                                              scale=self.softmax_scale, enable_gqa=gqa)
+
+    def _attend(self, query, key, value, attention_mask, attn_mask_type, packed_seq_params, dropout, gqa):
+        if packed_seq_params is not None:
+            return self._attend_thd(query, key, value, packed_seq_params, dropout, gqa)
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         sq, sk = q.shape[2], k.shape[2]
@@ -116,20 +111,33 @@ class SDPACoreAttention(MegatronModule):
                 is_causal = True
             else:  # decoding with a KV cache: queries are the last sq positions
                 mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
-        dropout = self.dropout_p if self.training else 0.0
-        if dropout > 0 and not self.config.sequence_parallel:
-            with tensor_parallel.get_cuda_rng_tracker().fork():
-                ctx = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=self.softmax_scale,
-                    enable_gqa=gqa,
-                )
-        else:
-            ctx = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=self.softmax_scale,
-                enable_gqa=gqa,
-            )
+        ctx = self._sdpa(q, k, v, mask, dropout, is_causal, gqa)
         b, h, s, d = ctx.shape
         return ctx.permute(2, 0, 1, 3).reshape(s, b, h * d)
+
+    def _attend_thd(self, query, key, value, packed_seq_params, dropout, gqa):
+        """Packed THD batch (q/k/v [t, h, d], megatron-core squeezed the batch dim): causal attention inside
+        each cu_seqlens segment, one SDPA call per segment, as TE's THD kernels do. Cost is quadratic in each
+        sample's length, not in the packed row's (a block-diagonal mask over the row would compute and then
+        discard every cross-sample score). Output [t, 1, h*d] like the bshd path with b = 1."""
+        if packed_seq_params.qkv_format != "thd":
+            raise ValueError(f"SDPACoreAttention supports packed qkv_format 'thd' only, not "
+                             f"{packed_seq_params.qkv_format!r}")
+        lengths = thd_segment_lengths(packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_kv)
+        if sum(lengths) != query.shape[0]:
+            raise ValueError(f"SDPACoreAttention: cu_seqlens cover {sum(lengths)} tokens, q has {query.shape[0]}")
+        # [t, h, d] -> [1, h, t, d]; each segment is a slice along t
+        q, k, v = (x.permute(1, 0, 2).unsqueeze(0) for x in (query, key, value))
+        out, start = [], 0
+        for n in lengths:
+            if n:
+                seg = slice(start, start + n)
+                ctx = self._sdpa(q[:, :, seg], k[:, :, seg], v[:, :, seg], None, dropout, True, gqa)
+                out.append(ctx.permute(2, 0, 1, 3))  # [n, 1, h, d] view: the cat below is the only copy
+            start += n
+        ctx = torch.cat(out, dim=0)
+        t, _, h, d = ctx.shape
+        return ctx.view(t, 1, h * d)
 
 
 class TorchNormSP:

@@ -286,18 +286,26 @@ class MegatronNevaModel(ModelPT):
         return self.model(tokens, position_ids, attention_mask=attention_mask, images=images, labels=labels)
 
     def _thd(self, batch) -> bool:
-        """Packed rows go to the TE attention as THD + PackedSeqParams (cu_seqlens): TE's causal kernels
-        ignore a dense mask, so packed samples would attend to each other. The local (CPU) spec takes the
-        block-diagonal mask; setting `model.packed_thd = True` makes it take THD as well (tests)."""
-        return batch.get("segment_ids") is not None and \
-            getattr(self, "packed_thd", self.cfg.get("transformer_engine", False))
+        """Packed rows go to the attention as THD + PackedSeqParams (cu_seqlens): TE's causal kernels
+        ignore a dense mask, so packed samples would attend to each other, and the local spec's
+        SDPACoreAttention then attends per sample, quadratic in each sample's length rather than the row's
+        (so packing into long rows pays off on CPU too). `model.packed_thd = False` makes the local spec take
+        the block-diagonal mask instead (tests compare the two)."""
+        return batch.get("segment_ids") is not None and getattr(self, "packed_thd", True)
 
     def _packed_layout(self, mb: dict) -> dict:
+        """THD for packed micro-batches. On the local spec with one pipeline stage and no sequence parallelism
+        the rows' padding is left out as well (`to_thd(drop_padding=True)`): pipeline stages exchange
+        fixed-shape activations and SP splits the sequence evenly over TP ranks, so those keep it, and so
+        does TE (not measured here)."""
         if not self._thd(mb):
             return mb
         from nemo_neva.data.packing import to_thd
 
-        return to_thd(mb)
+        cfg = self.cfg
+        drop = (mb.get("row_tokens") is not None and not cfg.get("transformer_engine", False)
+                and cfg.get("pipeline_model_parallel_size", 1) == 1 and not cfg.get("sequence_parallel", False))
+        return to_thd(mb, drop_padding=drop)
 
     def loss_from_batch(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Masked mean next-token loss; a batch with no trainable token gives a finite 0."""
@@ -445,7 +453,7 @@ class MegatronNevaModel(ModelPT):
         """Each data-parallel rank loads global_batch_size / dp rows per step (its micro-batches).
 
         With `data.packed_sequence`, a row holds several samples (first-fit-decreasing to seq_length),
-        isolated by a block-diagonal attention mask, with positions restarting per sample.
+        isolated by THD cu_seqlens in the attention (`_thd`), with positions restarting per sample.
         """
         from nemo_neva.data.collate import NevaCollator
         from nemo_neva.data.packing import PackedCollator, PackedNevaDataset

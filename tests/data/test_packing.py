@@ -98,6 +98,14 @@ def test_packed_seq_params_contract():
     assert params.cu_seqlens_q.dtype == torch.int32 and params.cu_seqlens_q.tolist() == out["cu_seqlens"].tolist()
     assert params.cu_seqlens_kv.tolist() == out["cu_seqlens"].tolist()
     assert params.max_seqlen_q == params.max_seqlen_kv == 8
+    # without the rows' padding (one pipeline stage): 5 + 8 + 1 real tokens, the segments minus the padding
+    assert out["row_tokens"].tolist() == [5, 8, 1]
+    lean = to_thd(out, drop_padding=True)
+    assert lean["tokens"].shape == (1, 14) and lean["tokens"][0, 5:13].tolist() == list(range(10, 18))
+    assert lean["packed_seq_params"].cu_seqlens_q.tolist() == [0, 3, 5, 13, 14]
+    assert lean["loss_mask"].shape == (1, 14) and lean["position_ids"][0, -2:].tolist() == [7, 0]
+    with pytest.raises(ValueError, match="row_tokens"):
+        to_thd({k: v for k, v in out.items() if k != "row_tokens"}, drop_padding=True)
     # micro-batch of the last two rows (as split_microbatches slices it): offsets restart at 0
     assert cu_seqlens_from_segments(out["segment_ids"][1:]).tolist() == [0, 8, 9, 16]
     thd = to_thd(out)
@@ -106,15 +114,10 @@ def test_packed_seq_params_contract():
     assert thd["attention_mask"] is None and out["attention_mask"] is not None  # the input is left alone
 
 
-def test_sdpa_thd_mask_matches_per_sample_attention():
-    from nemo_neva.models.layer_specs import thd_attention_mask
+def test_thd_segment_lengths():
+    from nemo_neva.models.layer_specs import thd_segment_lengths
 
     cu = torch.tensor([0, 3, 5, 8], dtype=torch.int32)
-    mask = thd_attention_mask(cu, cu, "cpu")
-    q, k, v = (torch.randn(1, 2, 8, 4) for _ in range(3))
-    packed = F.scaled_dot_product_attention(q, k, v, attn_mask=~mask)
-    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        alone = F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True)
-        torch.testing.assert_close(packed[:, :, a:b], alone)
+    assert thd_segment_lengths(cu, cu) == [3, 2, 3]
     with pytest.raises(ValueError, match="cu_seqlens_q == cu_seqlens_kv"):
-        thd_attention_mask(cu, torch.tensor([0, 8], dtype=torch.int32), "cpu")
+        thd_segment_lengths(cu, torch.tensor([0, 8], dtype=torch.int32))

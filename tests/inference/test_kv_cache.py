@@ -82,8 +82,8 @@ def test_decode_steps_feed_one_token_and_never_rerun_the_vision_tower(model):
 
 
 def test_generation_attention_equals_the_training_attention_bit_for_bit(model):
-    """Without autograd, SDPACoreAttention shares grouped K/V heads through SDPA's enable_gqa instead of
-    copying them (repeat_interleave) as in training: the logits must not change in the last bit."""
+    """Generation (no autograd) and training (autograd) run the same SDPACoreAttention path, grouped K/V
+    heads shared through SDPA's enable_gqa in both: the logits must not change in the last bit."""
     ids, pixels, rows = _inputs(model, 3)
     tokens, valid = left_pad(ids)
 

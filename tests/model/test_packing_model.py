@@ -60,6 +60,10 @@ def test_packed_per_sample_losses_equal_unpacked(style):
     with torch.no_grad():
         mask_loss, _ = model.loss_from_batch(packed)
     torch.testing.assert_close(thd_loss, mask_loss, atol=1e-5, rtol=1e-5)
+    # ... and that THD step left the rows' padding out (local spec, one pipeline stage)
+    model.packed_thd = True
+    real = int(packed["row_tokens"].sum())
+    assert model._packed_layout(packed)["tokens"].shape == (1, real) and real < packed["tokens"].numel()
 
 
 def test_thd_training_step_matches_mask_step():
@@ -83,3 +87,42 @@ def test_thd_training_step_matches_mask_step():
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
     for k in weights[0]:
         torch.testing.assert_close(weights[0][k], weights[1][k], atol=1e-5, rtol=1e-4)
+
+
+def test_core_attention_thd_per_segment_equals_block_diagonal_mask():
+    """SDPACoreAttention on a THD batch attends one segment at a time (cost quadratic per sample); outputs
+    and q/k/v gradients equal the dense block-diagonal mask over the whole row, GQA (2 groups) included.
+    A packed batch takes this path by default on the local spec."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from nemo_neva.data.packing import packed_attention_mask
+    from nemo_neva.models.layer_specs import SDPACoreAttention
+
+    model = MegatronNevaModel(tiny_model_cfg(**llama_overrides()))
+    attn = next(m for m in model.modules() if isinstance(m, SDPACoreAttention))
+    heads, groups = attn.heads_per_partition, attn.groups_per_partition
+    assert heads > groups > 0
+    lengths = [5, 1, 9, 3, 0, 6]  # an empty segment is legal in cu_seqlens
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    t, d = sum(lengths), 8
+    g = torch.Generator().manual_seed(0)
+    q0, k0, v0 = (torch.randn(t, n, d, generator=g) for n in (heads, groups, groups))
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=9, max_seqlen_kv=9)
+
+    def run(thd):
+        q, k, v = (x.clone().requires_grad_() for x in (q0, k0, v0))
+        if thd:
+            out = attn(q, k, v, None, packed_seq_params=params)
+        else:
+            seg = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
+            out = attn(q[:, None], k[:, None], v[:, None], packed_attention_mask(seg))
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+        return out, q.grad, k.grad, v.grad
+
+    per_segment, masked = run(True), run(False)
+    assert per_segment[0].shape == (t, 1, heads * d)
+    for a, b in zip(per_segment, masked):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="cover 24 tokens, q has 23"):
+        attn(q0[:-1], k0[:-1], v0[:-1], None, packed_seq_params=params)
+    assert model._thd({"segment_ids": torch.zeros(1, 4, dtype=torch.long)})  # the local spec's default

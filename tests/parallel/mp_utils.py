@@ -131,10 +131,26 @@ def microbatches(n_micro: int, mbs: int, seed: int):
     return [batch(mbs, seed=seed * 1000 + i) for i in range(n_micro)]
 
 
+def thd_microbatches(n_micro: int, mbs: int, seed: int):
+    """The same micro-batches packed as THD: each row two samples (odd cut), positions restarting per sample,
+    rows concatenated to [1, mbs*SEQ] with megatron-core PackedSeqParams (as MegatronNevaModel.to_thd)."""
+    from nemo_neva.data.packing import packed_seq_params
+
+    cut = SEQ // 3 | 1
+    segments = (torch.arange(SEQ) >= cut).long().expand(mbs, SEQ)
+    positions = torch.cat([torch.arange(cut), torch.arange(SEQ - cut)]).expand(mbs, SEQ)
+    out = []
+    for b in microbatches(n_micro, mbs, seed):
+        thd = {k: b[k].reshape(1, -1) for k in ("tokens", "labels", "loss_mask")}
+        out.append(dict(thd, position_ids=positions.reshape(1, -1), packed_seq_params=packed_seq_params(segments)))
+    return out
+
+
 def forward_step(data_iterator, model):
     """megatron-core forward_step_func: per-token loss from GPTModel, masked mean in the loss function."""
     b = next(data_iterator)
-    out = model(b["tokens"], b["position_ids"], attention_mask=None, labels=b["labels"])
+    out = model(b["tokens"], b["position_ids"], attention_mask=None, labels=b["labels"],
+                packed_seq_params=b.get("packed_seq_params"))
     mask = b["loss_mask"]
 
     def loss_func(output_tensor):
@@ -144,13 +160,13 @@ def forward_step(data_iterator, model):
     return out, loss_func
 
 
-def ddp_forward_backward(model, data: list, mbs: int):
+def ddp_forward_backward(model, data: list, mbs: int, seq: int = SEQ, forward_only: bool = False):
     """megatron-core DDP around `model`, one schedule pass over `data`; returns (ddp, micro-batch losses)."""
     from nemo_neva.parallel.optimizer import build_megatron_ddp
     from nemo_neva.parallel.schedule import run_forward_backward
 
     ddp = build_megatron_ddp(model, {})
-    losses = run_forward_backward(ddp, iter(data), forward_step, len(data), SEQ, mbs, 64, forward_only=False)
+    losses = run_forward_backward(ddp, iter(data), forward_step, len(data), seq, mbs, 64, forward_only=forward_only)
     return ddp, [d["loss"] for d in losses]
 
 

@@ -22,6 +22,21 @@ def _logits(model):
         return U.gather_tp_logits(model(b["tokens"], b["position_ids"], attention_mask=None))
 
 
+def _thd_logits(model):
+    """The same tokens packed as THD (megatron-core PackedSeqParams): each row split into two samples of odd
+    lengths, positions restarting per sample -- SDPACoreAttention attends per segment on each TP rank."""
+    from nemo_neva.data.packing import packed_seq_params
+
+    b = U.batch(MBS, seed=77)
+    seq = b["tokens"].shape[1]
+    cut = seq // 3 | 1
+    segments = (torch.arange(seq) >= cut).long().expand(MBS, seq)
+    positions = torch.cat([torch.arange(cut), torch.arange(seq - cut)]).expand(MBS, seq)
+    with torch.no_grad():
+        return U.gather_tp_logits(model(b["tokens"].reshape(1, -1), positions.reshape(1, -1), attention_mask=None,
+                                        packed_seq_params=packed_seq_params(segments)))
+
+
 def _tp_run(rank, world_size, ckpt_dir, style, sp):
     from nemo_neva.parallel.dist_ckpt import load_sharded, save_sharded
     from nemo_neva.parallel.init import initialize_model_parallel_from_cfg
@@ -36,7 +51,7 @@ def _tp_run(rank, world_size, ckpt_dir, style, sp):
     initialize_model_parallel_from_cfg(tp=1, pp=1, **layout)
     ref = U.build_gpt(style, seed=11)
     save_sharded(ref.sharded_state_dict(), os.path.join(ckpt_dir, "weights"))
-    ref_logits = _logits(ref)
+    ref_logits, ref_thd = _logits(ref), _thd_logits(ref)
     ref_ddp, ref_losses = fwd_bwd(ref)
     ref_grads = U.main_grads(ref_ddp)
 
@@ -44,13 +59,14 @@ def _tp_run(rank, world_size, ckpt_dir, style, sp):
     initialize_model_parallel_from_cfg(tp=2, pp=1, sequence_parallel=sp, **layout)
     m = U.build_gpt(style, tp=2, sequence_parallel=sp, seed=12)
     m.load_state_dict(load_sharded(m.sharded_state_dict(), os.path.join(ckpt_dir, "weights")), strict=True)
-    tp_logits = _logits(m)
+    tp_logits, tp_thd = _logits(m), _thd_logits(m)
     tp_ddp, tp_losses = fwd_bwd(m)
     U.save_grads_as_checkpoint(tp_ddp, os.path.join(ckpt_dir, "grads"))
 
     initialize_model_parallel_from_cfg(tp=1, pp=1, **layout)
     tp_grads = U.load_full(style, os.path.join(ckpt_dir, "grads"))
-    return dict(ref_logits=ref_logits, tp_logits=tp_logits, ref_losses=ref_losses, tp_losses=tp_losses,
+    return dict(ref_logits=ref_logits, tp_logits=tp_logits, ref_thd=ref_thd, tp_thd=tp_thd,
+                ref_losses=ref_losses, tp_losses=tp_losses,
                 ref_grads=ref_grads, tp_grads=tp_grads)
 
 
@@ -59,6 +75,9 @@ def _tp_run(rank, world_size, ckpt_dir, style, sp):
 def test_tp2_matches_tp1(tmp_path, style, sp):
     for r in U.run_ranks(_tp_run, 2, str(tmp_path / "res"), str(tmp_path / "ckpt"), style, sp):
         torch.testing.assert_close(r["tp_logits"], r["ref_logits"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(r["tp_thd"], r["ref_thd"], rtol=1e-5, atol=1e-5)
+        # really packed: the second samples do not see the first ones
+        assert not torch.allclose(r["ref_thd"].flatten(0, 1), r["ref_logits"].flatten(0, 1), atol=1e-3)
         assert len(r["tp_losses"]) == len(r["ref_losses"]) == NMICRO
         torch.testing.assert_close(torch.stack(r["tp_losses"]), torch.stack(r["ref_losses"]), rtol=1e-6, atol=1e-6)
         assert all(g.abs().sum() > 0 for g in r["ref_grads"].values())
