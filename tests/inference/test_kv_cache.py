@@ -124,3 +124,17 @@ def test_decode_steps_rotate_only_the_new_keys(model, monkeypatch):
     uses_rope = model.model.language_model.position_embedding_type == "rope"
     n_layers = model.model.language_model.config.num_layers
     assert rotated == ([1] * (2 * 2 * n_layers) if uses_rope else [])  # q and k, 2 steps, every layer
+
+
+@pytest.mark.slow  # torch.compile on CPU: tens of seconds per model style
+def test_compiled_decode_steps_give_the_eager_tokens(model):
+    images = [torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.rand(3, 32, 32), None]
+    kw = dict(max_new_tokens=8, stop_token_ids=[])
+    eager = generate_tokens(model, images, PROMPTS, **kw)
+    assert generate_tokens(model, images, PROMPTS, compile_decode=True, **kw) == eager  # a padded batch of 3
+    assert generate_tokens(model, images[:1], PROMPTS[:1], compile_decode=True, **kw) == eager[:1]  # reused, b=1
+
+
+def test_compile_decode_needs_the_cache(model):
+    with pytest.raises(ValueError, match="use_cache"):
+        generate(model, [None], [PROMPTS[2]], use_cache=False, compile_decode=True)
