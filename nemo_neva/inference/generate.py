@@ -21,7 +21,8 @@ from nemo_neva.inference.kv_cache import CachedDecoder, RecomputeDecoder
 from nemo_neva.inference.sampling import apply_repetition_penalty, sample_next, validate_sampling
 from nemo_neva.inference.text_stream import TextStream
 
-__all__ = ["generate", "generate_tokens", "generate_usage", "Usage", "stream_generate", "validate_sampling", "sample_next", "encode_prompt"]
+__all__ = ["generate", "generate_tokens", "generate_usage", "Usage", "stream_generate", "validate_sampling",
+           "sample_next", "encode_prompt"]
 
 
 @dataclass
