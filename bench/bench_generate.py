@@ -37,6 +37,9 @@ def _args(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--no-recompute", action="store_true", help="skip ours-without-cache (slow for long runs)")
+    ap.add_argument("--compile", action="store_true",
+                    help="add ours with the decode step under torch.compile (inference.compile); its compile "
+                         "time is the warm-up call's, reported apart")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: this process's CPU time instead of wall time -- the work done, which stays "
                          "comparable on a machine shared with other jobs (use with 1 thread)")
@@ -77,8 +80,9 @@ def _timed(fn, clock):
 def _measure(sides, new_tokens: int, repeats: int, clock) -> dict:
     """name -> (median TTFT s, median total s, tokens). Sides alternate within every repeat, so a change in
     machine load (shared CPU) hits all of them alike."""
-    for _, fn in sides:
-        fn(2)  # warm-up
+    for name, fn in sides:
+        seconds, _ = _timed(lambda: fn(2), clock)  # warm-up (and torch.compile's compile for that side)
+        print(f"  warm-up (2 tokens) {name}: {seconds:.1f} s ({clock.__name__})", flush=True)
     ttft = {name: [] for name, _ in sides}
     total = {name: [] for name, _ in sides}
     tokens = {}
@@ -119,8 +123,9 @@ def main(argv=None):
         ids, valid = left_pad([encode_prompt(model, p, True) for p in prompts])
         pixels = torch.stack(images)
 
-        def ours(n, use_cache=True):
-            return generate_tokens(model, images, prompts, max_new_tokens=n, stop_token_ids=[], use_cache=use_cache)
+        def ours(n, use_cache=True, compile_decode=False):
+            return generate_tokens(model, images, prompts, max_new_tokens=n, stop_token_ids=[], use_cache=use_cache,
+                                   compile_decode=compile_decode)
 
         def theirs(n):
             with torch.no_grad():
@@ -129,6 +134,8 @@ def main(argv=None):
             return out[:, ids.shape[1]:].tolist()
 
         sides = [("ours (KV cache)", ours), ("HF generate", theirs)]
+        if a.compile:
+            sides.append(("ours (KV cache, compiled)", lambda n: ours(n, compile_decode=True)))
         if not a.no_recompute:
             sides.append(("ours (no cache)", lambda n: ours(n, use_cache=False)))
         result = {name: (ttft, batch * (a.new_tokens - 1) / (total - ttft), tokens)
@@ -141,6 +148,10 @@ def main(argv=None):
         hf_ttft, hf_tps = result["HF generate"][:2]
         ours_ttft, ours_tps = result["ours (KV cache)"][:2]
         print(f"  decode throughput ours/HF: {ours_tps / hf_tps:.2f}x   TTFT ours/HF: {ours_ttft / hf_ttft:.2f}x")
+        if "ours (KV cache, compiled)" in result:
+            c_ttft, c_tps, c_tokens = result["ours (KV cache, compiled)"]
+            print(f"  compiled: decode throughput ours/HF {c_tps / hf_tps:.2f}x, greedy tokens == HF: "
+                  f"{c_tokens == result['HF generate'][2]}")
         if "ours (no cache)" in result:
             print(f"  decode throughput ours cache/no cache: {ours_tps / result['ours (no cache)'][1]:.2f}x")
     print("\n| batch | prompt tokens (max) | side | TTFT (ms) | decode tokens/s |\n| --- | --- | --- | --- | --- |")

@@ -52,6 +52,7 @@ class _Generator:
             max_new_tokens=inf.tokens_to_generate, temperature=0.0 if inf.greedy else inf.temperature,
             top_k=inf.top_k, top_p=inf.top_p, seed=inf.seed, repetition_penalty=inf.repetition_penalty,
             stop_token_ids=stop_ids, stop_strings=stop_strings + extra_stops,
+            compile_decode=bool(inf.get("compile", False)),
         )
 
     def prepare(self, question: str, image_path):

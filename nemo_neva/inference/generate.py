@@ -8,7 +8,7 @@ padding mask in its cached steps (the Transformer Engine spec), only prompts of 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -21,7 +21,8 @@ from nemo_neva.inference.kv_cache import CachedDecoder, RecomputeDecoder
 from nemo_neva.inference.sampling import apply_repetition_penalty, sample_next, validate_sampling
 from nemo_neva.inference.text_stream import TextStream
 
-__all__ = ["generate", "generate_tokens", "stream_generate", "validate_sampling", "sample_next", "encode_prompt"]
+__all__ = ["generate", "generate_tokens", "generate_usage", "Usage", "stream_generate", "validate_sampling",
+           "sample_next", "encode_prompt"]
 
 
 @dataclass
@@ -35,6 +36,22 @@ class _Settings:
     stops: set
     stop_strings: Sequence[str]
     use_cache: bool
+    compile_decode: bool = False
+
+
+@dataclass
+class Usage:
+    """One answer as a server reports it: text, generated ids (stop token excluded), `completion_tokens`
+    (tokens sampled, a final stop token included, as OpenAI counts them) and `finish_reason`."""
+    text: str = ""
+    tokens: list = field(default_factory=list)
+    completion_tokens: int = 0
+    finish_reason: str = ""  # "stop" (stop token or stop string) | "length" (max_new_tokens reached)
+
+    def fill(self, stream: TextStream, text: Optional[str] = None):
+        self.tokens, self.completion_tokens, self.finish_reason = stream.tokens, stream.sampled, stream.finish_reason
+        if text is not None:
+            self.text = text
 
 
 @dataclass
@@ -66,15 +83,17 @@ def _pixels(model, image) -> Optional[torch.Tensor]:
 
 
 def _settings(model, n_images, n_prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-              stop_token_ids, stop_strings, use_cache) -> _Settings:
+              stop_token_ids, stop_strings, use_cache, compile_decode=False) -> _Settings:
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         raise NotImplementedError("generation with pipeline parallelism is not supported; restore at PP=1")
     if n_images != n_prompts:
         raise ValueError(f"{n_images} images for {n_prompts} prompts")
     validate_sampling(temperature, top_k, top_p, max_new_tokens, model.cfg.encoder_seq_length, repetition_penalty)
     stops = set(stop_token_ids) if stop_token_ids is not None else {model.tokenizer.eos_token_id}
+    if compile_decode and not use_cache:
+        raise ValueError("compile_decode compiles the cached decode step; it needs use_cache=True")
     return _Settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stops,
-                     list(stop_strings), use_cache)
+                     list(stop_strings), use_cache, compile_decode)
 
 
 def _requests(model, images, prompts, max_new_tokens: int) -> list[_Request]:
@@ -151,7 +170,8 @@ def _decode_batch(model, requests: list[_Request], s: _Settings, seeds: list[int
     image_rows = [row for row, r in enumerate(requests) if r.pixels is not None]
     images = torch.stack([requests[row].pixels for row in image_rows]).to(device) if image_rows else None
     if s.use_cache:
-        decoder = CachedDecoder(model.model, images, image_rows, tokens.shape[1] + s.max_new_tokens)
+        decoder = CachedDecoder(model.model, images, image_rows, tokens.shape[1] + s.max_new_tokens,
+                                compile_steps=s.compile_decode)
     else:
         decoder = RecomputeDecoder(model.model, images, image_rows)
     generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
@@ -167,13 +187,17 @@ def _decode_batch(model, requests: list[_Request], s: _Settings, seeds: list[int
         chosen = sample_next(logits, s.temperature, s.top_k, s.top_p, [generators[int(r)] for r in active])
         keep = []
         for b, (row, token) in enumerate(zip(active.tolist(), chosen.tolist())):
+            streams[row].sampled += 1
+            reason = "stop"
             if token in s.stops:
                 delta, done = streams[row].flush(), True
             else:
                 delta, done = streams[row].push(token)
                 seen[row, token] = True
                 if step == s.max_new_tokens - 1 and not done:
-                    delta, done = delta + streams[row].flush(), True
+                    delta, done, reason = delta + streams[row].flush(), True, "length"
+            if done:
+                streams[row].finish_reason = reason
             if delta:
                 yield row, delta
             if not done:
@@ -201,52 +225,69 @@ def _run(model, requests: list[_Request], s: _Settings, batch_size: Optional[int
 def stream_generate(model, image, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0,
                     top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None,
                     stop_token_ids: Optional[Sequence[int]] = None, stop_strings: Sequence[str] = (),
-                    repetition_penalty: float = 1.0, use_cache: bool = True) -> Iterator[str]:
+                    repetition_penalty: float = 1.0, use_cache: bool = True,
+                    usage: Optional[Usage] = None, compile_decode: bool = False) -> Iterator[str]:
     """Like `generate` for one (image, prompt), yielding text deltas as they are decoded.
 
     Parameters are validated before the first token; `"".join(deltas).strip()` equals `generate(...)[0]`.
+    A `usage` passed in is filled in once the answer has ended.
     """
     s = _settings(model, 1, 1, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-                  stop_token_ids, stop_strings, use_cache)
+                  stop_token_ids, stop_strings, use_cache, compile_decode)
     requests = _requests(model, [image], [prompt], max_new_tokens)
+    stream = TextStream(model.tokenizer, s.stop_strings)
     with _generation_mode(model):
-        for _, delta in _run(model, requests, s, 1, [TextStream(model.tokenizer, s.stop_strings)]):
+        for _, delta in _run(model, requests, s, 1, [stream]):
             yield delta
+    if usage is not None:
+        usage.fill(stream)
 
 
 def generate(model, images: Sequence, prompts: Sequence[str], max_new_tokens: int = 32, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None,
              stop_token_ids: Optional[Sequence[int]] = None, stop_strings: Sequence[str] = (),
              repetition_penalty: float = 1.0, batch_size: Optional[int] = None,
-             use_cache: bool = True) -> list[str]:
+             use_cache: bool = True, compile_decode: bool = False) -> list[str]:
     """`images[i]` is a PIL image, a [3,H,W] tensor, or None; `prompts[i]` is the rendered prompt text.
 
     Decoding ends at a stop token id (default: EOS), a stop string, or `max_new_tokens`. temperature 0 is
     greedy; `repetition_penalty` > 1 discourages tokens already in the prompt or answer. With a `seed`, each
     answer is reproducible and independent of the other requests. `batch_size` caps how many requests decode
     together (None: all); `use_cache=False` recomputes the whole sequence per token (reference/benchmark).
+    `compile_decode=True` runs the cached decode steps through `torch.compile` (`compiled_step.py`).
     """
     answers = [""] * len(prompts)
     for i, delta in _stream_all(model, images, prompts, max_new_tokens, temperature, top_k, top_p, seed,
-                                stop_token_ids, stop_strings, repetition_penalty, batch_size, use_cache):
+                                stop_token_ids, stop_strings, repetition_penalty, batch_size, use_cache,
+                                compile_decode=compile_decode):
         answers[i] += delta
     return [a.strip() for a in answers]
 
 
 def generate_tokens(model, images: Sequence, prompts: Sequence[str], **kwargs) -> list[list[int]]:
     """Like `generate` (same keyword arguments), but the generated token ids (stop token excluded)."""
+    return [u.tokens for u in generate_usage(model, images, prompts, **kwargs)]
+
+
+def generate_usage(model, images: Sequence, prompts: Sequence[str], **kwargs) -> list[Usage]:
+    """Like `generate` (same keyword arguments), with each answer's token ids, count and finish reason."""
+    answers = [""] * len(prompts)
     streams: list[TextStream] = []
-    for _ in _stream_all(model, images, prompts, streams=streams, **kwargs):
-        pass
-    return [st.tokens for st in streams]
+    for i, delta in _stream_all(model, images, prompts, streams=streams, **kwargs):
+        answers[i] += delta
+    out = [Usage() for _ in streams]
+    for u, st, text in zip(out, streams, answers):
+        u.fill(st, text.strip())
+    return out
 
 
 def _stream_all(model, images, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
                 top_p: float = 1.0, seed: Optional[int] = None, stop_token_ids: Optional[Sequence[int]] = None,
                 stop_strings: Sequence[str] = (), repetition_penalty: float = 1.0, batch_size: Optional[int] = None,
-                use_cache: bool = True, streams: Optional[list] = None) -> Iterator[tuple[int, str]]:
+                use_cache: bool = True, streams: Optional[list] = None,
+                compile_decode: bool = False) -> Iterator[tuple[int, str]]:
     s = _settings(model, len(images), len(prompts), max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                  seed, stop_token_ids, stop_strings, use_cache)
+                  seed, stop_token_ids, stop_strings, use_cache, compile_decode)
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     requests = _requests(model, images, prompts, max_new_tokens)

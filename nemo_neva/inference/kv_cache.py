@@ -20,6 +20,7 @@ import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 
 from nemo_neva.inference.batching import decode_mask, positions, prefill_mask
+from nemo_neva.inference.compiled_step import compiled_language_model
 
 
 class _Decoder:
@@ -44,9 +45,10 @@ class _Decoder:
 class CachedDecoder(_Decoder):
     """Prefill once, then one token per step through megatron-core's static KV cache."""
 
-    def __init__(self, module, images, image_rows, max_sequence_length: int):
+    def __init__(self, module, images, image_rows, max_sequence_length: int, compile_steps: bool = False):
         super().__init__(module, images, image_rows)
         self.max_sequence_length = max_sequence_length
+        self.compiled = compiled_language_model(module) if compile_steps else None
         self.context = None
         self.valid = None
         self.next_position = None
@@ -65,8 +67,13 @@ class CachedDecoder(_Decoder):
     def step(self, next_tokens: torch.Tensor) -> torch.Tensor:
         """next_tokens [b] -> logits [b, vocab] for the token after them."""
         self.valid = torch.cat([self.valid, torch.ones_like(self.valid[:, :1])], dim=1)
-        logits = self._forward(next_tokens[:, None], self.next_position[:, None], decode_mask(self.valid), None,
-                               self.context)
+        if self.compiled is not None:
+            logits = self.compiled(input_ids=next_tokens[:, None], position_ids=self.next_position[:, None],
+                                   attention_mask=decode_mask(self.valid), inference_context=self.context,
+                                   runtime_gather_output=True)
+        else:
+            logits = self._forward(next_tokens[:, None], self.next_position[:, None], decode_mask(self.valid),
+                                   None, self.context)
         self.context.increment_sequence_len_offset(1)
         self.next_position = self.next_position + 1
         return logits[:, -1]

@@ -1,7 +1,7 @@
 """Token ids in, text deltas out: incremental detokenisation that never leaks a stop string."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 
 class TextStream:
@@ -18,6 +18,9 @@ class TextStream:
         self.held = max([len(s) - 1 for s in self.stop_strings] + [0])
         self.tokens: list[int] = []
         self.sent = ""
+        # Set by the decoding loop when this answer ends (what a server reports as usage):
+        self.sampled = 0  # tokens sampled, a final stop token included (it was sampled, as OpenAI counts it)
+        self.finish_reason: Optional[str] = None  # "stop" (stop token or string) | "length" (max_new_tokens)
 
     def push(self, token: int) -> tuple[str, bool]:
         """Add one token: (delta, stopped). `stopped` means a stop string just completed (it is cut off)."""

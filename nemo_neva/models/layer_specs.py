@@ -18,6 +18,9 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from nemo_neva.models.rotated_kv_attention import RotatedKVCacheSelfAttention
+from nemo_neva.models.row_linear import RowParallelLinearOwnGroup
+
 try:  # optional: never required
     import transformer_engine as _te  # noqa: F401  (availability probe)
 
@@ -196,7 +199,10 @@ def build_layer_spec(normalization: str, transformer_engine: bool, qk_layernorm:
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     spec = get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm)
+    spec.submodules.self_attention.module = RotatedKVCacheSelfAttention  # RoPE once per key in generation
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    spec.submodules.self_attention.submodules.linear_proj = RowParallelLinearOwnGroup  # no group look-up per call
+    spec.submodules.mlp.submodules.linear_fc2 = RowParallelLinearOwnGroup
     spec.submodules.input_layernorm = TorchNormSP
     spec.submodules.pre_mlp_layernorm = TorchNormSP
     return spec

@@ -12,11 +12,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
 
-from nemo_neva.inference.generate import encode_prompt, generate, stream_generate
+from nemo_neva.inference.generate import Usage, encode_prompt, generate_usage, stream_generate
 from nemo_neva.inference.prompting import stop_markers
 from nemo_neva.serving.chat_request import ChatRequest
 from nemo_neva.serving.errors import RequestError, internal_error
-from nemo_neva.serving.token_count import count_sampled_tokens
 
 log = logging.getLogger("nemo_neva.serving")
 
@@ -122,20 +121,15 @@ class GenerationWorker:
         kwargs = dict(max_new_tokens=max_new, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
                       seed=r.seed, stop_token_ids=sorted(self.stop_ids),
                       stop_strings=[*self.stop_strings, *r.stop])
-        with count_sampled_tokens(self.model) as counted:
-            if r.stream:
-                parts = []
-                for delta in strip_deltas(stream_generate(self.model, r.image, r.prompt, **kwargs)):
-                    if job.cancelled.is_set():
-                        log.info("client went away; generation stopped")
-                        return
-                    parts.append(delta)
-                    job.events.put(("delta", delta))
-                text = "".join(parts)
-            else:
-                text = generate(self.model, [r.image], [r.prompt], **kwargs)[0]
-        n_new = counted.n
-        if n_new is None:  # no output layer to observe: count the returned text instead
-            n_new = len(self.model.tokenizer(text, add_special_tokens=False)["input_ids"])
-        reason = "length" if n_new >= max_new else "stop"
-        job.events.put(("done", Finished(text, reason, n_prompt, n_new)))
+        if r.stream:
+            usage, parts = Usage(), []
+            for delta in strip_deltas(stream_generate(self.model, r.image, r.prompt, usage=usage, **kwargs)):
+                if job.cancelled.is_set():
+                    log.info("client went away; generation stopped")
+                    return
+                parts.append(delta)
+                job.events.put(("delta", delta))
+            usage.text = "".join(parts)
+        else:
+            usage = generate_usage(self.model, [r.image], [r.prompt], **kwargs)[0]
+        job.events.put(("done", Finished(usage.text, usage.finish_reason, n_prompt, usage.completion_tokens)))

@@ -95,3 +95,46 @@ def test_generation_attention_equals_the_training_attention_bit_for_bit(model):
     training = logits()
     assert training.requires_grad  # really the autograd path
     assert torch.equal(generation, training.detach())
+
+
+def test_decode_steps_rotate_only_the_new_keys(model, monkeypatch):
+    """The cache holds keys after RoPE (`RotatedKVCacheSelfAttention`): a decode step rotates its own query
+    and key only, never the cached keys again (megatron-core's plain static path re-rotates the whole cache)."""
+    import nemo_neva.models.rotated_kv_attention as ours
+    import megatron.core.transformer.attention as mcore_attention
+
+    rotated = []
+
+    def spy(fn):
+        def wrapped(t, freqs, *args, **kwargs):
+            rotated.append(t.shape[0])
+            return fn(t, freqs, *args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(ours, "apply_rotary_pos_emb", spy(ours.apply_rotary_pos_emb))
+    monkeypatch.setattr(mcore_attention, "apply_rotary_pos_emb", spy(mcore_attention.apply_rotary_pos_emb))
+    ids, pixels, rows = _inputs(model, 3)
+    tokens, valid = left_pad(ids)
+    decoder = CachedDecoder(model.model, pixels, rows, tokens.shape[1] + 4)
+    with torch.no_grad():
+        decoder.prefill(tokens, valid)
+        rotated.clear()
+        decoder.step(torch.zeros(3, dtype=torch.long))
+        decoder.step(torch.zeros(3, dtype=torch.long))
+    uses_rope = model.model.language_model.position_embedding_type == "rope"
+    n_layers = model.model.language_model.config.num_layers
+    assert rotated == ([1] * (2 * 2 * n_layers) if uses_rope else [])  # q and k, 2 steps, every layer
+
+
+@pytest.mark.slow  # torch.compile on CPU: tens of seconds per model style
+def test_compiled_decode_steps_give_the_eager_tokens(model):
+    images = [torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.rand(3, 32, 32), None]
+    kw = dict(max_new_tokens=8, stop_token_ids=[])
+    eager = generate_tokens(model, images, PROMPTS, **kw)
+    assert generate_tokens(model, images, PROMPTS, compile_decode=True, **kw) == eager  # a padded batch of 3
+    assert generate_tokens(model, images[:1], PROMPTS[:1], compile_decode=True, **kw) == eager[:1]  # reused, b=1
+
+
+def test_compile_decode_needs_the_cache(model):
+    with pytest.raises(ValueError, match="use_cache"):
+        generate(model, [None], [PROMPTS[2]], use_cache=False, compile_decode=True)

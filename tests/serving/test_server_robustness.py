@@ -54,7 +54,7 @@ def test_internal_failure_is_a_generic_500_without_details(small_server, monkeyp
     def broken(*args, **kwargs):
         raise RuntimeError("secret detail /etc/shadow")
 
-    monkeypatch.setattr(worker_module, "generate", broken)
+    monkeypatch.setattr(worker_module, "generate_usage", broken)
     conn = http.client.HTTPConnection("127.0.0.1", small_server, timeout=60)
     conn.request("POST", "/v1/chat/completions",
                  body=json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}))
