@@ -234,3 +234,19 @@ def test_tidy_clears_what_an_interrupted_save_leaves(tmp_path):
     actions = checkpointing.tidy_checkpoint_dir(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["run--epoch=1-last", "run--epoch=2", "run--epoch=3"], actions
     assert checkpointing.checkpoint_dir("x/a.ckpt") == "x/a"
+
+
+def test_a_peft_resume_on_another_base_nemo_is_refused():
+    """The adapters in a PEFT training checkpoint only fit the base they were trained on."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from nemo_neva import MegatronNevaModel
+
+    cfg = OmegaConf.create({"global_batch_size": 8, "peft": {"base_nemo_path": "/x/base.nemo",
+                                                             "base_nemo_sha256": "b" * 64}})
+    model = SimpleNamespace(cfg=cfg, _train_dl=None)
+    with pytest.raises(ValueError, match="resume with the same base"):
+        MegatronNevaModel.on_load_checkpoint(model, {"neva_peft_base_sha256": "a" * 64})
+    MegatronNevaModel.on_load_checkpoint(model, {"neva_peft_base_sha256": "b" * 64})  # the same base: fine
