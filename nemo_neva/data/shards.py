@@ -334,7 +334,8 @@ class ShardedNevaDataset(IterableDataset):
     Position: `state_dict()` -> {"epoch", "consumed", "seed", "total"}, `consumed` counting samples of
     the epoch's global sequence taken by all ranks together; `load_state_dict` continues from there.
     Consumption is counted where items reach the caller: by __iter__ when iterated in this process,
-    by ShardedLoader when DataLoader workers produce them. An exhausted pass moves to the next epoch.
+    by ShardedLoader when DataLoader workers produce them. An exhausted pass, or a new pass over an epoch
+    already handed out completely, moves to the next epoch; `len()` is the whole epoch's (per rank).
     """
 
     def __init__(self, shards: Union[str, Sequence[str]], tokenizer, image_processor, template: str = "plain",
