@@ -31,7 +31,7 @@ def main(cfg) -> None:
         raise ValueError("model.peft.peft_scheme is null: nothing to train here (use examples/neva_finetune.py)")
     cfg.model = model_cfg
     trainer = build_trainer(cfg)
-    exp_manager_with_resume(trainer, cfg.exp_manager)  # tidies interrupted saves when resume_if_exists=true
+    exp_manager_with_resume(trainer, cfg.exp_manager)  # relaunching resumes from the last checkpoint
     # The constructor loads the base weights, adds the adapters (B = 0) and records `restore` as their base.
     model = MegatronNevaModel.restore_from(restore, override_config_path=model_cfg, trainer=trainer)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

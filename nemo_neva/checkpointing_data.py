@@ -53,9 +53,14 @@ def consumed_samples(global_step: int, global_batch_size: int) -> int:
 def fast_forward(loader, consumed: int) -> tuple[int, int]:
     """Position the model's training `loader` after `consumed` samples of the run; returns (epoch, samples
     of that epoch already consumed by all ranks)."""
+    from nemo_neva.data.packed_shards import PackedShardDataset
     from nemo_neva.data.shards import ShardedNevaDataset
 
     ds = loader.dataset
+    if isinstance(ds, PackedShardDataset):  # its rows are not samples: global_step cannot place it
+        raise ValueError("resuming a run on packed tar shards (model.data.packed_sequence with a shard data_path) "
+                         "is not supported; resume with unpacked shards or JSON data, or start over "
+                         "(exp_manager.resume_if_exists=false or a new exp_manager.exp_dir)")
     if isinstance(ds, ShardedNevaDataset):
         epoch, offset = divmod(consumed, ds._epoch_len())
         ds.load_state_dict({"epoch": epoch, "consumed": offset, "seed": ds.seed, "total": ds.total})

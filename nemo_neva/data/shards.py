@@ -334,7 +334,8 @@ class ShardedNevaDataset(IterableDataset):
     Position: `state_dict()` -> {"epoch", "consumed", "seed", "total"}, `consumed` counting samples of
     the epoch's global sequence taken by all ranks together; `load_state_dict` continues from there.
     Consumption is counted where items reach the caller: by __iter__ when iterated in this process,
-    by ShardedLoader when DataLoader workers produce them. An exhausted pass moves to the next epoch.
+    by ShardedLoader when DataLoader workers produce them. An exhausted pass, or a new pass over an epoch
+    already handed out completely, moves to the next epoch; `len()` is the whole epoch's (per rank).
     """
 
     def __init__(self, shards: Union[str, Sequence[str]], tokenizer, image_processor, template: str = "plain",
@@ -390,9 +391,20 @@ class ShardedNevaDataset(IterableDataset):
     def _end_epoch(self) -> None:
         self.set_epoch(self.epoch + 1)
 
+    def _roll_over(self) -> None:
+        """Start the next epoch if this one has been handed out completely. A trainer that stops at the
+        loader's length never exhausts the pass, so the epoch cannot end only on exhaustion."""
+        if self._epoch_len() == 0:  # an empty epoch would make a trainer loop without training
+            raise ValueError(f"{self.total} samples are fewer than one global batch "
+                             f"({self.dp_size} ranks x {self.batch_size})")
+        if self.consumed >= self._epoch_len():
+            self._end_epoch()
+
     def __len__(self) -> int:
-        """Samples this rank still gets in the current epoch."""
-        left = self._epoch_len() - self.consumed - self.dp_rank
+        """Samples this rank gets in a whole epoch, whatever part of it is consumed: like
+        DistributedSampler's length, a constant the trainer reads once; after a mid-epoch resume the
+        pass yields only what is left, and the trainer's restored batch count makes up the rest."""
+        left = self._epoch_len() - self.dp_rank
         return max(0, -(-left // self.dp_size))
 
     # ------------------------------------------------------------------ order
@@ -418,6 +430,7 @@ class ShardedNevaDataset(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        self._roll_over()
         start, end, dp, bs = self.consumed, self._epoch_len(), self.dp_size, max(self.batch_size, 1)
         self._start, self._local = start, 0
         pos = 0  # global position of the next sample of the epoch's sequence
@@ -485,6 +498,7 @@ class ShardedLoader(DataLoader):
 
     def __iter__(self):
         ds, counting = self.dataset, self.num_workers > 0
+        ds._roll_over()  # before the workers take their copies of the position
         if counting:
             ds._start, ds._local = ds.consumed, 0
         for batch in super().__iter__():

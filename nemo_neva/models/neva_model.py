@@ -242,11 +242,22 @@ class MegatronNevaModel(ModelPT):
         from nemo_neva.checkpointing import optimizer_sharded_state
 
         model_sd = self.model.sharded_state_dict(prefix="model.")
+        keep = self._checkpoint_keep()
+        if keep is not None:
+            model_sd = {k: v for k, v in model_sd.items() if keep(k)}
         megatron_opt = self.optimizers(use_pl_optimizer=False).megatron_optimizer
         opt_sd = optimizer_sharded_state(megatron_opt, model_sd, is_loading)
         return {"model": model_sd, "optimizer": opt_sd}
 
+    def _checkpoint_keep(self):
+        """PEFT on a base .nemo: training checkpoints hold adapters + projector only (as its .nemo does); the
+        frozen base is the base .nemo's, which the PEFT run loads (checksum-verified) before it resumes."""
+        if peft.lora_settings(self.cfg) is not None and self.cfg.peft.get("base_nemo_path"):
+            return peft.is_peft_key
+        return None
+
     def load_checkpoint_weights(self, state: dict, keep=None) -> None:
+        keep = keep or self._checkpoint_keep()
         state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state") and (keep is None or keep("model." + k))]
@@ -257,15 +268,28 @@ class MegatronNevaModel(ModelPT):
         from nemo_neva.checkpointing_data import data_state
 
         checkpoint["neva_data"] = data_state(self.trainer.global_step, self.cfg.global_batch_size)
+        if self._checkpoint_keep() is not None:
+            checkpoint["neva_peft_base_sha256"] = self.cfg.peft.base_nemo_sha256
 
     def on_load_checkpoint(self, checkpoint):
         from nemo_neva.checkpointing_data import restore_data_position
 
         # Lightning saves mid-epoch checkpoints before counting the step's batch, so its logging step would
         # trail global_step by one after a resume: one step per batch here, so they are equal.
-        epoch_loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+        saved_base = checkpoint.get("neva_peft_base_sha256")
+        if saved_base is not None and saved_base != self.cfg.peft.get("base_nemo_sha256"):
+            raise ValueError(f"this training checkpoint's adapters were trained on the base .nemo with SHA-256 "
+                             f"{saved_base}, but model.restore_from_path is now {self.cfg.peft.base_nemo_path} "
+                             f"(SHA-256 {self.cfg.peft.get('base_nemo_sha256')}); resume with the same base")
+        fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        epoch_loop = fit_loop.get("epoch_loop.state_dict", {})
         if "_batches_that_stepped" in epoch_loop and "global_step" in checkpoint:
             epoch_loop["_batches_that_stepped"] = checkpoint["global_step"]
+        # For the same reason its batch counter restarts one batch back (it resets `ready` to `completed`),
+        # so the resumed epoch's batch_idx would trail the uninterrupted run's; the saved batch was trained.
+        for progress in fit_loop.get("epoch_loop.batch_progress", {}).values():
+            if isinstance(progress, dict) and progress.get("processed", 0) > progress.get("completed", 0):
+                progress["completed"] = progress["processed"]
         if getattr(self, "_train_dl", None) is not None:
             restore_data_position(self._train_dl, checkpoint.get("neva_data"), self.cfg.global_batch_size)
 

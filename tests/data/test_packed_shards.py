@@ -86,3 +86,12 @@ def test_resume_replays_unfinished_windows_loses_nothing(shards, tok, proc):
     seen = set(ids_in(first)) | set(ids_in(rest))
     assert len(seen) == 37  # nothing lost across the restart
     assert len(ids_in(first)) + len(ids_in(rest)) > 37  # the unfinished window is served again
+
+
+def test_a_training_resume_on_packed_shards_is_refused_clearly(shards, tok, proc):
+    from nemo_neva.checkpointing_data import fast_forward
+
+    ds = ShardedNevaDataset(shards, tok, proc, template="plain", seq_length=SEQ, num_image_tokens=4)
+    dl = PackedShardLoader(PackedShardDataset(ds, SEQ, window=12), batch_size=2)
+    with pytest.raises(ValueError, match="packed tar shards .* not supported"):
+        fast_forward(dl, 16)

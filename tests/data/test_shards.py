@@ -115,6 +115,33 @@ def test_same_seed_same_order(demo, tok, proc):
     assert sorted(order) == list(range(100)) and all(p >= i - 4 for p, i in enumerate(order))
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_trainer_that_stops_at_the_length_gets_the_next_epoch(demo, tok, proc, workers):
+    """Lightning reads len(loader) once and ends its epoch after that many batches without exhausting the
+    iterator; the next pass must then be the next epoch (it used to be empty, so training never advanced)."""
+    _, out = demo
+    ds = sharded(out, tok, proc, seed=3, shuffle_buffer=4, drop_remainder=True)
+    dl = ShardedLoader(ds, batch_size=4, num_workers=workers, collate_fn=lambda b: [it["id"] for it in b])
+    per_epoch = len(dl)
+    assert per_epoch == N // 4
+
+    def epoch_ids(epoch, start=0):
+        ref = sharded(out, tok, proc, seed=3, shuffle_buffer=4)
+        ref.set_epoch(epoch)
+        return ids_of(ref)[start:]
+
+    passes = [[i for b in itertools.islice(dl, per_epoch) for i in b] for _ in range(2)]
+    assert passes == [epoch_ids(0), epoch_ids(1)] and ds.epoch == 1 and len(dl) == per_epoch
+    ds.load_state_dict({"epoch": 4, "consumed": 12, "seed": 3, "total": N})  # a mid-epoch resume
+    assert len(dl) == per_epoch  # what is left is 7 batches; the trainer's restored batch count adds the 3
+    rest = list(itertools.islice(dl, per_epoch))
+    assert len(rest) == per_epoch - 3 and [i for b in rest for i in b] == epoch_ids(4, 12)
+    assert [i for b in itertools.islice(dl, 1) for i in b] == epoch_ids(5)[:4]
+    tiny = sharded(out, tok, proc, drop_remainder=True, batch_size=N + 1)  # no full batch: an error, not a hang
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        next(iter(tiny))
+
+
 def test_resume_continues_with_the_rest(demo, tok, proc):
     _, out = demo
     full = ids_of(sharded(out, tok, proc, seed=3, shuffle_buffer=4))
@@ -124,7 +151,7 @@ def test_resume_continues_with_the_rest(demo, tok, proc):
     assert head == full[:13] and state == {"epoch": 0, "consumed": 13, "seed": 3, "total": N}
     again = sharded(out, tok, proc, seed=3, shuffle_buffer=4)
     again.load_state_dict(state)
-    assert len(again) == N - 13 and ids_of(again) == full[13:]
+    assert len(again) == N and ids_of(again) == full[13:]  # the length is the whole epoch's, a constant
 
     # through DataLoader workers, then restarted on two data-parallel ranks
     ds = sharded(out, tok, proc, seed=3, shuffle_buffer=4)

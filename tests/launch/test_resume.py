@@ -20,15 +20,25 @@ STEPS = 7  # 24 samples / global batch 8 = 3 steps per epoch: the resumed part c
 KILL_AT = 4  # dies while publishing the step-4 checkpoint: only the step-2 one is complete
 
 
-def _small_data(tmp_path):
-    records = json.load(open(os.path.join(ROOT, "data", "shapes_demo", "stage1_captions.json")))[:24]
-    path = tmp_path / "captions.json"
+def _small_data(tmp_path, source="stage1_captions.json"):
+    records = json.load(open(os.path.join(ROOT, "data", "shapes_demo", source)))[:24]
+    path = tmp_path / source
     path.write_text(json.dumps(records))
     return path
 
 
-def _cmd(exp, data, extra=(), nproc=1, kill=False):
-    script = os.path.join(ROOT, "examples", "neva_pretrain.py")
+def _shard_data(tmp_path):
+    """The same 24 captions as tar shards of 5 samples (5 shards): shard order and in-shard shuffle matter."""
+    from nemo_neva.data.shards import convert_to_shards
+
+    out = tmp_path / "shards"
+    convert_to_shards(str(_small_data(tmp_path)), os.path.join(ROOT, "data", "shapes_demo", "images"), str(out),
+                      samples_per_shard=5)
+    return out
+
+
+def _cmd(exp, data, extra=(), nproc=1, kill=False, script="neva_pretrain"):
+    script = os.path.join(ROOT, "examples", f"{script}.py")
     args = [f"trainer.max_steps={STEPS}", f"exp_manager.exp_dir={exp}", f"model.data.data_path={data}",
             "exp_manager.checkpoint_callback_params.every_n_train_steps=2", "trainer.log_every_n_steps=1",
             "model.optim.sched.warmup_steps=2", *extra]
@@ -80,14 +90,19 @@ def _run(cmd, cwd, expect_killed=False):
     return proc
 
 
-def _final_state(exp):
-    """Weights and the last logged train_loss of a finished run (its last training checkpoint)."""
+def _final_state(exp, name="neva_pretrain"):
+    """Weights, the logged train_loss per step, and Lightning's epoch/batch counters and checkpoint names
+    of a finished run (its last training checkpoint)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    ckpts = glob.glob(str(exp / "neva_pretrain" / "checkpoints" / "*-last"))
+    root = exp / name / "checkpoints"
+    ckpts = glob.glob(str(root / "*-last"))
     assert len(ckpts) == 1, ckpts
     state = torch.load(os.path.join(ckpts[0], checkpointing.TRAINER_STATE), weights_only=True)
     assert state["global_step"] == STEPS
+    fit_loop = state["loops"]["fit_loop"]
+    counters = {"epoch": state["epoch"], "batches": fit_loop["epoch_loop.batch_progress"],
+                "epochs": fit_loop["epoch_progress"]["current"], "checkpoints": sorted(os.listdir(root))}
     from torch.distributed.checkpoint import FileSystemReader, load
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -97,17 +112,19 @@ def _final_state(exp):
                if isinstance(m, TensorStorageMetadata)}
     load(tensors, storage_reader=reader, no_dist=True)
     losses = {}
-    for events in glob.glob(str(exp / "neva_pretrain" / "**" / "events.out.tfevents.*"), recursive=True):
+    for events in glob.glob(str(exp / name / "**" / "events.out.tfevents.*"), recursive=True):
         acc = EventAccumulator(events)
         acc.Reload()
         if "train_loss" in acc.Tags()["scalars"]:
             losses.update({e.step: e.value for e in acc.Scalars("train_loss")})
-    return tensors, losses
+    return tensors, losses, counters
 
 
 def _compare(reference, resumed):
-    ref_t, ref_loss = reference
-    res_t, res_loss = resumed
+    ref_t, ref_loss, ref_counters = reference
+    res_t, res_loss, res_counters = resumed
+    # Lightning's epochs line up with the data's: same epoch count, batches per epoch, checkpoint names
+    assert res_counters == ref_counters
     assert ref_t.keys() == res_t.keys()
     assert any(k.startswith("optimizer.") for k in ref_t), "optimizer state is part of the checkpoint"
     for k in ref_t:
@@ -117,22 +134,52 @@ def _compare(reference, resumed):
     assert abs(ref_loss[last] - res_loss[last]) < 1e-6
 
 
-def _kill_and_resume(tmp_path, extra=(), nproc=1):
-    data = _small_data(tmp_path)
+def _kill_and_resume(tmp_path, extra=(), nproc=1, data=None, script="neva_pretrain"):
+    data = data or _small_data(tmp_path)
     ref_exp, exp = tmp_path / "uninterrupted", tmp_path / "killed"
-    _run(_cmd(ref_exp, data, extra, nproc), tmp_path)
-    _run(_cmd(exp, data, extra, nproc, kill=True), tmp_path, expect_killed=True)
-    root = exp / "neva_pretrain" / "checkpoints"
+    _run(_cmd(ref_exp, data, extra, nproc, script=script), tmp_path)
+    _run(_cmd(exp, data, extra, nproc, kill=True, script=script), tmp_path, expect_killed=True)
+    root = exp / script / "checkpoints"
     left = sorted(os.listdir(root))
     assert any(n.endswith(checkpointing.PARTIAL_SUFFIX) for n in left), left  # died mid-save
     assert any(n.endswith("-last") and checkpointing.is_complete(str(root / n)) for n in left), left
-    proc = _run(_cmd(exp, data, extra, nproc), tmp_path)
+    proc = _run(_cmd(exp, data, extra, nproc, script=script), tmp_path)
     assert "removed unfinished" in proc.stdout + proc.stderr
-    _compare(_final_state(ref_exp), _final_state(exp))
+    reference = _final_state(ref_exp, script)
+    _compare(reference, _final_state(exp, script))
+    return reference
 
 
 def test_sigkill_during_a_save_then_relaunch_matches_an_uninterrupted_run(tmp_path):
     _kill_and_resume(tmp_path)
+
+
+def test_tar_shard_run_killed_mid_save_resumes_like_an_uninterrupted_run(tmp_path):
+    """Tar shards: the resumed run continues mid-epoch (step 2 of 3) and crosses two epoch ends."""
+    _kill_and_resume(tmp_path, data=_shard_data(tmp_path))
+
+
+@pytest.mark.slow
+def test_tar_shard_resume_with_dataloader_workers(tmp_path):
+    """Two DataLoader workers: the position is counted in the main process (ShardedLoader)."""
+    _kill_and_resume(tmp_path, extra=("model.data.num_workers=2",), data=_shard_data(tmp_path))
+
+
+@pytest.mark.slow
+def test_peft_run_killed_mid_save_resumes_like_an_uninterrupted_run(tmp_path):
+    """LoRA adapters + projector + their optimizer state end equal; the frozen base comes from the .nemo."""
+    base_exp = tmp_path / "base"
+    _run([sys.executable, os.path.join(ROOT, "examples", "neva_pretrain.py"), "trainer.max_steps=1",
+          f"exp_manager.exp_dir={base_exp}", "exp_manager.create_checkpoint_callback=false"], tmp_path)
+    base = base_exp / "neva_pretrain" / "neva_pretrain.nemo"
+    tensors, _, _ = _kill_and_resume(
+        tmp_path, data=_small_data(tmp_path, "stage2_instruct.json"), script="neva_peft",
+        extra=(f"model.restore_from_path={base}", "model.peft.lora.rank=4"))
+    from nemo_neva.models.peft import is_adapter_key, is_peft_key
+
+    weights = [k for k in tensors if k.startswith("model.")]
+    assert any(is_adapter_key(k) for k in weights) and any(k.startswith("model.projector.") for k in weights)
+    assert all(is_peft_key(k) for k in weights), weights  # the frozen base stays in the base .nemo
 
 
 @pytest.mark.slow
@@ -187,3 +234,19 @@ def test_tidy_clears_what_an_interrupted_save_leaves(tmp_path):
     actions = checkpointing.tidy_checkpoint_dir(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["run--epoch=1-last", "run--epoch=2", "run--epoch=3"], actions
     assert checkpointing.checkpoint_dir("x/a.ckpt") == "x/a"
+
+
+def test_a_peft_resume_on_another_base_nemo_is_refused():
+    """The adapters in a PEFT training checkpoint only fit the base they were trained on."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from nemo_neva import MegatronNevaModel
+
+    cfg = OmegaConf.create({"global_batch_size": 8, "peft": {"base_nemo_path": "/x/base.nemo",
+                                                             "base_nemo_sha256": "b" * 64}})
+    model = SimpleNamespace(cfg=cfg, _train_dl=None)
+    with pytest.raises(ValueError, match="resume with the same base"):
+        MegatronNevaModel.on_load_checkpoint(model, {"neva_peft_base_sha256": "a" * 64})
+    MegatronNevaModel.on_load_checkpoint(model, {"neva_peft_base_sha256": "b" * 64})  # the same base: fine
