@@ -17,14 +17,14 @@ margin for other machines' float rounding.
   run): data generation 8 s, pretrain 40 s, finetune 420 s (each script ~17 s of start-up; micro batch 8:
   ~0.07 s per step, ~0.08 s with micro batch 4), eval 10 s.
   Bars: colour >= 0.90 (chance 0.20), shape >= 0.90, overall >= 0.85.
-  What got colour from 0.85 to 0.99 is the number of distinct images (same model, steps and LR). Colour
-  questions about one of 2-3 shapes need colour bound to position. With the (1, 2, 2) mix and micro batch 8 on
-  only 4000 images (each seen 12 times) it was not learnt: colour 0.79 on the same kind of 1000 questions
-  (0.53 with 2 shapes, 0.40 with 3: a coin flip between the scene's colours), mean train loss of the last 500
-  steps 0.131 vs 0.095 with 40000 images. The old recipe (default mix, 4000 images, micro batch 4) gave 0.85 on
-  300 questions; earlier runs of it: vision_select_layer=-2: 0.71 with 200 + 3000 steps, 0.84 with 300 + 6000;
-  select 0: 0.79 with 200 + 3000, 0.78 with 300 + 8000 (more steps did not help). 40000 images with the
-  default mix was not measured.
+  What got colour from 0.85 to 0.99: many distinct images AND mostly multi-shape training scenes, together
+  (same model, steps and LR). Colour questions about one of 2-3 shapes need colour bound to position; each
+  change alone left them a coin flip between the scene's colours. Same kind of 1000 questions, micro batch 8:
+  (1, 2, 2) mix on 4000 images (each seen 12 times): colour 0.79 (0.53 with 2 shapes, 0.40 with 3; mean train
+  loss of the last 500 steps 0.131 vs 0.095 with 40000 images); default mix on 40000 images: colour 0.83 (0.52
+  with 2 shapes, 0.56 with 3), shape 0.97, position 0.79, overall 0.90. The old recipe (default mix, 4000
+  images, micro batch 4) gave 0.85 on 300 questions; earlier runs of it: vision_select_layer=-2: 0.71 with
+  200 + 3000 steps, 0.84 with 300 + 6000; select 0: 0.79 with 200 + 3000, 0.78 with 300 + 8000.
   Still weak: "Where is the red circle?" with 2-3 shapes (0.56 / 0.38; 1.00 with one shape) - reading a
   position off a shape found by its colour and kind is not learnt at this size.
 """
@@ -46,8 +46,8 @@ DEMO_PATHS = {"stage1": os.path.join(DEMO, "stage1_captions.json"), "stage2": os
               "eval": os.path.join(DEMO, "eval.jsonl"), "image_folder": os.path.join(DEMO, "images")}
 
 # Slow variant (see the module docstring for what it measured). A fresh image for (almost) every finetune
-# sample: with 4000 images reused for 12 epochs the model did not learn which colour sits where. Training
-# scenes are mostly 2-3 shapes (that binding is the hard part); eval keeps the default mix.
+# sample, and training scenes mostly of 2-3 shapes (eval keeps the default mix): with either alone the model
+# did not learn which colour sits where.
 LEARN_TRAIN, LEARN_EVAL, LEARN_SEED, LEARN_SIZE_WEIGHTS = 40000, 1000, 7, (1, 2, 2)
 LEARN_PRETRAIN, LEARN_FINETUNE = 300, 6000
 # micro batch = global batch (8): one forward/backward per step instead of two, ~15 % less CPU per step.
