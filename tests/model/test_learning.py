@@ -17,6 +17,11 @@ margin for other machines' float rounding.
   run): data generation 8 s, pretrain 40 s, finetune 420 s (each script ~17 s of start-up; micro batch 8:
   ~0.07 s per step, ~0.08 s with micro batch 4), eval 10 s.
   Bars: colour >= 0.90 (chance 0.20), shape >= 0.90, overall >= 0.85.
+  NOT ROBUST: the result depends on the seeds. The same recipe with data seed 8 and model.seed=99 gave colour
+  0.83 (0.66 with 2 shapes, 0.46 with 3), shape 0.89, position 0.79, overall 0.88 - it would fail these bars.
+  Runs either learn to bind colour to position or stay near a coin flip; seed 7 with the config's seed learns
+  it, and runs are deterministic on one machine, but another machine's float rounding may change that. Not yet
+  measured: more seeds, a wider/deeper LM, other LRs.
   What got colour from 0.85 to 0.99: many distinct images AND mostly multi-shape training scenes, together
   (same model, steps and LR). Colour questions about one of 2-3 shapes need colour bound to position; each
   change alone left them a coin flip between the scene's colours. Same kind of 1000 questions, micro batch 8:
@@ -122,7 +127,7 @@ def test_two_stage_recipe_beats_chance_ci(tmp_path):
 
 @pytest.mark.slow
 def test_two_stage_recipe_reaches_the_colour_bar(tmp_path):
-    """Held-out colour questions >= 90 % (chance 20 %; measured 99 %)."""
+    """Held-out colour questions >= 90 % (chance 20 %; measured 99 %, but 83 % with other seeds: see above)."""
     from nemo_neva.data.shapes import make_shapes_dataset
 
     start, cpu_start = time.time(), os.times()
