@@ -52,9 +52,12 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, colour: str, position: str, siz
         draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
 
 
-def random_scene(rng: random.Random) -> list[dict]:
+SCENE_SIZE_WEIGHTS = (6, 3, 1)  # how often a scene has 1, 2 or 3 shapes
+
+
+def random_scene(rng: random.Random, size_weights=SCENE_SIZE_WEIGHTS) -> list[dict]:
     """1 shape most of the time, otherwise 2-3 in positions that never face each other twice."""
-    count = rng.choices([1, 2, 3], weights=[6, 3, 1])[0]
+    count = rng.choices([1, 2, 3], weights=size_weights)[0]
     scene, used = [], set()
     for _ in range(count):
         free = [p for p in POSITIONS if p not in used and _CONFLICT[p] not in used] or \
@@ -106,20 +109,24 @@ def _write_json(path: str, obj) -> None:
 
 
 def make_shapes_dataset(out_dir: str, n_train: int, n_eval: int, seed: int = 0,
-                        image_size: int = 32) -> dict:
-    """Write images/ + stage1_captions.json + stage2_instruct.json + eval.jsonl; return their paths."""
+                        image_size: int = 32, train_size_weights=SCENE_SIZE_WEIGHTS) -> dict:
+    """Write images/ + stage1_captions.json + stage2_instruct.json + eval.jsonl; return their paths.
+
+    `train_size_weights`: how often a training scene has 1, 2 or 3 shapes (more multi-shape scenes teach
+    which colour sits where, the hard part); eval scenes always use SCENE_SIZE_WEIGHTS.
+    """
     rng = random.Random(seed)
     img_dir = os.path.join(out_dir, "images")
     os.makedirs(img_dir, exist_ok=True)
     stage1, stage2, evals = [], [], []
 
-    def new_image(name: str) -> tuple[str, list[dict]]:
-        scene = random_scene(rng)
+    def new_image(name: str, size_weights=SCENE_SIZE_WEIGHTS) -> tuple[str, list[dict]]:
+        scene = random_scene(rng, size_weights)
         render_scene(scene, image_size).save(os.path.join(img_dir, name), format="PNG")
         return name, scene
 
     for i in range(n_train):
-        name, scene = new_image(f"train_{i:05d}.png")
+        name, scene = new_image(f"train_{i:05d}.png", train_size_weights)
         stage1.append({"id": f"cap_{i:05d}", "image": name, "conversations": [
             {"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption(scene)}]})
         qa = questions(scene, rng)[: rng.randint(1, 3)]

@@ -59,3 +59,13 @@ def test_render_scene_draws_every_shape():
     img = render_scene(scene, 64)
     red = {colour: n for n, colour in img.getcolors()}[COLOURS["red"]]
     assert 3 * 150 < red < 3 * 500
+
+
+def test_train_size_weights_change_only_the_training_scenes(tmp_path):
+    from nemo_neva.data.shapes import make_shapes_dataset
+
+    paths = make_shapes_dataset(str(tmp_path), 100, 200, seed=1, train_size_weights=(0, 0, 1))
+    captions = [r["conversations"][1]["value"] for r in json.load(open(paths["stage1"]))]
+    assert all(c.count(" and ") == 2 for c in captions)  # every training scene has 3 shapes
+    counts = [r["answers"][0] for r in map(json.loads, open(paths["eval"])) if r["category"] == "count"]
+    assert {"1", "2"} <= set(counts)  # eval scenes keep the default mix

@@ -5,17 +5,33 @@ margin for other machines' float rounding.
 - CI variant (shipped data: 300 training images; 60 + 1200 steps, ~2 min on 2 idle cores): measured colour
   0.58-0.74, shape 0.60, position 0.30-0.50, count 1.00, overall 0.68-0.70 on the 60 shipped eval questions
   (two measurements on the dev box).
-- slow variant (`make learn`): a freshly generated set of 4000 training images (seed 7, so nothing is
-  memorised) and 300 held-out questions (73 colour), vision features from the tower's embedding output
-  (vision_select_layer=0: a random 2-layer tower's attention blurs where a colour is), 300 + 6000 steps.
-  Measured: colour 0.85, shape 0.95, position 0.86, count 1.00, overall 0.92. Time: 29 min on the shared dev
-  box at load 20-50 (pretrain 153 s, finetune 1481 s, eval 41 s); an idle-machine time was not measured -
-  at load ~5 a finetune of 3000 steps took 261 s, so 2 idle cores should need well under 10 min.
-  Bars: colour >= 0.75 (chance 0.20), shape >= 0.80, overall >= 0.80 (margin: runs vary, see below).
-  The issue's colour >= 0.90 is NOT reached: single-shape scenes are answered ~100 % right, the misses are
-  colour questions about one of 2-3 shapes ("the shape at the bottom"), i.e. binding colour to position.
-  Other runs on the same data: vision_select_layer=-2: colour 0.71 (200 + 3000 steps), 0.84 (300 + 6000);
-  select 0: 0.79 (200 + 3000), 0.78 (300 + 8000: more steps did not help).
+- slow variant (`make learn`): freshly generated data (seed 7): 40000 training images, so the 6000 x 8
+  finetune samples almost never repeat an image, 80 % of them with 2-3 shapes (train_size_weights (1, 2, 2));
+  1000 held-out questions (240 colour) whose scenes keep the default mix (60 % one shape). Vision features from
+  the tower's embedding output (vision_select_layer=0: a random 2-layer tower's attention blurs where a
+  colour is), micro batch 8 (= global), 300 + 6000 steps.
+  Measured (`make learn`; an earlier driver run of the same recipe gave the identical scores): colour 0.99
+  (238/240; 1.00 with 1-2 shapes, 0.94 with 3), shape 0.99, position 0.81, count 1.00, overall 0.94.
+  Time: 9.5 min wall on the shared dev box (2 cores, load 14 falling to 4, OMP_NUM_THREADS=1), 464 s CPU
+  (user + system: pytest and its training subprocesses), so ~8 min on 2 idle cores. CPU of the parts (driver
+  run): data generation 8 s, pretrain 40 s, finetune 420 s (each script ~17 s of start-up; micro batch 8:
+  ~0.07 s per step, ~0.08 s with micro batch 4), eval 10 s.
+  Bars: colour >= 0.90 (chance 0.20), shape >= 0.90, overall >= 0.85.
+  NOT ROBUST: the result depends on the seeds. The same recipe with data seed 8 and model.seed=99 gave colour
+  0.83 (0.66 with 2 shapes, 0.46 with 3), shape 0.89, position 0.79, overall 0.88 - it would fail these bars.
+  Runs either learn to bind colour to position or stay near a coin flip; seed 7 with the config's seed learns
+  it, and runs are deterministic on one machine, but another machine's float rounding may change that. Not yet
+  measured: more seeds, a wider/deeper LM, other LRs.
+  What got colour from 0.85 to 0.99: many distinct images AND mostly multi-shape training scenes, together
+  (same model, steps and LR). Colour questions about one of 2-3 shapes need colour bound to position; each
+  change alone left them a coin flip between the scene's colours. Same kind of 1000 questions, micro batch 8:
+  (1, 2, 2) mix on 4000 images (each seen 12 times): colour 0.79 (0.53 with 2 shapes, 0.40 with 3; mean train
+  loss of the last 500 steps 0.131 vs 0.095 with 40000 images); default mix on 40000 images: colour 0.83 (0.52
+  with 2 shapes, 0.56 with 3), shape 0.97, position 0.79, overall 0.90. The old recipe (default mix, 4000
+  images, micro batch 4) gave 0.85 on 300 questions; earlier runs of it: vision_select_layer=-2: 0.71 with
+  200 + 3000 steps, 0.84 with 300 + 6000; select 0: 0.79 with 200 + 3000, 0.78 with 300 + 8000.
+  Still weak: "Where is the red circle?" with 2-3 shapes (0.56 / 0.38; 1.00 with one shape) - reading a
+  position off a shape found by its colour and kind is not learnt at this size.
 """
 import json
 import os
@@ -34,10 +50,14 @@ DEMO = os.path.join(ROOT, "data", "shapes_demo")
 DEMO_PATHS = {"stage1": os.path.join(DEMO, "stage1_captions.json"), "stage2": os.path.join(DEMO, "stage2_instruct.json"),
               "eval": os.path.join(DEMO, "eval.jsonl"), "image_folder": os.path.join(DEMO, "images")}
 
-# Slow variant (see the module docstring for what it measured).
-LEARN_TRAIN, LEARN_EVAL, LEARN_SEED = 4000, 300, 7
+# Slow variant (see the module docstring for what it measured). A fresh image for (almost) every finetune
+# sample, and training scenes mostly of 2-3 shapes (eval keeps the default mix): with either alone the model
+# did not learn which colour sits where.
+LEARN_TRAIN, LEARN_EVAL, LEARN_SEED, LEARN_SIZE_WEIGHTS = 40000, 1000, 7, (1, 2, 2)
 LEARN_PRETRAIN, LEARN_FINETUNE = 300, 6000
-LEARN_PRETRAIN_ARGS = ["model.mm_cfg.vision_encoder.vision_select_layer=0"]
+# micro batch = global batch (8): one forward/backward per step instead of two, ~15 % less CPU per step.
+LEARN_PRETRAIN_ARGS = ["model.mm_cfg.vision_encoder.vision_select_layer=0", "model.micro_batch_size=8"]
+LEARN_FINETUNE_ARGS = ["model.micro_batch_size=8"]
 
 
 def test_normalisation_and_exact_match():
@@ -80,7 +100,7 @@ def test_stage1_alone_lowers_caption_loss_with_the_lm_frozen():
     assert after < before - 0.08, (before, after)
 
 
-def _two_stage(tmp_path, paths, pretrain_steps, finetune_steps, pretrain_args=()):
+def _two_stage(tmp_path, paths, pretrain_steps, finetune_steps, pretrain_args=(), finetune_args=()):
     def run(script, *args):
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", script), *args,
                                f"exp_manager.exp_dir={tmp_path}"], cwd=str(tmp_path), capture_output=True,
@@ -91,7 +111,7 @@ def _two_stage(tmp_path, paths, pretrain_steps, finetune_steps, pretrain_args=()
     run("neva_pretrain.py", f"trainer.max_steps={pretrain_steps}", f"model.data.data_path={paths['stage1']}",
         *data, *pretrain_args)
     run("neva_finetune.py", f"model.restore_from_path={tmp_path}/neva_pretrain/neva_pretrain.nemo",
-        f"trainer.max_steps={finetune_steps}", f"model.data.data_path={paths['stage2']}", *data)
+        f"trainer.max_steps={finetune_steps}", f"model.data.data_path={paths['stage2']}", *data, *finetune_args)
     model = MegatronNevaModel.restore_from(str(tmp_path / "neva_finetune" / "neva_finetune.nemo"))
     scores = evaluate_file(model, paths["eval"], paths["image_folder"], "nvgpt")
     (tmp_path / "scores.json").write_text(json.dumps(scores))
@@ -107,12 +127,14 @@ def test_two_stage_recipe_beats_chance_ci(tmp_path):
 
 @pytest.mark.slow
 def test_two_stage_recipe_reaches_the_colour_bar(tmp_path):
-    """Held-out colour questions >= 75 % (chance 20 %; measured 85 %)."""
+    """Held-out colour questions >= 90 % (chance 20 %; measured 99 %, but 83 % with other seeds: see above)."""
     from nemo_neva.data.shapes import make_shapes_dataset
 
-    start = time.time()
-    paths = make_shapes_dataset(str(tmp_path / "data"), LEARN_TRAIN, LEARN_EVAL, seed=LEARN_SEED)
-    scores = _two_stage(tmp_path, paths, LEARN_PRETRAIN, LEARN_FINETUNE, LEARN_PRETRAIN_ARGS)
-    print(f"wall time {time.time() - start:.0f} s")
-    bars = {"colour": 0.75, "shape": 0.80, "overall": 0.80}
+    start, cpu_start = time.time(), os.times()
+    paths = make_shapes_dataset(str(tmp_path / "data"), LEARN_TRAIN, LEARN_EVAL, seed=LEARN_SEED,
+                                train_size_weights=LEARN_SIZE_WEIGHTS)
+    scores = _two_stage(tmp_path, paths, LEARN_PRETRAIN, LEARN_FINETUNE, LEARN_PRETRAIN_ARGS, LEARN_FINETUNE_ARGS)
+    cpu = [b - a for a, b in zip(cpu_start, os.times())][:4]  # user + system, this process and its children
+    print(f"wall time {time.time() - start:.0f} s, CPU time {sum(cpu):.0f} s")
+    bars = {"colour": 0.90, "shape": 0.90, "overall": 0.85}
     assert all(scores[k] >= bar for k, bar in bars.items()), (scores, bars)
