@@ -3,24 +3,11 @@ LlavaForConditionalGeneration.generate on the same weights (exported with nemo_n
 import pytest
 import torch
 
-from nemo_neva import MegatronNevaModel
 from nemo_neva.export.hf import export_neva_to_hf
 from nemo_neva.inference.generate import encode_prompt, generate, generate_tokens, stream_generate
 from nemo_neva.inference.sampling import apply_repetition_penalty
-from tests.model.helpers import llama_overrides, tiny_model_cfg
 
 PROMPT = "<image>\nWhat colour is the shape?"
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(2)
-    return MegatronNevaModel(tiny_model_cfg(**llama_overrides()))
-
-
-@pytest.fixture(scope="module")
-def image():
-    return torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(4))
 
 
 @pytest.mark.parametrize("penalty", [0.7, 1.0, 1.8])

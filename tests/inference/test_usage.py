@@ -1,23 +1,8 @@
 """What the server reports per answer comes from the decoding loop: sampled-token count and finish reason."""
-import pytest
-import torch
 
-from nemo_neva import MegatronNevaModel
 from nemo_neva.inference.generate import Usage, generate, generate_usage, stream_generate
-from tests.model.helpers import llama_overrides, tiny_model_cfg
 
 PROMPT = "<image>\nWhat colour is the shape?"
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(2)
-    return MegatronNevaModel(tiny_model_cfg(**llama_overrides()))
-
-
-@pytest.fixture(scope="module")
-def image():
-    return torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(4))
 
 
 def test_length_stop_token_and_stop_string(model, image):

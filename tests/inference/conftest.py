@@ -1,0 +1,17 @@
+"""Shared by the generation tests that use the tiny LLaMA-style model and one random image."""
+import pytest
+import torch
+
+from nemo_neva import MegatronNevaModel
+from tests.model.helpers import llama_overrides, tiny_model_cfg
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(2)
+    return MegatronNevaModel(tiny_model_cfg(**llama_overrides()))
+
+
+@pytest.fixture(scope="module")
+def image():
+    return torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(4))
