@@ -174,10 +174,10 @@ PACKED = ("model.data.packed_sequence=true", "model.data.pack_window=3", "model.
           "model.micro_batch_size=1")
 
 
-def _packed_run(tmp_path, monkeypatch, exp, log, kill):
+def _packed_run(tmp_path, monkeypatch, exp, log, kill, workers=0):
     """A packed tar-shard run (global batch = 1 row, windows of 3 samples) recording the ids it trains on."""
     monkeypatch.setenv("NEVA_TEST_TRAINED_IDS", str(tmp_path / log))
-    cmd = _cmd(exp, tmp_path / "shards", PACKED, kill=kill, steps=10)
+    cmd = _cmd(exp, tmp_path / "shards", (*PACKED, f"model.data.num_workers={workers}"), kill=kill, steps=10)
     return _run([cmd[0], os.path.join(ROOT, "tests", "launch", "record_trained_ids.py"), *cmd[1:]], tmp_path,
                 expect_killed=kill)
 
@@ -189,19 +189,19 @@ def _last_trainer_state(exp):
     return os.path.join(root, last[0], checkpointing.TRAINER_STATE)
 
 
-def test_packed_tar_shard_run_killed_mid_save_resumes_at_its_window(tmp_path, monkeypatch):
+def _packed_kill_and_resume(tmp_path, monkeypatch, workers=0):
     """Packed rows over tar shards: killed while saving step 4, the relaunch continues epoch 0 at the first
     window the step-2 checkpoint had not finished (not at the one Lightning had prefetched), so over both runs
     every sample of the epoch is trained, finished windows are not trained again, and only the window in
     flight at the checkpoint is (at-least-once; nemo_neva/data/packed_shards.py)."""
     _shard_data(tmp_path)
     exp = tmp_path / "killed"
-    _packed_run(tmp_path, monkeypatch, exp, "first.jsonl", kill=True)
+    _packed_run(tmp_path, monkeypatch, exp, "first.jsonl", kill=True, workers=workers)
     saved = torch.load(_last_trainer_state(exp), weights_only=True)
     assert saved["global_step"] == 2
     position = saved["neva_data"]["packed"]
     assert position["epoch"] == 0 and 0 < position["consumed"] < 24 and position["consumed"] % 3 == 0
-    proc = _packed_run(tmp_path, monkeypatch, exp, "resumed.jsonl", kill=False)
+    proc = _packed_run(tmp_path, monkeypatch, exp, "resumed.jsonl", kill=False, workers=workers)
     assert f"resuming the packed stream at epoch 0 after {position['consumed']}" in proc.stdout + proc.stderr
     first = [r for r in _trained_ids(tmp_path / "first.jsonl") if r["step"] <= 2]  # steps 3-4 were lost
     resumed = _trained_ids(tmp_path / "resumed.jsonl")
@@ -211,8 +211,19 @@ def test_packed_tar_shard_run_killed_mid_save_resumes_at_its_window(tmp_path, mo
     assert len(set(before) | set(after)) == 24  # every sample of the epoch trained at least once
     # the resumed epoch is exactly the samples from the saved window on: not from window 0, none twice
     assert len(after) == len(set(after)) == 24 - position["consumed"]
-    assert len(set(before) & set(after)) < 3  # only the window in flight at the checkpoint is trained again
+    # only the windows in flight at the checkpoint are trained again (one per worker at most)
+    assert len(set(before) & set(after)) < 3 * max(workers, 1)
     assert any(r["epoch"] == 1 for r in resumed)  # and the run goes on into the next epoch
+
+
+def test_packed_tar_shard_run_killed_mid_save_resumes_at_its_window(tmp_path, monkeypatch):
+    _packed_kill_and_resume(tmp_path, monkeypatch)
+
+
+@pytest.mark.slow
+def test_packed_tar_shard_resume_with_dataloader_workers(tmp_path, monkeypatch):
+    """Two workers: windows alternate between them, the position is still kept in the main process."""
+    _packed_kill_and_resume(tmp_path, monkeypatch, workers=2)
 
 
 @pytest.mark.slow
