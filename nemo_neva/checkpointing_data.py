@@ -4,6 +4,12 @@ Training consumes exactly `global_batch_size` rows per optimizer step (loaders d
 batch), so the position is one number, `consumed_samples = global_step * global_batch_size`, and it is
 turned back into (epoch, offset) with the loader's epoch length: the map-style loader's sampler
 (ResumableDistributedSampler) and the tar-shard dataset (ShardedNevaDataset) both continue from there.
+
+Packed tar shards are the exception: their rows are not samples, so the global step cannot place them.
+Their checkpoints also store the packed stream's own position (`"packed"`: PackedShardLoader.trained_state(),
+the windows finished by the trained batches), and a resume continues at the first unfinished window of that
+epoch -- at-least-once (the windows in flight at the checkpoint are trained again), not bit-identical to an
+uninterrupted run; see nemo_neva/data/packed_shards.py.
 """
 from __future__ import annotations
 
@@ -58,9 +64,10 @@ def fast_forward(loader, consumed: int) -> tuple[int, int]:
 
     ds = loader.dataset
     if isinstance(ds, PackedShardDataset):  # its rows are not samples: global_step cannot place it
-        raise ValueError("resuming a run on packed tar shards (model.data.packed_sequence with a shard data_path) "
-                         "is not supported; resume with unpacked shards or JSON data, or start over "
-                         "(exp_manager.resume_if_exists=false or a new exp_manager.exp_dir)")
+        raise ValueError("this checkpoint has no packed-stream position (it was written before packed tar shards "
+                         "were resumable), and its consumed_samples cannot place packed rows; start over "
+                         "(exp_manager.resume_if_exists=false or a new exp_manager.exp_dir), or resume with "
+                         "model.data.packed_sequence=false")
     if isinstance(ds, ShardedNevaDataset):
         epoch, offset = divmod(consumed, ds._epoch_len())
         ds.load_state_dict({"epoch": epoch, "consumed": offset, "seed": ds.seed, "total": ds.total})
@@ -71,9 +78,13 @@ def fast_forward(loader, consumed: int) -> tuple[int, int]:
     return sampler.position(consumed)  # the sampler follows the run's global step by itself
 
 
-def data_state(global_step: int, global_batch_size: int) -> dict:
-    return {"consumed_samples": consumed_samples(global_step, global_batch_size),
-            "global_batch_size": int(global_batch_size)}
+def data_state(global_step: int, global_batch_size: int, loader=None) -> dict:
+    state = {"consumed_samples": consumed_samples(global_step, global_batch_size),
+             "global_batch_size": int(global_batch_size)}
+    trained_state = getattr(loader, "trained_state", None)  # packed tar shards: their own position
+    if callable(trained_state):
+        state["packed"] = trained_state()
+    return state
 
 
 def restore_data_position(loader, state: Optional[dict], global_batch_size: int) -> None:
@@ -82,9 +93,22 @@ def restore_data_position(loader, state: Optional[dict], global_batch_size: int)
     if not state:
         log.warning("checkpoint has no data position; the loader starts from the beginning")
         return
+    if callable(getattr(loader, "load_trained_state", None)):  # packed tar shards: any global batch size
+        if "packed" not in state:
+            fast_forward(loader, int(state["consumed_samples"]))  # raises: what to do instead
+        loader.load_trained_state(state["packed"])
+        pos = loader.trained_state()
+        log.info("data: resuming the packed stream at epoch %d after %d of its samples (at the first unfinished "
+                 "window of %d samples: windows in flight at the checkpoint are trained again)",
+                 pos["epoch"], pos["consumed"], loader.dataset.window)
+        return
     if int(state["global_batch_size"]) != int(global_batch_size):
         log.warning("global_batch_size changed from %s to %s on resume; continuing after %s samples",
                     state["global_batch_size"], global_batch_size, state["consumed_samples"])
+    if "packed" in state:
+        log.warning("this checkpoint was written by a packed-shard run: its consumed_samples (%s) counts packed "
+                    "rows, not samples, so the unpacked data continues from a different place than it stopped",
+                    state["consumed_samples"])
     epoch, offset = fast_forward(loader, int(state["consumed_samples"]))
     log.info("data: resuming at epoch %d after %d of its samples", epoch, offset)
 

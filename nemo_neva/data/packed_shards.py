@@ -12,10 +12,24 @@ Position: a window counts as consumed once its last row for this rank has been h
 carry the marker to the main process); `consumed` is the contiguous prefix of finished windows, so a
 restart replays the windows that were in flight (some samples twice, none lost). Unlike the unpacked
 stream, the order of rows in the batches depends on the number of workers.
+
+Training resume (checkpoint["neva_data"]["packed"], see nemo_neva/checkpointing_data.py): the trainer
+fetches a batch ahead of the one it trains, so the loader's own position can include windows finished only
+by a batch that was never trained. PackedShardLoader therefore queues the position after each batch it
+hands out and the model calls `mark_trained()` once per trained batch; `trained_state()` (a
+ShardedNevaDataset.state_dict()) is the position after the last trained batch, or the next epoch's start
+once the pass's last batch is trained. Rank 0's position is valid on every rank: each window gives every
+rank the same number of rows, and windows go to workers by window index and the same start window on every
+rank, so each rank's k-th batch finishes the same windows (with or without workers; each worker's partial
+last batch is dropped on all ranks alike). A resumed run continues at the first unfinished window of the
+saved epoch: at-least-once (windows in flight at the checkpoint are trained again), not bit-identical to
+an uninterrupted run. A changed pack_window, dp size or worker count on resume still loses nothing (the
+position is a sample count of the global sequence, replayed from the window it falls into).
 """
 from __future__ import annotations
 
 import os
+from collections import deque
 from typing import Iterator
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -132,16 +146,47 @@ class PackedShardLoader(DataLoader):
         if kwargs.get("num_workers", 0) > 0 and kwargs.get("persistent_workers"):
             raise ValueError("persistent_workers would keep a stale epoch/position in the workers")
         super().__init__(dataset, batch_size=batch_size, **kwargs)
+        self._handed: deque = deque()  # (epoch, consumed) after each batch handed out and not yet trained
+        self._trained = self._state(dataset.sharded.epoch, dataset.sharded.consumed)
+
+    def _state(self, epoch: int, consumed: int) -> dict:
+        ds = self.dataset.sharded
+        if consumed >= ds._epoch_len():  # an epoch handed out completely: the next one's start
+            epoch, consumed = epoch + 1, 0
+        return {"epoch": int(epoch), "consumed": int(consumed), "seed": ds.seed, "total": ds.total}
 
     def __iter__(self):
         packed = self.dataset
         ds = packed.sharded
         first = packed.start_window()
         done, prefix = set(), first
+        self._handed.clear()  # batches of an abandoned pass were never trained
         for batch in super().__iter__():
             done.update(batch.get("windows_done", ()))
             while prefix in done:
                 prefix += 1
             ds._start, ds._local = min(prefix * packed.window, ds._epoch_len()), 0
+            self._handed.append((ds.epoch, ds._start))
             yield batch
+        if self._handed:  # the pass's last batch, once trained, completes the epoch
+            self._handed[-1] = (ds.epoch, ds._epoch_len())
+        else:
+            self._trained = self._state(ds.epoch, ds._epoch_len())
         ds._end_epoch()
+
+    def mark_trained(self) -> None:
+        """One batch of this loader was trained (the oldest handed-out one: batches are trained in order)."""
+        if self._handed:
+            self._trained = self._state(*self._handed.popleft())
+
+    def trained_state(self) -> dict:
+        """The position after the last trained batch, as ShardedNevaDataset.state_dict()."""
+        return dict(self._trained)
+
+    def load_trained_state(self, state: dict) -> None:
+        """Continue at `state` (trained_state() of an earlier run): the first unfinished window of its epoch."""
+        ds = self.dataset.sharded
+        ds.load_state_dict(state)
+        self._trained = self._state(ds.epoch, ds.consumed)
+        ds.load_state_dict(self._trained)  # a finished epoch -> the next one's start
+        self._handed.clear()

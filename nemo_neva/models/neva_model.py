@@ -267,7 +267,8 @@ class MegatronNevaModel(ModelPT):
     def on_save_checkpoint(self, checkpoint):
         from nemo_neva.checkpointing_data import data_state
 
-        checkpoint["neva_data"] = data_state(self.trainer.global_step, self.cfg.global_batch_size)
+        checkpoint["neva_data"] = data_state(self.trainer.global_step, self.cfg.global_batch_size,
+                                             getattr(self, "_train_dl", None))
         if self._checkpoint_keep() is not None:
             checkpoint["neva_peft_base_sha256"] = self.cfg.peft.base_nemo_sha256
 
@@ -378,6 +379,10 @@ class MegatronNevaModel(ModelPT):
         start = time.perf_counter()
         loss = self.train_on_batch(batch, opt)
         elapsed = time.perf_counter() - start
+        # packed tar shards: the checkpointed position is the trained batches', not the prefetched ones'
+        mark_trained = getattr(getattr(self, "_train_dl", None), "mark_trained", None)
+        if callable(mark_trained):
+            mark_trained()
         bs = batch["tokens"].shape[0]
         adapter = opt.optimizer
         self.log("train_loss", loss, prog_bar=True, batch_size=bs)

@@ -88,10 +88,81 @@ def test_resume_replays_unfinished_windows_loses_nothing(shards, tok, proc):
     assert len(ids_in(first)) + len(ids_in(rest)) > 37  # the unfinished window is served again
 
 
-def test_a_training_resume_on_packed_shards_is_refused_clearly(shards, tok, proc):
-    from nemo_neva.checkpointing_data import fast_forward
+def packed_loader(shards, tok, proc, dp_rank=0, dp=1, workers=0, batch=2, window=12):
+    ds = ShardedNevaDataset(shards, tok, proc, template="plain", seq_length=SEQ, num_image_tokens=4,
+                            dp_rank=dp_rank, dp_size=dp, shuffle_buffer=5, seed=3)
+    return PackedShardLoader(PackedShardDataset(ds, SEQ, window=window), batch_size=batch, num_workers=workers,
+                             collate_fn=PackedCollator(tok.pad_token_id, seq_length=SEQ, skip_source=ds.take_new_skips))
 
-    ds = ShardedNevaDataset(shards, tok, proc, template="plain", seq_length=SEQ, num_image_tokens=4)
-    dl = PackedShardLoader(PackedShardDataset(ds, SEQ, window=12), batch_size=2)
-    with pytest.raises(ValueError, match="packed tar shards .* not supported"):
-        fast_forward(dl, 16)
+
+def test_trained_position_ignores_the_prefetched_batch(shards, tok, proc):
+    """As Lightning does: batch k+1 is fetched before batch k is trained (and checkpointed)."""
+    dl = packed_loader(shards, tok, proc)
+    ds = dl.dataset.sharded
+    it = iter(dl)
+    after, batches = [], []
+    nxt = next(it)
+    while nxt is not None:
+        batches.append(nxt)
+        after.append(ds.state_dict())  # the loader's own position once this batch was handed out
+        nxt = next(it, None)  # prefetch: may finish a window whose rows were never trained
+        dl.mark_trained()
+        if nxt is not None:
+            assert dl.trained_state() == after[-1]
+    assert any(a != b for a, b in zip(after, after[1:]))  # windows finish along the way
+    assert dl.trained_state() == {"epoch": 1, "consumed": 0, "seed": 3, "total": 40}  # the epoch's last batch
+    # a position saved mid-epoch, restored into a new loader: it continues at that window, not window 0
+    k = next(k for k, a in enumerate(after) if 0 < a["consumed"] < 40)
+    fresh = packed_loader(shards, tok, proc)
+    fresh.load_trained_state(after[k])
+    assert fresh.dataset.start_window() == after[k]["consumed"] // 12 > 0
+    rest = [i for b in fresh for row in b["ids"] for i in row]
+    done = [i for b in batches[:k + 1] for row in b["ids"] for i in row]
+    assert set(done) | set(rest) == set(i for b in batches for row in b["ids"] for i in row)
+    assert not set(rest) >= set(done)  # finished windows are not trained again
+
+
+def test_every_rank_finishes_the_same_windows_per_batch(shards, tok, proc):
+    """Rank 0's checkpointed position holds for all ranks, with DataLoader workers too."""
+    for workers in (0, 2):
+        states = []
+        for rank in range(2):
+            dl = packed_loader(shards, tok, proc, dp_rank=rank, dp=2, workers=workers, window=8)
+            per_batch = []
+            for _ in dl:
+                dl.mark_trained()
+                per_batch.append(dl.trained_state())
+            states.append(per_batch)
+        assert states[0] == states[1] and len(states[0]) > 2
+        assert len({s["consumed"] for s in states[0]}) > 2  # the position moves window by window
+
+
+def test_end_of_epoch_position_resumes_at_the_next_epoch(shards, tok, proc):
+    dl = packed_loader(shards, tok, proc)
+    dl.load_trained_state({"epoch": 2, "consumed": 40, "seed": 3, "total": 40})
+    assert dl.trained_state()["epoch"] == 3 and dl.dataset.sharded.consumed == 0
+    assert dl.dataset.start_window() == 0 and dl.dataset.sharded.epoch == 3
+
+
+def test_an_old_checkpoint_without_the_packed_position_is_refused_clearly(shards, tok, proc):
+    from nemo_neva.checkpointing_data import restore_data_position
+
+    dl = packed_loader(shards, tok, proc)
+    with pytest.raises(ValueError, match="no packed-stream position .* start over"):
+        restore_data_position(dl, {"consumed_samples": 16, "global_batch_size": 2}, 2)
+    with pytest.raises(ValueError, match="other shards or another seed"):  # saved for other data
+        restore_data_position(dl, {"consumed_samples": 16, "global_batch_size": 2,
+                                   "packed": {"epoch": 0, "consumed": 12, "seed": 4, "total": 40}}, 2)
+
+
+def test_a_packed_run_checkpoint_resumed_unpacked_is_flagged(shards, tok, proc, caplog):
+    from nemo_neva.checkpointing_data import restore_data_position
+    from nemo_neva.data.shards import ShardedLoader
+
+    ds = ShardedNevaDataset(shards, tok, proc, template="plain", seq_length=SEQ, num_image_tokens=4, seed=3,
+                            drop_remainder=True)
+    state = {"consumed_samples": 4, "global_batch_size": 2,
+             "packed": {"epoch": 0, "consumed": 12, "seed": 3, "total": 40}}
+    with caplog.at_level("WARNING", logger="nemo_neva.checkpointing_data"):
+        restore_data_position(ShardedLoader(ds, batch_size=2), state, 2)
+    assert "counts packed rows" in caplog.text and ds.consumed == 4  # placed by consumed_samples, as before

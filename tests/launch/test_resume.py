@@ -37,9 +37,9 @@ def _shard_data(tmp_path):
     return out
 
 
-def _cmd(exp, data, extra=(), nproc=1, kill=False, script="neva_pretrain"):
+def _cmd(exp, data, extra=(), nproc=1, kill=False, script="neva_pretrain", steps=STEPS):
     script = os.path.join(ROOT, "examples", f"{script}.py")
-    args = [f"trainer.max_steps={STEPS}", f"exp_manager.exp_dir={exp}", f"model.data.data_path={data}",
+    args = [f"trainer.max_steps={steps}", f"exp_manager.exp_dir={exp}", f"model.data.data_path={data}",
             "exp_manager.checkpoint_callback_params.every_n_train_steps=2", "trainer.log_every_n_steps=1",
             "model.optim.sched.warmup_steps=2", *extra]
     prog = [os.path.join(ROOT, "tests", "launch", "kill_during_save.py"), script] if kill else [script]
@@ -163,6 +163,84 @@ def test_tar_shard_run_killed_mid_save_resumes_like_an_uninterrupted_run(tmp_pat
 def test_tar_shard_resume_with_dataloader_workers(tmp_path):
     """Two DataLoader workers: the position is counted in the main process (ShardedLoader)."""
     _kill_and_resume(tmp_path, extra=("model.data.num_workers=2",), data=_shard_data(tmp_path))
+
+
+def _trained_ids(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+PACKED = ("model.data.packed_sequence=true", "model.data.pack_window=3", "model.global_batch_size=1",
+          "model.micro_batch_size=1")
+
+
+def _packed_run(tmp_path, monkeypatch, exp, log, kill, workers=0):
+    """A packed tar-shard run (global batch = 1 row, windows of 3 samples) recording the ids it trains on."""
+    monkeypatch.setenv("NEVA_TEST_TRAINED_IDS", str(tmp_path / log))
+    cmd = _cmd(exp, tmp_path / "shards", (*PACKED, f"model.data.num_workers={workers}"), kill=kill, steps=10)
+    return _run([cmd[0], os.path.join(ROOT, "tests", "launch", "record_trained_ids.py"), *cmd[1:]], tmp_path,
+                expect_killed=kill)
+
+
+def _last_trainer_state(exp):
+    root = exp / "neva_pretrain" / "checkpoints"
+    last = [n for n in os.listdir(root) if n.endswith("-last") and checkpointing.is_complete(str(root / n))]
+    assert len(last) == 1, last
+    return os.path.join(root, last[0], checkpointing.TRAINER_STATE)
+
+
+def _packed_kill_and_resume(tmp_path, monkeypatch, workers=0):
+    """Packed rows over tar shards: killed while saving step 4, the relaunch continues epoch 0 at the first
+    window the step-2 checkpoint had not finished (not at the one Lightning had prefetched), so over both runs
+    every sample of the epoch is trained, finished windows are not trained again, and only the window in
+    flight at the checkpoint is (at-least-once; nemo_neva/data/packed_shards.py)."""
+    _shard_data(tmp_path)
+    exp = tmp_path / "killed"
+    _packed_run(tmp_path, monkeypatch, exp, "first.jsonl", kill=True, workers=workers)
+    saved = torch.load(_last_trainer_state(exp), weights_only=True)
+    assert saved["global_step"] == 2
+    position = saved["neva_data"]["packed"]
+    assert position["epoch"] == 0 and 0 < position["consumed"] < 24 and position["consumed"] % 3 == 0
+    proc = _packed_run(tmp_path, monkeypatch, exp, "resumed.jsonl", kill=False, workers=workers)
+    assert f"resuming the packed stream at epoch 0 after {position['consumed']}" in proc.stdout + proc.stderr
+    first = [r for r in _trained_ids(tmp_path / "first.jsonl") if r["step"] <= 2]  # steps 3-4 were lost
+    resumed = _trained_ids(tmp_path / "resumed.jsonl")
+    assert [r["step"] for r in resumed] == list(range(3, 11))
+    before = [i for r in first for i in r["ids"]]
+    after = [i for r in resumed if r["epoch"] == 0 for i in r["ids"]]
+    assert len(set(before) | set(after)) == 24  # every sample of the epoch trained at least once
+    # the resumed epoch is exactly the samples from the saved window on: not from window 0, none twice
+    assert len(after) == len(set(after)) == 24 - position["consumed"]
+    # only the windows in flight at the checkpoint are trained again (one per worker at most)
+    assert len(set(before) & set(after)) < 3 * max(workers, 1)
+    assert any(r["epoch"] == 1 for r in resumed)  # and the run goes on into the next epoch
+
+
+def test_packed_tar_shard_run_killed_mid_save_resumes_at_its_window(tmp_path, monkeypatch):
+    _packed_kill_and_resume(tmp_path, monkeypatch)
+
+
+@pytest.mark.slow
+def test_packed_tar_shard_resume_with_dataloader_workers(tmp_path, monkeypatch):
+    """Two workers: windows alternate between them, the position is still kept in the main process."""
+    _packed_kill_and_resume(tmp_path, monkeypatch, workers=2)
+
+
+@pytest.mark.slow
+def test_packed_tar_shard_checkpoint_without_its_position_is_refused_on_relaunch(tmp_path, monkeypatch):
+    """A checkpoint written before packed resume existed (no neva_data["packed"]) stops the relaunch with
+    the error that says what to do, before any step is trained."""
+    _shard_data(tmp_path)
+    exp = tmp_path / "old"
+    _packed_run(tmp_path, monkeypatch, exp, "first.jsonl", kill=True)
+    path = _last_trainer_state(exp)
+    state = torch.load(path, weights_only=True)
+    del state["neva_data"]["packed"]
+    torch.save(state, path)
+    with pytest.raises(AssertionError) as failed:  # _run asserts a zero exit status
+        _packed_run(tmp_path, monkeypatch, exp, "resumed.jsonl", kill=False)
+    assert "has no packed-stream position" in str(failed.value) and "start over" in str(failed.value)
+    assert not os.path.exists(tmp_path / "resumed.jsonl")
 
 
 @pytest.mark.slow
