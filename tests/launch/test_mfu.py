@@ -1,5 +1,4 @@
 """MFU arithmetic: the FLOPs of a step, the peak it is divided by, and the logged value of a real step."""
-import pytest
 import torch
 
 from nemo_neva import mfu, perf_model
