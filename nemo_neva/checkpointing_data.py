@@ -52,6 +52,13 @@ class ResumableDistributedSampler(DistributedSampler):
         return iter(list(super().__iter__())[offset // self.num_replicas:])
 
 
+# Packed rows are not samples: a checkpoint without the packed stream's own position cannot place them.
+NO_PACKED_POSITION = ("this checkpoint has no packed-stream position (it was written before packed tar shards were "
+                      "resumable), and its consumed_samples cannot place packed rows; start over "
+                      "(exp_manager.resume_if_exists=false or a new exp_manager.exp_dir), or resume with "
+                      "model.data.packed_sequence=false")
+
+
 def consumed_samples(global_step: int, global_batch_size: int) -> int:
     return int(global_step) * int(global_batch_size)
 
@@ -64,10 +71,7 @@ def fast_forward(loader, consumed: int) -> tuple[int, int]:
 
     ds = loader.dataset
     if isinstance(ds, PackedShardDataset):  # its rows are not samples: global_step cannot place it
-        raise ValueError("this checkpoint has no packed-stream position (it was written before packed tar shards "
-                         "were resumable), and its consumed_samples cannot place packed rows; start over "
-                         "(exp_manager.resume_if_exists=false or a new exp_manager.exp_dir), or resume with "
-                         "model.data.packed_sequence=false")
+        raise ValueError(NO_PACKED_POSITION)
     if isinstance(ds, ShardedNevaDataset):
         epoch, offset = divmod(consumed, ds._epoch_len())
         ds.load_state_dict({"epoch": epoch, "consumed": offset, "seed": ds.seed, "total": ds.total})
@@ -95,7 +99,7 @@ def restore_data_position(loader, state: Optional[dict], global_batch_size: int)
         return
     if callable(getattr(loader, "load_trained_state", None)):  # packed tar shards: any global batch size
         if "packed" not in state:
-            fast_forward(loader, int(state["consumed_samples"]))  # raises: what to do instead
+            raise ValueError(NO_PACKED_POSITION)
         loader.load_trained_state(state["packed"])
         pos = loader.trained_state()
         log.info("data: resuming the packed stream at epoch %d after %d of its samples (at the first unfinished "

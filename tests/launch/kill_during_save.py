@@ -3,13 +3,12 @@ SIGKILLs itself while writing the first training checkpoint at or after step $NE
 new checkpoint's files are on disk in its temporary folder, not yet renamed into place. Test helper for
 tests/launch/test_resume.py (a crash in the middle of a save, the worst moment to die)."""
 import os
-import runpy
 import signal
-import sys
 
 import torch
 
 from nemo_neva import checkpointing
+from script_wrapper import run_script_from_argv  # a sibling: run as a script, this folder is on sys.path
 
 
 def main():
@@ -23,9 +22,7 @@ def main():
         publish(tmp, final)
 
     checkpointing._publish = publish_or_die
-    script = sys.argv[1]
-    sys.argv = [script] + sys.argv[2:]
-    runpy.run_path(script, run_name="__main__")
+    run_script_from_argv()
 
 
 if __name__ == "__main__":  # the dist-checkpoint writer re-imports __main__ in a spawned helper

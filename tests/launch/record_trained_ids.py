@@ -4,10 +4,9 @@ epoch, and the sample ids of its rows. Test helper for the packed-shard resume t
 trained on is otherwise not observable from outside."""
 import json
 import os
-import runpy
-import sys
 
 from nemo_neva.models.neva_model import MegatronNevaModel
+from script_wrapper import run_script_from_argv  # a sibling: run as a script, this folder is on sys.path
 
 
 def main():
@@ -22,9 +21,7 @@ def main():
         return loss
 
     MegatronNevaModel.training_step = recording
-    script = sys.argv[1]
-    sys.argv = [script] + sys.argv[2:]
-    runpy.run_path(script, run_name="__main__")
+    run_script_from_argv()
 
 
 if __name__ == "__main__":  # the dist-checkpoint writer re-imports __main__ in a spawned helper

@@ -90,15 +90,22 @@ def _run(cmd, cwd, expect_killed=False):
     return proc
 
 
+def _last_checkpoint(exp, name="neva_pretrain"):
+    """The run's one complete `*-last` training checkpoint folder."""
+    root = exp / name / "checkpoints"
+    last = [n for n in os.listdir(root) if n.endswith("-last") and checkpointing.is_complete(str(root / n))]
+    assert len(last) == 1, last
+    return str(root / last[0])
+
+
 def _final_state(exp, name="neva_pretrain"):
     """Weights, the logged train_loss per step, and Lightning's epoch/batch counters and checkpoint names
     of a finished run (its last training checkpoint)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     root = exp / name / "checkpoints"
-    ckpts = glob.glob(str(root / "*-last"))
-    assert len(ckpts) == 1, ckpts
-    state = torch.load(os.path.join(ckpts[0], checkpointing.TRAINER_STATE), weights_only=True)
+    last = _last_checkpoint(exp, name)
+    state = torch.load(os.path.join(last, checkpointing.TRAINER_STATE), weights_only=True)
     assert state["global_step"] == STEPS
     fit_loop = state["loops"]["fit_loop"]
     counters = {"epoch": state["epoch"], "batches": fit_loop["epoch_loop.batch_progress"],
@@ -106,7 +113,7 @@ def _final_state(exp, name="neva_pretrain"):
     from torch.distributed.checkpoint import FileSystemReader, load
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    reader = FileSystemReader(os.path.join(ckpts[0], checkpointing.DIST_DIR))
+    reader = FileSystemReader(os.path.join(last, checkpointing.DIST_DIR))
     meta = reader.read_metadata()
     tensors = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()
                if isinstance(m, TensorStorageMetadata)}
@@ -182,13 +189,6 @@ def _packed_run(tmp_path, monkeypatch, exp, log, kill, workers=0):
                 expect_killed=kill)
 
 
-def _last_trainer_state(exp):
-    root = exp / "neva_pretrain" / "checkpoints"
-    last = [n for n in os.listdir(root) if n.endswith("-last") and checkpointing.is_complete(str(root / n))]
-    assert len(last) == 1, last
-    return os.path.join(root, last[0], checkpointing.TRAINER_STATE)
-
-
 def _packed_kill_and_resume(tmp_path, monkeypatch, workers=0):
     """Packed rows over tar shards: killed while saving step 4, the relaunch continues epoch 0 at the first
     window the step-2 checkpoint had not finished (not at the one Lightning had prefetched), so over both runs
@@ -197,7 +197,7 @@ def _packed_kill_and_resume(tmp_path, monkeypatch, workers=0):
     _shard_data(tmp_path)
     exp = tmp_path / "killed"
     _packed_run(tmp_path, monkeypatch, exp, "first.jsonl", kill=True, workers=workers)
-    saved = torch.load(_last_trainer_state(exp), weights_only=True)
+    saved = torch.load(os.path.join(_last_checkpoint(exp), checkpointing.TRAINER_STATE), weights_only=True)
     assert saved["global_step"] == 2
     position = saved["neva_data"]["packed"]
     assert position["epoch"] == 0 and 0 < position["consumed"] < 24 and position["consumed"] % 3 == 0
@@ -233,7 +233,7 @@ def test_packed_tar_shard_checkpoint_without_its_position_is_refused_on_relaunch
     _shard_data(tmp_path)
     exp = tmp_path / "old"
     _packed_run(tmp_path, monkeypatch, exp, "first.jsonl", kill=True)
-    path = _last_trainer_state(exp)
+    path = os.path.join(_last_checkpoint(exp), checkpointing.TRAINER_STATE)
     state = torch.load(path, weights_only=True)
     del state["neva_data"]["packed"]
     torch.save(state, path)
