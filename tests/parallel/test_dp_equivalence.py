@@ -1,5 +1,6 @@
-"""DP=2 with megatron-core DDP + distributed optimizer (get_megatron_optimizer) trains exactly like DP=1
-on the same global batches: after 3 AdamW steps (weight decay, grad clipping) the parameters agree."""
+"""DP=2 with megatron-core DDP + distributed optimizer (get_megatron_optimizer) trains like DP=1 on the same
+global batches: the reduced gradients agree to fp32 rounding, and after 3 AdamW steps (weight decay, grad
+clipping) so do the parameters, up to Adam's amplification of rounding noise (see mp_utils)."""
 import os
 import sys
 
@@ -30,13 +31,15 @@ def _train(rank, world_size, style, distributed):
         inner = getattr(opt, "chained_optimizers", [opt])
         assert all(isinstance(o, DistributedOptimizer) for o in inner), type(opt)
     n_micro = GLOBAL_BATCH // (MBS * dp)
-    losses, norms = [], []
+    losses, norms, grads = [], [], []
     for step in range(STEPS):
         samples = U.microbatches(GLOBAL_BATCH // MBS, MBS, seed=100 + step)
         mine = samples[dp_rank * n_micro:(dp_rank + 1) * n_micro]  # this rank's share of the global batch
         ddp.zero_grad_buffer()
         opt.zero_grad()
         out = run_forward_backward(ddp, iter(mine), U.forward_step, n_micro, U.SEQ, MBS, 64, forward_only=False)
+        if not distributed:  # the distributed optimizer's buffer is valid only in this rank's shard
+            grads.append(U.main_grads(ddp))
         ok, grad_norm, _ = step_optimizer(opt)
         assert ok
         local = torch.stack([d["loss"] for d in out]).mean()
@@ -44,21 +47,22 @@ def _train(rank, world_size, style, distributed):
         losses.append(local / dp)
         norms.append(float(grad_norm))
     return {"params": {k: p.detach().clone() for k, p in model.named_parameters()}, "losses": losses,
-            "norms": norms, "initial": {k: v for k, v in U.build_gpt(style, seed=31).named_parameters()}}
+            "norms": norms, "grads": grads, "initial": {k: v for k, v in U.build_gpt(style, seed=31).named_parameters()}}
 
 
 @pytest.mark.parametrize("style", ["llama"])
 @pytest.mark.parametrize("distributed", [True, False], ids=["dist_opt", "plain"])
 def test_dp2_matches_dp1_after_three_steps(tmp_path, style, distributed):
-    (single,) = U.run_ranks(_train, 1, str(tmp_path / "dp1"), style, False)
+    (single,) = U.run_ranks(_train, 1, str(tmp_path / "dp1"), style, False)  # records its gradients
     pair = U.run_ranks(_train, 2, str(tmp_path / "dp2"), style, distributed)
     for r in pair:
-        # Adam divides by sqrt(v): for elements whose gradient is ~0, fp32 reduction-order noise in the
-        # gradient shows up amplified in the update, so allow 1e-5 (0.1% of one lr=1e-2 step) per element ...
-        U.assert_dicts_close(r["params"], single["params"], rtol=1e-5, atol=1e-5)
-        # ... while on average the parameters agree to fp32 rounding
-        diffs = torch.cat([(r["params"][k] - single["params"][k]).abs().flatten() for k in single["params"]])
-        assert diffs.mean() < 1e-8, float(diffs.mean())
+        if not distributed:
+            # same parameters at step 1, so the reduced gradients differ by reduction-order rounding only:
+            # fp32 sums of a few hundred terms, ~1e-6 relative (1e-5 leaves room across CPU vendors)
+            for key, ref in single["grads"][0].items():
+                torch.testing.assert_close(r["grads"][0][key], ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()),
+                                           msg=lambda m: f"{key}: {m}")
+        U.assert_adam_trained_close(r["params"], single["params"], single["grads"], OPT["lr"], STEPS)
         torch.testing.assert_close(torch.stack(r["losses"]), torch.stack(single["losses"]), rtol=1e-6, atol=1e-6)
         assert r["norms"] == pytest.approx(single["norms"], rel=1e-5)
     # the replicas agree bit for bit, and training really moved every parameter
