@@ -3,12 +3,18 @@
     python examples/neva_generate.py neva_model_file=M.nemo image_path=img.png prompt="What colour is it?"
     python examples/neva_generate.py neva_model_file=M.nemo prompts_file=in.jsonl output_file=out.jsonl
 
+Only answers go to stdout (one line per answer; logs, NeMo's included, go to stderr), so
+`answer=$(python examples/neva_generate.py ...)` is the answer.
+
 prompts_file lines: {"image": "relative/to/the/jsonl.png", "prompt": "..."} ("image" optional). The output
 has one line per input line, in order, with the input fields and "answer" -- or "error" for a line that
 could not be used (bad JSON, missing prompt, unreadable image, too long); such lines are logged and counted.
 """
+import contextlib
 import json
 import logging
+import os
+import sys
 
 from nemo.core.config import hydra_runner
 from omegaconf import OmegaConf
@@ -31,7 +37,7 @@ def _check_options(cfg):
         raise ValueError("give prompt=... (with image_path=...) or prompts_file=...")
     inf = cfg.inference
     # The context-length check needs the model (done per request later).
-    validate_sampling(0.0 if inf.greedy else inf.temperature, inf.top_k, inf.top_p, inf.tokens_to_generate,
+    validate_sampling(inf.temperature, inf.top_k, inf.top_p, inf.tokens_to_generate,
                       context=float("inf"), repetition_penalty=inf.repetition_penalty)
     stops = list(inf.stop_strings or [])
     if any(not isinstance(s, str) or not s for s in stops):
@@ -49,7 +55,7 @@ class _Generator:
         inf = cfg.inference
         self.steerlm = OmegaConf.to_container(inf.steerlm, resolve=True) if inf.get("steerlm") else None
         self.kwargs = dict(
-            max_new_tokens=inf.tokens_to_generate, temperature=0.0 if inf.greedy else inf.temperature,
+            max_new_tokens=inf.tokens_to_generate, temperature=inf.temperature,
             top_k=inf.top_k, top_p=inf.top_p, seed=inf.seed, repetition_penalty=inf.repetition_penalty,
             stop_token_ids=stop_ids, stop_strings=stop_strings + extra_stops,
             compile_decode=bool(inf.get("compile", False)),
@@ -100,16 +106,35 @@ def _answer_file(gen: _Generator, cfg):
     return rows
 
 
-@hydra_runner(config_path="../conf", config_name="neva_inference")
-@user_errors
-def main(cfg) -> None:
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """File descriptor 1 points at stderr inside: logging handlers hold their own reference to the stdout
+    stream (NeMo's do), so only redirecting the descriptor keeps every log line off stdout."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _rows(cfg):
     extra_stops = _check_options(cfg)
     gen = _Generator(cfg, extra_stops)
     if cfg.prompts_file:
-        rows = _answer_file(gen, cfg)
-    else:
-        image, prompt = gen.prepare(cfg.prompt, cfg.image_path)
-        rows = [{"image": cfg.image_path, "prompt": cfg.prompt, "answer": gen.answer([image], [prompt])[0]}]
+        return _answer_file(gen, cfg)
+    image, prompt = gen.prepare(cfg.prompt, cfg.image_path)
+    return [{"image": cfg.image_path, "prompt": cfg.prompt, "answer": gen.answer([image], [prompt])[0]}]
+
+
+@hydra_runner(config_path="../conf", config_name="neva_inference")
+@user_errors
+def main(cfg) -> None:
+    with _stdout_to_stderr():
+        rows = _rows(cfg)
     if cfg.output_file:
         with open(cfg.output_file, "w") as f:
             for row in rows:

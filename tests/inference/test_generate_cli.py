@@ -75,3 +75,23 @@ def test_a_file_without_usable_lines_and_bad_options_are_clear_errors(saved, tmp
     assert proc.returncode == 2 and "error: no usable line" in proc.stderr, proc.stderr[-2000:]
     proc = _run(f"neva_model_file={root / 'm.nemo'}", "prompt=hi", "inference.repetition_penalty=0", cwd=tmp_path)
     assert proc.returncode == 2 and "error: repetition_penalty must be > 0" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_stdout_is_the_answer_and_temperature_alone_samples(saved, tmp_path):
+    """`answer=$(python examples/neva_generate.py ...)` is the answer (NeMo's restore line and all logs go to
+    stderr), and `inference.temperature` > 0 samples without any other switch (the CLI's defaults: top_p 0.9,
+    seed 1234), giving the library's seeded answer."""
+    root, model = saved
+    image = open_user_image(IMAGE)
+    greedy = _expected(model, ["What colour is it?"], [image])[0]
+    sampled = _expected(model, ["What colour is it?"], [image], temperature=0.7, top_p=0.9, seed=1234)[0]
+    assert sampled != greedy  # so the second run below can tell sampling from greedy
+    common = (f"neva_model_file={root / 'm.nemo'}", f"image_path={IMAGE}", "prompt=What colour is it?",
+              "inference.tokens_to_generate=6")
+    proc = _run(*common, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout == greedy + "\n", proc.stdout[-2000:]
+    assert "Model MegatronNevaModel was successfully restored" in proc.stderr
+    proc = _run(*common, "inference.temperature=0.7", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout == sampled + "\n", proc.stdout[-2000:]

@@ -42,7 +42,7 @@ def test_generate_cli_rejects_bad_sampling_before_loading_anything(tmp_path):
     import sys
 
     proc = subprocess.run([sys.executable, f"{ROOT}/examples/neva_generate.py", "neva_model_file=/nonexistent.nemo",
-                           "prompt=hi", "inference.greedy=false", "inference.top_p=1.5"], cwd=str(tmp_path),
+                           "prompt=hi", "inference.temperature=0.7", "inference.top_p=1.5"], cwd=str(tmp_path),
                           capture_output=True, text=True, timeout=300)
     # the bad top_p is reported, not the missing model file: validation ran first
     assert proc.returncode == 2 and "top_p" in proc.stderr and "Traceback" not in proc.stderr
