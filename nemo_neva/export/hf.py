@@ -137,6 +137,12 @@ def check_hf_config(config) -> None:
     if config.vision_feature_select_strategy not in ("default", "full"):
         raise UnsupportedCheckpoint(f"vision_feature_select_strategy "
                                     f"{config.vision_feature_select_strategy!r} is not supported")
+    if config.vision_feature_select_strategy == "default" and _VISION_KINDS[vision.model_type] == "siglip":
+        # HF's "default" drops the first feature whatever the tower; SigLIP has no CLS, so that is a real patch,
+        # which NeVA keeps: the two would disagree by one image token.
+        raise UnsupportedCheckpoint("vision_feature_select_strategy='default' with a SigLIP tower drops SigLIP's "
+                                    "first patch (it has no CLS token), which NeVA keeps; only 'full' is supported "
+                                    "for SigLIP")
 
 
 _EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

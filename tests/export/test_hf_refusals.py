@@ -115,3 +115,27 @@ def test_export_script_refuses_a_gpt_style_nemo(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "position_embedding_type='learned_absolute'" in err and "normalization='LayerNorm'" in err
     assert not os.path.exists(out)
+
+
+def test_siglip_with_default_strategy_is_refused_because_hf_drops_a_real_patch(tmp_path):
+    """HF's LLaVA drops the first feature under strategy "default" even for SigLIP, which has no CLS: it sees
+    one image token fewer than NeVA's all-patch SigLIP tower. The converter refuses rather than shift tokens."""
+    from transformers import LlavaForConditionalGeneration
+
+    path = str(tmp_path / "siglip")
+    make_tiny_llava(path, tower="siglip")
+    hf = LlavaForConditionalGeneration.from_pretrained(path)
+    config = hf.config
+    config.vision_feature_select_strategy = "default"
+    pixels = torch.zeros(1, 3, 32, 32)
+    with torch.no_grad():
+        feats = hf.model.get_image_features(pixel_values=pixels, vision_feature_layer=config.vision_feature_layer,
+                                            vision_feature_select_strategy="default")
+    feats = getattr(feats, "pooler_output", feats)  # transformers 5: an output object, one tensor per image
+    feats = feats[0] if isinstance(feats, (list, tuple)) else feats
+    patches = (32 // 8) ** 2
+    assert feats.reshape(-1, feats.shape[-1]).shape[0] == patches - 1  # HF: the first SigLIP patch is gone
+    with pytest.raises(UnsupportedCheckpoint, match="SigLIP.*'full'"):
+        check_hf_config(config)
+    config.vision_feature_select_strategy = "full"
+    check_hf_config(config)  # the supported SigLIP form
