@@ -8,14 +8,13 @@ match, POPE-style yes/no precision/recall/F1/yes-ratio, per question type, and t
 """
 import json
 import os
+import sys
 
 from nemo.core.config import hydra_runner
 from omegaconf import OmegaConf
 
 from nemo_neva import MegatronNevaModel
-from nemo_neva.evaluation_data import read_eval_file
-from nemo_neva.evaluation_run import predict
-from nemo_neva.evaluation_scores import check_metrics, score
+from nemo_neva.evaluation import check_metrics, evaluate, read_eval_file
 from nemo_neva.inference.generate import validate_sampling
 from nemo_neva.training import user_errors
 from nemo_neva.utils import resolve_path
@@ -46,11 +45,9 @@ def main(cfg) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
 
-        rows = predict(model, eval_set, template, cfg.max_new_tokens, on_row=write)
+        result = evaluate(model, eval_set, template, cfg.max_new_tokens, metrics, on_row=write)
 
-    result = {"neva_model_file": model_file, "eval_file": resolve_path(cfg.eval_file), "template": template,
-              "max_new_tokens": cfg.max_new_tokens, "metrics": metrics,
-              "answered": len(rows), "skipped": dict(eval_set.skipped), **score(rows, metrics)}
+    result = {"neva_model_file": model_file, "eval_file": resolve_path(cfg.eval_file), **result}
     with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
         f.write("\n")
@@ -58,8 +55,9 @@ def main(cfg) -> None:
     print(json.dumps({k: overall[k] for k in overall if k != "yes_no"}))
     if "yes_no" in overall:
         print("yes/no:", json.dumps(overall["yes_no"]))
-    if eval_set.skipped:
-        print("skipped:", json.dumps(dict(eval_set.skipped)))
+    print(f"answered {result['answered']} questions; {result['skip_report']}")
+    if result["skip_warning"]:
+        print(f"WARNING: {result['skip_report']}; the scores cover only the answered questions", file=sys.stderr)
     print(f"wrote {out_dir}/predictions.jsonl and {out_dir}/metrics.json")
 
 

@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from nemo_neva import MegatronNevaModel
-from nemo_neva.evaluation_scores import exact_match_vqa
-from nemo_neva.evaluation_vqa import vqa_accuracy
+from nemo_neva.evaluation.scores import exact_match_vqa
+from nemo_neva.evaluation.vqa import vqa_accuracy
 from tests.model.helpers import ROOT, tiny_model_cfg
 
 IMAGES = os.path.join(ROOT, "data", "shapes_demo", "images")
@@ -36,6 +36,7 @@ def test_evaluate_writes_predictions_and_metrics_and_counts_skips(tiny_nemo, tmp
                     "question_type": "exists"}),
         json.dumps({"image": "no_such.png", "question": "What colour?", "answers": ["red"]}),
         "{broken",
+        json.dumps({"image": "eval_00007.png", "question": "Why? " * 200, "answers": ["no"]}),  # > 192 tokens
     ]
     eval_file = tmp_path / "eval.jsonl"
     eval_file.write_text("\n".join(lines) + "\n")
@@ -47,7 +48,10 @@ def test_evaluate_writes_predictions_and_metrics_and_counts_skips(tiny_nemo, tmp
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(preds) == 6 and metrics["answered"] == 6
-    assert metrics["skipped"] == {"image_missing": 1, "bad_json": 1}
+    assert metrics["skipped"] == {"image_missing": 1, "bad_json": 1, "too_long": 1}
+    # lost questions are said next to the scores, loudly (3 of 9 is far above a few percent), with the fix
+    assert "answered 6 questions; skipped 3 of 9 questions (33.3 %)" in proc.stdout
+    assert "WARNING: skipped 3 of 9" in proc.stderr and "raise model.encoder_seq_length" in proc.stderr
     assert {p["question_type"] for p in preds} == {"shape", "colour", "position", "exists"}
     overall = metrics["overall"]
     assert overall["n"] == 6

@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-from nemo_neva.evaluation_data import read_eval_file
-from nemo_neva.evaluation_scores import check_metrics, exact_match_vqa, score
-from nemo_neva.evaluation_vqa import normalise_vqa, vqa_accuracy
-from nemo_neva.evaluation_yesno import yes_no, yes_no_metrics
+from nemo_neva.evaluation.data import read_eval_file
+from nemo_neva.evaluation.scores import check_metrics, exact_match_vqa, score
+from nemo_neva.evaluation.vqa import normalise_vqa, vqa_accuracy
+from nemo_neva.evaluation.yes_no import yes_no, yes_no_metrics
 
 
 @pytest.mark.parametrize("raw,expected", [

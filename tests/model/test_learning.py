@@ -42,7 +42,8 @@ import pytest
 import torch
 
 from nemo_neva import MegatronNevaModel
-from nemo_neva.evaluation import evaluate_file, exact_match, normalise
+from nemo_neva.evaluation import evaluate, read_eval_file
+from nemo_neva.evaluation.scores import exact_match_vqa
 from nemo_neva.parallel.init import free_port
 from tests.model.helpers import ROOT, tiny_model_cfg
 
@@ -64,9 +65,11 @@ LEARN_FINETUNE_ARGS = ["model.micro_batch_size=16", "model.global_batch_size=32"
 LEARN_FINETUNE_RANKS = 2
 
 
-def test_normalisation_and_exact_match():
-    assert normalise("The Red, circle!") == "red circle" and normalise("Two") == "2"
-    assert exact_match("on the left.", ["left", "on the left"]) and not exact_match("right", ["left"])
+def test_the_users_exact_match_accepts_the_shapes_answers_as_written():
+    """The learning tests score with the evaluator users run (neva_evaluate.py): its normalisation must accept
+    the replies the shapes task trains (articles, punctuation, number words)."""
+    assert exact_match_vqa("The red circle!", ["red circle"]) == 1.0 and exact_match_vqa("Two.", ["2"]) == 1.0
+    assert exact_match_vqa("on the left.", ["left", "on the left"]) == 1.0 and not exact_match_vqa("right", ["left"])
 
 
 def _caption_batches(model, indices, batch_size):
@@ -124,7 +127,11 @@ def _two_stage(tmp_path, paths, pretrain_steps, finetune_steps, pretrain_args=()
         f"trainer.max_steps={finetune_steps}", f"model.data.data_path={paths['stage2']}", *data, *finetune_args,
         ranks=finetune_ranks)
     model = MegatronNevaModel.restore_from(str(tmp_path / "neva_finetune" / "neva_finetune.nemo"))
-    scores = evaluate_file(model, paths["eval"], paths["image_folder"], "nvgpt")
+    result = evaluate(model, read_eval_file(paths["eval"], paths["image_folder"]), "nvgpt", max_new_tokens=8,
+                      metrics=["exact_match"])
+    assert result["skipped"] == {}, result["skip_report"]  # every held-out question is scored
+    scores = {t: g["exact_match"] for t, g in result["by_question_type"].items()}
+    scores["overall"] = result["overall"]["exact_match"]
     (tmp_path / "scores.json").write_text(json.dumps(scores))
     print(scores)
     return scores

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
-from nemo_neva.evaluation_vqa import normalise_vqa
+from nemo_neva.evaluation.vqa import normalise_vqa
 
 
 def yes_no(text: str) -> Optional[str]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Iterable, Sequence
 
-from nemo_neva.evaluation_vqa import normalise_vqa, vqa_accuracy
-from nemo_neva.evaluation_yesno import yes_no, yes_no_metrics
+from nemo_neva.evaluation.vqa import normalise_vqa, vqa_accuracy
+from nemo_neva.evaluation.yes_no import yes_no, yes_no_metrics
 
 METRICS = ("vqa", "exact_match", "yes_no")
 
