@@ -555,11 +555,22 @@ class MegatronNevaModel(ModelPT):
         summary = getattr(getattr(self, "_train_ds", None), "summary", None)
         if callable(summary):
             log.info("data: %s", summary())
+        self._report_skips("so far")
+
+    def on_train_end(self):
+        self._report_skips("in training")
+
+    def _report_skips(self, when: str) -> None:
+        """Skip totals by reason over all DP ranks and workers; a warning with the fix when many are lost."""
+        from nemo_neva.data.skip_tally import skip_report
+
         tally = getattr(self, "_skip_tally", None)
-        if tally is not None:
-            total = tally.global_counts(parallel_state.get_data_parallel_group())
-            log.info("data: skipped so far (all data-parallel ranks and workers): %s",
-                     ", ".join(f"{k}={v}" for k, v in sorted(total.items())) or "none")
+        if tally is None:
+            return
+        counts = tally.global_counts(parallel_state.get_data_parallel_group())
+        line, loud = skip_report(counts, getattr(getattr(self, "_train_ds", None), "total", None))
+        if parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0:
+            (log.warning if loud else log.info)("data %s: %s", when, line)
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()

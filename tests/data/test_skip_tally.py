@@ -78,3 +78,32 @@ def test_skip_tally_sums_over_data_parallel_ranks(tmp_path):
     torch.multiprocessing.spawn(_dp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         assert torch.load(tmp_path / f"{rank}.pt") == {"prescan": 2, "image_corrupt": 3}
+
+
+def test_end_of_training_reports_skips_by_reason_and_warns_with_the_fix(tmp_path, caplog):
+    """3 of 10 samples whose image tokens end past the context are lost: the end-of-training report says so
+    as a warning naming the setting to change; 1 of 60 lost stays an info line."""
+    import logging
+
+    from nemo_neva import MegatronNevaModel
+    from nemo_neva.data.skip_tally import skip_report
+    from tests.model.helpers import tiny_model_cfg
+
+    images = tmp_path / "img"
+    images.mkdir()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(images / "red.png")
+    long_question = " ".join(["word"] * 80) + " <image>"  # the 16 image tokens start beyond 64 tokens
+    recs = [{"id": f"ok{i}", "image": "red.png", "conversations": conv("<image>\nwhat?", "red")} for i in range(7)]
+    recs += [{"id": f"long{i}", "image": "red.png", "conversations": conv(long_question, "red")} for i in range(3)]
+    cfg = tiny_model_cfg(**{"data.data_path": write_json(tmp_path / "d.json", recs), "data.image_folder": str(images),
+                            "data.conv_template": "chatml"})
+    model = MegatronNevaModel(cfg)
+    model.setup_training_data(cfg.data)
+    with caplog.at_level(logging.INFO):
+        model.on_train_end()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "skipped" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+    assert "skipped 3 of 10 samples (30.0 %): image_does_not_fit=3" in warnings[0]
+    assert "raise model.encoder_seq_length" in warnings[0]
+    line, loud = skip_report({"image_corrupt": 1}, 60)
+    assert not loud and line == "skipped 1 of 60 samples (1.7 %): image_corrupt=1"
