@@ -6,7 +6,7 @@ import torch
 from nemo_neva import MegatronNevaModel
 from nemo_neva.data.collate import NevaCollator
 from nemo_neva.data.packing import PackedCollator, first_fit_decreasing, to_thd
-from tests.model.helpers import ROOT, llama_overrides, tiny_model_cfg
+from tests.model.helpers import ROOT, assert_trained_close, llama_overrides, tiny_model_cfg
 
 
 @pytest.mark.parametrize("style", ["gpt", "llama"])
@@ -85,8 +85,8 @@ def test_thd_training_step_matches_mask_step():
         losses.append(float(model.train_on_batch(batch, model.configure_optimizers())))
         weights.append({k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)})
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
-    for k in weights[0]:
-        torch.testing.assert_close(weights[0][k], weights[1][k], atol=1e-5, rtol=1e-4)
+    # one Adam step: elements with ~0 gradient may move by up to ~lr in either layout (see assert_trained_close)
+    assert_trained_close(weights[0], weights[1], float(cfg.optim.lr), 1, atol=1e-5, rtol=1e-4)
 
 
 def test_core_attention_thd_per_segment_equals_block_diagonal_mask():
