@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     print(f"vision engine vs .nemo: max |diff| / max |ref| = {vis_err:.2e}")
 
     prompt = meta["prompt_example"].replace("{question}", args.question)
-    ids = encode_prompt(model, prompt, has_image=IMAGE_TOKEN in prompt)
+    ids = encode_prompt(model, prompt, prompt.count(IMAGE_TOKEN))
     fake = fake_prompt_ids(ids.unsqueeze(0), meta["image_token_id"], meta["vocab_size"])[0]
     with torch.no_grad():
         ref_logits = model.model(ids.unsqueeze(0), torch.arange(ids.numel()).unsqueeze(0), images=pixels,

@@ -57,14 +57,29 @@ class Usage:
 @dataclass
 class _Request:
     ids: torch.Tensor  # prompt token ids, image placeholders expanded
-    pixels: Optional[torch.Tensor]  # [3, H, W] or None
+    pixels: Optional[torch.Tensor]  # [n_images, 3, H, W] in tag order, or None
 
 
-def encode_prompt(model, prompt: str, has_image: bool) -> torch.Tensor:
+def _image_count(image) -> int:
+    """None -> 0; a PIL image or [3,H,W] tensor -> 1; a list of images or an [n,3,H,W] tensor -> n."""
+    if image is None:
+        return 0
+    if isinstance(image, (list, tuple)):
+        return len(image)
+    if torch.is_tensor(image) and image.dim() == 4:
+        return image.shape[0]
+    return 1
+
+
+def encode_prompt(model, prompt: str, images) -> torch.Tensor:
+    """Prompt ids with each `<image>` tag expanded to the model's placeholder run. `images`: the request's
+    image(s) as `generate` takes them, or a count (True/False for one/none): one tag per image, in order."""
     tok = model.tokenizer
+    n_images = int(images) if isinstance(images, (bool, int)) else _image_count(images)
     n_tags = prompt.count(IMAGE_TOKEN)
-    if n_tags != (1 if has_image else 0):
-        raise ValueError(f"prompt must contain exactly {int(has_image)} '{IMAGE_TOKEN}' tag(s), found {n_tags}")
+    if n_tags != n_images:
+        raise ValueError(f"prompt must contain exactly {n_images} '{IMAGE_TOKEN}' tag(s) (one per image), "
+                         f"found {n_tags}")
     ids = []
     for i, part in enumerate(prompt.split(IMAGE_TOKEN)):
         if i:
@@ -74,12 +89,20 @@ def encode_prompt(model, prompt: str, has_image: bool) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _pixels(model, image) -> Optional[torch.Tensor]:
-    if image is None:
-        return None
+def _one_pixels(model, image) -> torch.Tensor:
     if torch.is_tensor(image):
         return image
     return model.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+def _pixels(model, image) -> Optional[torch.Tensor]:
+    """The request's images as [n, 3, H, W] in tag order, or None without images."""
+    if _image_count(image) == 0:
+        return None
+    if torch.is_tensor(image):
+        return image if image.dim() == 4 else image.unsqueeze(0)
+    images = image if isinstance(image, (list, tuple)) else [image]
+    return torch.stack([_one_pixels(model, im) for im in images])
 
 
 def _settings(model, n_images, n_prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
@@ -101,7 +124,7 @@ def _requests(model, images, prompts, max_new_tokens: int) -> list[_Request]:
     context = model.cfg.encoder_seq_length
     out = []
     for i, (image, prompt) in enumerate(zip(images, prompts)):
-        ids = encode_prompt(model, prompt, image is not None)
+        ids = encode_prompt(model, prompt, image)
         if ids.numel() + max_new_tokens > context:
             raise ValueError(f"prompt {i} ({ids.numel()} tokens) + max_new_tokens ({max_new_tokens}) "
                              f"exceeds the context of {context} tokens")
@@ -167,8 +190,9 @@ def _decode_batch(model, requests: list[_Request], s: _Settings, seeds: list[int
     vocab = len(tokenizer)
     device = next(model.model.parameters()).device
     tokens, valid = (t.to(device) for t in left_pad([r.ids for r in requests]))
-    image_rows = [row for row, r in enumerate(requests) if r.pixels is not None]
-    images = torch.stack([requests[row].pixels for row in image_rows]).to(device) if image_rows else None
+    with_images = [r for r in requests if r.pixels is not None]
+    image_rows = [row for row, r in enumerate(requests) if r.pixels is not None for _ in range(r.pixels.shape[0])]
+    images = torch.cat([r.pixels for r in with_images]).to(device) if with_images else None
     if s.use_cache:
         decoder = CachedDecoder(model.model, images, image_rows, tokens.shape[1] + s.max_new_tokens,
                                 compile_steps=s.compile_decode)
@@ -248,7 +272,8 @@ def generate(model, images: Sequence, prompts: Sequence[str], max_new_tokens: in
              stop_token_ids: Optional[Sequence[int]] = None, stop_strings: Sequence[str] = (),
              repetition_penalty: float = 1.0, batch_size: Optional[int] = None,
              use_cache: bool = True, compile_decode: bool = False) -> list[str]:
-    """`images[i]` is a PIL image, a [3,H,W] tensor, or None; `prompts[i]` is the rendered prompt text.
+    """`images[i]` is None, one image (PIL or [3,H,W] tensor) or a list of images (or an [n,3,H,W] tensor),
+    one per `<image>` tag of `prompts[i]`, in order; `prompts[i]` is the rendered prompt text.
 
     Decoding ends at a stop token id (default: EOS), a stop string, or `max_new_tokens`. temperature 0 is
     greedy; `repetition_penalty` > 1 discourages tokens already in the prompt or answer. With a `seed`, each

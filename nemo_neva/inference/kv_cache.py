@@ -27,7 +27,7 @@ class _Decoder:
     def __init__(self, module, images: Optional[torch.Tensor], image_rows: list[int]):
         self.module = module  # NevaModule
         self.images = images  # [n_img, 3, H, W] in row order, or None
-        self.image_rows = image_rows  # row index of each image
+        self.image_rows = image_rows  # row index of each image (a row may have several)
 
     def _forward(self, tokens, position_ids, mask, images, context=None):
         return self.module(tokens, position_ids, attention_mask=mask, images=images, inference_context=context,
@@ -36,8 +36,10 @@ class _Decoder:
     def _keep_images(self, rows: torch.Tensor):
         if self.images is None:
             return
-        where = {r: i for i, r in enumerate(self.image_rows)}
-        kept = [(new, where[int(old)]) for new, old in enumerate(rows) if int(old) in where]
+        where: dict = {}  # row -> its images' indices (several per row for multi-image prompts)
+        for i, r in enumerate(self.image_rows):
+            where.setdefault(r, []).append(i)
+        kept = [(new, i) for new, old in enumerate(rows) for i in where.get(int(old), [])]
         self.image_rows = [new for new, _ in kept]
         self.images = self.images[[i for _, i in kept]] if kept else None
 
