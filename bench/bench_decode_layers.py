@@ -23,16 +23,16 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     a = ap.parse_args(argv)
+    import bench_generate as bg
     import torch
     from megatron.core.tensor_parallel.layers import RowParallelLinear
     from megatron.core.transformer.attention import SelfAttention
 
-    import bench_generate as bg
     from nemo_neva.inference.batching import left_pad
     from nemo_neva.inference.generate import encode_prompt
     from nemo_neva.inference.kv_cache import CachedDecoder
-    from nemo_neva.models.rotated_kv_attention import RotatedKVCacheSelfAttention
-    from nemo_neva.models.row_linear import RowParallelLinearOwnGroup
+    from nemo_neva.modules.rotated_kv_attention import RotatedKVCacheSelfAttention
+    from nemo_neva.modules.row_linear import RowParallelLinearOwnGroup
 
     torch.manual_seed(0)
     model = bg._model(bg._args(["--new-tokens", str(a.steps)]))

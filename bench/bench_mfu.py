@@ -1,6 +1,6 @@
 """Model FLOPs utilisation on CPU: achieved model FLOP/s of a training step / this CPU's measured matmul FLOP/s.
 
-Model FLOPs per sample come from nemo_neva/perf_model.py (`flops_per_sample`: 6 x params x tokens for the
+Model FLOPs per sample come from nemo_neva/perf/paper_model.py (`flops_per_sample`: 6 x params x tokens for the
 learning LM GEMMs, attention QK^T/AV uncausal, frozen vision tower forward only). The reference peak is the
 best fp32 `torch.mm` rate measured in the same run with the same thread count (square 1024-2048 matrices).
 transformers' LlavaForConditionalGeneration on the same weights and batches is timed alongside (steps
@@ -47,7 +47,7 @@ def main(argv=None) -> None:
 
     import torch
 
-    from nemo_neva.perf_model import Layout, flops_per_sample
+    from nemo_neva.perf.paper_model import Layout, flops_per_sample
 
     torch.set_num_threads(a.threads)
     peak_before = matmul_flops(a.threads)

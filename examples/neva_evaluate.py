@@ -14,10 +14,9 @@ from nemo.core.config import hydra_runner
 from omegaconf import OmegaConf
 
 from nemo_neva import MegatronNevaModel
+from nemo_neva.cli import resolve_path, user_errors
 from nemo_neva.evaluation import check_metrics, evaluate, read_eval_file
 from nemo_neva.inference.generate import validate_sampling
-from nemo_neva.training import user_errors
-from nemo_neva.utils import resolve_path
 
 
 @hydra_runner(config_path="../conf", config_name="neva_evaluate")

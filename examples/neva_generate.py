@@ -20,11 +20,11 @@ from nemo.core.config import hydra_runner
 from omegaconf import OmegaConf
 
 from nemo_neva import MegatronNevaModel
+from nemo_neva.cli import user_errors
+from nemo_neva.data.image_io import open_user_image
 from nemo_neva.inference.generate import encode_prompt, validate_sampling
 from nemo_neva.inference.prompting import build_prompt, stop_markers
 from nemo_neva.inference.prompts_file import PromptRequest, Skipped, read_prompts_file
-from nemo_neva.security import open_user_image
-from nemo_neva.training import user_errors
 
 log = logging.getLogger("neva_generate")
 

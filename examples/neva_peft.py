@@ -9,10 +9,11 @@ import os
 from nemo.core.config import hydra_runner
 
 from nemo_neva import MegatronNevaModel
-from nemo_neva.checkpointing import exp_manager_with_resume
+from nemo_neva.checkpoint.training_checkpoint import exp_manager_with_resume
+from nemo_neva.cli import resolve_path, user_errors
+from nemo_neva.models.finetune_config import finetune_config
 from nemo_neva.models.peft import lora_settings
-from nemo_neva.training import build_trainer, finetune_config, nemo_output_path, user_errors
-from nemo_neva.utils import resolve_path
+from nemo_neva.training.trainer import build_trainer, nemo_output_path
 
 
 @hydra_runner(config_path="../conf", config_name="neva_peft")

@@ -3,10 +3,11 @@
     python examples/neva_pretrain.py [hydra overrides, e.g. trainer.max_steps=3 exp_manager.exp_dir=/tmp/x]
 """
 from nemo.core.config import hydra_runner
-from nemo_neva.checkpointing import exp_manager_with_resume
 
 from nemo_neva import MegatronNevaModel
-from nemo_neva.training import user_errors, build_trainer, nemo_output_path
+from nemo_neva.checkpoint.training_checkpoint import exp_manager_with_resume
+from nemo_neva.cli import user_errors
+from nemo_neva.training.trainer import build_trainer, nemo_output_path
 
 
 @hydra_runner(config_path="../conf", config_name="neva_pretrain")

@@ -9,9 +9,9 @@ import os
 from nemo.core.config import hydra_runner
 
 from nemo_neva import MegatronNevaModel
+from nemo_neva.cli import user_errors
 from nemo_neva.data.conversation import get_template
 from nemo_neva.serving import ServerLimits, build_server
-from nemo_neva.training import user_errors
 
 
 @hydra_runner(config_path="../conf", config_name="neva_serve")

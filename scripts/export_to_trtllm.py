@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nemo_neva.training import user_errors  # noqa: E402
+from nemo_neva.cli import user_errors  # noqa: E402
 
 
 @user_errors

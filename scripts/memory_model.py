@@ -5,7 +5,7 @@
     python scripts/memory_model.py --models 22B --tp 8 --pp 1 --dp 4 --seq-length 4096 --recompute selective
     python scripts/memory_model.py --models 43B --tp 8 --pp 2 --dp 2 --precision fp8 --mfu 0.35
 
-Formulas: nemo_neva/perf_model.py, explained in docs/PARALLELISM.md. Estimates, not measurements.
+Formulas: nemo_neva/perf/paper_model.py, explained in docs/PARALLELISM.md. Estimates, not measurements.
 """
 import argparse
 import importlib.util
@@ -13,7 +13,7 @@ import os
 import sys
 
 # Load the pure-arithmetic module by path: no torch / NeMo import (the nemo_neva package pulls them in).
-_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nemo_neva", "perf_model.py")
+_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nemo_neva", "perf", "paper_model.py")
 _spec = importlib.util.spec_from_file_location("neva_perf_model", _PATH)
 pm = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = pm  # dataclasses look the module up while the class bodies run

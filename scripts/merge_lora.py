@@ -21,7 +21,7 @@ def main(argv=None):
                                                      "(its SHA-256 must still match)")
     args = ap.parse_args(argv)
 
-    from nemo_neva.training import user_errors
+    from nemo_neva.cli import user_errors
 
     return user_errors(_merge)(args)
 

@@ -1,4 +1,4 @@
-"""The paper model (nemo_neva.perf_model) counts the parameters the code actually builds, and its memory /
+"""The paper model (nemo_neva.perf.paper_model) counts the parameters the code actually builds, and its memory /
 throughput arithmetic behaves as the formulas in docs/PARALLELISM.md say."""
 import os
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from nemo_neva import perf_model as pm
+from nemo_neva.perf import paper_model as pm
 from tests.model.helpers import ROOT, llama_overrides, tiny_model_cfg
 
 VARIANTS = {
@@ -23,8 +23,9 @@ VARIANTS = {
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_parameter_counts_equal_the_built_model(name):
-    from nemo_neva import MegatronNevaModel
     from omegaconf import OmegaConf
+
+    from nemo_neva import MegatronNevaModel
 
     model = MegatronNevaModel(tiny_model_cfg(**VARIANTS[name]))
     vocab = model.model.language_model.vocab_size

@@ -6,7 +6,7 @@ import os
 import tarfile
 import threading
 import warnings
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from PIL import Image
@@ -159,3 +159,38 @@ def preprocess(images: Union[Image.Image, Sequence[Image.Image]], image_processo
     if isinstance(images, Image.Image):
         return _one(images, image_processor, aspect_ratio)
     return torch.stack([_one(im, image_processor, aspect_ratio) for im in images])
+
+
+def open_user_image(src, max_bytes: Optional[int] = None, max_pixels: Optional[int] = None):
+    """A user-supplied image (path, bytes, file object or PIL image) -> RGB PIL image, within limits.
+
+    The file size is checked before reading, the pixel count from the header before decoding (PIL's own
+    decompression-bomb guard stays on); truncated/malformed files raise `ImageError` with a clear reason.
+    """
+    from PIL import Image
+
+    max_bytes = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
+    max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    if isinstance(src, Image.Image):
+        w, h = src.size
+        if w <= 0 or h <= 0 or w * h > max_pixels:
+            raise ImageError("too_many_pixels", f"image of {w}x{h} exceeds {max_pixels} pixels")
+        return src.convert("RGB")
+    if isinstance(src, (str, os.PathLike)):
+        name = os.fspath(src)
+        if not os.path.isfile(name):
+            raise ImageError("missing", f"{name!r} is not a file")
+        size = os.path.getsize(name)
+        if size > max_bytes:
+            raise ImageError("too_large", f"{name!r}: {size} bytes > {max_bytes}")
+        with open(name, "rb") as f:
+            data = f.read(max_bytes + 1)
+    elif isinstance(src, (bytes, bytearray, memoryview)):
+        name, data = "<bytes>", bytes(src)
+    elif hasattr(src, "read"):
+        name, data = getattr(src, "name", "<stream>"), src.read(max_bytes + 1)
+    else:
+        raise TypeError(f"expected a path, bytes, file object or PIL image, got {type(src).__name__}")
+    if len(data) > max_bytes:
+        raise ImageError("too_large", f"{name!r}: more than {max_bytes} bytes")
+    return _decode(bytes(data), str(name), max_pixels, header_only=False)

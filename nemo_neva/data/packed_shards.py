@@ -13,7 +13,7 @@ carry the marker to the main process); `consumed` is the contiguous prefix of fi
 restart replays the windows that were in flight (some samples twice, none lost). Unlike the unpacked
 stream, the order of rows in the batches depends on the number of workers.
 
-Training resume (checkpoint["neva_data"]["packed"], see nemo_neva/checkpointing_data.py): the trainer
+Training resume (checkpoint["neva_data"]["packed"], see nemo_neva/checkpoint/data_position.py): the trainer
 fetches a batch ahead of the one it trains, so the loader's own position can include windows finished only
 by a batch that was never trained. PackedShardLoader therefore queues the position after each batch it
 hands out and the model calls `mark_trained()` once per trained batch; `trained_state()` (a

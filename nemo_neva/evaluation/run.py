@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Callable, Iterable, Optional
 
+from nemo_neva.data.image_io import open_user_image
 from nemo_neva.data.skip_tally import skip_report
 from nemo_neva.evaluation.data import EvalSet
 from nemo_neva.evaluation.scores import METRICS, check_metrics, score
 from nemo_neva.inference.generate import encode_prompt
 from nemo_neva.inference.prompting import build_prompt, stop_markers
-from nemo_neva.security import open_user_image
 
 log = logging.getLogger(__name__)
 

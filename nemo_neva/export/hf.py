@@ -330,7 +330,7 @@ def _hf_image_processor(input_dir: str, vision_config):
     """The folder's image processor (preprocessor_config.json, or inside processor_config.json)."""
     from transformers import AutoImageProcessor
 
-    from nemo_neva.models.vision import build_image_processor
+    from nemo_neva.modules.vision import build_image_processor
 
     if any(os.path.isfile(os.path.join(input_dir, f)) for f in ("preprocessor_config.json", "processor_config.json")):
         return AutoImageProcessor.from_pretrained(input_dir)
@@ -388,7 +388,7 @@ def hf_config_from_neva(model):
     """LlavaConfig equivalent to a (LLaMA-style, mlp2x_gelu) MegatronNevaModel; raises if there is none."""
     from transformers import LlamaConfig, LlavaConfig, MistralConfig
 
-    from nemo_neva.models.language_model import normalization_settings
+    from nemo_neva.modules.language_model import normalization_settings
 
     cfg = model.cfg
     problems = []

@@ -113,7 +113,7 @@ def export_neva_to_trtllm(model, output_dir: str, tp_size: int = 1, dtype: str =
 
 def default_calib_data(model) -> tuple[Optional[str], Optional[str]]:
     """The training data recorded in the .nemo config, when it still exists on this machine."""
-    from nemo_neva.utils import resolve_path
+    from nemo_neva.cli import resolve_path
 
     data = model.cfg.get("data") or {}
     path = data.get("data_path")

@@ -134,7 +134,7 @@ def _requests(model, images, prompts, max_new_tokens: int) -> list[_Request]:
 
 def _pads_in_cached_steps(module) -> bool:
     """Our CPU core attention honours a padding mask in cached steps; TE's drops it there (no_mask)."""
-    from nemo_neva.models.layer_specs import SDPACoreAttention
+    from nemo_neva.modules.layer_specs import SDPACoreAttention
 
     return any(isinstance(m, SDPACoreAttention) for m in module.modules())
 

@@ -14,20 +14,21 @@ from nemo.core.classes.common import PretrainedModelInfo
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.nn.modules.module import _IncompatibleKeys
 
-from nemo_neva.models import megatron_training as mt
-from nemo_neva.models import peft, save_restore
-from nemo_neva.models.language_model import (
+from nemo_neva.checkpoint import nemo_connector, nemo_layout
+from nemo_neva.cli import resolve_path
+from nemo_neva.models import peft
+from nemo_neva.modules.language_model import (
     build_gpt,
     build_transformer_config,
     padded_vocab_size,
     params_dtype,
 )
-from nemo_neva.models.neva_module import NevaModule
-from nemo_neva.models.projector import build_projector
+from nemo_neva.modules.neva_module import NevaModule
+from nemo_neva.modules.projector import build_projector
+from nemo_neva.modules.vision import VisionTower, build_image_processor, load_vision_config, tokens_per_image
 from nemo_neva.parallel.optimizer import build_megatron_ddp
 from nemo_neva.parallel.schedule import run_forward_backward
-from nemo_neva.models.vision import VisionTower, build_image_processor, load_vision_config, tokens_per_image
-from nemo_neva.utils import resolve_path
+from nemo_neva.training import megatron_step as mt
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +110,11 @@ class MegatronNevaModel(ModelPT):
         from nemo.utils.app_state import AppState
 
         folder = AppState().nemo_file_folder
-        if folder and os.path.isdir(os.path.join(folder, save_restore.WEIGHTS_DIR)):
+        if folder and os.path.isdir(os.path.join(folder, nemo_layout.WEIGHTS_DIR)):
             self._check_restore_source(folder, AppState().model_restore_path)
             return folder
         raise FileNotFoundError(
-            f"this .nemo has no {save_restore.WEIGHTS_DIR}/ folder: it was not written by nemo_neva"
+            f"this .nemo has no {nemo_layout.WEIGHTS_DIR}/ folder: it was not written by nemo_neva"
         )
 
     def _check_restore_source(self, folder: str, archive: Optional[str]) -> None:
@@ -121,22 +122,22 @@ class MegatronNevaModel(ModelPT):
         NeMo's extractor only *skips* unsafe tar members, so re-scan the archive and refuse; refuse
         symlinks/special files in the folder, a foreign config target, and a weights marker that is not
         plain data (read with weights_only=True before NeMo's own torch.load of it)."""
-        from nemo_neva import security
+        from nemo_neva.checkpoint import untrusted as security
 
         if archive and os.path.isfile(archive):
             security.check_nemo_archive(archive)
         security.check_extracted_folder(folder)
         security.check_model_config(self._cfg)
-        security.load_weights_marker(os.path.join(folder, save_restore.MARKER_FILE))
+        security.load_weights_marker(os.path.join(folder, nemo_layout.MARKER_FILE))
 
     @classmethod
     def restore_from(cls, restore_path: str, override_config_path=None, map_location=None, strict: bool = True,
                      return_config: bool = False, save_restore_connector=None, trainer: Optional[Trainer] = None,
                      validate_access_integrity: bool = True):
         """NeMo's restore_from with our connector by default: the archive and its config `target` are
-        checked before NeMo extracts or instantiates anything (see nemo_neva.security)."""
+        checked before NeMo extracts or instantiates anything (see nemo_neva.checkpoint.untrusted)."""
         if save_restore_connector is None:
-            save_restore_connector = save_restore.NevaSaveRestoreConnector()
+            save_restore_connector = nemo_connector.NevaSaveRestoreConnector()
         try:
             return super().restore_from(restore_path, override_config_path=override_config_path,
                                         map_location=map_location, strict=strict, return_config=return_config,
@@ -222,12 +223,12 @@ class MegatronNevaModel(ModelPT):
     def save_to(self, save_path: str):
         """Write a `.nemo` (all ranks must call this: the weights are a distributed checkpoint)."""
         # Always our connector: NeMo's restore_from resets the instance's connector to its default one.
-        return save_restore.NevaSaveRestoreConnector().save_to(self, str(save_path))
+        return nemo_connector.NevaSaveRestoreConnector().save_to(self, str(save_path))
 
     def _load_dist_weights(self, ckpt_dir: str, keep=None):
         """Load `model_weights/`; `keep(key)` limits it to part of the model (PEFT: base or adapters)."""
+        from nemo_neva.checkpoint.untrusted import check_dist_checkpoint
         from nemo_neva.parallel.dist_ckpt import load_sharded
-        from nemo_neva.security import check_dist_checkpoint
 
         check_dist_checkpoint(ckpt_dir)  # megatron-core/torch DCP unpickle parts of it: validate them first
         sharded = self.model.sharded_state_dict(prefix="model.")
@@ -238,8 +239,8 @@ class MegatronNevaModel(ModelPT):
 
     # ------------------------------------------------------------------ training checkpoints (resume)
     def checkpoint_sharded_state(self, is_loading: bool) -> dict:
-        """Weights + optimizer state as megatron-core sharded state dicts (see nemo_neva.checkpointing)."""
-        from nemo_neva.checkpointing import optimizer_sharded_state
+        """Weights + optimizer state as megatron-core sharded state dicts (see nemo_neva.checkpoint.training_checkpoint)."""
+        from nemo_neva.checkpoint.training_checkpoint import optimizer_sharded_state
 
         model_sd = self.model.sharded_state_dict(prefix="model.")
         keep = self._checkpoint_keep()
@@ -265,7 +266,7 @@ class MegatronNevaModel(ModelPT):
             raise RuntimeError(f"checkpoint does not match the model: missing={missing} unexpected={unexpected}")
 
     def on_save_checkpoint(self, checkpoint):
-        from nemo_neva.checkpointing_data import data_state
+        from nemo_neva.checkpoint.data_position import data_state
 
         checkpoint["neva_data"] = data_state(self.trainer.global_step, self.cfg.global_batch_size,
                                              getattr(self, "_train_dl", None))
@@ -273,7 +274,7 @@ class MegatronNevaModel(ModelPT):
             checkpoint["neva_peft_base_sha256"] = self.cfg.peft.base_nemo_sha256
 
     def on_load_checkpoint(self, checkpoint):
-        from nemo_neva.checkpointing_data import restore_data_position
+        from nemo_neva.checkpoint.data_position import restore_data_position
 
         # Lightning saves mid-epoch checkpoints before counting the step's batch, so its logging step would
         # trail global_step by one after a resume: one step per batch here, so they are equal.
@@ -295,7 +296,7 @@ class MegatronNevaModel(ModelPT):
             restore_data_position(self._train_dl, checkpoint.get("neva_data"), self.cfg.global_batch_size)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        if save_restore.is_weights_marker(state_dict):
+        if nemo_layout.is_weights_marker(state_dict):
             # NeMo's connector hands us the marker; the weights were loaded from model_weights/ already.
             if not self._weights_restored:
                 raise RuntimeError("the .nemo weights were not restored from its model_weights/ folder")
@@ -398,8 +399,8 @@ class MegatronNevaModel(ModelPT):
         return loss
 
     def _log_mfu(self, batch, elapsed: float, bs: int) -> None:
-        """Model FLOPs/s of this device and their share of its peak (nemo_neva.mfu says how both are got)."""
-        from nemo_neva import mfu
+        """Model FLOPs/s of this device and their share of its peak (nemo_neva.perf.mfu says how both are got)."""
+        from nemo_neva.perf import mfu
 
         if getattr(self, "_step_flops", None) is None:
             self._step_flops = mfu.step_flops_for(self)
@@ -484,9 +485,9 @@ class MegatronNevaModel(ModelPT):
         With `data.packed_sequence`, a row holds several samples (first-fit-decreasing to seq_length),
         isolated by THD cu_seqlens in the attention (`_thd`), with positions restarting per sample.
         """
+        from nemo_neva.checkpoint.data_position import ResumableDistributedSampler
         from nemo_neva.data.collate import NevaCollator
         from nemo_neva.data.packing import PackedCollator, PackedNevaDataset
-        from nemo_neva.checkpointing_data import ResumableDistributedSampler
         from nemo_neva.data.shards import ShardedLoader, ShardedNevaDataset
 
         dp = parallel_state.get_data_parallel_world_size()

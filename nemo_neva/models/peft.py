@@ -12,40 +12,23 @@ checksum and the archive, as for any untrusted `.nemo`), then the adapters and p
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import shutil
-import tarfile
-import tempfile
-from contextlib import contextmanager
 from typing import Optional
 
 from omegaconf import open_dict
 
-from nemo_neva.models import lora
+from nemo_neva.checkpoint.peft_files import (
+    base_weights_dir,
+    check_base_reference,
+    is_adapter_key,
+    is_peft_key,
+    sha256_of,
+)
+from nemo_neva.modules import lora
+from nemo_neva.modules.lora import lora_settings
 
 log = logging.getLogger(__name__)
-
-SCHEMES = ("lora",)
-
-
-def lora_settings(cfg) -> Optional[dict]:
-    """The validated LoRA settings of `model` config `cfg`, or None without PEFT."""
-    peft = cfg.get("peft")
-    scheme = peft.get("peft_scheme") if peft else None
-    if scheme is None or str(scheme).lower() in ("none", "null", ""):
-        return None
-    if scheme not in SCHEMES:
-        raise ValueError(f"model.peft.peft_scheme={scheme!r}; supported: {', '.join(SCHEMES)} (or null)")
-    lc = peft.get("lora") or {}
-    return {
-        "rank": int(lc.get("rank", 8)),
-        "alpha": float(lc.get("alpha", 16)),
-        "dropout": float(lc.get("dropout", 0.0)),
-        "targets": list(lc.get("target_modules") or lora.TARGETS),
-    }
-
 
 def apply(module, cfg) -> None:
     """Wrap the LM's targeted linear layers of NevaModule `module` with LoRA adapters (if PEFT is on)."""
@@ -72,64 +55,6 @@ def freeze(module, cfg) -> None:
             p.requires_grad_(bool(cfg.peft.get("train_projector", True)))
 
 
-def is_adapter_key(key: str) -> bool:
-    return key.rsplit(".", 1)[-1] in lora.ADAPTER_PARAMS
-
-
-def is_peft_key(key: str) -> bool:
-    """What a PEFT .nemo stores: adapters and the projector (keys of `model.sharded_state_dict('model.')`)."""
-    return is_adapter_key(key) or key.startswith("model.projector.")
-
-
-def checkpoint_subset(model, sharded_state_dict: dict) -> dict:
-    """The part of the model a .nemo stores: everything, or for a PEFT model adapters + projector."""
-    if lora_settings(model.cfg) is None:
-        return sharded_state_dict
-    if not model.cfg.peft.get("base_nemo_path"):
-        raise ValueError("this PEFT model has no base .nemo (model.peft.base_nemo_path); start PEFT training "
-                         "from a full .nemo (examples/neva_peft.py), or merge the adapters first")
-    return {k: v for k, v in sharded_state_dict.items() if is_peft_key(k)}
-
-
-# ------------------------------------------------------------------------------------------ restore
-_SHA_CACHE: dict = {}
-
-
-def sha256_of(path: str) -> str:
-    """SHA-256 of a file (remembered per path, size and mtime: a restore checks the base twice)."""
-    st = os.stat(path)
-    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        _SHA_CACHE[key] = digest.hexdigest()
-    return _SHA_CACHE[key]
-
-
-def check_base_reference(cfg) -> None:
-    """A PEFT config's base .nemo exists and is the file the adapters were trained on (else a clear error).
-    Called by our connector before NeMo instantiates anything, and again before the base is loaded."""
-    from nemo_neva.security import UnsafeCheckpointError  # a ValueError that NeMo's restore passes on as is
-
-    peft = cfg.get("peft") or {}
-    path = peft.get("base_nemo_path")
-    if lora_settings(cfg) is None or not path:
-        return
-    if not os.path.isfile(path):
-        raise UnsafeCheckpointError(f"the PEFT .nemo's base {path!r} (model.peft.base_nemo_path) does not exist; "
-                                "pass its new location with an override config (scripts/merge_lora.py: --base-nemo)")
-    sha256 = peft.get("base_nemo_sha256")
-    if not sha256:
-        raise UnsafeCheckpointError("the PEFT .nemo records no model.peft.base_nemo_sha256; refusing an "
-                                    "unverified base")
-    actual = sha256_of(path)
-    if actual != sha256:
-        raise UnsafeCheckpointError(f"base .nemo {path} has SHA-256 {actual}, but the adapters were trained on "
-                         f"{sha256}: it is not the same base model")
-
-
 def restore_weights(model, restore_dir: str, archive: Optional[str]) -> None:
     """Load the weights of the .nemo being restored into `model`.
 
@@ -138,7 +63,7 @@ def restore_weights(model, restore_dir: str, archive: Optional[str]) -> None:
       their initialisation (B = 0), and the archive is recorded as the base;
     * PEFT archive (its config names a base): base weights from the base .nemo, then adapters + projector.
     """
-    from nemo_neva.models.save_restore import WEIGHTS_DIR
+    from nemo_neva.checkpoint.nemo_layout import WEIGHTS_DIR
 
     own = os.path.join(restore_dir, WEIGHTS_DIR)
     if lora_settings(model.cfg) is None:
@@ -158,24 +83,6 @@ def restore_weights(model, restore_dir: str, archive: Optional[str]) -> None:
     with open_dict(model.cfg):
         peft.base_nemo_path = os.path.abspath(archive)
         peft.base_nemo_sha256 = sha256_of(archive)
-
-
-@contextmanager
-def base_weights_dir(path: str):
-    """The base .nemo's `model_weights/` extracted into a temporary folder (archive checked first)."""
-    from nemo_neva import security
-    from nemo_neva.models.save_restore import WEIGHTS_DIR
-
-    security.check_nemo_archive(path)
-    tmp = tempfile.mkdtemp(prefix="neva_peft_base_")
-    try:
-        with tarfile.open(path, "r:*") as tar:
-            members = [m for m in tar.getmembers()
-                       if os.path.normpath(m.name).split(os.sep)[0] == WEIGHTS_DIR]
-            tar.extractall(tmp, members=members, filter="data")
-        yield os.path.join(tmp, WEIGHTS_DIR)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------ merge

@@ -9,8 +9,7 @@ import base64
 import binascii
 import re
 
-from nemo_neva.data.image_io import ImageError
-from nemo_neva.security import open_user_image
+from nemo_neva.data.image_io import ImageError, open_user_image
 from nemo_neva.serving.errors import RequestError
 from nemo_neva.serving.limits import ServerLimits
 

@@ -4,8 +4,8 @@ import json
 import os
 
 import pytest
-
 from neva_data_helpers import REPO, conv, write_json
+
 from nemo_neva.data.packed_shards import PackedShardDataset, PackedShardLoader
 from nemo_neva.data.packing import PackedCollator
 from nemo_neva.data.shards import ShardedNevaDataset, convert_to_shards
@@ -145,7 +145,7 @@ def test_end_of_epoch_position_resumes_at_the_next_epoch(shards, tok, proc):
 
 
 def test_an_old_checkpoint_without_the_packed_position_is_refused_clearly(shards, tok, proc):
-    from nemo_neva.checkpointing_data import restore_data_position
+    from nemo_neva.checkpoint.data_position import restore_data_position
 
     dl = packed_loader(shards, tok, proc)
     with pytest.raises(ValueError, match="no packed-stream position .* start over"):
@@ -156,13 +156,13 @@ def test_an_old_checkpoint_without_the_packed_position_is_refused_clearly(shards
 
 
 def test_a_packed_run_checkpoint_resumed_unpacked_is_flagged(shards, tok, proc, caplog):
-    from nemo_neva.checkpointing_data import restore_data_position
+    from nemo_neva.checkpoint.data_position import restore_data_position
     from nemo_neva.data.shards import ShardedLoader
 
     ds = ShardedNevaDataset(shards, tok, proc, template="plain", seq_length=SEQ, num_image_tokens=4, seed=3,
                             drop_remainder=True)
     state = {"consumed_samples": 4, "global_batch_size": 2,
              "packed": {"epoch": 0, "consumed": 12, "seed": 3, "total": 40}}
-    with caplog.at_level("WARNING", logger="nemo_neva.checkpointing_data"):
+    with caplog.at_level("WARNING", logger="nemo_neva.checkpoint.data_position"):
         restore_data_position(ShardedLoader(ds, batch_size=2), state, 2)
     assert "counts packed rows" in caplog.text and ds.consumed == 4  # placed by consumed_samples, as before

@@ -4,8 +4,8 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-
 from neva_data_helpers import conv, write_json
+
 from nemo_neva.data.collate import NevaCollator
 from nemo_neva.data.constants import IGNORE_INDEX
 from nemo_neva.data.dataset import NevaDataset
@@ -115,7 +115,7 @@ def test_packed_seq_params_contract():
 
 
 def test_thd_segment_lengths():
-    from nemo_neva.models.layer_specs import thd_segment_lengths
+    from nemo_neva.modules.layer_specs import thd_segment_lengths
 
     cu = torch.tensor([0, 3, 5, 8], dtype=torch.int32)
     assert thd_segment_lengths(cu, cu) == [3, 2, 3]

@@ -11,10 +11,17 @@ TOKENS_PER_IMAGE = 16  # (32 / 8) ** 2 patches, CLS dropped
 def make_tiny_llava(out_dir, num_kv_heads=2, tie=False, seed=0, processor=True, tower="clip", dtype=None,
                     lm="llama"):
     """tower "clip": CLS dropped (strategy "default"); "siglip": no CLS, all patches (strategy "full")."""
-    from transformers import (AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor, SiglipVisionConfig)
+    from transformers import (
+        AutoTokenizer,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        SiglipVisionConfig,
+    )
 
-    from nemo_neva.models.vision import CLIPImageProcessor, SiglipImageProcessor
+    from nemo_neva.modules.vision import CLIPImageProcessor, SiglipImageProcessor
 
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
     vision_cls = CLIPVisionConfig if tower == "clip" else SiglipVisionConfig

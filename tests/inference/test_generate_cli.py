@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from nemo_neva import MegatronNevaModel
+from nemo_neva.data.image_io import open_user_image
 from nemo_neva.inference.prompting import build_prompt, stop_markers
-from nemo_neva.security import open_user_image
 from tests.model.helpers import ROOT, tiny_model_cfg
 
 IMAGE = os.path.join(ROOT, "data", "shapes_demo", "images", "eval_00000.png")

@@ -100,8 +100,9 @@ def test_generation_attention_equals_the_training_attention_bit_for_bit(model):
 def test_decode_steps_rotate_only_the_new_keys(model, monkeypatch):
     """The cache holds keys after RoPE (`RotatedKVCacheSelfAttention`): a decode step rotates its own query
     and key only, never the cached keys again (megatron-core's plain static path re-rotates the whole cache)."""
-    import nemo_neva.models.rotated_kv_attention as ours
     import megatron.core.transformer.attention as mcore_attention
+
+    import nemo_neva.modules.rotated_kv_attention as ours
 
     rotated = []
 

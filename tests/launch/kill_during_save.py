@@ -6,9 +6,9 @@ import os
 import signal
 
 import torch
-
-from nemo_neva import checkpointing
 from script_wrapper import run_script_from_argv  # a sibling: run as a script, this folder is on sys.path
+
+from nemo_neva.checkpoint import training_checkpoint as checkpointing
 
 
 def main():

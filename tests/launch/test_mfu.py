@@ -1,7 +1,8 @@
 """MFU arithmetic: the FLOPs of a step, the peak it is divided by, and the logged value of a real step."""
 import torch
 
-from nemo_neva import mfu, perf_model
+from nemo_neva.perf import mfu
+from nemo_neva.perf import paper_model as perf_model
 
 
 def _tiny_shape(gated=False):

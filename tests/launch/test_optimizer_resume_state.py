@@ -35,7 +35,7 @@ def _train_step(rank, ddp, opt, step):
 
 
 def _sharded(model, opt, is_loading):
-    from nemo_neva.checkpointing import optimizer_sharded_state
+    from nemo_neva.checkpoint.training_checkpoint import optimizer_sharded_state
 
     model_sd = model.sharded_state_dict(prefix="model.")
     return {"model": model_sd, "optimizer": optimizer_sharded_state(opt, model_sd, is_loading)}
@@ -53,7 +53,7 @@ def _adam_state(opt):
 
 
 def _round_trip(rank, world_size, root, distributed):
-    from nemo_neva.checkpointing import load_optimizer_state
+    from nemo_neva.checkpoint.training_checkpoint import load_optimizer_state
     from nemo_neva.parallel.dist_ckpt import load_sharded, save_sharded
     from nemo_neva.parallel.init import initialize_model_parallel_from_cfg
 

@@ -12,7 +12,7 @@ import uuid
 import pytest
 import torch
 
-from nemo_neva import checkpointing
+from nemo_neva.checkpoint import training_checkpoint as checkpointing
 from nemo_neva.parallel.init import free_port
 from tests.model.helpers import ROOT
 
@@ -253,7 +253,7 @@ def test_peft_run_killed_mid_save_resumes_like_an_uninterrupted_run(tmp_path):
     tensors, _, _ = _kill_and_resume(
         tmp_path, data=_small_data(tmp_path, "stage2_instruct.json"), script="neva_peft",
         extra=(f"model.restore_from_path={base}", "model.peft.lora.rank=4"))
-    from nemo_neva.models.peft import is_adapter_key, is_peft_key
+    from nemo_neva.checkpoint.peft_files import is_adapter_key, is_peft_key
 
     weights = [k for k in tensors if k.startswith("model.")]
     assert any(is_adapter_key(k) for k in weights) and any(k.startswith("model.projector.") for k in weights)
@@ -267,7 +267,7 @@ def test_two_process_distributed_optimizer_resume_matches(tmp_path):
 
 def test_sampler_passes_follow_the_run_position():
     """Each pass of the training sampler starts where global_step says, whatever epoch Lightning counts."""
-    from nemo_neva.checkpointing_data import ResumableDistributedSampler
+    from nemo_neva.checkpoint.data_position import ResumableDistributedSampler
 
     data = list(range(26))  # 2 ranks x 13; 4 per rank per step -> 3 steps (24 samples) per epoch
     step = {"n": 0}

@@ -19,7 +19,7 @@ sys.path.insert(0, ROOT)
 def main():
     from megatron.core import parallel_state as ps
 
-    from nemo_neva.models.megatron_training import MegatronOptimizerAdapter  # noqa: F401  (import check)
+    from nemo_neva.training.megatron_step import MegatronOptimizerAdapter  # noqa: F401  (import check)
     from tests.model.helpers import batch_for, restore_at_layout
 
     ap = argparse.ArgumentParser()

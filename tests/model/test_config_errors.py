@@ -8,7 +8,7 @@ import torch
 from omegaconf import open_dict
 
 from nemo_neva import MegatronNevaModel
-from nemo_neva.models.language_model import build_transformer_config
+from nemo_neva.modules.language_model import build_transformer_config
 from tests.model.helpers import ROOT, tiny_model_cfg
 
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from nemo_neva import MegatronNevaModel
-from nemo_neva.models.neva_module import ImageTokenMismatch
-from nemo_neva.models.projector import build_projector
+from nemo_neva.modules.neva_module import ImageTokenMismatch
+from nemo_neva.modules.projector import build_projector
 from tests.model.helpers import batch_for, llama_overrides, tiny_model_cfg
 
 

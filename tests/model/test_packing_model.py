@@ -96,7 +96,7 @@ def test_core_attention_thd_per_segment_equals_block_diagonal_mask():
     from megatron.core.packed_seq_params import PackedSeqParams
 
     from nemo_neva.data.packing import packed_attention_mask
-    from nemo_neva.models.layer_specs import SDPACoreAttention
+    from nemo_neva.modules.layer_specs import SDPACoreAttention
 
     model = MegatronNevaModel(tiny_model_cfg(**llama_overrides()))
     attn = next(m for m in model.modules() if isinstance(m, SDPACoreAttention))

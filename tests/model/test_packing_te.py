@@ -4,7 +4,7 @@ Skipped without CUDA and transformer_engine; the CPU contract lives in test_pack
 import pytest
 import torch
 
-from nemo_neva.models import layer_specs
+from nemo_neva.modules import layer_specs
 
 pytestmark = pytest.mark.skipif(not (layer_specs.HAVE_TE and torch.cuda.is_available()),
                                 reason="needs a CUDA GPU and transformer_engine")

@@ -8,8 +8,8 @@ import torch
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from nemo_neva import MegatronNevaModel
-from nemo_neva.models import layer_specs, precision
-from nemo_neva.models.language_model import build_transformer_config
+from nemo_neva.modules import layer_specs, precision
+from nemo_neva.modules.language_model import build_transformer_config
 from tests.model.helpers import batch_for, llama_overrides, tiny_model_cfg
 
 

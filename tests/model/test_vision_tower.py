@@ -4,7 +4,7 @@ import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from nemo_neva import MegatronNevaModel
-from nemo_neva.models.vision import VisionTower, build_image_processor
+from nemo_neva.modules.vision import VisionTower, build_image_processor
 from tests.model.helpers import batch_for, tiny_model_cfg
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=32,

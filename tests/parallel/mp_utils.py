@@ -53,7 +53,7 @@ def build_gpt(style: str, tp: int = 1, pp: int = 1, sequence_parallel: bool = Fa
     from megatron.core.models.gpt import GPTModel
 
     from nemo_neva.compat.cpu import seed_all
-    from nemo_neva.models.layer_specs import build_decoder_spec
+    from nemo_neva.modules.layer_specs import build_decoder_spec
 
     config, pos = gpt_config(style, tp, pp, sequence_parallel, num_layers)
     seed_all(seed)

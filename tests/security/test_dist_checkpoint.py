@@ -14,7 +14,7 @@ from nemo.core import ModelPT
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
 from nemo_neva import MegatronNevaModel
-from nemo_neva.security import UnsafeCheckpointError
+from nemo_neva.checkpoint.untrusted import UnsafeCheckpointError
 from tests.security.conftest import Payload, read_member, rewrite_nemo
 
 W = "model_weights/"

@@ -6,8 +6,7 @@ import zlib
 import pytest
 from PIL import Image
 
-from nemo_neva.data.image_io import ImageError
-from nemo_neva.security import open_user_image
+from nemo_neva.data.image_io import ImageError, open_user_image
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

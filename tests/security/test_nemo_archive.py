@@ -10,7 +10,7 @@ from nemo.core import ModelPT
 from nemo.core.classes.common import UnsafeTargetError
 
 from nemo_neva import MegatronNevaModel
-from nemo_neva.security import UnsafeCheckpointError
+from nemo_neva.checkpoint.untrusted import UnsafeCheckpointError
 from tests.security.conftest import Payload, files_under, read_member, rewrite_nemo
 
 
@@ -78,7 +78,7 @@ def test_duplicate_member_is_refused(tiny_nemo, jail):
 
 
 def test_pre_extracted_folder_with_symlink_is_refused(tiny_nemo, tmp_path):
-    from nemo_neva.models.save_restore import NevaSaveRestoreConnector
+    from nemo_neva.checkpoint.nemo_connector import NevaSaveRestoreConnector
 
     folder = tmp_path / "extracted"
     with tarfile.open(tiny_nemo) as tar:
@@ -98,7 +98,7 @@ def _with_target(tiny_nemo, dst, target, extra_yaml=""):
 
 
 FOREIGN = ["os.system", "subprocess.Popen", "torch.nn.Linear", "nemo.core.classes.modelPT.ModelPT",
-           "nemo_neva.models.projector.build_projector"]
+           "nemo_neva.modules.projector.build_projector"]
 
 
 @pytest.mark.parametrize("target", FOREIGN)

@@ -5,7 +5,7 @@ import torch
 from nemo_neva import MegatronNevaModel
 from nemo_neva.export.hf import UnsupportedCheckpoint, export_neva_to_hf
 from nemo_neva.inference.generate import encode_prompt
-from nemo_neva.models.projector import PatchMerge2x2, build_projector
+from nemo_neva.modules.projector import PatchMerge2x2, build_projector
 from tests.model.helpers import llama_overrides, tiny_model_cfg
 from tests.variants.variant_helpers import assert_nemo_roundtrip, train_steps, variant_batch
 

@@ -12,7 +12,7 @@ from omegaconf import open_dict
 
 from nemo_neva import MegatronNevaModel
 from nemo_neva.export.hf import UnsupportedCheckpoint, export_neva_to_hf
-from nemo_neva.models.lora import LoraLinear
+from nemo_neva.modules.lora import LoraLinear
 from nemo_neva.parallel.init import free_port
 from tests.export.hf_helpers import hf_logits, neva_logits, probe_inputs
 from tests.model.helpers import ROOT

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 from nemo_neva import MegatronNevaModel
 from nemo_neva.export.hf import UnsupportedCheckpoint, export_neva_to_hf
-from nemo_neva.models.language_model import build_transformer_config
-from nemo_neva.models.norms import LayerNorm1p, RMSNorm1p
+from nemo_neva.modules.language_model import build_transformer_config
+from nemo_neva.modules.norms import LayerNorm1p, RMSNorm1p
 from tests.model.helpers import tiny_model_cfg
 from tests.variants.variant_helpers import assert_nemo_roundtrip, logits_of, train_steps, variant_batch
 

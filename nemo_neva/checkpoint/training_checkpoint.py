@@ -259,8 +259,8 @@ class DistCheckpointMixin:
         _barrier()
 
     def load_checkpoint(self, checkpoint_path) -> dict:
+        from nemo_neva.checkpoint.untrusted import check_dist_checkpoint
         from nemo_neva.parallel.dist_ckpt import load_sharded
-        from nemo_neva.security import check_dist_checkpoint
 
         folder = checkpoint_dir(checkpoint_path)
         if not is_complete(folder):

@@ -6,10 +6,10 @@ import os
 
 import lightning.pytorch as pl
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
-from nemo_neva.checkpointing import DistCheckpointMixin
-from nemo_neva.models.megatron_training import num_microbatches
+from nemo_neva.checkpoint.training_checkpoint import DistCheckpointMixin
+from nemo_neva.training.megatron_step import num_microbatches
 
 log = logging.getLogger(__name__)
 
@@ -29,20 +29,20 @@ def data_parallel_size(model_cfg) -> int:
     return world // mp
 
 
-class MegatronStrategy(DistCheckpointMixin, DDPStrategy):
+class NevaDDPLaunchStrategy(DistCheckpointMixin, DDPStrategy):
     """Lightning's DDP launch and rank bookkeeping, without torch DDP wrapping.
 
     Gradient sync belongs to megatron-core's DDP (set up by the model in `configure_optimizers`), which
     reduces over the data-parallel group only; torch DDP would also average across tensor/pipeline ranks.
-    Checkpoints are megatron-core distributed checkpoints written by all ranks (nemo_neva.checkpointing).
+    Checkpoints are megatron-core distributed checkpoints written by all ranks (nemo_neva.checkpoint.training_checkpoint).
     """
 
     def configure_ddp(self) -> None:
         pass
 
 
-class MegatronSingleDeviceStrategy(DistCheckpointMixin, SingleDeviceStrategy):
-    """One process: the same checkpoint format as MegatronStrategy, so a run resumes in either."""
+class NevaSingleDeviceStrategy(DistCheckpointMixin, SingleDeviceStrategy):
+    """One process: the same checkpoint format as NevaDDPLaunchStrategy, so a run resumes in either."""
 
 
 def build_trainer(cfg: DictConfig) -> pl.Trainer:
@@ -66,12 +66,12 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
                 f"trainer.devices={devices} x trainer.num_nodes={trainer_cfg.get('num_nodes', 1)} does not match "
                 f"the {world} launched process(es); launch with torchrun --nproc_per_node={devices}"
             )
-        trainer_cfg["strategy"] = MegatronStrategy(
+        trainer_cfg["strategy"] = NevaDDPLaunchStrategy(
             process_group_backend="nccl" if torch.cuda.is_available() else "gloo"
         )
     else:
         accel = trainer_cfg.get("accelerator")
-        trainer_cfg["strategy"] = MegatronSingleDeviceStrategy(
+        trainer_cfg["strategy"] = NevaSingleDeviceStrategy(
             device=torch.device("cuda", 0) if accel in ("gpu", "cuda") else torch.device("cpu"))
     # The model's loaders shard by data-parallel rank (not by global rank, which would split TP groups).
     trainer_cfg["use_distributed_sampler"] = False
@@ -84,37 +84,3 @@ def nemo_output_path(cfg: DictConfig) -> str:
     if os.path.isabs(path):
         return path
     return os.path.join(cfg.exp_manager.exp_dir or "nemo_experiments", cfg.exp_manager.name or cfg.name, path)
-
-
-def finetune_config(restore_path: str, overrides: DictConfig) -> DictConfig:
-    """The .nemo's own model config with the finetuning keys laid over it."""
-    from nemo_neva.models.neva_model import MegatronNevaModel
-
-    base = MegatronNevaModel.restore_from(restore_path, return_config=True)
-    extra = OmegaConf.to_container(overrides, resolve=True)
-    extra.pop("restore_from_path", None)
-    merged = OmegaConf.merge(base, extra)
-    with open_dict(merged):
-        merged.target = "nemo_neva.models.neva_model.MegatronNevaModel"
-    return merged
-
-
-def user_errors(fn):
-    """Config and input mistakes end the script with their message, not a stack trace.
-
-    Set NEVA_DEBUG=1 to see the trace.
-    """
-    import functools
-    import sys
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, NotADirectoryError, NotImplementedError, KeyError) as err:
-            if os.environ.get("NEVA_DEBUG"):
-                raise
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
-
-    return wrapper

@@ -5,8 +5,8 @@ import os
 from typing import Optional
 
 import torch
-from torch import nn
 import transformers
+from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
 try:  # the default HF image processors need torchvision; the PIL ones give the same pixels without it
@@ -54,7 +54,7 @@ def load_vision_config(from_pretrained: Optional[str], model_type: str, override
 def tokens_per_image(config, drop_cls: bool = True, projector: str = "linear") -> int:
     """Image placeholder tokens one image becomes (known on every pipeline stage, tower or not):
     the tower's patch (+ CLS) features, as many as the projector `projector` turns them into."""
-    from nemo_neva.models.projector import projected_tokens
+    from nemo_neva.modules.projector import projected_tokens
 
     has_cls = _TOWERS[_tower_kind(config)][3]
     keeps_cls = has_cls and not drop_cls

@@ -1,6 +1,7 @@
-"""Checks for untrusted inputs: `.nemo` archives, extracted checkpoint folders, dist checkpoints, images.
+"""Checks for untrusted checkpoints: `.nemo` archives, extracted checkpoint folders, dist checkpoints.
 
-Everything here refuses (raises `UnsafeCheckpointError` / `ImageError`) instead of skipping silently.
+Everything here refuses (raises `UnsafeCheckpointError`) instead of skipping silently. User images are checked
+in `nemo_neva.data.image_io.open_user_image`.
 
 - `check_nemo_archive`: every tar member must be a plain file or folder with a relative path that stays
   inside the extraction folder (no absolute path, no `..`, no symlink/hardlink/device/fifo member).
@@ -15,7 +16,6 @@ Everything here refuses (raises `UnsafeCheckpointError` / `ImageError`) instead 
   non-tensor ("bytes") item with `torch.load(weights_only=False)`. Before they run, we parse `.metadata`
   with an allow-list unpickler, refuse unknown shapes of data, and re-read every bytes item (and
   `common.pt`) with `torch.load(weights_only=True)`. The later real load then only sees data that passed.
-- `open_user_image`: byte and pixel limits checked before a full decode, for generation inputs.
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ import stat
 import tarfile
 from pathlib import PurePosixPath
 from typing import Any, Iterable, Optional, Union
+
+from nemo_neva.checkpoint.nemo_layout import is_weights_marker
 
 MODEL_TARGET = "nemo_neva.models.neva_model.MegatronNevaModel"
 
@@ -167,8 +169,6 @@ def load_weights_marker(path: str):
     """`model_weights.ckpt` with weights_only=True; it must be our marker (real weights are in model_weights/)."""
     import torch
 
-    from nemo_neva.models.save_restore import is_weights_marker
-
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -296,42 +296,3 @@ def check_dist_checkpoint(ckpt_dir: str) -> None:
             except (TypeError, ValueError, OSError) as e:
                 raise UnsafeCheckpointError(f"refusing checkpoint: bad storage entry for {index.fqn!r} ({e})") from e
             _torch_load_plain(data, f"item {index.fqn!r}")
-
-
-# ---------------------------------------------------------------------------------------------- images
-def open_user_image(src, max_bytes: Optional[int] = None, max_pixels: Optional[int] = None):
-    """A user-supplied image (path, bytes, file object or PIL image) -> RGB PIL image, within limits.
-
-    The file size is checked before reading, the pixel count from the header before decoding (PIL's own
-    decompression-bomb guard stays on); truncated/malformed files raise `ImageError` with a clear reason.
-    """
-    from PIL import Image
-
-    from nemo_neva.data import image_io
-    from nemo_neva.data.image_io import ImageError
-
-    max_bytes = image_io.DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
-    max_pixels = image_io.DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
-    if isinstance(src, Image.Image):
-        w, h = src.size
-        if w <= 0 or h <= 0 or w * h > max_pixels:
-            raise ImageError("too_many_pixels", f"image of {w}x{h} exceeds {max_pixels} pixels")
-        return src.convert("RGB")
-    if isinstance(src, (str, os.PathLike)):
-        name = os.fspath(src)
-        if not os.path.isfile(name):
-            raise ImageError("missing", f"{name!r} is not a file")
-        size = os.path.getsize(name)
-        if size > max_bytes:
-            raise ImageError("too_large", f"{name!r}: {size} bytes > {max_bytes}")
-        with open(name, "rb") as f:
-            data = f.read(max_bytes + 1)
-    elif isinstance(src, (bytes, bytearray, memoryview)):
-        name, data = "<bytes>", bytes(src)
-    elif hasattr(src, "read"):
-        name, data = getattr(src, "name", "<stream>"), src.read(max_bytes + 1)
-    else:
-        raise TypeError(f"expected a path, bytes, file object or PIL image, got {type(src).__name__}")
-    if len(data) > max_bytes:
-        raise ImageError("too_large", f"{name!r}: more than {max_bytes} bytes")
-    return image_io._decode(bytes(data), str(name), max_pixels, header_only=False)

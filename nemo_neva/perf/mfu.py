@@ -1,6 +1,6 @@
 """Model-FLOPs utilisation (MFU) of a training step: model FLOPs per second / the device's peak FLOP/s.
 
-Model FLOPs come from `nemo_neva.perf_model.flops_per_sample` (matmuls + attention of the LM, frozen
+Model FLOPs come from `nemo_neva.perf.paper_model.flops_per_sample` (matmuls + attention of the LM, frozen
 vision tower forward, projector; recomputation not counted, the usual MFU convention). The peak is, in
 this order: `model.peak_tflops` from the config; the dense datasheet peak of a known GPU (table below,
 matched on the CUDA device name and the training precision); otherwise a measured matmul rate on this
@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from nemo_neva import perf_model
+from nemo_neva.perf import paper_model as perf_model
 
 # Dense (no sparsity) peak TFLOP/s from NVIDIA's datasheets, SXM parts. fp32: plain FP32 (no TF32).
 PEAK_TFLOPS = {
@@ -79,7 +79,7 @@ class StepFlops:
 
 def step_flops_for(model) -> StepFlops:
     """StepFlops for a MegatronNevaModel (its config, padded vocabulary and vision config)."""
-    from nemo_neva.models.language_model import padded_vocab_size
+    from nemo_neva.modules.language_model import padded_vocab_size
 
     cfg = model.cfg
     vocab = padded_vocab_size(len(model.tokenizer), cfg.get("make_vocab_size_divisible_by", 128), 1)

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from nemo_neva.models.layer_specs import build_decoder_spec
-from nemo_neva.models.precision import fp8_transformer_config_kwargs, recompute_transformer_config_kwargs
+from nemo_neva.modules.layer_specs import build_decoder_spec
+from nemo_neva.modules.precision import fp8_transformer_config_kwargs, recompute_transformer_config_kwargs
 
 _ACTIVATIONS = {
     # name -> (activation_func, gated_linear_unit)

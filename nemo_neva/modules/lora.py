@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -179,3 +180,23 @@ def merge_and_unwrap(module: torch.nn.Module) -> int:
                 setattr(parent, name, child.merged_base())
                 merged += 1
     return merged
+
+
+SCHEMES = ("lora",)
+
+
+def lora_settings(cfg) -> Optional[dict]:
+    """The validated LoRA settings of `model` config `cfg`, or None without PEFT."""
+    peft = cfg.get("peft")
+    scheme = peft.get("peft_scheme") if peft else None
+    if scheme is None or str(scheme).lower() in ("none", "null", ""):
+        return None
+    if scheme not in SCHEMES:
+        raise ValueError(f"model.peft.peft_scheme={scheme!r}; supported: {', '.join(SCHEMES)} (or null)")
+    lc = peft.get("lora") or {}
+    return {
+        "rank": int(lc.get("rank", 8)),
+        "alpha": float(lc.get("alpha", 16)),
+        "dropout": float(lc.get("dropout", 0.0)),
+        "targets": list(lc.get("target_modules") or TARGETS),
+    }

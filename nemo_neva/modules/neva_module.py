@@ -39,7 +39,7 @@ class NevaModule(MegatronModule):
 
     @property
     def tokens_per_image(self) -> int:
-        from nemo_neva.models.projector import output_tokens
+        from nemo_neva.modules.projector import output_tokens
 
         return output_tokens(self.projector, self.vision_tower.tokens_per_image)
 

@@ -11,7 +11,7 @@ NeMo 3's default connector refuses model parallel saves and writes one pickle; N
 connector (which wrote a dist checkpoint folder) is gone, hence this one.
 
 Restoring through this connector (`MegatronNevaModel.restore_from` uses it) first checks the archive and
-its config without extracting anything (see `nemo_neva.security`): unsafe tar members and a config whose
+its config without extracting anything (see `nemo_neva.checkpoint.untrusted`): unsafe tar members and a config whose
 `target` is not MegatronNevaModel are refused before NeMo extracts or instantiates anything.
 """
 from __future__ import annotations
@@ -25,13 +25,8 @@ import torch.distributed as dist
 from nemo.core.connectors.save_restore_connector import SaveRestoreConnector
 from omegaconf import DictConfig, OmegaConf
 
-WEIGHTS_DIR = "model_weights"
-WEIGHTS_MARKER = {"nemo_neva_weights": WEIGHTS_DIR}
-MARKER_FILE = "model_weights.ckpt"  # NeMo's default `model_weights_ckpt` name
-
-
-def is_weights_marker(state_dict) -> bool:
-    return isinstance(state_dict, dict) and state_dict.get("nemo_neva_weights") == WEIGHTS_DIR
+from nemo_neva.checkpoint import peft_files, untrusted
+from nemo_neva.checkpoint.nemo_layout import WEIGHTS_DIR, WEIGHTS_MARKER
 
 
 def _rank() -> int:
@@ -57,9 +52,8 @@ class NevaSaveRestoreConnector(SaveRestoreConnector):
             dist.barrier()
         tmpdir = _shared_tmpdir(parent)
         try:
-            from nemo_neva.models import peft  # a PEFT model stores only its adapters + projector
-
-            state = peft.checkpoint_subset(model, model.model.sharded_state_dict(prefix="model."))
+            # a PEFT model stores only its adapters + projector
+            state = peft_files.checkpoint_subset(model, model.model.sharded_state_dict(prefix="model."))
             save_sharded(state, os.path.join(tmpdir, WEIGHTS_DIR))
             if _rank() == 0:
                 model.to_config_file(path2yaml_file=os.path.join(tmpdir, self.model_config_yaml))
@@ -78,22 +72,18 @@ class NevaSaveRestoreConnector(SaveRestoreConnector):
 
     # ------------------------------------------------------------------ restore (untrusted input)
     def _check_before_restore(self, restore_path: str, override_config_path) -> None:
-        from nemo_neva import security
-
         extracted = self.model_extracted_dir
         if extracted is not None and os.path.isdir(extracted):
-            security.check_extracted_folder(extracted)
+            untrusted.check_extracted_folder(extracted)
             conf = OmegaConf.load(os.path.join(extracted, self.model_config_yaml))
         else:
-            security.check_nemo_archive(restore_path)
-            conf = OmegaConf.create(security.read_archive_member(restore_path, self.model_config_yaml).decode())
+            untrusted.check_nemo_archive(restore_path)
+            conf = OmegaConf.create(untrusted.read_archive_member(restore_path, self.model_config_yaml).decode())
         if override_config_path is not None:
             conf = override_config_path if isinstance(override_config_path, DictConfig) \
                 else OmegaConf.load(override_config_path)
-        security.check_model_config(conf)
-        from nemo_neva.models import peft
-
-        peft.check_base_reference(conf)  # a PEFT .nemo's base: present and the same file (SHA-256)
+        untrusted.check_model_config(conf)
+        peft_files.check_base_reference(conf)  # a PEFT .nemo's base: present and the same file (SHA-256)
 
     def load_config_and_state_dict(self, calling_cls, restore_path, override_config_path=None, *args, **kwargs):
         self._check_before_restore(restore_path, override_config_path)
@@ -101,6 +91,4 @@ class NevaSaveRestoreConnector(SaveRestoreConnector):
 
     @staticmethod
     def _load_state_dict_from_disk(model_weights, map_location="cpu"):
-        from nemo_neva import security
-
-        return security.load_weights_marker(model_weights)  # weights_only=True, and it must be our marker
+        return untrusted.load_weights_marker(model_weights)  # weights_only=True, and it must be our marker

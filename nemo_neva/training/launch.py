@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 SCRIPTS = {"pretrain": "neva_pretrain.py", "finetune": "neva_finetune.py"}
 
 

@@ -18,8 +18,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from nemo_neva.models.rotated_kv_attention import RotatedKVCacheSelfAttention
-from nemo_neva.models.row_linear import RowParallelLinearOwnGroup
+from nemo_neva.modules.rotated_kv_attention import RotatedKVCacheSelfAttention
+from nemo_neva.modules.row_linear import RowParallelLinearOwnGroup
 
 try:  # optional: never required
     import transformer_engine as _te  # noqa: F401  (availability probe)
@@ -164,7 +164,7 @@ class TorchNormSP:
         zero_centered_gamma: bool = False,
         normalization: str = "LayerNorm",
     ):
-        from nemo_neva.models.norms import LayerNorm1p, RMSNorm1p
+        from nemo_neva.modules.norms import LayerNorm1p, RMSNorm1p
 
         one_p = config.layernorm_zero_centered_gamma  # LayerNorm1p: weight stored as gamma - 1
         if config.normalization == "LayerNorm":

@@ -1,0 +1,18 @@
+"""Model configs built from a `.nemo`: the stage-2 (and PEFT) config is the stage-1 `.nemo`'s own model
+config with the finetuning keys laid over it."""
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from nemo_neva.models.neva_model import MegatronNevaModel
+
+
+def finetune_config(restore_path: str, overrides: DictConfig) -> DictConfig:
+    """The .nemo's own model config with the finetuning keys laid over it."""
+    base = MegatronNevaModel.restore_from(restore_path, return_config=True)
+    extra = OmegaConf.to_container(overrides, resolve=True)
+    extra.pop("restore_from_path", None)
+    merged = OmegaConf.merge(base, extra)
+    with open_dict(merged):
+        merged.target = "nemo_neva.models.neva_model.MegatronNevaModel"
+    return merged
