@@ -75,11 +75,13 @@ def encode_prompt(model, prompt: str, has_image: bool) -> torch.Tensor:
 
 
 def _pixels(model, image) -> Optional[torch.Tensor]:
+    """A PIL image -> pixel values made as the model's training data made them (its image processor and
+    `image_aspect_ratio`); a tensor is taken as pixel values already."""
     if image is None:
         return None
     if torch.is_tensor(image):
         return image
-    return model.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+    return model.preprocess_images(image)
 
 
 def _settings(model, n_images, n_prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,

@@ -61,6 +61,7 @@ class MegatronNevaModel(ModelPT):
         self._ddp = None
         ensure_distributed()
         self._fit_layout_to_world()
+        self._record_image_aspect_ratio()
         cfg = self.cfg
         initialize_model_parallel_from_cfg(
             tp=cfg.get("tensor_model_parallel_size", 1),
@@ -102,6 +103,18 @@ class MegatronNevaModel(ModelPT):
                 self._cfg.tensor_model_parallel_size = 1
                 self._cfg.pipeline_model_parallel_size = 1
                 self._cfg.sequence_parallel = False
+
+    def _record_image_aspect_ratio(self):
+        """`model.data.image_aspect_ratio` always in the config (so in every .nemo written from it): the one
+        preprocessing every image path uses (`preprocess_images`). An older .nemo without it restores with
+        the default it was trained with (`square`)."""
+        from nemo_neva.data.image_io import aspect_ratio_of
+
+        mode = aspect_ratio_of(self._cfg)  # refuses an unknown mode before anything is built
+        with open_dict(self._cfg):
+            if self._cfg.get("data") is None:
+                self._cfg.data = {}
+            self._cfg.data.image_aspect_ratio = mode
 
     def _restore_folder(self) -> Optional[str]:
         if not self._is_model_being_restored():
@@ -207,6 +220,21 @@ class MegatronNevaModel(ModelPT):
         if tower is not None and self.model.freeze_vision:
             tower.eval()
         return self
+
+    @property
+    def image_aspect_ratio(self) -> str:
+        """square | pad | keep: how this model's images are fitted to the tower's input (`model.data`)."""
+        from nemo_neva.data.image_io import aspect_ratio_of
+
+        return aspect_ratio_of(self.cfg)
+
+    def preprocess_images(self, images) -> torch.Tensor:
+        """PIL image(s) -> pixel values [3,H,W] (a list: [N,3,H,W]) exactly as the training data makes them:
+        the model's image processor and `image_aspect_ratio` (generation, evaluation, serving and the
+        TensorRT-LLM check all come through here or `nemo_neva.data.image_io.preprocess`)."""
+        from nemo_neva.data.image_io import preprocess
+
+        return preprocess(images, self.image_processor, self.image_aspect_ratio)
 
     @property
     def tokens_per_image(self) -> int:
@@ -459,7 +487,7 @@ class MegatronNevaModel(ModelPT):
             return ShardedNevaDataset(
                 paths, self.tokenizer, self.image_processor,
                 template=data_cfg.get("conv_template", "plain"),
-                image_aspect_ratio=data_cfg.get("image_aspect_ratio", "square"),
+                image_aspect_ratio=self.image_aspect_ratio,
                 seq_length=data_cfg.get("seq_length") or self.cfg.encoder_seq_length,
                 num_image_tokens=self.tokens_per_image, strict=data_cfg.get("strict", False),
                 dp_rank=parallel_state.get_data_parallel_rank(),
@@ -472,7 +500,7 @@ class MegatronNevaModel(ModelPT):
             tokenizer=self.tokenizer,
             image_processor=self.image_processor,
             template=data_cfg.get("conv_template", "plain"),
-            image_aspect_ratio=data_cfg.get("image_aspect_ratio", "square"),
+            image_aspect_ratio=self.image_aspect_ratio,
             seq_length=data_cfg.get("seq_length") or self.cfg.encoder_seq_length,
             num_image_tokens=self.tokens_per_image,
             strict=data_cfg.get("strict", False),
