@@ -6,6 +6,7 @@ the parallel layout. `MegatronOptimizerAdapter` lets Lightning count optimizer s
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
@@ -57,6 +58,24 @@ class MegatronOptimizerAdapter(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         self.megatron_optimizer.load_state_dict(state_dict["optimizer"])
         self.scheduler.load_state_dict(state_dict["scheduler"])
+
+
+def schedule_steps(trainer) -> int:
+    """The optimizer steps a Lightning run will take (one per training batch: megatron-core accumulates the
+    micro-batches, Lightning never does): trainer.max_steps, or max_epochs x batches per epoch
+    (limit_train_batches applied), whichever ends first. Raises when the run has no end to decay towards."""
+    if trainer.max_steps is not None and trainer.max_steps > 0 and (trainer.max_epochs is None
+                                                                   or trainer.max_epochs < 0):
+        return int(trainer.max_steps)
+    if trainer.max_epochs is None or trainer.max_epochs < 0:
+        raise ValueError("the LR schedule needs the run's length: set trainer.max_steps, or trainer.max_epochs "
+                         "(with training data of known length), or model.optim.sched.max_steps")
+    steps = trainer.estimated_stepping_batches  # Lightning: max_epochs x train batches, capped by max_steps
+    if not math.isfinite(steps) or steps <= 0:
+        raise ValueError(f"trainer.max_epochs={trainer.max_epochs}, but the number of optimizer steps per epoch is "
+                         "unknown (training data without a length); set trainer.max_steps or "
+                         "model.optim.sched.max_steps")
+    return int(steps)
 
 
 def optimizer_settings(optim_cfg) -> dict:

@@ -31,6 +31,8 @@ from nemo_neva.utils import resolve_path
 
 log = logging.getLogger(__name__)
 
+_NO_TRAINER_SCHEDULE_STEPS = 1000
+
 
 
 def _precision_dtype(trainer: Optional[Trainer]) -> torch.dtype:
@@ -472,11 +474,23 @@ class MegatronNevaModel(ModelPT):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
         """megatron-core DDP + optimizer + LR schedule (see models/megatron_training.py)."""
-        trainer = self._trainer
-        max_steps = trainer.max_steps if trainer is not None and trainer.max_steps > 0 else 1000
-        ddp, optimizer = mt.build_training(self.model, self.cfg.optim, max_steps)
+        ddp, optimizer = mt.build_training(self.model, self.cfg.optim, self._schedule_steps())
         self._ddp = [ddp]  # a list, so the wrapper is not registered as a second copy of the weights
         return optimizer
+
+    def _schedule_steps(self) -> int:
+        """Optimizer steps the LR schedule decays over: `model.optim.sched.max_steps` when set, else the steps
+        the trainer will run (`trainer.max_steps`, or `trainer.max_epochs` x optimizer steps per epoch, one per
+        training batch, whichever ends first). A run with neither bound is refused."""
+        sched = self.cfg.optim.get("sched") or {}
+        if sched.get("max_steps"):
+            return int(sched.get("max_steps"))
+        trainer = self._trainer
+        if trainer is None:  # building an optimizer outside a trainer (tests, benchmarks): no run to fit
+            log.info("no trainer: the LR schedule decays over %d steps (set model.optim.sched.max_steps)",
+                     _NO_TRAINER_SCHEDULE_STEPS)
+            return _NO_TRAINER_SCHEDULE_STEPS
+        return mt.schedule_steps(trainer)
 
     # ------------------------------------------------------------------ data
     def build_dataset(self, data_cfg, data_path=None):
