@@ -123,8 +123,10 @@ def target_size(processor) -> tuple[int, int]:
     return size["shortest_edge"], size["shortest_edge"]
 
 
-def _mean_colour(processor) -> tuple[int, int, int]:
-    return tuple(int(round(m * 255)) for m in processor.image_mean)
+def pad_colour(processor) -> tuple[int, int, int]:
+    """`pad`'s fill colour: LLaVA-1.5's `int(mean * 255)` of the processor's mean (truncated, as LLaVA's
+    `expand2square` call and HF's LlavaImageProcessor(do_pad=True) make it)."""
+    return tuple(int(m * 255) for m in processor.image_mean)
 
 
 def expand_to_square(img: Image.Image, colour) -> Image.Image:
@@ -139,7 +141,7 @@ def expand_to_square(img: Image.Image, colour) -> Image.Image:
 
 def _one(img: Image.Image, processor, aspect_ratio: str) -> torch.Tensor:
     if aspect_ratio == "pad":
-        img = expand_to_square(img, _mean_colour(processor))
+        img = expand_to_square(img, pad_colour(processor))
     if aspect_ratio in ("square", "pad"):
         # Resize the whole picture to the output size, so the processor's crop has nothing to cut.
         h, w = target_size(processor)
@@ -147,15 +149,31 @@ def _one(img: Image.Image, processor, aspect_ratio: str) -> torch.Tensor:
     return processor(images=img, return_tensors="pt")["pixel_values"][0].float()
 
 
+def check_aspect_ratio(aspect_ratio) -> str:
+    if aspect_ratio not in ASPECT_RATIOS:
+        raise ValueError(f"image_aspect_ratio must be one of {ASPECT_RATIOS}, got {aspect_ratio!r}")
+    return aspect_ratio
+
+
+def aspect_ratio_of(model_cfg) -> str:
+    """A model's `image_aspect_ratio` (`model.data.image_aspect_ratio`, recorded in its .nemo). A config
+    without it (a .nemo written before it was recorded) was trained with the default, `square`."""
+    data = model_cfg.get("data") if model_cfg is not None else None
+    return check_aspect_ratio((data.get("image_aspect_ratio") if data is not None else None) or "square")
+
+
 def preprocess(images: Union[Image.Image, Sequence[Image.Image]], image_processor,
                aspect_ratio: str = "square") -> torch.Tensor:
     """One PIL image -> FloatTensor[3,H,W]; a list -> [N,3,H,W].
 
+    The one image preprocessing of the project: training data, generation (hence evaluation and
+    serving) and the TensorRT-LLM check all call it with the model's `image_aspect_ratio`
+    (`MegatronNevaModel.preprocess_images`; exports record the mode in their metadata).
+
     square: stretch to the output size; pad: pad to a square with the processor's mean colour, then
     resize (LLaVA-1.5); keep: the processor's own shortest-edge resize + center crop.
     """
-    if aspect_ratio not in ASPECT_RATIOS:
-        raise ValueError(f"image_aspect_ratio must be one of {ASPECT_RATIOS}, got {aspect_ratio!r}")
+    check_aspect_ratio(aspect_ratio)
     if isinstance(images, Image.Image):
         return _one(images, image_processor, aspect_ratio)
     return torch.stack([_one(im, image_processor, aspect_ratio) for im in images])
@@ -194,3 +212,33 @@ def open_user_image(src, max_bytes: Optional[int] = None, max_pixels: Optional[i
     if len(data) > max_bytes:
         raise ImageError("too_large", f"{name!r}: more than {max_bytes} bytes")
     return _decode(bytes(data), str(name), max_pixels, header_only=False)
+
+
+# ------------------------------------------------------------------ Hugging Face processors (export / import)
+def mode_of_hf_processor(processor) -> str:
+    """The aspect-ratio mode whose pixels a Hugging Face image processor makes by itself: `pad` (LLaVA's
+    do_pad), `keep` (shortest-edge resize + centre crop, CLIP's) or `square` (resize to a fixed size)."""
+    if getattr(processor, "do_pad", False):
+        return "pad"
+    size = processor.size if isinstance(processor.size, dict) else dict(processor.size)
+    if getattr(processor, "do_center_crop", False) and "shortest_edge" in size:
+        return "keep"
+    return "square"
+
+
+def hf_processor_for(processor, aspect_ratio: str):
+    """A Hugging Face image processor that by itself makes `preprocess(image, processor, aspect_ratio)`'s
+    pixels (for an HF export: transformers users then feed the model what it was trained on)."""
+    import transformers
+
+    from nemo_neva.modules.vision import _PROC_SUFFIX
+
+    check_aspect_ratio(aspect_ratio)
+    if aspect_ratio == "keep" or mode_of_hf_processor(processor) == aspect_ratio:
+        return processor
+    settings = {k: v for k, v in processor.to_dict().items() if k not in ("image_processor_type", "processor_class")}
+    if aspect_ratio == "square":
+        h, w = target_size(processor)
+        return type(processor)(**dict(settings, size={"height": h, "width": w}, do_center_crop=False))
+    llava = getattr(transformers, "LlavaImageProcessor" + _PROC_SUFFIX)  # pad, then the processor's own steps
+    return llava(**dict(settings, do_pad=True))

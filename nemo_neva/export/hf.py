@@ -24,6 +24,8 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from nemo_neva.data.image_io import hf_processor_for, mode_of_hf_processor
+
 log = logging.getLogger(__name__)
 
 LLAMA_FAMILY = ("llama", "mistral")
@@ -351,6 +353,9 @@ def load_hf_llava_into_neva(input_dir: str, trust_pickle: bool = False, make_voc
         raise UnsupportedCheckpoint(f"{input_dir}: model_type {model_type!r}; only 'llava' is supported")
     config = AutoConfig.from_pretrained(input_dir)
     cfg = nemo_config_from_hf(config, input_dir, make_vocab_size_divisible_by)
+    image_processor = _hf_image_processor(input_dir, config.vision_config)
+    # generation then makes the pixels transformers' processor makes (CLIP's shortest edge + crop: keep)
+    cfg.data.image_aspect_ratio = mode_of_hf_processor(image_processor)
     hf = read_hf_weights(input_dir, trust_pickle)  # fail on weights before building anything
     model = MegatronNevaModel(cfg)
     if model.image_token_id != _image_token_id(config):
@@ -358,7 +363,7 @@ def load_hf_llava_into_neva(input_dir: str, trust_pickle: bool = False, make_voc
                                     f"'<image>' token is {model.image_token_id}")
     # Keep the checkpoint's own vision config and image processor (not the ones rebuilt from the cfg).
     model.vision_config = config.vision_config
-    model.image_processor = _hf_image_processor(input_dir, config.vision_config)
+    model.image_processor = image_processor
     target = model.model.state_dict()
     shapes = {k: v.shape for k, v in target.items() if torch.is_tensor(v) and not k.endswith("_extra_state")}
     mapped = hf_to_neva_state(hf, cfg, {k: (s[0] if len(s) else s) for k, s in shapes.items()})
@@ -467,7 +472,9 @@ def export_neva_to_hf(model, output_dir: str, dtype: Optional[str] = None) -> st
     save_file(tensors, os.path.join(output_dir, "model.safetensors"), metadata={"format": "pt"})
     kind = _VISION_KINDS[model.vision_config.model_type]
     processor = LlavaProcessor(
-        image_processor=model.image_processor, tokenizer=model.tokenizer,
+        # an image processor that makes the model's own pixels (its image_aspect_ratio) by itself
+        image_processor=hf_processor_for(model.image_processor, model.image_aspect_ratio),
+        tokenizer=model.tokenizer,
         patch_size=model.vision_config.patch_size,
         vision_feature_select_strategy="default" if drop_cls else "full",
         num_additional_image_tokens=1 if kind == "clip" else 0, image_token="<image>",

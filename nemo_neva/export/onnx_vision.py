@@ -1,7 +1,10 @@
 """The vision tower + projector as one ONNX graph: pixel values [B,3,H,W] -> image features [B, tokens, hidden].
 
 Input and output are named `input` and `output`, the names TensorRT-LLM's multimodal runner uses for its
-vision engine. The batch axis is dynamic; height and width are the image processor's fixed size.
+vision engine. The batch axis is dynamic; height and width are the image processor's fixed size. The graph's
+metadata (`metadata_props`) records how the model's images become that input, as in training:
+`nemo_neva.image_aspect_ratio` (square | pad | keep, see nemo_neva.data.image_io.preprocess) and
+`nemo_neva.image_pad_colour` (pad's fill, 0-255 RGB).
 """
 from __future__ import annotations
 
@@ -30,6 +33,23 @@ def image_size(vision_config) -> int:
     return int(vision_config.image_size)
 
 
+def preprocessing_metadata(model) -> dict:
+    from nemo_neva.data.image_io import pad_colour
+
+    return {"nemo_neva.image_aspect_ratio": model.image_aspect_ratio,
+            "nemo_neva.image_pad_colour": ",".join(str(c) for c in pad_colour(model.image_processor))}
+
+
+def _add_metadata(path: str, props: dict) -> None:
+    import onnx
+
+    proto = onnx.load(path)
+    for key, value in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, path)
+
+
 def export_vision_onnx(model, path: str, opset: int = MIN_OPSET) -> str:
     """Export `model.model.vision_tower` + projector (fp32) to `path`."""
     if opset < MIN_OPSET:
@@ -52,4 +72,5 @@ def export_vision_onnx(model, path: str, opset: int = MIN_OPSET) -> str:
                               dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}, do_constant_folding=True)
     finally:
         hf_model.set_attn_implementation(previous)
+    _add_metadata(path, preprocessing_metadata(model))
     return path

@@ -6,7 +6,10 @@ Output folder:
   vision/preprocessor_config.json             the HF image processor that makes those pixel values
   tokenizer/                                  the HF tokenizer
   nemo_neva_export.json                       image token id, tokens per image, vocab size, prompt template,
-                                              stop markers: what a runtime needs to build the prompt table
+                                              stop markers: what a runtime needs to build the prompt table;
+                                              image_aspect_ratio (+ pad colour): how pixel values are made
+                                              from an image with vision/'s processor, as in training
+                                              (`export_pixels` / nemo_neva.data.image_io.preprocess)
   engines/llm, engines/vision.engine          only with --build, where TensorRT-LLM / TensorRT are installed
 """
 from __future__ import annotations
@@ -45,6 +48,33 @@ def _prompt_meta(model) -> dict:
     return {"conv_template": template,
             "prompt_example": build_prompt(template, "{question}", has_image=True),
             "image_tag": IMAGE_TOKEN, "stop_token_ids": sorted(int(i) for i in ids), "stop_strings": strings}
+
+
+def _image_meta(model) -> dict:
+    """How a consumer turns an image into the vision input: the model's own preprocessing
+    (nemo_neva.data.image_io.preprocess with vision/'s processor and this aspect-ratio mode)."""
+    from nemo_neva.data.image_io import pad_colour, target_size
+
+    return {"image_aspect_ratio": model.image_aspect_ratio,
+            "image_pad_colour": list(pad_colour(model.image_processor)),
+            "image_input_size": list(target_size(model.image_processor))}
+
+
+def export_pixels(export_dir: str, image, meta: Optional[dict] = None) -> torch.Tensor:
+    """Pixel values [1,3,H,W] for a PIL image, from the export folder alone (its processor + recorded
+    aspect-ratio mode): what the .nemo model's `preprocess_images` gives, i.e. what it was trained on."""
+    from transformers import AutoImageProcessor
+
+    from nemo_neva.data.image_io import preprocess
+
+    if meta is None:
+        with open(os.path.join(export_dir, META_FILE)) as f:
+            meta = json.load(f)
+    if "image_aspect_ratio" not in meta:
+        raise ValueError(f"{export_dir}: {META_FILE} does not record image_aspect_ratio (an export from before it "
+                         "was recorded); export the .nemo again")
+    processor = AutoImageProcessor.from_pretrained(os.path.join(export_dir, meta["image_processor"]))
+    return preprocess(image, processor, meta["image_aspect_ratio"]).unsqueeze(0)
 
 
 def write_llm_checkpoint(model, llm_dir: str, tp_size: int = 1, dtype: str = "bfloat16",
@@ -102,6 +132,7 @@ def export_neva_to_trtllm(model, output_dir: str, tp_size: int = 1, dtype: str =
         "quantization": config["quantization"],
         "vision_onnx": f"{VISION_DIR}/{VISION_ONNX}", "vision_input": INPUT, "vision_output": OUTPUT,
         "image_processor": VISION_DIR, "tokenizer": TOKENIZER_DIR,
+        **_image_meta(model),
         **_prompt_meta(model),
     }
     if act_amax is not None:

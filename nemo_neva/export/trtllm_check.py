@@ -2,7 +2,8 @@
 
     python -m nemo_neva.export.trtllm_check --nemo-path IN.nemo --export-dir OUT [--image IMG] [--question Q]
 
-1. pixel values from the exported image processor -> vision engine (TensorRT) -> image features; compared with
+1. pixel values from the exported image processor and the recorded image_aspect_ratio (the training
+   preprocessing; must equal the .nemo model's) -> vision engine (TensorRT) -> image features; compared with
    the .nemo model's own `encode_images` (fp32, CPU)
 2. prompt rendered with the exported template; image placeholders -> fake ids vocab_size..; the features are
    the prompt table (nemo_neva.export.trtllm_prompt)
@@ -42,10 +43,10 @@ def _vision_engine_features(engine_path: str, pixels: torch.Tensor, meta: dict) 
 
 def main(argv=None) -> int:
     from PIL import Image
-    from transformers import AutoImageProcessor
 
     from nemo_neva import MegatronNevaModel
     from nemo_neva.data.constants import IMAGE_TOKEN
+    from nemo_neva.export.trtllm import export_pixels
     from nemo_neva.export.trtllm_prompt import fake_prompt_ids, prompt_table
     from nemo_neva.inference.generate import encode_prompt
 
@@ -63,9 +64,14 @@ def main(argv=None) -> int:
     meta = json.load(open(os.path.join(args.export_dir, "nemo_neva_export.json")))
     engines = os.path.join(args.export_dir, "engines")
 
-    processor = AutoImageProcessor.from_pretrained(os.path.join(args.export_dir, meta["image_processor"]))
-    pixels = processor(images=Image.open(args.image).convert("RGB"), return_tensors="pt")["pixel_values"]
     model = MegatronNevaModel.restore_from(args.nemo_path).eval()  # fp32 reference (CPU is fine)
+    image = Image.open(args.image).convert("RGB")
+    pixels = export_pixels(args.export_dir, image, meta)
+    same = meta["image_aspect_ratio"] == model.image_aspect_ratio
+    if not same or not torch.equal(pixels[0], model.preprocess_images(image)):
+        print(f"error: the export preprocesses images as {meta['image_aspect_ratio']!r}, the .nemo as "
+              f"{model.image_aspect_ratio!r} (different pixel values): export this .nemo again", file=sys.stderr)
+        return 1
     with torch.no_grad():
         ref_feats = model.model.encode_images(pixels)
     feats = _vision_engine_features(os.path.join(engines, "vision.engine"), pixels, meta)

@@ -90,9 +90,11 @@ def encode_prompt(model, prompt: str, images) -> torch.Tensor:
 
 
 def _one_pixels(model, image) -> torch.Tensor:
+    """A PIL image -> pixel values made as the model's training data made them (its image processor and
+    `image_aspect_ratio`); a tensor is taken as pixel values already."""
     if torch.is_tensor(image):
         return image
-    return model.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+    return model.preprocess_images(image)
 
 
 def _pixels(model, image) -> Optional[torch.Tensor]:

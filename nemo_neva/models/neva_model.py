@@ -32,6 +32,8 @@ from nemo_neva.training import megatron_step as mt
 
 log = logging.getLogger(__name__)
 
+_NO_TRAINER_SCHEDULE_STEPS = 1000
+
 
 
 def _precision_dtype(trainer: Optional[Trainer]) -> torch.dtype:
@@ -62,6 +64,7 @@ class MegatronNevaModel(ModelPT):
         self._ddp = None
         ensure_distributed()
         self._fit_layout_to_world()
+        self._record_image_aspect_ratio()
         cfg = self.cfg
         initialize_model_parallel_from_cfg(
             tp=cfg.get("tensor_model_parallel_size", 1),
@@ -103,6 +106,18 @@ class MegatronNevaModel(ModelPT):
                 self._cfg.tensor_model_parallel_size = 1
                 self._cfg.pipeline_model_parallel_size = 1
                 self._cfg.sequence_parallel = False
+
+    def _record_image_aspect_ratio(self):
+        """`model.data.image_aspect_ratio` always in the config (so in every .nemo written from it): the one
+        preprocessing every image path uses (`preprocess_images`). An older .nemo without it restores with
+        the default it was trained with (`square`)."""
+        from nemo_neva.data.image_io import aspect_ratio_of
+
+        mode = aspect_ratio_of(self._cfg)  # refuses an unknown mode before anything is built
+        with open_dict(self._cfg):
+            if self._cfg.get("data") is None:
+                self._cfg.data = {}
+            self._cfg.data.image_aspect_ratio = mode
 
     def _restore_folder(self) -> Optional[str]:
         if not self._is_model_being_restored():
@@ -208,6 +223,21 @@ class MegatronNevaModel(ModelPT):
         if tower is not None and self.model.freeze_vision:
             tower.eval()
         return self
+
+    @property
+    def image_aspect_ratio(self) -> str:
+        """square | pad | keep: how this model's images are fitted to the tower's input (`model.data`)."""
+        from nemo_neva.data.image_io import aspect_ratio_of
+
+        return aspect_ratio_of(self.cfg)
+
+    def preprocess_images(self, images) -> torch.Tensor:
+        """PIL image(s) -> pixel values [3,H,W] (a list: [N,3,H,W]) exactly as the training data makes them:
+        the model's image processor and `image_aspect_ratio` (generation, evaluation, serving and the
+        TensorRT-LLM check all come through here or `nemo_neva.data.image_io.preprocess`)."""
+        from nemo_neva.data.image_io import preprocess
+
+        return preprocess(images, self.image_processor, self.image_aspect_ratio)
 
     @property
     def tokens_per_image(self) -> int:
@@ -351,27 +381,39 @@ class MegatronNevaModel(ModelPT):
                        packed_seq_params=mb.get("packed_seq_params"))
 
         def loss_func(per_token):
-            loss = mt.masked_mean_loss(per_token, mb["loss_mask"])
-            return loss, {"loss": loss.detach().clone()}  # the schedule scales `loss` in place
+            # megatron-core's per-token path (config.calculate_per_token_loss, set with the DDP): the sum and
+            # the token count; the schedule and finalize_model_grads divide by the global batch's tokens
+            total, tokens = mt.masked_loss_sum(per_token, mb["loss_mask"])
+            return total, tokens, {"loss": torch.stack([total.detach(), tokens.detach().float()])}
 
         return output, loss_func
 
     def _run_batch(self, batch, forward_only: bool) -> torch.Tensor:
-        if self._ddp is None:  # validation before any training: wrap without an optimizer
-            self._ddp = [build_megatron_ddp(self.model)]
-        microbatches = mt.split_microbatches(batch, self.cfg.micro_batch_size)
+        """One schedule pass over a data-parallel rank's batch -> [loss sum, loss tokens] of the global batch
+        (every rank's micro-batches). Evaluation fills a last partial micro-batch with loss-free rows."""
+        if self._ddp is None:  # validation before any training (trainer.validate): wrap without an optimizer,
+            # outside Lightning's inference mode (DDP hooks the parameters' autograd and allocates grad buffers)
+            with torch.inference_mode(False), torch.enable_grad():
+                self._ddp = [build_megatron_ddp(self.model, {"calculate_per_token_loss": True})]
+        microbatches = mt.split_microbatches(batch, self.cfg.micro_batch_size, pad=forward_only)
         seq, mbs = batch["tokens"].shape[1], self.cfg.micro_batch_size
         if self._thd(batch):
             seq, mbs = seq * mbs, 1  # THD: pipeline stages exchange [mbs*S, 1, H]
         losses = run_forward_backward(self._ddp, iter(microbatches), self._forward_step, len(microbatches),
                                       seq_length=seq, micro_batch_size=mbs, forward_only=forward_only)
-        return mt.reduce_logged_loss(losses)
+        return mt.reduce_loss_sums(losses)
+
+    def forward_backward(self, batch) -> torch.Tensor:
+        """Gradients of a data-parallel rank's batch, reduced over the data-parallel ranks (megatron-core DDP
+        main_grad), without the optimizer step; returns the global batch's per-token mean loss."""
+        self._ddp[0].zero_grad_buffer()
+        return mt.per_token_mean(self._run_batch(batch, forward_only=False))
 
     def train_on_batch(self, batch, optimizer) -> torch.Tensor:
-        """One optimizer step on a data-parallel rank's batch (split into micro-batches)."""
-        self._ddp[0].zero_grad_buffer()
+        """One optimizer step on a data-parallel rank's batch (split into micro-batches). The loss (returned,
+        logged as `train_loss`) and its gradients are the mean over every loss token of the global batch."""
         optimizer.zero_grad()
-        loss = self._run_batch(batch, forward_only=False)
+        loss = self.forward_backward(batch)
         optimizer.step()
         return loss
 
@@ -413,19 +455,43 @@ class MegatronNevaModel(ModelPT):
         self.log("model_tflops_per_sec", flops / 1e12, batch_size=bs)
         self.log("mfu", flops / self._peak_flops, batch_size=bs)
 
+    def on_validation_epoch_start(self):
+        self._val_sums = None
+
     def validation_step(self, batch, batch_idx):
-        loss = self._run_batch(batch, forward_only=True)
-        self.log("val_loss", loss, prog_bar=True, batch_size=batch["tokens"].shape[0])
-        return loss
+        sums = self._run_batch(batch, forward_only=True)
+        previous = getattr(self, "_val_sums", None)
+        self._val_sums = sums if previous is None else previous + sums
+        return mt.per_token_mean(sums)
+
+    def on_validation_epoch_end(self):
+        """`val_loss`: the mean over every loss token of the whole validation set (all batches and ranks, the
+        last partial batch included), as `train_loss` is over a global batch."""
+        sums = getattr(self, "_val_sums", None)
+        if sums is not None:
+            self.log("val_loss", mt.per_token_mean(sums), prog_bar=True)
+        self._val_sums = None
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
         """megatron-core DDP + optimizer + LR schedule (see models/megatron_training.py)."""
-        trainer = self._trainer
-        max_steps = trainer.max_steps if trainer is not None and trainer.max_steps > 0 else 1000
-        ddp, optimizer = mt.build_training(self.model, self.cfg.optim, max_steps)
+        ddp, optimizer = mt.build_training(self.model, self.cfg.optim, self._schedule_steps())
         self._ddp = [ddp]  # a list, so the wrapper is not registered as a second copy of the weights
         return optimizer
+
+    def _schedule_steps(self) -> int:
+        """Optimizer steps the LR schedule decays over: `model.optim.sched.max_steps` when set, else the steps
+        the trainer will run (`trainer.max_steps`, or `trainer.max_epochs` x optimizer steps per epoch, one per
+        training batch, whichever ends first). A run with neither bound is refused."""
+        sched = self.cfg.optim.get("sched") or {}
+        if sched.get("max_steps"):
+            return int(sched.get("max_steps"))
+        trainer = self._trainer
+        if trainer is None:  # building an optimizer outside a trainer (tests, benchmarks): no run to fit
+            log.info("no trainer: the LR schedule decays over %d steps (set model.optim.sched.max_steps)",
+                     _NO_TRAINER_SCHEDULE_STEPS)
+            return _NO_TRAINER_SCHEDULE_STEPS
+        return mt.schedule_steps(trainer)
 
     # ------------------------------------------------------------------ data
     def build_dataset(self, data_cfg, data_path=None):
@@ -460,7 +526,7 @@ class MegatronNevaModel(ModelPT):
             return ShardedNevaDataset(
                 paths, self.tokenizer, self.image_processor,
                 template=data_cfg.get("conv_template", "plain"),
-                image_aspect_ratio=data_cfg.get("image_aspect_ratio", "square"),
+                image_aspect_ratio=self.image_aspect_ratio,
                 seq_length=data_cfg.get("seq_length") or self.cfg.encoder_seq_length,
                 num_image_tokens=self.tokens_per_image, strict=data_cfg.get("strict", False),
                 dp_rank=parallel_state.get_data_parallel_rank(),
@@ -473,7 +539,7 @@ class MegatronNevaModel(ModelPT):
             tokenizer=self.tokenizer,
             image_processor=self.image_processor,
             template=data_cfg.get("conv_template", "plain"),
-            image_aspect_ratio=data_cfg.get("image_aspect_ratio", "square"),
+            image_aspect_ratio=self.image_aspect_ratio,
             seq_length=data_cfg.get("seq_length") or self.cfg.encoder_seq_length,
             num_image_tokens=self.tokens_per_image,
             strict=data_cfg.get("strict", False),
@@ -495,6 +561,10 @@ class MegatronNevaModel(ModelPT):
         per_rank = self.cfg.global_batch_size // dp
         if isinstance(dataset, ShardedNevaDataset):  # order, dp split and epochs live in the dataset
             dataset.shuffle = dataset.drop_remainder = shuffle
+            if not shuffle and dataset.total % dp:  # ranks would run different numbers of steps (and hang)
+                raise ValueError(f"model.data.validation_data_path: tar shards of {dataset.total} samples on {dp} "
+                                 f"data-parallel ranks; validating every sample once needs a multiple of {dp} "
+                                 "(or use a JSON/JSONL validation file, which any rank count takes)")
             if data_cfg.get("packed_sequence", False):  # packed windows of the stream (data/packed_shards.py)
                 from nemo_neva.data.packed_shards import PackedShardDataset, PackedShardLoader
 
@@ -513,11 +583,17 @@ class MegatronNevaModel(ModelPT):
             collate = PackedCollator(self.tokenizer.pad_token_id, seq_length=seq, skip_source=dataset.take_new_skips)
         else:
             collate = NevaCollator(self.tokenizer.pad_token_id, skip_source=dataset.take_new_skips)
-        sampler = ResumableDistributedSampler(  # training: passes follow the global step (exact resume)
-            dataset, num_replicas=dp, rank=parallel_state.get_data_parallel_rank(), shuffle=shuffle,
-            seed=self.cfg.get("seed", 1234), drop_last=shuffle, batch_size=per_rank,
-            consumed_fn=self._consumed_samples if shuffle else None,
-        )
+        if shuffle:
+            sampler = ResumableDistributedSampler(  # training: passes follow the global step (exact resume)
+                dataset, num_replicas=dp, rank=parallel_state.get_data_parallel_rank(), shuffle=True,
+                seed=self.cfg.get("seed", 1234), drop_last=True, batch_size=per_rank,
+                consumed_fn=self._consumed_samples,
+            )
+        else:  # evaluation: every sample once, the same number of steps on every rank (data/eval_sampling.py)
+            from nemo_neva.data.eval_sampling import EvalBlanks, EvalSampler
+
+            sampler = EvalSampler(len(dataset), dp, parallel_state.get_data_parallel_rank())
+            dataset = EvalBlanks(dataset, blank=[] if isinstance(dataset, PackedNevaDataset) else None)
         return torch.utils.data.DataLoader(
             dataset, batch_size=per_rank, sampler=sampler, num_workers=data_cfg.get("num_workers", 0),
             collate_fn=collate, drop_last=shuffle,

@@ -28,9 +28,18 @@ def _config_of(model):
 
 def build_megatron_ddp(model: torch.nn.Module, cfg: Any = None) -> DistributedDataParallel:
     """megatron-core DDP around `model` (keys as in `build_megatron_ddp_and_optimizer`), wired into the
-    model config's `finalize_model_grads_func` / `no_sync_func` so the schedule reduces gradients."""
+    model config's `finalize_model_grads_func` / `no_sync_func` so the schedule reduces gradients.
+
+    `calculate_per_token_loss` (default False) sets megatron-core's flag of that name on the model config:
+    the forward step's loss function then returns (loss sum, loss tokens, logged), DDP sums gradients over
+    data-parallel ranks and `finalize_model_grads` divides them by the tokens of the whole global batch."""
     tconfig = _config_of(model)
     distributed = bool(_get(cfg, "use_distributed_optimizer", False))
+    if bool(_get(cfg, "calculate_per_token_loss", False)):
+        if bool(_get(cfg, "average_in_collective", False)):
+            raise ValueError("calculate_per_token_loss sums gradients over data-parallel ranks; it cannot "
+                             "average_in_collective")
+        tconfig.calculate_per_token_loss = True  # read by DDP's constructor and by the schedules
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=bool(_get(cfg, "grad_reduce_in_fp32", True)),
         overlap_grad_reduce=bool(_get(cfg, "overlap_grad_reduce", False)),
@@ -58,7 +67,7 @@ def build_megatron_ddp_and_optimizer(model: torch.nn.Module, cfg: Any) -> Tuple[
     weight_decay (0.0), betas ([0.9, 0.999]) or adam_beta1/adam_beta2, eps (1e-8), sgd_momentum (0.9),
     clip_grad (1.0; 0 disables), use_distributed_optimizer (False), grad_reduce_in_fp32 (True),
     overlap_grad_reduce (False), overlap_param_gather (False), bucket_size (None), average_in_collective
-    (False), check_for_nan_in_grad (False).
+    (False), check_for_nan_in_grad (False), calculate_per_token_loss (False; see `build_megatron_ddp`).
 
     Also sets `config.finalize_model_grads_func` (DP/SP/embedding grad reduction at the end of a schedule)
     and `config.no_sync_func` on the model's TransformerConfig, so `run_forward_backward` reduces

@@ -6,6 +6,7 @@ the parallel layout. `MegatronOptimizerAdapter` lets Lightning count optimizer s
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
@@ -59,6 +60,24 @@ class MegatronOptimizerAdapter(torch.optim.Optimizer):
         self.scheduler.load_state_dict(state_dict["scheduler"])
 
 
+def schedule_steps(trainer) -> int:
+    """The optimizer steps a Lightning run will take (one per training batch: megatron-core accumulates the
+    micro-batches, Lightning never does): trainer.max_steps, or max_epochs x batches per epoch
+    (limit_train_batches applied), whichever ends first. Raises when the run has no end to decay towards."""
+    if trainer.max_steps is not None and trainer.max_steps > 0 and (trainer.max_epochs is None
+                                                                   or trainer.max_epochs < 0):
+        return int(trainer.max_steps)
+    if trainer.max_epochs is None or trainer.max_epochs < 0:
+        raise ValueError("the LR schedule needs the run's length: set trainer.max_steps, or trainer.max_epochs "
+                         "(with training data of known length), or model.optim.sched.max_steps")
+    steps = trainer.estimated_stepping_batches  # Lightning: max_epochs x train batches, capped by max_steps
+    if not math.isfinite(steps) or steps <= 0:
+        raise ValueError(f"trainer.max_epochs={trainer.max_epochs}, but the number of optimizer steps per epoch is "
+                         "unknown (training data without a length); set trainer.max_steps or "
+                         "model.optim.sched.max_steps")
+    return int(steps)
+
+
 def optimizer_settings(optim_cfg) -> dict:
     """`model.optim` (NeMo-style names) -> the keys of `nemo_neva.parallel.optimizer`."""
     name = str(optim_cfg.get("name", "adam")).lower()
@@ -79,8 +98,13 @@ def optimizer_settings(optim_cfg) -> dict:
 
 
 def build_training(module, optim_cfg, max_steps: int):
-    """megatron-core DDP + optimizer (nemo_neva.parallel.optimizer) + LR schedule, as a Lightning optimizer."""
-    settings = optimizer_settings(optim_cfg)
+    """megatron-core DDP + optimizer (nemo_neva.parallel.optimizer) + LR schedule, as a Lightning optimizer.
+
+    The loss is a per-token mean over the whole global batch (megatron-core's `calculate_per_token_loss`: each
+    micro-batch's loss function returns its loss sum and token count, gradients are summed over micro-batches
+    and data-parallel ranks and divided by the global batch's loss tokens), so a sample weighs the same
+    whichever micro-batch or rank it lands in."""
+    settings = dict(optimizer_settings(optim_cfg), calculate_per_token_loss=True)
     ddp, optimizer = build_megatron_ddp_and_optimizer(module, settings)
     sched_cfg = optim_cfg.get("sched") or {}
     style = _SCHEDULES.get(str(sched_cfg.get("name", "constant")).lower()) if sched_cfg else "constant"
@@ -103,23 +127,35 @@ def build_training(module, optim_cfg, max_steps: int):
     return ddp, MegatronOptimizerAdapter(optimizer, scheduler)
 
 
-def reduce_logged_loss(losses: Iterable[dict]) -> torch.Tensor:
-    """Mean micro-batch loss over the last pipeline stage's data-parallel ranks, shared with every stage
-    (for logging; gradients are averaged by megatron-core's DDP)."""
+def reduce_loss_sums(losses: Iterable[dict]) -> torch.Tensor:
+    """[loss sum, loss tokens] of a step's micro-batches (`loss_func`'s `{"loss": [sum, tokens]}`), summed over
+    the last pipeline stage's data-parallel ranks: the whole global batch's, shared with every stage."""
     losses = list(losses)
-    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        value = torch.stack([d["loss"] for d in losses]).float().mean() if losses else torch.zeros(())
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and losses:
+        value = torch.stack([d["loss"].float().reshape(2) for d in losses]).sum(0).to(device)
     else:
-        value = torch.zeros(())
+        value = torch.zeros(2, device=device)
     if parallel_state.get_data_parallel_world_size() > 1:
         torch.distributed.all_reduce(value, group=parallel_state.get_data_parallel_group())
-        value /= parallel_state.get_data_parallel_world_size()
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         torch.distributed.broadcast(
             value, src=parallel_state.get_pipeline_model_parallel_last_rank(),
             group=parallel_state.get_pipeline_model_parallel_group(),
         )
     return value
+
+
+def per_token_mean(sums: torch.Tensor) -> torch.Tensor:
+    """loss sum / loss tokens ([2] from `reduce_loss_sums`); no loss token gives a finite 0."""
+    return sums[0] / sums[1].clamp(min=1)
+
+
+def reduce_logged_loss(losses: Iterable[dict]) -> torch.Tensor:
+    """The step's loss as it is optimised: the mean over every loss token of the global batch (all
+    micro-batches and data-parallel ranks; megatron-core's `calculate_per_token_loss` scales the
+    gradients the same way), shared with every pipeline stage."""
+    return per_token_mean(reduce_loss_sums(losses))
 
 
 def num_microbatches(global_batch_size: int, micro_batch_size: int, dp: int) -> int:
@@ -135,12 +171,41 @@ def num_microbatches(global_batch_size: int, micro_batch_size: int, dp: int) -> 
 
 def masked_mean_loss(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Mean over trainable tokens; a batch with none gives a finite 0, never NaN."""
+    total, tokens = masked_loss_sum(per_token, loss_mask)
+    return total / tokens.clamp(min=1)
+
+
+def masked_loss_sum(per_token: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the per-token losses over trainable tokens in fp32, their number as an int tensor)."""
     mask = loss_mask.to(per_token.dtype)
-    return (per_token.float() * mask).sum() / mask.sum().clamp(min=1)
+    return (per_token.float() * mask.float()).sum(), loss_mask.detach().sum().round().to(torch.int)
 
 
-def split_microbatches(batch: dict, micro_batch_size: int) -> list:
-    """Split a per-data-parallel-rank batch into micro-batches (images follow their samples)."""
+def pad_to_microbatches(batch: dict, micro_batch_size: int) -> dict:
+    """A batch whose size is not a multiple of `micro_batch_size` (an evaluation set's last batch) filled up
+    with copies of its last sample whose loss_mask is 0: valid inputs (its image included) that add no loss
+    and no loss token, so every real sample counts once and the micro-batches keep their fixed shape."""
+    n = batch["tokens"].shape[0]
+    extra = -n % micro_batch_size
+    if not extra:
+        return batch
+    rows = torch.cat([torch.arange(n), torch.full((extra,), n - 1)])
+    out = {k: (v[rows.to(v.device)] if k != "images" and torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n
+               else v) for k, v in batch.items()}
+    out["loss_mask"] = out["loss_mask"].clone()
+    out["loss_mask"][n:] = 0
+    images = batch.get("images")
+    if images is not None:
+        last = int(batch["num_images"][-1])
+        out["images"] = torch.cat([images] + [images[images.shape[0] - last:]] * extra) if last else images
+    return out
+
+
+def split_microbatches(batch: dict, micro_batch_size: int, pad: bool = False) -> list:
+    """Split a per-data-parallel-rank batch into micro-batches (images follow their samples). `pad`: fill a
+    last partial micro-batch with loss-free rows (`pad_to_microbatches`, evaluation) instead of refusing it."""
+    if pad:
+        batch = pad_to_microbatches(batch, micro_batch_size)
     n = batch["tokens"].shape[0]
     if n % micro_batch_size:
         raise ValueError(f"batch of {n} samples is not a multiple of micro_batch_size={micro_batch_size}")
