@@ -280,7 +280,10 @@ def hf_config_from_neva(model):
     problems = []
     hf_extra = cfg.get("hf") or {}
     source_text = hf_extra.get("text_config")  # the LM came from a HF causal LM: its own config and layout
-    if source_text is None:
+    if source_text is not None and hf_lm.LAYOUTS.get(hf_extra.get("text_model_type")) != "llama":
+        problems.append(f"language model {hf_extra.get('text_model_type')!r} (transformers' LLaVA takes LMs with "
+                        "the Llama tensor layout: llama, mistral, qwen2, nemotron)")
+    elif source_text is None:
         norm, zero_centered = normalization_settings(cfg)  # any spelling of plain RMSNorm is fine
         if (norm, zero_centered) != ("RMSNorm", False):
             problems.append(f"normalization={cfg.get('normalization', 'LayerNorm')!r}"

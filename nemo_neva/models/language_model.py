@@ -56,9 +56,8 @@ def normalization_settings(cfg) -> tuple[str, bool]:
     return norm, zero_centered or bool(cfg.get("layernorm_zero_centered_gamma", False))
 
 
-def build_transformer_config(cfg, dtype: torch.dtype, perform_initialization: bool = True) -> TransformerConfig:
-    """cfg is `model` (NeMo-style keys at the top level of the model config). `perform_initialization=False`:
-    parameters are left uninitialised (every one of them is about to be loaded from a checkpoint)."""
+def build_transformer_config(cfg, dtype: torch.dtype) -> TransformerConfig:
+    """cfg is `model` (NeMo-style keys at the top level of the model config)."""
     activation = cfg.get("activation", "gelu")
     if activation not in _ACTIVATIONS:
         raise ValueError(f"model.activation={activation!r}; supported: {sorted(_ACTIVATIONS)}")
@@ -99,7 +98,6 @@ def build_transformer_config(cfg, dtype: torch.dtype, perform_initialization: bo
         hidden_dropout=cfg.get("hidden_dropout", 0.0),
         attention_dropout=cfg.get("attention_dropout", 0.0),
         init_method_std=cfg.get("init_method_std", 0.02),
-        perform_initialization=perform_initialization,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=cfg.get("pipeline_model_parallel_size", 1),
         sequence_parallel=cfg.get("sequence_parallel", False),

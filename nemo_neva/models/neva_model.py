@@ -175,8 +175,7 @@ class MegatronNevaModel(ModelPT):
         return tokenizer, processor, vision_config
 
     def _build_module(self, cfg, vision_config, from_pretrained) -> NevaModule:
-        # a pretrained LM is loaded right after: no point initialising its weights
-        tconfig = build_transformer_config(cfg, self.dtype_, perform_initialization=self._lm_source is None)
+        tconfig = build_transformer_config(cfg, self.dtype_)
         pre = parallel_state.is_pipeline_first_stage()
         post = parallel_state.is_pipeline_last_stage()
         rows = max(len(self.tokenizer), int((cfg.get("hf") or {}).get("vocab_size") or 0))  # HF may have spare rows

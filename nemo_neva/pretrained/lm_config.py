@@ -185,8 +185,6 @@ def apply_lm_keys(cfg, keys: dict, where: str) -> None:
             continue
         if key == "encoder_seq_length" and keys["position_embedding_type"] == "rope" and 0 < int(ours) <= value:
             continue  # training on a shorter context than the LM supports is fine with RoPE
-        if key == "num_query_groups" and ours == keys["num_attention_heads"] and value == ours:
-            continue
         raise ValueError(f"model.{key}={ours!r} contradicts {where} ({key}={value!r} from its config); "
                          f"drop the override: with model.mm_cfg.llm.from_pretrained the LM shape comes from the checkpoint")
 
@@ -207,6 +205,8 @@ def drop_unset_lm_keys(model_cfg, cli_overrides) -> None:
         for key in LM_KEYS:
             if key not in given:
                 model_cfg[key] = None
+        if "tokenizer.path" not in given and model_cfg.get("tokenizer") is not None:
+            model_cfg.tokenizer.path = None  # the LM's own
 
 
 def hydra_cli_overrides() -> list[str]:

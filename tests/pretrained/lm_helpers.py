@@ -124,3 +124,28 @@ def lm_logits(model, ids):
 
 def probe_ids(vocab, n=2, seq=20, seed=1):
     return torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def parallel_lm_worker(rank, world_size, lm_dirs, tp, pp, ids):
+    """One rank of a TP/PP NeVA built from each pretrained LM: gathered logits (PP=1) or, at PP>1, this stage's
+    LM parameters by global layer number (to compare with a TP=1 build)."""
+    from megatron.core import parallel_state
+
+    from nemo_neva import MegatronNevaModel
+
+    out = {}
+    for lm_dir in lm_dirs:
+        model = MegatronNevaModel(neva_cfg(lm_dir, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
+        if pp == 1:
+            out[lm_dir] = lm_logits(model, ids)
+        else:
+            gpt = model.model.language_model
+            offset = gpt.decoder.layers[0].layer_number - 1
+            params = {}
+            for name, p in gpt.named_parameters():
+                parts = name.split(".")
+                if name.startswith("decoder.layers."):
+                    parts[2] = str(int(parts[2]) + offset)
+                params[".".join(parts)] = p.detach().clone()
+            out[lm_dir] = (parallel_state.get_pipeline_model_parallel_rank(), params)
+    return out
