@@ -156,7 +156,7 @@ class Gated(Spec):
         want = (shape[0] // 2, *shape[1:])
         for s in (self.gate, self.up):
             if s.shape(source) != want:
-                return _shape_error([self.gate, self.up], (2 * s.shape(source)[0], *s.shape(source)[1:]), shape)
+                return _shape_error([s], s.shape(source), want)
         return None
 
     def local(self, source, shape, part):

@@ -74,10 +74,10 @@ def make_tiny_lm(family, out_dir, seed=0, dtype=None, chat_template=None, **conf
     llama_like = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, **common)
     if family == "llama":
-        config = LlamaConfig(rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
-                             **{**llama_like, **config_overrides})
+        config = LlamaConfig(**{"rms_norm_eps": 1e-5, "rope_parameters": {"rope_type": "default", "rope_theta": 5000.0},
+                                **llama_like, **config_overrides})
     elif family == "mistral":
-        config = MistralConfig(sliding_window=None, **{**llama_like, **config_overrides})
+        config = MistralConfig(**{"sliding_window": None, **llama_like, **config_overrides})
     elif family == "qwen2":
         config = Qwen2Config(**{**llama_like, "tie_word_embeddings": True, **config_overrides})
     elif family == "nemotron":

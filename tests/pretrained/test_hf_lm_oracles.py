@@ -146,3 +146,27 @@ def test_gpt2_lm_is_not_written_as_hf_llava(lm_dirs, tmp_path):
     with pytest.raises(UnsupportedCheckpoint, match="language model 'gpt2'"):
         export_neva_to_hf(model, str(out))
     assert not out.exists()
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "llama3", "rope_theta": 5000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 16},  # not megatron-core's fixed 8192: its scaling function, our args
+    {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8192},  # Llama 3.2's values: GPTModel's own rope_scaling path
+    {"rope_type": "linear", "rope_theta": 5000.0, "factor": 2.0},
+], ids=["llama3_short_context", "llama3_2", "linear"])
+def test_rope_scaling_logits_match_transformers(rope, tmp_path):
+    path = str(tmp_path / "lm")
+    hf = make_tiny_lm("llama", path, rope_parameters=rope)
+    model = MegatronNevaModel(neva_cfg(path))
+    assert model.cfg.rope_scaling.type == rope["rope_type"]
+    ids = probe_ids(hf.config.vocab_size, seq=40)
+    with torch.no_grad():
+        theirs = hf(input_ids=ids).logits
+    torch.testing.assert_close(lm_logits(model, ids)[..., :hf.config.vocab_size], theirs, atol=ATOL, rtol=0)
+    from transformers import AutoModelForCausalLM
+
+    unscaled = AutoModelForCausalLM.from_pretrained(
+        path, rope_parameters={"rope_type": "default", "rope_theta": rope["rope_theta"]}).eval()
+    with torch.no_grad():  # the scaling matters at these positions (so the match above means something)
+        assert (unscaled(input_ids=ids).logits - theirs).abs().max() > 100 * ATOL
