@@ -7,12 +7,15 @@ from nemo.core.config import hydra_runner
 from nemo_neva import MegatronNevaModel
 from nemo_neva.checkpoint.training_checkpoint import exp_manager_with_resume
 from nemo_neva.cli import user_errors
+from nemo_neva.pretrained.lm_config import drop_unset_lm_keys, hydra_cli_overrides
 from nemo_neva.training.trainer import build_trainer, nemo_output_path
 
 
 @hydra_runner(config_path="../conf", config_name="neva_pretrain")
 @user_errors
 def main(cfg) -> None:
+    # llm.from_pretrained: the LM keys (and tokenizer.path) the command line did not set come from the checkpoint
+    drop_unset_lm_keys(cfg.model, hydra_cli_overrides())
     trainer = build_trainer(cfg)
     exp_manager_with_resume(trainer, cfg.exp_manager)  # relaunching resumes from the last checkpoint
     model = MegatronNevaModel(cfg.model, trainer=trainer)

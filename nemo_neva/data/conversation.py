@@ -3,6 +3,11 @@
 Only assistant content plus its end marker is trainable. `render_prompt` returns exactly the text that
 precedes an assistant reply in `render`, so what the model sees at generation time is what it was
 trained on. Templates that want a BOS/EOS write it as text (the tokenizer adds none by itself).
+
+Spaces between a prompt and its reply belong to the reply ("ASSISTANT: a" is "ASSISTANT:" + " a", LLaVA's
+generation prompt): BPE and SentencePiece tokenizers glue a space to the word after it, so the whole rendered
+conversation (tokenised in one call, see data/tokenizer.py) then has a token boundary exactly where the
+generation prompt ends. `hf_chat_template` renders with the tokenizer's own chat template instead.
 """
 from __future__ import annotations
 
@@ -121,12 +126,27 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in [
     Template("nv_steerlm", CHAT_SYSTEM, _nv_begin, _nv_user, "\n<extra_id_1>", steerlm=True),
 ]}
 TEMPLATE_NAMES = tuple(TEMPLATES)
+# The tokenizer's own chat template (`tokenizer.apply_chat_template`): an instruct LM finetuned in its own format.
+HF_CHAT_TEMPLATE = "hf_chat_template"
+_HF = Template(HF_CHAT_TEMPLATE, None, lambda s: "", lambda q, i, s: q, "")
 
 
 def get_template(name: str) -> Template:
+    if name == HF_CHAT_TEMPLATE:
+        return _HF  # its end marker is the tokenizer's EOS (inference/prompting.py)
     if name not in TEMPLATES:
-        raise ValueError(f"unknown conversation template {name!r}; known: {', '.join(TEMPLATE_NAMES)}")
+        raise ValueError(f"unknown conversation template {name!r}; known: "
+                         f"{', '.join(TEMPLATE_NAMES + (HF_CHAT_TEMPLATE,))}")
     return TEMPLATES[name]
+
+
+def template_markers(name: str, candidates: Sequence[str]) -> list[str]:
+    """The `candidates` (special marker strings) that template `name` writes; none for hf_chat_template."""
+    if name == HF_CHAT_TEMPLATE:
+        return []
+    turns = [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}] * 2
+    text = "".join(t for t, _ in render(name, turns, system="s"))
+    return [c for c in candidates if c in text]
 
 
 def _normalise_turns(turns: Sequence[Turn]) -> list[tuple[str, str]]:
@@ -150,7 +170,58 @@ def _normalise_turns(turns: Sequence[Turn]) -> list[tuple[str, str]]:
     return out
 
 
-def _walk(name: str, turns: Sequence[Turn], system, attributes, steerlm_defaults, prompt_only: bool):
+def _spaces_to_replies(segs: list[Segment], prompt_only: bool) -> list[Segment]:
+    """Trailing spaces of a prompt segment move to the reply after it (the generation prompt drops them)."""
+    out: list[Segment] = []
+    for k, (text, trainable) in enumerate(segs):
+        nxt = segs[k + 1] if k + 1 < len(segs) else None
+        if not trainable and text.endswith(" ") and (nxt[1] if nxt else prompt_only):
+            stripped = text.rstrip(" ")
+            if nxt:
+                segs[k + 1] = (text[len(stripped):] + nxt[0], True)
+            text = stripped
+        if text:
+            out.append((text, trainable))
+    return out
+
+
+def _hf_walk(turns: Sequence[Turn], system, tokenizer, prompt_only: bool):
+    """Segments from the tokenizer's chat template: each reply is what rendering it adds after the generation
+    prompt of its turn (trailing whitespace stays untrainable)."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ConversationError("no_chat_template", "conv_template=hf_chat_template needs a tokenizer with a chat "
+                                                    "template (tokenizer_config.json / chat_template.jinja)")
+    pairs = _normalise_turns(turns)
+    if prompt_only and pairs[-1][0] != "user":
+        raise ConversationError("bad_turn_order", "a generation prompt must end with a user turn")
+    head = [{"role": "system", "content": system}] if system else []
+    msgs = head + [{"role": r, "content": t} for r, t in pairs]
+
+    def text(messages, generation_prompt):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    if prompt_only:
+        return [(text(msgs, True), False)]
+    full, segs, done = text(msgs, False), [], 0
+    for k, (role, _) in enumerate(pairs):
+        if role != "assistant":
+            continue
+        upto = len(head) + k
+        before, through = text(msgs[:upto], True), text(msgs[:upto + 1], False)
+        if not (through.startswith(before) and full.startswith(through)):
+            raise ConversationError("chat_template_not_prefix", "the chat template renders a conversation's start "
+                                    "differently from the whole conversation; use a built-in conv_template")
+        reply = through[len(before):].rstrip()
+        segs += [(full[done:len(before)], False), (reply, True)]
+        done = len(before) + len(reply)
+    segs.append((full[done:], False))
+    return [s for s in segs if s[0]]
+
+
+def _walk(name: str, turns: Sequence[Turn], system, attributes, steerlm_defaults, prompt_only: bool,
+          tokenizer=None):
+    if name == HF_CHAT_TEMPLATE:
+        return _hf_walk(turns, system, tokenizer, prompt_only)
     tpl = get_template(name)
     system = tpl.default_system if system is None else system
     pairs = _normalise_turns(turns)
@@ -172,20 +243,24 @@ def _walk(name: str, turns: Sequence[Turn], system, attributes, steerlm_defaults
             segs.append((tpl.after_reply, False))
     if prompt_only and tpl.steerlm:
         segs.append((steerlm_label(base_attrs), False))
-    return segs
+    return _spaces_to_replies(segs, prompt_only)
 
 
 def render(template: str, turns: Sequence[Turn], system: str | None = None,
-           attributes: Attributes = None, steerlm_defaults: Mapping[str, int] | None = None) -> list[Segment]:
+           attributes: Attributes = None, steerlm_defaults: Mapping[str, int] | None = None,
+           tokenizer=None) -> list[Segment]:
     """Segments of a full conversation; adjacent segments concatenate to the rendered text.
 
     `system=None` uses the template's default system prompt. `attributes` (nv_steerlm only) is merged
     over `steerlm_defaults` (STEERLM_TRAIN_DEFAULTS when None); a gpt turn's own "label" wins over both.
+    `tokenizer`: needed by hf_chat_template only.
     """
-    return _walk(template, turns, system, attributes, steerlm_defaults, prompt_only=False)
+    return _walk(template, turns, system, attributes, steerlm_defaults, prompt_only=False, tokenizer=tokenizer)
 
 
 def render_prompt(template: str, turns: Sequence[Turn], system: str | None = None,
-                  attributes: Attributes = None, steerlm_defaults: Mapping[str, int] | None = None) -> str:
+                  attributes: Attributes = None, steerlm_defaults: Mapping[str, int] | None = None,
+                  tokenizer=None) -> str:
     """Text of all turns so far (ending with a user turn) plus the assistant header."""
-    return "".join(t for t, _ in _walk(template, turns, system, attributes, steerlm_defaults, prompt_only=True))
+    return "".join(t for t, _ in _walk(template, turns, system, attributes, steerlm_defaults, prompt_only=True,
+                                       tokenizer=tokenizer))

@@ -14,6 +14,7 @@ from nemo_neva.data.conversation import ConversationError, render
 from nemo_neva.data.image_io import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, ImageSource,
                                      preprocess)
 from nemo_neva.data.records import iter_records
+from nemo_neva.data.tokenizer import encode_segments
 
 log = logging.getLogger(__name__)
 
@@ -149,26 +150,22 @@ class NevaDataset(Dataset):
         turns, image = self._turns(rec)
         system = rec.get("system", self.system_prompt)
         segments = render(self.template, turns, system=system, attributes=rec.get("attributes"),
-                          steerlm_defaults=self.steerlm_defaults)
-        texts = [t for t, _ in segments]
-        # One call per segment, never a batch call: in a DataLoader worker forked from a parent whose
-        # `tokenizers` thread pool is up, a batch call hangs forever (single calls use no pool).
-        pieces = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        flat = [i for p in pieces for i in p]
-        text = "".join(texts)
+                          steerlm_defaults=self.steerlm_defaults, tokenizer=self.tokenizer)
+        # One call for the whole text (never a batch call: in a DataLoader worker forked from a parent whose
+        # `tokenizers` thread pool is up, a batch call hangs forever; single calls use no pool).
+        flat, trainable, text = encode_segments(self.tokenizer, segments)
         decoded = self.tokenizer.decode(flat, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         if decoded != text or flat.count(self.image_token_id) != text.count(IMAGE_TOKEN):
             raise SampleError("tokenization_mismatch", f"decode(encode(text)) differs: {decoded[:80]!r}")
         ids, labels, image_end = [], [], 0
-        for (_, trainable), piece in zip(segments, pieces):
-            for tok in piece:
-                if tok == self.image_token_id:
-                    ids += [tok] * self.num_image_tokens
-                    labels += [IGNORE_INDEX] * self.num_image_tokens
-                    image_end = len(ids)
-                else:
-                    ids.append(tok)
-                    labels.append(tok if trainable else IGNORE_INDEX)
+        for tok, train in zip(flat, trainable):
+            if tok == self.image_token_id:
+                ids += [tok] * self.num_image_tokens
+                labels += [IGNORE_INDEX] * self.num_image_tokens
+                image_end = len(ids)
+            else:
+                ids.append(tok)
+                labels.append(tok if train else IGNORE_INDEX)
         truncated = len(ids) > self.seq_length
         if truncated:
             if image_end > self.seq_length:

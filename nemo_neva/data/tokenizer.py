@@ -2,7 +2,11 @@
 
 BOS/EOS policy: the tokenizer never inserts BOS or EOS by itself (no post-processor). A chat template
 that wants them writes them as text (`<s>`, `</s>`, `<|begin_of_text|>`), so the token stream is exactly
-what the template renders and segment-by-segment tokenization stays label-exact.
+what the template renders.
+
+`encode_segments` / `encode_text` are how training and generation tokenise (any fast tokenizer: byte-level
+BPE, SentencePiece/Metaspace): the whole text in one call, labels from character offsets, so the same prompt
+gives the same ids in both.
 """
 from __future__ import annotations
 
@@ -49,6 +53,30 @@ def train_demo_tokenizer(texts: Iterable[str], out_dir: str | None = None,
         os.makedirs(out_dir, exist_ok=True)
         fast.save_pretrained(out_dir)
     return fast
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` as one piece (`<image>` and template markers are special tokens: one id each)."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_segments(tokenizer, segments) -> tuple[list[int], list[bool], str]:
+    """(ids, trainable per id, text) for rendered `(text, trainable)` segments: the concatenated text is
+    tokenised in one call (as generation tokenises a prompt), and a token is trainable when its characters
+    (offset mapping) overlap a trainable segment's."""
+    text = "".join(t for t, _ in segments)
+    spans, pos = [], 0
+    for piece, trainable in segments:
+        if trainable and piece:
+            spans.append((pos, pos + len(piece)))
+        pos += len(piece)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    flags, k = [], 0
+    for start, end in enc["offset_mapping"]:  # offsets ascend: walk the spans once
+        while k < len(spans) and spans[k][1] <= start:
+            k += 1
+        flags.append(k < len(spans) and (spans[k][0] < end if end > start else spans[k][0] <= start))
+    return enc["input_ids"], flags, text
 
 
 def load_tokenizer(path: str):

@@ -4,17 +4,18 @@ Supported: a CLIP or SigLIP vision tower, the LLaVA-1.5 projector (`linear_1` ->
 `mlp2x_gelu`) and a LLaMA-family language model (llama / mistral without a sliding window): RoPE,
 RMSNorm, SwiGLU, no biases, with or without grouped-query attention, tied or untied embeddings.
 
-Tensor layout differences (HF -> megatron-core):
+The language model's tensors go through the causal-LM tables of `nemo_neva.pretrained.hf_lm` (the same
+code that loads `model.mm_cfg.llm.from_pretrained`), under LLaVA's `language_model.` prefix:
   q/k/v_proj          -> `linear_qkv`: rows grouped per query group as [q heads of the group, k, v]
   gate_proj, up_proj  -> `linear_fc1`: [gate; up] (SwiGLU)
   embed_tokens/lm_head-> `word_embeddings`/`output_layer`: padded with zero rows to a multiple of
                          `make_vocab_size_divisible_by`; the padding is dropped again on export
-Everything else is a rename. Weights are read from safetensors; a pickle `.bin` checkpoint is only read
-when the caller says it trusts it.
+Everything else is a rename. Weights are read lazily from safetensors; a pickle `.bin` checkpoint is only
+read when the caller says it trusts it. A .nemo whose LM came from a HF causal LM (any family that
+`from_pretrained` takes) exports with that LM's own text config and tensor names.
 """
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
@@ -25,6 +26,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_neva.data.image_io import hf_processor_for, mode_of_hf_processor
+from nemo_neva.pretrained import hf_lm
+from nemo_neva.pretrained.hf_lm import pack_qkv, unpack_qkv  # noqa: F401  (also used by the TRT-LLM export)
+from nemo_neva.pretrained.lm_config import lm_keys_from_hf
+from nemo_neva.pretrained.weights import UnsupportedCheckpoint, open_weights, read_all
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +54,6 @@ _PROJECTOR_MAP = {"projector.0.weight": _PROJ + "linear_1.weight", "projector.0.
                   "projector.2.weight": _PROJ + "linear_2.weight", "projector.2.bias": _PROJ + "linear_2.bias"}
 
 
-class UnsupportedCheckpoint(ValueError):
-    """The checkpoint (or model) uses something this converter cannot express on the other side."""
-
-
 # --------------------------------------------------------------------------------------------- reading HF
 def canonical_key(key: str) -> str:
     for pattern, repl in _ALIASES:
@@ -63,33 +64,7 @@ def canonical_key(key: str) -> str:
 
 def read_hf_weights(input_dir: str, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """All tensors of a HF checkpoint directory, keys in the canonical (save_pretrained) spelling."""
-    from safetensors.torch import load_file
-
-    files = sorted(glob.glob(os.path.join(input_dir, "*.safetensors")))
-    if files:
-        raw = {}
-        for f in files:
-            raw.update(load_file(f, device="cpu"))
-    else:
-        pickles = sorted(glob.glob(os.path.join(input_dir, "*.bin")))
-        if not pickles:
-            raise FileNotFoundError(f"{input_dir}: no *.safetensors (or *.bin) weight files")
-        if not trust_pickle:
-            raise UnsupportedCheckpoint(
-                f"{input_dir} holds only pickle weights ({', '.join(os.path.basename(p) for p in pickles)}); "
-                "loading a pickle can run arbitrary code. Convert it to safetensors, or pass --trust-pickle "
-                "if you trust its origin"
-            )
-        raw = {}
-        for f in pickles:
-            raw.update(torch.load(f, map_location="cpu", weights_only=True))
-    out = {}
-    for key, value in raw.items():
-        name = canonical_key(key)
-        if name in out:
-            raise ValueError(f"checkpoint has two tensors for {name!r}")
-        out[name] = value
-    return out
+    return read_all(open_weights(input_dir, trust_pickle, rename=canonical_key))
 
 
 def _rope_theta_and_type(text_config) -> tuple[float, str]:
@@ -160,12 +135,11 @@ def nemo_config_from_hf(config, tokenizer_dir: str, make_vocab_size_divisible_by
     """A complete `MegatronNevaModel` config (LLaMA-style LM) equivalent to a HF LLaVA config."""
     check_hf_config(config)
     text, vision = config.text_config, config.vision_config
-    theta, _ = _rope_theta_and_type(text)
-    heads = text.num_attention_heads
-    kv_channels = getattr(text, "head_dim", None) or text.hidden_size // heads
     vision_overrides = {k: v for k, v in vision.to_diff_dict().items()
                         if k not in ("model_type", "transformers_version", "architectures", "dtype", "torch_dtype")}
-    tie = bool(getattr(text, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False))
+    lm = lm_keys_from_hf(text, text.model_type, "the LLaVA's language model")
+    lm["share_embeddings_and_output_weights"] = bool(lm["share_embeddings_and_output_weights"]
+                                                     or getattr(config, "tie_word_embeddings", False))
     cfg = {
         "target": "nemo_neva.models.neva_model.MegatronNevaModel",
         "seed": 1234,
@@ -174,21 +148,7 @@ def nemo_config_from_hf(config, tokenizer_dir: str, make_vocab_size_divisible_by
         "tensor_model_parallel_size": 1,
         "pipeline_model_parallel_size": 1,
         "sequence_parallel": False,
-        "encoder_seq_length": int(text.max_position_embeddings),
-        "num_layers": text.num_hidden_layers,
-        "hidden_size": text.hidden_size,
-        "ffn_hidden_size": text.intermediate_size,
-        "num_attention_heads": heads,
-        "num_query_groups": getattr(text, "num_key_value_heads", None) or heads,
-        "kv_channels": kv_channels,
-        "position_embedding_type": "rope",
-        "rotary_base": theta,
-        "rotary_percentage": 1.0,
-        "normalization": "RMSNorm",
-        "layernorm_epsilon": float(text.rms_norm_eps),
-        "activation": "swiglu",
-        "bias": False,
-        "share_embeddings_and_output_weights": tie,
+        **lm,
         "hidden_dropout": 0.0,
         "attention_dropout": float(getattr(text, "attention_dropout", 0.0) or 0.0),
         "init_method_std": float(getattr(text, "initializer_range", 0.02)),
@@ -219,32 +179,6 @@ def nemo_config_from_hf(config, tokenizer_dir: str, make_vocab_size_divisible_by
 
 
 # ------------------------------------------------------------------------------------ tensor layout maps
-def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    if t.shape[0] > rows:
-        raise UnsupportedCheckpoint(f"vocabulary of {t.shape[0]} rows does not fit the model's {rows}; "
-                                    "raise make_vocab_size_divisible_by or extend the tokenizer")
-    out = t.new_zeros((rows, *t.shape[1:]))
-    out[: t.shape[0]] = t
-    return out
-
-
-def pack_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, groups: int) -> torch.Tensor:
-    """HF q/k/v_proj -> megatron `linear_qkv` ([q heads of group g, k_g, v_g] for each group g)."""
-    d = q.shape[0] // heads
-    h_in = q.shape[1]
-    q = q.reshape(groups, heads // groups * d, h_in)
-    k = k.reshape(groups, d, h_in)
-    v = v.reshape(groups, d, h_in)
-    return torch.cat([q, k, v], dim=1).reshape(-1, h_in)
-
-
-def unpack_qkv(qkv: torch.Tensor, heads: int, groups: int, head_dim: int):
-    per_group = heads // groups * head_dim
-    grouped = qkv.reshape(groups, per_group + 2 * head_dim, qkv.shape[-1])
-    q, k, v = torch.split(grouped, [per_group, head_dim, head_dim], dim=1)
-    return tuple(t.reshape(-1, qkv.shape[-1]).contiguous() for t in (q, k, v))
-
-
 def _layer_norm_keys(neva_keys, i: int) -> tuple[str, str]:
     """Local spec: separate norms; TE spec: norms fused into linear_qkv / linear_fc1."""
     p = f"{_NEVA_LM}decoder.layers.{i}."
@@ -253,75 +187,19 @@ def _layer_norm_keys(neva_keys, i: int) -> tuple[str, str]:
     return p + "self_attention.linear_qkv.layer_norm_weight", p + "mlp.linear_fc1.layer_norm_weight"
 
 
-def hf_to_neva_state(hf: dict, cfg, neva_keys) -> dict[str, torch.Tensor]:
-    """Canonical HF tensors -> `NevaModule.state_dict()` names/layouts (TP=1)."""
-    hf = dict(hf)
-    out = {}
-    heads, groups = cfg.num_attention_heads, cfg.num_query_groups or cfg.num_attention_heads
-    vocab_rows = neva_keys[_NEVA_LM + "embedding.word_embeddings.weight"]
-    out[_NEVA_LM + "embedding.word_embeddings.weight"] = _pad_rows(hf.pop(_LM + "embed_tokens.weight"), vocab_rows)
-    lm_head = hf.pop(_LM_HEAD, None)
-    if cfg.share_embeddings_and_output_weights:
-        if lm_head is not None and not torch.equal(lm_head, out[_NEVA_LM + "embedding.word_embeddings.weight"]
-                                                   [: lm_head.shape[0]]):
-            raise UnsupportedCheckpoint("tie_word_embeddings=True but lm_head differs from embed_tokens")
-    else:
-        if lm_head is None:
-            raise ValueError(f"checkpoint has no {_LM_HEAD} (and tie_word_embeddings is False)")
-        out[_NEVA_LM + "output_layer.weight"] = _pad_rows(lm_head, vocab_rows)
-    out[_NEVA_LM + "decoder.final_layernorm.weight"] = hf.pop(_LM + "norm.weight")
-    for i in range(cfg.num_layers):
-        h, p = f"{_LM}layers.{i}.", f"{_NEVA_LM}decoder.layers.{i}."
-        ln1, ln2 = _layer_norm_keys(neva_keys, i)
-        out[ln1] = hf.pop(h + "input_layernorm.weight")
-        out[ln2] = hf.pop(h + "post_attention_layernorm.weight")
-        out[p + "self_attention.linear_qkv.weight"] = pack_qkv(
-            hf.pop(h + "self_attn.q_proj.weight"), hf.pop(h + "self_attn.k_proj.weight"),
-            hf.pop(h + "self_attn.v_proj.weight"), heads, groups)
-        out[p + "self_attention.linear_proj.weight"] = hf.pop(h + "self_attn.o_proj.weight")
-        out[p + "mlp.linear_fc1.weight"] = torch.cat(
-            [hf.pop(h + "mlp.gate_proj.weight"), hf.pop(h + "mlp.up_proj.weight")], dim=0)
-        out[p + "mlp.linear_fc2.weight"] = hf.pop(h + "mlp.down_proj.weight")
-    for ours, theirs in _PROJECTOR_MAP.items():
-        if theirs in hf:
-            out[ours] = hf.pop(theirs)
-        elif theirs.endswith(".bias"):  # multimodal_projector_bias=False is a zero bias here
-            out[ours] = torch.zeros(neva_keys[ours])
-        else:
-            raise ValueError(f"checkpoint has no {theirs}")
-    for key in [k for k in hf if k.startswith(_VISION)]:
-        out[_NEVA_VISION + key[len(_VISION):]] = hf.pop(key)
-    leftover = sorted(k for k in hf if not k.endswith("rotary_emb.inv_freq"))
-    if leftover:
-        raise UnsupportedCheckpoint(f"checkpoint tensors this converter does not know: {leftover[:8]}"
-                                    f"{' ...' if len(leftover) > 8 else ''}")
-    return out
+def lm_table(cfg):
+    """The LM tensor table of a NeVA config, under LLaVA's keys (the HF layout of the LM it came from)."""
+    layout = hf_lm.LAYOUTS.get((cfg.get("hf") or {}).get("text_model_type") or "llama", "llama")
+    return hf_lm.lm_table(cfg, layout, prefix=_LM, lm_head=_LM_HEAD)
 
 
 def neva_to_hf_state(state: dict, cfg, vocab_size: int) -> dict[str, torch.Tensor]:
     """`NevaModule.state_dict()` (TP=1) -> canonical HF LLaVA tensors."""
-    heads, groups = cfg.num_attention_heads, cfg.num_query_groups or cfg.num_attention_heads
-    head_dim = cfg.get("kv_channels") or cfg.hidden_size // heads
-    keys = set(state)
-    out = {_LM + "embed_tokens.weight": state[_NEVA_LM + "embedding.word_embeddings.weight"][:vocab_size]}
-    if not cfg.get("share_embeddings_and_output_weights", False):
-        out[_LM_HEAD] = state[_NEVA_LM + "output_layer.weight"][:vocab_size]
-    out[_LM + "norm.weight"] = state[_NEVA_LM + "decoder.final_layernorm.weight"]
-    for i in range(cfg.num_layers):
-        h, p = f"{_LM}layers.{i}.", f"{_NEVA_LM}decoder.layers.{i}."
-        ln1, ln2 = _layer_norm_keys(keys, i)
-        out[h + "input_layernorm.weight"] = state[ln1]
-        out[h + "post_attention_layernorm.weight"] = state[ln2]
-        q, k, v = unpack_qkv(state[p + "self_attention.linear_qkv.weight"], heads, groups, head_dim)
-        out[h + "self_attn.q_proj.weight"], out[h + "self_attn.k_proj.weight"] = q, k
-        out[h + "self_attn.v_proj.weight"] = v
-        out[h + "self_attn.o_proj.weight"] = state[p + "self_attention.linear_proj.weight"]
-        gate, up = torch.chunk(state[p + "mlp.linear_fc1.weight"], 2, dim=0)
-        out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = gate, up
-        out[h + "mlp.down_proj.weight"] = state[p + "mlp.linear_fc2.weight"]
+    lm = {k[len(_NEVA_LM):]: v for k, v in state.items() if k.startswith(_NEVA_LM)}
+    out = hf_lm.export_lm(lm, lm_table(cfg), vocab_size)
     for ours, theirs in _PROJECTOR_MAP.items():
         out[theirs] = state[ours]
-    for key in keys:
+    for key in state:
         if key.startswith(_NEVA_VISION):
             out[_VISION + key[len(_NEVA_VISION):]] = state[key]
     return {k: v.detach().to("cpu").clone().contiguous() for k, v in out.items()}
@@ -356,7 +234,11 @@ def load_hf_llava_into_neva(input_dir: str, trust_pickle: bool = False, make_voc
     image_processor = _hf_image_processor(input_dir, config.vision_config)
     # generation then makes the pixels transformers' processor makes (CLIP's shortest edge + crop: keep)
     cfg.data.image_aspect_ratio = mode_of_hf_processor(image_processor)
-    hf = read_hf_weights(input_dir, trust_pickle)  # fail on weights before building anything
+    source = open_weights(input_dir, trust_pickle, rename=canonical_key)  # fail on weights before building
+    where = f"{input_dir}"
+    used = hf_lm.check_sources(source, lm_table(cfg), where, _LM_HEAD)
+    rest = {k for k in source.names() if k.startswith(_VISION) or k.startswith(_PROJ)}
+    hf_lm.check_leftovers(source, used | rest, where)
     model = MegatronNevaModel(cfg)
     if model.image_token_id != _image_token_id(config):
         raise UnsupportedCheckpoint(f"config image_token_index={_image_token_id(config)} but the tokenizer's "
@@ -364,19 +246,28 @@ def load_hf_llava_into_neva(input_dir: str, trust_pickle: bool = False, make_voc
     # Keep the checkpoint's own vision config and image processor (not the ones rebuilt from the cfg).
     model.vision_config = config.vision_config
     model.image_processor = image_processor
-    target = model.model.state_dict()
-    shapes = {k: v.shape for k, v in target.items() if torch.is_tensor(v) and not k.endswith("_extra_state")}
-    mapped = hf_to_neva_state(hf, cfg, {k: (s[0] if len(s) else s) for k, s in shapes.items()})
-    missing = sorted(set(shapes) - set(mapped))
-    unexpected = sorted(set(mapped) - set(shapes))
+    hf_lm.load_lm(model.model.language_model, source, lm_table(cfg), where, lm_head=_LM_HEAD)
+    target = {k: v for k, v in model.model.state_dict().items() if not k.startswith(_NEVA_LM)
+              and torch.is_tensor(v) and not k.endswith("_extra_state")}
+    mapped = {}
+    for ours, theirs in _PROJECTOR_MAP.items():
+        if theirs in source:
+            mapped[ours] = source.read(theirs)
+        elif theirs.endswith(".bias"):  # multimodal_projector_bias=False is a zero bias here
+            mapped[ours] = torch.zeros_like(target[ours])
+        else:
+            raise UnsupportedCheckpoint(f"checkpoint has no {theirs}")
+    for key in sorted(k for k in source.names() if k.startswith(_VISION)):
+        mapped[_NEVA_VISION + key[len(_VISION):]] = source.read(key)
+    missing, unexpected = sorted(set(target) - set(mapped)), sorted(set(mapped) - set(target))
     if missing or unexpected:
         raise UnsupportedCheckpoint(f"checkpoint does not match the model: missing={missing[:8]} "
                                     f"unexpected={unexpected[:8]}")
     with torch.no_grad():
         for key, value in mapped.items():
-            if tuple(value.shape) != tuple(shapes[key]):
+            if tuple(value.shape) != tuple(target[key].shape):
                 raise UnsupportedCheckpoint(f"{key}: checkpoint shape {tuple(value.shape)} != model "
-                                            f"{tuple(shapes[key])}")
+                                            f"{tuple(target[key].shape)}")
             target[key].copy_(value.to(target[key].dtype))
     return model
 
@@ -391,21 +282,27 @@ def convert_hf_to_nemo(input_dir: str, output_path: str, trust_pickle: bool = Fa
 # ------------------------------------------------------------------------------------------ .nemo -> HF
 def hf_config_from_neva(model):
     """LlavaConfig equivalent to a (LLaMA-style, mlp2x_gelu) MegatronNevaModel; raises if there is none."""
-    from transformers import LlamaConfig, LlavaConfig, MistralConfig
+    from transformers import LlamaConfig, MistralConfig
 
     from nemo_neva.modules.language_model import normalization_settings
 
     cfg = model.cfg
     problems = []
-    norm, zero_centered = normalization_settings(cfg)  # any spelling of plain RMSNorm is fine
-    if (norm, zero_centered) != ("RMSNorm", False):
-        problems.append(f"normalization={cfg.get('normalization', 'LayerNorm')!r}"
-                        f"{' with zero-centred gamma' if zero_centered else ''} (HF LLaMA needs plain 'RMSNorm')")
-    for key, want, default in (("position_embedding_type", "rope", "learned_absolute"),
-                               ("activation", "swiglu", "gelu"), ("bias", False, True),
-                               ("rotary_percentage", 1.0, 1.0)):
-        if cfg.get(key, default) != want:
-            problems.append(f"{key}={cfg.get(key, default)!r} (HF LLaMA needs {want!r})")
+    hf_extra = cfg.get("hf") or {}
+    source_text = hf_extra.get("text_config")  # the LM came from a HF causal LM: its own config and layout
+    if source_text is not None and hf_lm.LAYOUTS.get(hf_extra.get("text_model_type")) != "llama":
+        problems.append(f"language model {hf_extra.get('text_model_type')!r} (transformers' LLaVA takes LMs with "
+                        "the Llama tensor layout: llama, mistral, qwen2, nemotron)")
+    elif source_text is None:
+        norm, zero_centered = normalization_settings(cfg)  # any spelling of plain RMSNorm is fine
+        if (norm, zero_centered) != ("RMSNorm", False):
+            problems.append(f"normalization={cfg.get('normalization', 'LayerNorm')!r}"
+                            f"{' with zero-centred gamma' if zero_centered else ''} (HF LLaMA needs plain 'RMSNorm')")
+        for key, want, default in (("position_embedding_type", "rope", "learned_absolute"),
+                                   ("activation", "swiglu", "gelu"), ("bias", False, True),
+                                   ("rotary_percentage", 1.0, 1.0)):
+            if cfg.get(key, default) != want:
+                problems.append(f"{key}={cfg.get(key, default)!r} (HF LLaMA needs {want!r})")
     if (cfg.get("peft") or {}).get("peft_scheme"):
         problems.append("the model has unmerged LoRA adapters (merge them first: scripts/merge_lora.py)")
     adapter = cfg.mm_cfg.mm_mlp_adapter_type
@@ -420,11 +317,18 @@ def hf_config_from_neva(model):
         raise UnsupportedCheckpoint(f"vision tower {vision.model_type!r}: only CLIP / SigLIP")
     venc = cfg.mm_cfg.vision_encoder
     drop_cls = venc.get("drop_cls", True) and kind == "clip"
-    hf_extra = cfg.get("hf") or {}
     vocab_size = int(hf_extra.get("vocab_size") or len(model.tokenizer))
     heads = cfg.num_attention_heads
     tok = model.tokenizer
     tie = bool(cfg.get("share_embeddings_and_output_weights", False))
+    if source_text is not None:
+        from transformers import AutoConfig
+
+        plain = OmegaConf.to_container(source_text, resolve=True) if OmegaConf.is_config(source_text) \
+            else dict(source_text)
+        plain["vocab_size"] = vocab_size  # + the tokens NeVA added (<image>, template markers)
+        text = AutoConfig.for_model(**plain)
+        return _llava_config(model, text, tie, drop_cls, venc), vocab_size, drop_cls
     text_kwargs = dict(
         vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=heads,
@@ -439,15 +343,21 @@ def hf_config_from_neva(model):
         text = MistralConfig(sliding_window=None, **text_kwargs)
     else:
         text = LlamaConfig(attention_bias=False, mlp_bias=False, **text_kwargs)
+    return _llava_config(model, text, tie, drop_cls, venc), vocab_size, drop_cls
+
+
+def _llava_config(model, text, tie: bool, drop_cls: bool, venc):
+    from transformers import LlavaConfig
+
     config = LlavaConfig(
-        vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=model.image_token_id,
-        image_seq_length=model.tokens_per_image, projector_hidden_act="gelu",
+        vision_config=model.vision_config.to_dict(), text_config=text.to_dict(),
+        image_token_index=model.image_token_id, image_seq_length=model.tokens_per_image, projector_hidden_act="gelu",
         vision_feature_select_strategy="default" if drop_cls else "full",
         vision_feature_layer=int(venc.get("vision_select_layer", -2)), multimodal_projector_bias=True,
         tie_word_embeddings=tie,
     )
     config.architectures = ["LlavaForConditionalGeneration"]
-    return config, vocab_size, drop_cls
+    return config
 
 
 def export_neva_to_hf(model, output_dir: str, dtype: Optional[str] = None) -> str:

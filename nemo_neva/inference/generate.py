@@ -16,6 +16,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from nemo_neva.data.constants import IMAGE_TOKEN
+from nemo_neva.data.tokenizer import encode_text
 from nemo_neva.inference.batching import left_pad
 from nemo_neva.inference.kv_cache import CachedDecoder, RecomputeDecoder
 from nemo_neva.inference.sampling import apply_repetition_penalty, sample_next, validate_sampling
@@ -80,12 +81,9 @@ def encode_prompt(model, prompt: str, images) -> torch.Tensor:
     if n_tags != n_images:
         raise ValueError(f"prompt must contain exactly {n_images} '{IMAGE_TOKEN}' tag(s) (one per image), "
                          f"found {n_tags}")
-    ids = []
-    for i, part in enumerate(prompt.split(IMAGE_TOKEN)):
-        if i:
-            ids += [model.image_token_id] * model.tokens_per_image
-        if part:
-            ids += tok(part, add_special_tokens=False)["input_ids"]
+    ids = []  # the whole prompt in one call, as the training data is tokenised (data/tokenizer.py)
+    for t in encode_text(tok, prompt):
+        ids += [t] * model.tokens_per_image if t == model.image_token_id else [t]
     return torch.tensor(ids, dtype=torch.long)
 
 

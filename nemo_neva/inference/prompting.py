@@ -8,8 +8,9 @@ from nemo_neva.data.conversation import STEERLM_INFERENCE_DEFAULTS, get_template
 
 
 def build_prompt(template: str, question: str, has_image: bool, system: Optional[str] = None,
-                 steerlm: Optional[Mapping[str, int]] = None) -> str:
+                 steerlm: Optional[Mapping[str, int]] = None, tokenizer=None) -> str:
     """One-turn generation prompt; the image tag goes first (LLaVA style) unless the question places it.
+    `tokenizer`: for conv_template=hf_chat_template (its own chat template).
 
     For `nv_steerlm`, `steerlm` attributes (validated: known names, ints 0-9) are laid over the NGC card's
     inference defaults and rendered as the `<extra_id_2>` label line; other templates have no such line.
@@ -19,7 +20,7 @@ def build_prompt(template: str, question: str, has_image: bool, system: Optional
     if not has_image and IMAGE_TOKEN in question:
         raise ValueError(f"the prompt contains {IMAGE_TOKEN} but no image was given")
     return render_prompt(template, [{"from": "human", "value": question}], system=system, attributes=steerlm,
-                         steerlm_defaults=STEERLM_INFERENCE_DEFAULTS)
+                         steerlm_defaults=STEERLM_INFERENCE_DEFAULTS, tokenizer=tokenizer)
 
 
 def stop_markers(tokenizer, template: str) -> tuple[set, list]:
@@ -29,5 +30,5 @@ def stop_markers(tokenizer, template: str) -> tuple[set, list]:
     special = set(tokenizer.all_special_tokens)
     marker_ids = [tokenizer.convert_tokens_to_ids(t) for t in special if t in end]
     ids.update(i for i in marker_ids if i is not None)
-    strings = [] if marker_ids else [end]  # e.g. `plain` ends a caption with "\n"
+    strings = [] if marker_ids or not end else [end]  # e.g. `plain` ends a caption with "\n"; hf: EOS only
     return ids, strings

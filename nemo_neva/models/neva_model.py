@@ -14,6 +14,7 @@ from nemo.core.classes.common import PretrainedModelInfo
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.nn.modules.module import _IncompatibleKeys
 
+from nemo_neva import pretrained
 from nemo_neva.checkpoint import nemo_connector, nemo_layout
 from nemo_neva.cli import resolve_path
 from nemo_neva.models import peft
@@ -65,6 +66,8 @@ class MegatronNevaModel(ModelPT):
         ensure_distributed()
         self._fit_layout_to_world()
         self._record_image_aspect_ratio()
+        # model.mm_cfg.llm.from_pretrained: the LM's shape into the config, its tokenizer, weights checked
+        self._lm_source = None if self._is_model_being_restored() else pretrained.resolve(self._cfg)
         cfg = self.cfg
         initialize_model_parallel_from_cfg(
             tp=cfg.get("tensor_model_parallel_size", 1),
@@ -76,7 +79,8 @@ class MegatronNevaModel(ModelPT):
             seed=cfg.get("seed", 1234),
         )
         restore_dir = self._restore_folder()
-        self.tokenizer, self.image_processor, vision_config = self._load_hf_side(cfg, restore_dir)
+        self.tokenizer, self.image_processor, vision_config = self._load_hf_side(
+            cfg, restore_dir, getattr(self._lm_source, "tokenizer", None))
         self.vision_config = vision_config
         self.image_token_id = self.tokenizer.convert_tokens_to_ids("<image>")
         if self.image_token_id is None or self.image_token_id == self.tokenizer.unk_token_id:
@@ -84,6 +88,8 @@ class MegatronNevaModel(ModelPT):
         self.dtype_ = _precision_dtype(trainer)
         self.model = self._build_module(cfg, vision_config, from_pretrained=None if restore_dir else
                                         resolve_path(cfg.mm_cfg.vision_encoder.get("from_pretrained")))
+        if self._lm_source is not None:  # each rank reads its own shard of the pretrained LM
+            self._lm_source.load(self.model.language_model, cfg)
         peft.apply(self.model, cfg)  # LoRA adapters (model.peft.*), before freezing and loading weights
         self._apply_freeze(cfg)
         if restore_dir:
@@ -163,7 +169,7 @@ class MegatronNevaModel(ModelPT):
             raise
 
     @staticmethod
-    def _load_hf_side(cfg, restore_dir):
+    def _load_hf_side(cfg, restore_dir, tokenizer=None):
         from transformers import AutoTokenizer
 
         venc = cfg.mm_cfg.vision_encoder
@@ -177,6 +183,8 @@ class MegatronNevaModel(ModelPT):
             overrides = OmegaConf.to_container(venc.config, resolve=True) if venc.get("config") else None
             vision_config = load_vision_config(pretrained, venc.get("model_type", "clip"), overrides)
             processor = build_image_processor(vision_config, pretrained)
+        if tokenizer is not None:  # the pretrained LM's, prepared (nemo_neva.pretrained)
+            return tokenizer, processor, vision_config
         if not tok_path or not os.path.isdir(tok_path):
             raise FileNotFoundError(f"model.tokenizer.path={tok_path!r} is not a local tokenizer directory")
         tokenizer = AutoTokenizer.from_pretrained(tok_path)
@@ -186,8 +194,9 @@ class MegatronNevaModel(ModelPT):
         tconfig = build_transformer_config(cfg, self.dtype_)
         pre = parallel_state.is_pipeline_first_stage()
         post = parallel_state.is_pipeline_last_stage()
+        rows = max(len(self.tokenizer), int((cfg.get("hf") or {}).get("vocab_size") or 0))  # HF may have spare rows
         vocab = padded_vocab_size(
-            len(self.tokenizer), cfg.get("make_vocab_size_divisible_by", 128), tconfig.tensor_model_parallel_size
+            rows, cfg.get("make_vocab_size_divisible_by", 128), tconfig.tensor_model_parallel_size
         )
         # megatron-core creates its linear weights in params_dtype but norms and learned positions in fp32;
         # like megatron's Float16Module, keep every LM weight in the training dtype (fp32 masters live in the

@@ -14,6 +14,7 @@ from nemo_neva.modules.precision import fp8_transformer_config_kwargs, recompute
 _ACTIVATIONS = {
     # name -> (activation_func, gated_linear_unit)
     "gelu": (F.gelu, False),
+    "gelu_tanh": (lambda x: F.gelu(x, approximate="tanh"), False),  # GPT-2's gelu_new
     "swiglu": (F.silu, True),
     "geglu": (F.gelu, True),
     "squared-relu": (lambda x: torch.pow(F.relu(x), 2), False),
@@ -68,9 +69,10 @@ def build_transformer_config(cfg, dtype: torch.dtype) -> TransformerConfig:
         raise ValueError(f"model.num_attention_heads={heads} must be divisible by model.num_query_groups={groups}")
     for name, value in (("num_attention_heads", heads), ("num_query_groups", groups)):
         if value % tp:
+            works = ", ".join(str(t) for t in range(1, heads + 1) if heads % t == 0 and groups % t == 0)
             raise ValueError(
                 f"model.{name}={value} is not divisible by model.tensor_model_parallel_size={tp}; "
-                f"pick a tensor_model_parallel_size that divides it"
+                f"TP sizes that work: {works}"
             )
     normalization, zero_centered = normalization_settings(cfg)
     rotary_percentage = cfg.get("rotary_percentage", 1.0)
@@ -92,6 +94,7 @@ def build_transformer_config(cfg, dtype: torch.dtype) -> TransformerConfig:
         activation_func=act_fn,
         gated_linear_unit=gated,
         add_bias_linear=cfg.get("bias", True),
+        add_qkv_bias=bool(cfg.get("qkv_bias", False)),  # Qwen2: q/k/v biases only
         hidden_dropout=cfg.get("hidden_dropout", 0.0),
         attention_dropout=cfg.get("attention_dropout", 0.0),
         init_method_std=cfg.get("init_method_std", 0.02),
@@ -113,9 +116,26 @@ def build_transformer_config(cfg, dtype: torch.dtype) -> TransformerConfig:
     )
 
 
+_ROPE_SCALING = ("llama3", "linear")
+
+
+def rope_scaling_args(cfg) -> dict:
+    """`model.rope_scaling` ({type: llama3, factor, low_freq_factor, high_freq_factor,
+    original_max_position_embeddings} or {type: linear, factor}) -> GPTModel keyword arguments."""
+    scaling = cfg.get("rope_scaling")
+    if not scaling:
+        return {}
+    kind = scaling.get("type")
+    if kind not in _ROPE_SCALING:
+        raise ValueError(f"model.rope_scaling.type={kind!r}; supported: {', '.join(_ROPE_SCALING)}")
+    if kind == "linear":
+        return {"seq_len_interpolation_factor": float(scaling["factor"])}
+    return {"rope_scaling": True, "rope_scaling_factor": float(scaling["factor"])}
+
+
 def build_gpt(cfg, config: TransformerConfig, vocab_size: int, pre_process: bool, post_process: bool) -> GPTModel:
     spec = build_decoder_spec(config, cfg.get("transformer_engine", False))
-    return GPTModel(
+    gpt = GPTModel(
         config=config,
         transformer_layer_spec=spec,
         vocab_size=vocab_size,
@@ -126,4 +146,18 @@ def build_gpt(cfg, config: TransformerConfig, vocab_size: int, pre_process: bool
         position_embedding_type=cfg.get("position_embedding_type", "learned_absolute"),
         rotary_percent=cfg.get("rotary_percentage", 1.0),
         rotary_base=cfg.get("rotary_base", 10000),
+        **rope_scaling_args(cfg),
     )
+    scaling = cfg.get("rope_scaling") or {}
+    if scaling.get("type") == "llama3" and hasattr(gpt, "rotary_pos_emb"):
+        # megatron-core 0.16.1's GPTModel fixes low/high_freq_factor = 1/4 and original context 8192 (Llama 3.1);
+        # other values (e.g. a shorter original context) go through its own scaling function.
+        rope = gpt.rotary_pos_emb
+        dim = int(config.kv_channels * cfg.get("rotary_percentage", 1.0))
+        base = 1.0 / (float(cfg.get("rotary_base", 10000)) ** (
+            torch.arange(0, dim, 2, dtype=torch.float32, device=rope.inv_freq.device) / dim))
+        rope.inv_freq = rope._apply_scaling(
+            base, factor=float(scaling["factor"]), low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=float(scaling.get("original_max_position_embeddings", 8192)))
+    return gpt

@@ -10,6 +10,9 @@ from nemo_neva.data.dataset import NevaDataset
 
 END = {"plain": "\n", "vicuna_v1": "</s>", "llama_2": " </s>", "llama_3": "<|eot_id|>", "mistral": "</s>",
        "chatml": "<|im_end|>", "nvgpt": "\n<extra_id_1>", "nv_steerlm": "\n<extra_id_1>"}
+# The space between a prompt and its reply is the reply's (its first word's token carries it), so the generation
+# prompt ends before it ("... ASSISTANT:", as LLaVA's) and training and generation tokenise the prompt alike.
+LEAD = {"vicuna_v1": " ", "llama_2": " ", "mistral": " "}
 STEER_DEFAULT = ("<extra_id_2>quality:4,toxicity:0,humor:0,creativity:0,helpfulness:4,correctness:4,"
                  "coherence:4,complexity:4,verbosity:4\n")
 
@@ -44,7 +47,7 @@ def test_trainable_tokens_are_exactly_the_replies(name, tok, proc, tmp_path, ima
     path = write_json(tmp_path / "d.json", [{"id": "s0", "image": "red.png", "conversations": turns}])
     ds = NevaDataset(path, str(image_dir), tok, proc, template=name, seq_length=512, num_image_tokens=5)
     item = ds[0]
-    assert trained_runs(item, tok) == [r + END[name] for r in replies]
+    assert trained_runs(item, tok) == [LEAD.get(name, "") + r + END[name] for r in replies]
     assert (item["input_ids"] == tok.convert_tokens_to_ids(IMAGE_TOKEN)).sum() == 5
 
 
@@ -54,7 +57,8 @@ def test_generation_prompt_is_the_training_prefix(name):
     full = "".join(t for t, _ in render(name, turns))
     prompt = render_prompt(name, turns[:3])
     assert full.startswith(prompt)
-    assert full[len(prompt):] == "a2" + END[name] + ("\n" if name == "chatml" else "")
+    assert full[len(prompt):] == LEAD.get(name, "") + "a2" + END[name] + ("\n" if name == "chatml" else "")
+    assert not prompt.endswith(" ")
 
 
 def test_nvgpt_exact_format():
