@@ -427,9 +427,12 @@ class EnergonLoader:
 
 
 def _snapshotting(wrapper: EnergonLoader):
+    # Before iter(): with workers that have not started yet, Energon answers from its initial (or restored)
+    # state; asked after iter() but before the first fetch it would wait for workers that do not exist yet.
+    wrapper._snapshot()
     it = iter(wrapper.loader)
     while True:
-        wrapper._snapshot()  # the state after the batches yielded so far
+        wrapper._snapshot()  # the state after the batches yielded so far (a no-op if already taken)
         try:
             batch = next(it)
         except StopIteration:

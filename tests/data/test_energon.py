@@ -193,10 +193,12 @@ def test_metadataset_blend_follows_the_weights(tmp_path):
     assert abs(share - 0.75) < 0.08, share
 
 
-def test_loader_state_roundtrip_continues_exactly(stage1):
-    """Save after 2 trained batches with one more prefetched (as Lightning does), restore in a fresh loader:
-    the next batches are the uninterrupted loader's; the state survives torch.save / weights_only load."""
-    model, cfg = _model(stage1[0])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_state_roundtrip_continues_exactly(stage1, workers):
+    """Save after 2 trained batches with more prefetched (as Lightning does), restore in a fresh loader: the
+    next batches are the uninterrupted loader's; the state survives torch.save / weights_only load. With 2
+    DataLoader workers the state comes from the workers (Energon's worker checkpoints)."""
+    model, cfg = _model(stage1[0], **{"data.num_workers": workers})
     dl = model._train_dl
     it = iter(dl)
     ref = []
@@ -209,7 +211,7 @@ def test_loader_state_roundtrip_continues_exactly(stage1):
     torch.save({"energon": [dl.energon_state()]}, buf)
     buf.seek(0)
     saved = torch.load(buf, weights_only=True)["energon"]
-    fresh, _ = _model(stage1[0])
+    fresh, _ = _model(stage1[0], **{"data.num_workers": workers})
     from nemo_neva.checkpointing_data import restore_data_position
 
     restore_data_position(fresh._train_dl, {"consumed_samples": 16, "global_batch_size": 8, "energon": saved}, 8)
