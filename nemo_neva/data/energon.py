@@ -33,28 +33,20 @@ exactly the batches an uninterrupted run would have trained.
 """
 from __future__ import annotations
 
-import dataclasses
-import importlib
-import json
 import logging
 import os
 from collections import Counter, deque
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 import torch
 
-from nemo_neva.data.collate import NevaCollator
-from nemo_neva.data.constants import IMAGE_TOKEN
-from nemo_neva.data.dataset import _ERRORS, NevaDataset, SampleError
-from nemo_neva.data.image_io import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, _decode, preprocess
-from nemo_neva.data.packing import PackedCollator, first_fit_decreasing
+from nemo_neva.data.energon_encoding import _SampleEncoder, _require_energon, make_task_encoder, sample_to_record
+from nemo_neva.data.energon_state import from_plain, to_plain
 
 log = logging.getLogger(__name__)
 
 META_DIR = ".nv-meta"
 STATE_FORMAT = "nemo_neva.energon_state/1"
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "gif", "bmp")
-_TEXT_EXTS = ("txt", "text", "transcript")
 
 
 # ---------------------------------------------------------------------------------------- locating
@@ -78,291 +70,6 @@ def is_energon_path(path) -> bool:
     return False
 
 
-def _require_energon():
-    try:
-        import megatron.energon as energon
-    except ImportError as e:  # pragma: no cover - the dev venv installs it (Makefile)
-        raise ImportError("model.data.data_path names a Megatron-Energon dataset, but megatron-energon is not "
-                          "installed: pip install megatron-energon==7.4.1") from e
-    return energon
-
-
-# ---------------------------------------------------------------------------------------- decoding
-def _energon_decoder_base():
-    from megatron.energon.flavors.webdataset.sample_decoder import SampleDecoder
-
-    return SampleDecoder
-
-
-class _DecoderMixin:
-    """Decodes a webdataset sample's text and JSON parts and leaves every other part (images) as bytes.
-    Nothing is unpickled (webdataset's default handlers would unpickle `.pyd` / `.pickle` parts)."""
-
-    def _init(self):
-        self._config = {"nemo_neva_decoder": 1}
-
-    @staticmethod
-    def _one(ext: str, raw):
-        if not isinstance(raw, (bytes, bytearray)):
-            return raw
-        last = ext.rsplit(".", 1)[-1].lower()
-        if last == "json":
-            return json.loads(bytes(raw).decode("utf-8"))
-        if last in _TEXT_EXTS:
-            return bytes(raw).decode("utf-8")
-        if last in ("cls", "cls2", "index", "inx", "id"):
-            return int(bytes(raw).decode("utf-8").strip())
-        return bytes(raw)
-
-    def __call__(self, sample: dict) -> dict:
-        return {k: (v if k.startswith("__") else self._one(k, v)) for k, v in sample.items()}
-
-    def decode(self, fname: str, raw: bytes):
-        return self._one(fname.rsplit(".", 1)[-1] if "." in fname else "", raw)
-
-    def config(self) -> dict:
-        return self._config
-
-
-def make_decoder():
-    base = _energon_decoder_base()
-
-    class NevaSampleDecoder(_DecoderMixin, base):  # an Energon SampleDecoder for its isinstance checks
-        def __init__(self):
-            self._init()
-
-    return NevaSampleDecoder()
-
-
-# ---------------------------------------------------------------------------------------- samples -> records
-def _text(value) -> str:
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value).decode("utf-8")
-    if not isinstance(value, str):
-        raise SampleError("bad_record", f"expected text, got {type(value).__name__}")
-    return value
-
-
-def _best_answer(answers, weights) -> str:
-    if weights is not None and len(weights) == len(answers):
-        w = [float(x) for x in (weights.tolist() if hasattr(weights, "tolist") else weights)]
-        return _text(answers[max(range(len(answers)), key=lambda i: (w[i], -i))])
-    return _text(answers[0])
-
-
-def sample_to_record(sample) -> tuple[dict, Any]:
-    """(LLaVA record, image or None) for an Energon sample. The record's `image` is a name for messages
-    only; the image itself (bytes, PIL image or CHW tensor) is returned beside it."""
-    key = str(getattr(sample, "__key__", "") or "")
-    image = getattr(sample, "image", None)
-    if isinstance(image, (list, tuple)):
-        if len(image) > 1:
-            raise SampleError("multiple_images", f"{len(image)} images; at most one is supported")
-        image = image[0] if image else None
-    conversations = getattr(sample, "conversations", None)
-    if isinstance(sample, Mapping):  # a plain dict sample (e.g. from a cooker)
-        conversations, image = sample.get("conversations"), sample.get("image", image)
-        key = str(sample.get("__key__", key))
-    if conversations is not None:
-        turns = conversations
-    elif hasattr(sample, "caption"):  # CaptioningSample
-        turns = [{"from": "human", "value": IMAGE_TOKEN}, {"from": "gpt", "value": _text(sample.caption)}]
-    elif hasattr(sample, "context"):  # VQASample
-        context, answers = sample.context, sample.answers
-        if answers is None or (isinstance(answers, (list, tuple)) and not answers):
-            raise SampleError("no_trainable_tokens", "VQA sample without an answer")
-        if isinstance(context, (list, tuple)):  # multi-turn: context[i] is answered by answers[i]
-            if not isinstance(answers, (list, tuple)) or len(answers) != len(context):
-                raise SampleError("bad_record", f"{len(context)} questions but "
-                                  f"{len(answers) if isinstance(answers, (list, tuple)) else 1} answers")
-            pairs = [(_text(q), _text(a)) for q, a in zip(context, answers)]
-        else:
-            answer = _best_answer(answers, getattr(sample, "answer_weights", None)) \
-                if isinstance(answers, (list, tuple)) else _text(answers)
-            pairs = [(_text(context), answer)]
-        turns = []
-        for q, a in pairs:
-            turns += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
-    else:
-        raise SampleError("unsupported_sample", f"{type(sample).__name__} has no caption, context or conversations")
-    rec = {"id": key, "conversations": list(turns)}
-    system = getattr(sample, "system", None)
-    if isinstance(system, str):
-        rec["system"] = system
-    if image is not None:
-        rec["image"] = key or "image"
-    return rec, image
-
-
-def _to_pil(image, name: str, max_bytes: int, max_pixels: int):
-    from PIL import Image
-
-    if isinstance(image, (bytes, bytearray)):
-        if len(image) > max_bytes:
-            raise ImageError("too_large", f"{name!r}: {len(image)} bytes > {max_bytes}")
-        return _decode(bytes(image), name, max_pixels, header_only=False)
-    if isinstance(image, Image.Image):
-        if image.width * image.height > max_pixels:
-            raise ImageError("too_many_pixels", f"{name!r}: {image.width}x{image.height} > {max_pixels} pixels")
-        return image.convert("RGB")
-    if isinstance(image, torch.Tensor):  # Energon's default decoder: CHW float in [0, 1] (or uint8)
-        t = image.detach().cpu()
-        if t.ndim != 3 or t.shape[0] not in (1, 3, 4):
-            raise ImageError("decode_failed", f"{name!r}: image tensor of shape {tuple(t.shape)}")
-        if t.shape[1] * t.shape[2] > max_pixels:
-            raise ImageError("too_many_pixels", f"{name!r}: {t.shape[2]}x{t.shape[1]} > {max_pixels} pixels")
-        if t.is_floating_point():
-            t = (t.clamp(0, 1) * 255).round()
-        arr = t.to(torch.uint8).permute(1, 2, 0).numpy()
-        return Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr[:, :, :3]).convert("RGB")
-    raise ImageError("decode_failed", f"{name!r}: unsupported image value {type(image).__name__}")
-
-
-class _SampleEncoder(NevaDataset):
-    """NevaDataset's encoding and skip bookkeeping (templates, tokeniser, placeholders, limits), without
-    an annotation file: the records come from Energon samples."""
-
-    def __init__(self, tokenizer, image_processor, template, image_aspect_ratio, seq_length, num_image_tokens,
-                 strict, max_image_bytes=DEFAULT_MAX_BYTES, max_image_pixels=DEFAULT_MAX_PIXELS,
-                 steerlm_defaults=None, system_prompt=None):
-        self._init_encoding(tokenizer, image_processor, template, image_aspect_ratio, seq_length,
-                            num_image_tokens, strict, steerlm_defaults, system_prompt)
-        self.max_image_bytes, self.max_image_pixels = max_image_bytes, max_image_pixels
-        self.images = None
-        self.truncated = 0
-        self._logged: set = set()
-        self.records, self.lengths, self.total = [], [], 0
-
-    def item(self, sample) -> Optional[dict]:
-        """The nemo_neva item of one Energon sample, or None (counted in skip_counts)."""
-        sid = str(getattr(sample, "__key__", "?"))
-        try:
-            rec, image = sample_to_record(sample)
-            sid = rec["id"] or sid
-            ids, labels, image_name, truncated = self.encode(rec)
-            self.truncated += truncated
-            pixels = None
-            if image_name is not None:
-                pixels = preprocess(_to_pil(image, sid, self.max_image_bytes, self.max_image_pixels),
-                                    self.image_processor, self.image_aspect_ratio)
-        except _ERRORS as e:
-            self._skip(sid, e)
-            return None
-        return {"input_ids": torch.tensor(ids, dtype=torch.long),
-                "labels": torch.tensor(labels, dtype=torch.long), "image": pixels, "id": sid}
-
-
-def make_task_encoder(encoder: _SampleEncoder, pad_id: int, packed_seq_length: Optional[int] = None):
-    """Energon TaskEncoder: sample -> nemo_neva item (SkipSample for a bad one) -> [packed rows] -> batch."""
-    energon = _require_energon()
-    from megatron.energon.task_encoder.base import stateless
-
-    class NevaTaskEncoder(energon.DefaultTaskEncoder):
-        def __init__(self):
-            super().__init__()
-            self.decoder = make_decoder()
-            self.encoder, self.pad_id, self.packed_seq_length = encoder, int(pad_id), packed_seq_length
-            if packed_seq_length:
-                self.collate = PackedCollator(self.pad_id, seq_length=packed_seq_length,
-                                              skip_source=encoder.take_new_skips)
-            else:
-                self.collate = NevaCollator(self.pad_id, skip_source=encoder.take_new_skips)
-
-        @stateless
-        def encode_sample(self, sample):
-            item = self.encoder.item(sample)
-            if item is None:
-                raise energon.SkipSample()
-            if self.packed_seq_length and len(item["input_ids"]) - 1 > self.packed_seq_length:
-                raise energon.SkipSample()  # cannot happen: encode truncates to seq_length
-            return item
-
-        def select_samples_to_pack(self, samples):
-            bins = first_fit_decreasing([max(len(s["input_ids"]) - 1, 0) for s in samples], self.packed_seq_length)
-            return [[samples[i] for i in b] for b in bins]
-
-        @stateless
-        def pack_selected_samples(self, samples):
-            return list(samples)  # one packed row = its samples; PackedCollator lays them out
-
-        def batch(self, samples):
-            return self.collate(samples)
-
-        def encode_batch(self, batch):
-            return batch
-
-    return NevaTaskEncoder()  # the packing hooks act only with a packing buffer (packed_sequence)
-
-
-# ---------------------------------------------------------------------------------------- state as plain data
-def to_plain(obj):
-    """Energon's loader state -> dicts, lists, str, bytes, numbers and tensors only (weights_only-loadable)."""
-    import numpy as np
-
-    from megatron.energon.state import FlexState
-
-    if obj is None or isinstance(obj, (bool, int, float, str, bytes, torch.Tensor)):
-        return obj
-    if isinstance(obj, FlexState):
-        return {"__flex__": {str(k): to_plain(v) for k, v in obj.items()}}
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        cls = type(obj)
-        return {"__energon__": f"{cls.__module__}:{cls.__qualname__}",
-                "fields": {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}}
-    if isinstance(obj, dict):
-        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
-            return {k: to_plain(v) for k, v in obj.items()}
-        return {"__dict__": [[to_plain(k), to_plain(v)] for k, v in obj.items()]}
-    if isinstance(obj, tuple):
-        return {"__tuple__": [to_plain(v) for v in obj]}
-    if isinstance(obj, list):
-        return [to_plain(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return {"__ndarray__": torch.from_numpy(np.ascontiguousarray(obj)).clone()}
-    if isinstance(obj, np.generic):
-        return {"__npscalar__": obj.item(), "dtype": str(obj.dtype)}
-    raise TypeError(f"cannot store a {type(obj).__module__}.{type(obj).__qualname__} in a data position")
-
-
-def from_plain(obj):
-    """Inverse of to_plain; rebuilds only dataclasses defined in megatron.energon."""
-    import numpy as np
-
-    from megatron.energon.state import FlexState
-
-    if isinstance(obj, list):
-        return [from_plain(v) for v in obj]
-    if not isinstance(obj, dict):
-        return obj
-    if "__flex__" in obj:
-        return FlexState({k: from_plain(v) for k, v in obj["__flex__"].items()})
-    if "__tuple__" in obj:
-        return tuple(from_plain(v) for v in obj["__tuple__"])
-    if "__dict__" in obj:
-        return {from_plain(k): from_plain(v) for k, v in obj["__dict__"]}
-    if "__ndarray__" in obj:
-        return obj["__ndarray__"].numpy().copy()
-    if "__npscalar__" in obj:
-        return np.dtype(obj["dtype"]).type(obj["__npscalar__"])
-    if "__energon__" in obj:
-        module, _, qualname = str(obj["__energon__"]).partition(":")
-        if module != "megatron.energon" and not module.startswith("megatron.energon."):
-            raise ValueError(f"data position names {obj['__energon__']!r}, not an Energon state class")
-        cls = importlib.import_module(module)
-        for part in qualname.split("."):
-            cls = getattr(cls, part)
-        if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
-            raise ValueError(f"data position names {obj['__energon__']!r}, which is not an Energon state class")
-        fields = {k: from_plain(v) for k, v in obj["fields"].items()}
-        init = {f.name for f in dataclasses.fields(cls) if f.init}
-        inst = cls(**{k: v for k, v in fields.items() if k in init})
-        for k, v in fields.items():
-            if k not in init:
-                object.__setattr__(inst, k, v)
-        return inst
-    return {k: from_plain(v) for k, v in obj.items()}
-
-
 # ---------------------------------------------------------------------------------------- loaders
 class EnergonLoader:
     """Iterable over one DP rank's Energon batches, keeping the savable state of the *trained* batches.
@@ -370,20 +77,32 @@ class EnergonLoader:
     `mark_trained()` (called by the model after each optimizer step) advances the trained count;
     `energon_state()` -> this rank's state after the trained batches; `load_energon_state(state)` before
     iterating continues from there. `len()` is Energon's batches per rank and epoch (the stream itself repeats).
+
+    Without workers the state is taken before each fetch (`save_state_rank`, ~2 ms). With workers that would be a
+    round trip to every worker per batch (~50 ms measured), so after each fetch only the loader's per-worker
+    sample counters are noted, and the state is asked from the workers for those counters when a checkpoint is
+    written: what `save_state_rank` does, at an earlier position (the workers keep checkpoints to rebuild it).
     """
 
     def __init__(self, loader, source: "EnergonSource", savable: bool = True):
         self.loader, self.source, self.savable = loader, source, savable
         self.dataset = source
-        self._snapshots: deque = deque()  # (batches yielded before it, state)
+        self._workers = getattr(loader, "num_workers", 0) > 0
+        self._snapshots: deque = deque()  # (batches yielded, "state", state) or (.., "counters", (counters, next))
         self._yielded = self._trained = 0
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def _snapshot(self) -> None:
-        if self.savable and (not self._snapshots or self._snapshots[-1][0] != self._yielded):
-            self._snapshots.append((self._yielded, self.loader.save_state_rank()))
+        """Note the position after the batches yielded so far (once per position)."""
+        if not self.savable or (self._snapshots and self._snapshots[-1][0] == self._yielded):
+            return
+        if self._workers and getattr(self.loader, "_has_workers", False):
+            counters = (list(self.loader._worker_sample_counters), int(self.loader._next_worker_id))
+            self._snapshots.append((self._yielded, "counters", counters))
+        else:  # no workers, or workers not started yet (Energon answers from its initial / restored state)
+            self._snapshots.append((self._yielded, "state", self.loader.save_state_rank()))
 
     def __iter__(self):
         for batch in _snapshotting(self):
@@ -393,17 +112,22 @@ class EnergonLoader:
         self._trained += 1
         while len(self._snapshots) > 1 and self._snapshots[1][0] <= self._trained:
             self._snapshots.popleft()
-        if self._yielded == self._trained:  # nothing prefetched: the loader's state is the trained one
+        if self._yielded == self._trained:  # nothing prefetched: the loader's position is the trained one
             self._snapshot()
 
     def _trained_snapshot(self):
-        for n, state in self._snapshots:
-            if n == self._trained:
-                return state
-        if self._yielded == self._trained:
-            return self.loader.save_state_rank()
+        for n, kind, value in self._snapshots:
+            if n != self._trained:
+                continue
+            if kind == "state":
+                return value
+            from megatron.energon.savable_loader import SavableDataLoaderState
+
+            counters, next_worker = value
+            return SavableDataLoaderState(worker_states=self.loader._worker_command("get_checkpoint", counters),
+                                          next_worker_id=next_worker, micro_batch_size=self.loader._get_batch_size())
         raise RuntimeError(f"no Energon state for {self._trained} trained batches "
-                           f"(have {[n for n, _ in self._snapshots]})")
+                           f"(have {[n for n, _, _ in self._snapshots]})")
 
     def energon_state(self) -> dict:
         """This rank's position, in plain types (see module docstring)."""
@@ -420,7 +144,7 @@ class EnergonLoader:
         restored = from_plain(state["state"])
         self.loader.restore_state_rank(restored)
         self._yielded = self._trained = int(state.get("trained_batches", 0))
-        self._snapshots = deque([(self._trained, restored)])
+        self._snapshots = deque([(self._trained, "state", restored)])
 
     def trained_batches(self) -> int:
         return self._trained
@@ -432,12 +156,15 @@ def _snapshotting(wrapper: EnergonLoader):
     wrapper._snapshot()
     it = iter(wrapper.loader)
     while True:
-        wrapper._snapshot()  # the state after the batches yielded so far (a no-op if already taken)
+        if not wrapper._workers:
+            wrapper._snapshot()  # the state after the batches yielded so far
         try:
             batch = next(it)
         except StopIteration:
             return
         wrapper._yielded += 1
+        if wrapper._workers:
+            wrapper._snapshot()  # the workers' counters after this batch
         yield batch
 
 
@@ -495,7 +222,9 @@ class EnergonSource:
                                    shuffle_buffer_size=self.shuffle_buffer if self.shuffle_buffer > 1 else None,
                                    max_samples_per_sequence=self.max_samples_per_sequence,
                                    task_encoder=task_encoder)
-            return EnergonLoader(get_savable_loader(ds), self, savable=True)
+            # checkpoints kept by each worker: enough for the loader's prefetch plus the batch Lightning holds
+            keep = 2 * max(self.num_workers, 1) + 3
+            return EnergonLoader(get_savable_loader(ds, n_checkpoints=keep), self, savable=True)
         ds = get_val_dataset(self.path, split_part=self.split_part, worker_config=wc, batch_size=batch_size,
                              packing_buffer_size=packing, task_encoder=task_encoder)
         return EnergonLoader(get_loader(ds), self, savable=False)
