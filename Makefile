@@ -19,6 +19,12 @@ $(VENV)/.installed: setup.py | $(BIN)/python
 		docker==7.2.0 tabulate==0.10.0 fastapi==0.165.0 loguru==0.7.3 uvicorn==0.54.0 \
 		prometheus-fastapi-instrumentator==8.1.0 ledoc-ui==0.1.0 importlib-metadata==10.2.0 contextlib2==21.6.0 \
 		exceptiongroup==1.3.1
+	# Megatron-Energon datasets (nemo_neva/data/energon.py). --no-deps: its s3fs / multi-storage-client pins would
+	# move fsspec past lightning's cap and downgrade wrapt / python-dateutil; energon imports none of s3fs, mfusepy.
+	$(BIN)/pip install -q --no-deps megatron-energon==7.4.1 multi-storage-client==1.3.1 rapidyaml==0.15.2 \
+		filetype==1.2.0 jmespath==1.1.0 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 \
+		rpds-py==2026.9.1 lark==1.3.1 wcmatch==10.2.1 bracex==3.2.3 prettytable==3.19.0 xattr==1.3.1 \
+		pyroute2==0.9.7 deprecation==2.1.0
 	touch $@
 
 install: $(VENV)/.installed

@@ -28,5 +28,8 @@ setup(
         # leptonai / torchx pin old httpx / anyio / urllib3: the dev venv installs nemo_run, torchx and
         # leptonai==0.27.3 with --no-deps plus their light dependencies (see README, "Launching with NeMo-Run").
         "launch": ["nemo_run==0.11.1", "leptonai==0.27.3"],
+        # Megatron-Energon datasets (model.data.data_path=<energon dataset>). The dev venv installs it with
+        # --no-deps plus its light dependencies (Makefile): its s3fs pin would move fsspec past lightning's cap.
+        "energon": ["megatron-energon>=7.4.1,<7.5"],
     },
 )

@@ -11,6 +11,11 @@
    text-only conversations); "removed" counts pad *tokens* (1 - pad after / pad before), at seq 2048 and
    4096, for global FFD (what PackedNevaDataset does) and FFD within windows of consecutive samples
    (what packed shards do, model.data.pack_window). The mix is an assumption, not measured on the real file.
+4. Streamed readers side by side on the same tar shards (the demo set converted once by
+   scripts/convert_llava_to_energon.py, which leaves both our index.json and Energon's .nv-meta/): our
+   ShardedNevaDataset + ShardedLoader vs Energon's loader + our task encoder (nemo_neva/data/energon.py), same
+   encoding (vicuna_v1, 336 px, 576 image tokens), 0 and 2 workers, plus the cost of the per-batch savable-state
+   snapshot that exact resume needs; and supply vs demand with the tiny config's training loader on Energon data.
 """
 import argparse
 import math
@@ -45,7 +50,7 @@ def throughput(workers: int, batch_size: int, epochs: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def supply_vs_demand(steps: int, workers: int = 2) -> dict:
+def supply_vs_demand(steps: int, workers: int = 2, data_path: str | None = None) -> dict:
     """Samples/s the tiny config's training loader delivers with `workers` workers vs samples/s one
     training step of that config consumes."""
     import statistics
@@ -58,7 +63,7 @@ def supply_vs_demand(steps: int, workers: int = 2) -> dict:
     cfg = OmegaConf.load(os.path.join(REPO, "conf", "neva_pretrain.yaml")).model
     with open_dict(cfg):
         cfg.tokenizer.path = os.path.join(REPO, "data", "tokenizer")
-        cfg.data.data_path = os.path.join(REPO, "data", "shapes_demo", "stage1_captions.json")
+        cfg.data.data_path = data_path or os.path.join(REPO, "data", "shapes_demo", "stage1_captions.json")
         cfg.data.image_folder = os.path.join(REPO, "data", "shapes_demo", "images")
         cfg.data.num_workers = workers
     model = MegatronNevaModel(cfg)
@@ -69,7 +74,7 @@ def supply_vs_demand(steps: int, workers: int = 2) -> dict:
     next(it)
     startup = time.perf_counter() - t0
     n, t1 = 0, time.perf_counter()
-    for batch in it:
+    for _, batch in zip(range(len(dl) - 1), it):  # one epoch (Energon's stream repeats: stop at its length)
         n += batch["tokens"].shape[0]
     supply = n / (time.perf_counter() - t1)
     opt = model.configure_optimizers()
@@ -84,6 +89,66 @@ def supply_vs_demand(steps: int, workers: int = 2) -> dict:
     demand = cfg.global_batch_size / step
     return {"supply": supply, "startup": startup, "step": step, "demand": demand, "ratio": supply / demand,
             "batch": cfg.global_batch_size, "samples": n, "torch_threads": torch.get_num_threads()}
+
+
+def _encoder_args():
+    from transformers import CLIPImageProcessor
+
+    from nemo_neva.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(os.path.join(REPO, "data", "tokenizer"))
+    proc = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    return tok, proc
+
+
+def streamed_readers(folder: str, batch_size: int, batches: int, workers: int) -> dict:
+    """samples/s over `batches` batches of our tar-shard reader and of Energon's, on the same shards."""
+    from nemo_neva.data.collate import NevaCollator
+    from nemo_neva.data.energon import build_source
+    from nemo_neva.data.shards import ShardedLoader, ShardedNevaDataset
+
+    tok, proc = _encoder_args()
+    enc = dict(template="vicuna_v1", image_aspect_ratio="pad", seq_length=2048, num_image_tokens=576)
+    ours = ShardedNevaDataset(os.path.join(folder, "index.json"), tok, proc, shuffle_buffer=100, **enc)
+    dl = ShardedLoader(ours, batch_size=batch_size, num_workers=workers, drop_last=True,
+                       collate_fn=NevaCollator(tok.pad_token_id, skip_source=ours.take_new_skips))
+    cfg = {"conv_template": "vicuna_v1", "image_aspect_ratio": "pad", "num_workers": workers, "shuffle_buffer": 100}
+    src = build_source(cfg, folder, tokenizer=tok, image_processor=proc, seq_length=2048, num_image_tokens=576,
+                       seed=1234, dp_rank=0, dp_size=1)
+    out = {}
+    for name, make in (("ours", lambda: dl), ("energon", lambda: src.loader(batch_size, training=True))):
+        loader = make()
+        it, n = iter(loader), 0
+        t0 = time.perf_counter()
+        next(it)  # worker start-up / first batch, not counted
+        out[name + "_first"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        for _ in range(batches):
+            try:
+                n += next(it)["tokens"].shape[0]
+            except StopIteration:  # our reader ends with the epoch: start the next one
+                it = iter(loader)
+                n += next(it)["tokens"].shape[0]
+        out[name] = n / (time.perf_counter() - t1)
+        if name == "energon":  # the snapshot EnergonLoader takes before every fetch (exact resume)
+            t2, k = time.perf_counter(), 20
+            for _ in range(k):
+                loader.loader.save_state_rank()
+            out["snapshot_ms"] = (time.perf_counter() - t2) / k * 1000
+        del it
+    return out
+
+
+def energon_demo_folder(root: str) -> str:
+    """The demo instruct set (312 samples) as one folder both readers read (built once)."""
+    folder = os.path.join(root, "energon_demo")
+    if not os.path.isdir(os.path.join(folder, ".nv-meta")):
+        from scripts.convert_llava_to_energon import convert
+
+        demo = os.path.join(REPO, "data", "shapes_demo")
+        convert(os.path.join(demo, "stage2_instruct.json"), os.path.join(demo, "images"), folder,
+                samples_per_shard=32, workers=1)
+    return folder
 
 
 def length_mix(n: int, seed: int = 0) -> list[int]:
@@ -119,7 +184,13 @@ def main():
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--steps", type=int, default=6, help="timed training steps for the supply/demand ratio")
     p.add_argument("--num-lengths", type=int, default=665_000)
+    p.add_argument("--stream-batches", type=int, default=30, help="timed batches per streamed reader")
+    p.add_argument("--workdir", default=os.path.join(REPO, "runs", "bench_data"),
+                   help="where the demo set's shards / Energon dataset are written once")
+    p.add_argument("--only-streamed", action="store_true", help="only part 4 (streamed readers, Energon)")
     a = p.parse_args()
+    if a.only_streamed:
+        return streamed_report(a)
     for workers in (0, 2):
         print(f"throughput workers={workers}: {throughput(workers, a.batch_size, a.epochs):.1f} samples/s")
     r = supply_vs_demand(a.steps)
@@ -140,6 +211,20 @@ def main():
                   f"{after / (rows * seq):.1%} pad tokens, {1 - after / (padded - real):.1%} of the pad tokens removed "
                   f"(target >= 90%)")
     print(f"(padding/packing stats took {time.perf_counter() - t:.1f}s)")
+    streamed_report(a)
+
+
+def streamed_report(a):
+    folder = energon_demo_folder(a.workdir)
+    for workers in (0, 2):
+        r = streamed_readers(folder, a.batch_size, a.stream_batches, workers)
+        print(f"streamed shards, workers={workers}, batch {a.batch_size}: ours {r['ours']:.1f} samples/s (first batch "
+              f"{r['ours_first']:.2f}s), Energon {r['energon']:.1f} samples/s (first batch {r['energon_first']:.2f}s); "
+              f"Energon state snapshot {r['snapshot_ms']:.2f} ms/batch")
+    r = supply_vs_demand(a.steps, data_path=folder)
+    print(f"supply vs demand on Energon data (tiny config, batch {r['batch']}): loader with 2 workers "
+          f"{r['supply']:.1f} samples/s (first batch {r['startup']:.2f}s), training step {r['step'] * 1000:.0f} ms = "
+          f"{r['demand']:.1f} samples/s -> ratio {r['ratio']:.1f}x (target >= 5x)")
 
 
 if __name__ == "__main__":

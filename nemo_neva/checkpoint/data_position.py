@@ -10,6 +10,10 @@ Their checkpoints also store the packed stream's own position (`"packed"`: Packe
 the windows finished by the trained batches), and a resume continues at the first unfinished window of that
 epoch -- at-least-once (the windows in flight at the checkpoint are trained again), not bit-identical to an
 uninterrupted run; see nemo_neva/data/packed_shards.py.
+
+Energon datasets (nemo_neva/data/energon.py) keep a savable loader state per data-parallel rank: checkpoints
+also store every DP rank's state as of its trained batches (`"energon"`, a list in DP-rank order), and a
+relaunch restores its rank's entry, so it continues with exactly the batches of an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -59,6 +63,12 @@ NO_PACKED_POSITION = ("this checkpoint has no packed-stream position (it was wri
                       "model.data.packed_sequence=false")
 
 
+NO_ENERGON_POSITION = ("this checkpoint has no Energon data position (it was written by a run on other data, or "
+                       "before Energon datasets were resumable), and its consumed_samples cannot place Energon's "
+                       "stream; resume on the data it was written with, or start over "
+                       "(exp_manager.resume_if_exists=false or a new exp_manager.exp_dir)")
+
+
 def consumed_samples(global_step: int, global_batch_size: int) -> int:
     return int(global_step) * int(global_batch_size)
 
@@ -88,6 +98,10 @@ def data_state(global_step: int, global_batch_size: int, loader=None) -> dict:
     trained_state = getattr(loader, "trained_state", None)  # packed tar shards: their own position
     if callable(trained_state):
         state["packed"] = trained_state()
+    if callable(getattr(loader, "energon_state", None)):  # Energon: every DP rank's savable state (collective)
+        from nemo_neva.data.energon import gather_states
+
+        state["energon"] = gather_states(loader, loader.source.dp_group)
     return state
 
 
@@ -97,6 +111,18 @@ def restore_data_position(loader, state: Optional[dict], global_batch_size: int)
     if not state:
         log.warning("checkpoint has no data position; the loader starts from the beginning")
         return
+    if callable(getattr(loader, "load_energon_state", None)):  # Energon: its own savable state per DP rank
+        from nemo_neva.data.energon import restore_states
+
+        if "energon" not in state:
+            raise ValueError(NO_ENERGON_POSITION)
+        restore_states(loader, state["energon"])
+        log.info("data: resuming the Energon stream after %d trained batches of this rank",
+                 state["energon"][loader.source.dp_rank]["trained_batches"])
+        return
+    if "energon" in state:
+        raise ValueError("this checkpoint was written by a run on an Energon dataset; its data position cannot "
+                         "place this data. Resume on the same Energon dataset, or start over")
     if callable(getattr(loader, "load_trained_state", None)):  # packed tar shards: any global batch size
         if "packed" not in state:
             raise ValueError(NO_PACKED_POSITION)

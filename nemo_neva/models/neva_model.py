@@ -506,10 +506,13 @@ class MegatronNevaModel(ModelPT):
     def build_dataset(self, data_cfg, data_path=None):
         """data_path: a file, shards, a list (concatenated) or a weighted blend [w1, path1, w2, path2, ...]."""
         from nemo_neva.data.blend import BlendedNevaDataset, parse_blend
+        from nemo_neva.data.energon import is_energon_path
         from nemo_neva.data.shards import ShardedNevaDataset
 
         path = data_path if data_path is not None else data_cfg.data_path
         path = OmegaConf.to_object(path) if OmegaConf.is_list(path) else path
+        if isinstance(path, str) and is_energon_path(resolve_path(path)):  # data/energon.py (its own blends)
+            return self._energon_source(data_cfg, resolve_path(path), validation=data_path is not None)
         paths, weights = parse_blend(path)
         if weights is None:  # one file / shard spec, or a list of them concatenated
             return self._build_source(data_cfg, path)
@@ -554,6 +557,17 @@ class MegatronNevaModel(ModelPT):
             strict=data_cfg.get("strict", False),
         )
 
+    def _energon_source(self, data_cfg, path, validation=False):
+        from nemo_neva.data.energon import build_source
+
+        return build_source(data_cfg, path, tokenizer=self.tokenizer, image_processor=self.image_processor,
+                            seq_length=data_cfg.get("seq_length") or self.cfg.encoder_seq_length,
+                            num_image_tokens=self.tokens_per_image, seed=self.cfg.get("seed", 1234),
+                            dp_rank=parallel_state.get_data_parallel_rank(),
+                            dp_size=parallel_state.get_data_parallel_world_size(),
+                            dp_group=parallel_state.get_data_parallel_group(),
+                            split_part=data_cfg.get("energon_val_split", "val") if validation else "train")
+
     def _loader(self, dataset, data_cfg, shuffle):
         """Each data-parallel rank loads global_batch_size / dp rows per step (its micro-batches).
 
@@ -568,6 +582,8 @@ class MegatronNevaModel(ModelPT):
         dp = parallel_state.get_data_parallel_world_size()
         mt.num_microbatches(self.cfg.global_batch_size, self.cfg.micro_batch_size, dp)
         per_rank = self.cfg.global_batch_size // dp
+        if getattr(dataset, "energon_source", False):  # Energon's loader, one per DP rank (data/energon.py)
+            return dataset.loader(per_rank, training=shuffle)
         if isinstance(dataset, ShardedNevaDataset):  # order, dp split and epochs live in the dataset
             dataset.shuffle = dataset.drop_remainder = shuffle
             if not shuffle and dataset.total % dp:  # ranks would run different numbers of steps (and hang)

@@ -1,0 +1,238 @@
+"""Energon samples -> nemo_neva items: the task encoder of nemo_neva/data/energon.py (see its docstring).
+
+Hand-written because the mapping is ours: Energon's typed samples become LLaVA records, which NevaDataset's
+encoding (templates, tokeniser, placeholders, label masks) and image_io's limits turn into the rows every other
+nemo_neva data path produces. Images arrive undecoded (`make_decoder`), so the pixel limit is checked first.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping, Optional
+
+import torch
+
+from nemo_neva.data.collate import NevaCollator
+from nemo_neva.data.constants import IMAGE_TOKEN
+from nemo_neva.data.dataset import _ERRORS, NevaDataset, SampleError
+from nemo_neva.data.image_io import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, _decode, preprocess
+from nemo_neva.data.packing import PackedCollator, first_fit_decreasing
+
+_TEXT_EXTS = ("txt", "text", "transcript")
+
+
+def _require_energon():
+    try:
+        import megatron.energon as energon
+    except ImportError as e:  # pragma: no cover - the dev venv installs it (Makefile)
+        raise ImportError("model.data.data_path names a Megatron-Energon dataset, but megatron-energon is not "
+                          "installed: pip install megatron-energon==7.4.1") from e
+    return energon
+
+
+# ---------------------------------------------------------------------------------------- decoding
+def _energon_decoder_base():
+    from megatron.energon.flavors.webdataset.sample_decoder import SampleDecoder
+
+    return SampleDecoder
+
+
+class _DecoderMixin:
+    """Decodes a webdataset sample's text and JSON parts and leaves every other part (images) as bytes.
+    Nothing is unpickled (webdataset's default handlers would unpickle `.pyd` / `.pickle` parts)."""
+
+    def _init(self):
+        self._config = {"nemo_neva_decoder": 1}
+
+    @staticmethod
+    def _one(ext: str, raw):
+        if not isinstance(raw, (bytes, bytearray)):
+            return raw
+        last = ext.rsplit(".", 1)[-1].lower()
+        if last == "json":
+            return json.loads(bytes(raw).decode("utf-8"))
+        if last in _TEXT_EXTS:
+            return bytes(raw).decode("utf-8")
+        if last in ("cls", "cls2", "index", "inx", "id"):
+            return int(bytes(raw).decode("utf-8").strip())
+        return bytes(raw)
+
+    def __call__(self, sample: dict) -> dict:
+        return {k: (v if k.startswith("__") else self._one(k, v)) for k, v in sample.items()}
+
+    def decode(self, fname: str, raw: bytes):
+        return self._one(fname.rsplit(".", 1)[-1] if "." in fname else "", raw)
+
+    def config(self) -> dict:
+        return self._config
+
+
+def make_decoder():
+    base = _energon_decoder_base()
+
+    class NevaSampleDecoder(_DecoderMixin, base):  # an Energon SampleDecoder for its isinstance checks
+        def __init__(self):
+            self._init()
+
+    return NevaSampleDecoder()
+
+
+# ---------------------------------------------------------------------------------------- samples -> records
+def _text(value) -> str:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8")
+    if not isinstance(value, str):
+        raise SampleError("bad_record", f"expected text, got {type(value).__name__}")
+    return value
+
+
+def _best_answer(answers, weights) -> str:
+    if weights is not None and len(weights) == len(answers):
+        w = [float(x) for x in (weights.tolist() if hasattr(weights, "tolist") else weights)]
+        return _text(answers[max(range(len(answers)), key=lambda i: (w[i], -i))])
+    return _text(answers[0])
+
+
+def sample_to_record(sample) -> tuple[dict, Any]:
+    """(LLaVA record, image or None) for an Energon sample. The record's `image` is a name for messages
+    only; the image itself (bytes, PIL image or CHW tensor) is returned beside it."""
+    key = str(getattr(sample, "__key__", "") or "")
+    image = getattr(sample, "image", None)
+    if isinstance(image, (list, tuple)):
+        if len(image) > 1:
+            raise SampleError("multiple_images", f"{len(image)} images; at most one is supported")
+        image = image[0] if image else None
+    conversations = getattr(sample, "conversations", None)
+    if isinstance(sample, Mapping):  # a plain dict sample (e.g. from a cooker)
+        conversations, image = sample.get("conversations"), sample.get("image", image)
+        key = str(sample.get("__key__", key))
+    if conversations is not None:
+        turns = conversations
+    elif hasattr(sample, "caption"):  # CaptioningSample
+        turns = [{"from": "human", "value": IMAGE_TOKEN}, {"from": "gpt", "value": _text(sample.caption)}]
+    elif hasattr(sample, "context"):  # VQASample
+        context, answers = sample.context, sample.answers
+        if answers is None or (isinstance(answers, (list, tuple)) and not answers):
+            raise SampleError("no_trainable_tokens", "VQA sample without an answer")
+        if isinstance(context, (list, tuple)):  # multi-turn: context[i] is answered by answers[i]
+            if not isinstance(answers, (list, tuple)) or len(answers) != len(context):
+                raise SampleError("bad_record", f"{len(context)} questions but "
+                                  f"{len(answers) if isinstance(answers, (list, tuple)) else 1} answers")
+            pairs = [(_text(q), _text(a)) for q, a in zip(context, answers)]
+        else:
+            answer = _best_answer(answers, getattr(sample, "answer_weights", None)) \
+                if isinstance(answers, (list, tuple)) else _text(answers)
+            pairs = [(_text(context), answer)]
+        turns = []
+        for q, a in pairs:
+            turns += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    else:
+        raise SampleError("unsupported_sample", f"{type(sample).__name__} has no caption, context or conversations")
+    rec = {"id": key, "conversations": list(turns)}
+    system = getattr(sample, "system", None)
+    if isinstance(system, str):
+        rec["system"] = system
+    if image is not None:
+        rec["image"] = key or "image"
+    return rec, image
+
+
+def _to_pil(image, name: str, max_bytes: int, max_pixels: int):
+    from PIL import Image
+
+    if isinstance(image, (bytes, bytearray)):
+        if len(image) > max_bytes:
+            raise ImageError("too_large", f"{name!r}: {len(image)} bytes > {max_bytes}")
+        return _decode(bytes(image), name, max_pixels, header_only=False)
+    if isinstance(image, Image.Image):
+        if image.width * image.height > max_pixels:
+            raise ImageError("too_many_pixels", f"{name!r}: {image.width}x{image.height} > {max_pixels} pixels")
+        return image.convert("RGB")
+    if isinstance(image, torch.Tensor):  # Energon's default decoder: CHW float in [0, 1] (or uint8)
+        t = image.detach().cpu()
+        if t.ndim != 3 or t.shape[0] not in (1, 3, 4):
+            raise ImageError("decode_failed", f"{name!r}: image tensor of shape {tuple(t.shape)}")
+        if t.shape[1] * t.shape[2] > max_pixels:
+            raise ImageError("too_many_pixels", f"{name!r}: {t.shape[2]}x{t.shape[1]} > {max_pixels} pixels")
+        if t.is_floating_point():
+            t = (t.clamp(0, 1) * 255).round()
+        arr = t.to(torch.uint8).permute(1, 2, 0).numpy()
+        return Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr[:, :, :3]).convert("RGB")
+    raise ImageError("decode_failed", f"{name!r}: unsupported image value {type(image).__name__}")
+
+
+class _SampleEncoder(NevaDataset):
+    """NevaDataset's encoding and skip bookkeeping (templates, tokeniser, placeholders, limits), without
+    an annotation file: the records come from Energon samples."""
+
+    def __init__(self, tokenizer, image_processor, template, image_aspect_ratio, seq_length, num_image_tokens,
+                 strict, max_image_bytes=DEFAULT_MAX_BYTES, max_image_pixels=DEFAULT_MAX_PIXELS,
+                 steerlm_defaults=None, system_prompt=None):
+        self._init_encoding(tokenizer, image_processor, template, image_aspect_ratio, seq_length,
+                            num_image_tokens, strict, steerlm_defaults, system_prompt)
+        self.max_image_bytes, self.max_image_pixels = max_image_bytes, max_image_pixels
+        self.images = None
+        self.truncated = 0
+        self._logged: set = set()
+        self.records, self.lengths, self.total = [], [], 0
+
+    def item(self, sample) -> Optional[dict]:
+        """The nemo_neva item of one Energon sample, or None (counted in skip_counts)."""
+        sid = str(getattr(sample, "__key__", "?"))
+        try:
+            rec, image = sample_to_record(sample)
+            sid = rec["id"] or sid
+            ids, labels, image_name, truncated = self.encode(rec)
+            self.truncated += truncated
+            pixels = None
+            if image_name is not None:
+                pixels = preprocess(_to_pil(image, sid, self.max_image_bytes, self.max_image_pixels),
+                                    self.image_processor, self.image_aspect_ratio)
+        except _ERRORS as e:
+            self._skip(sid, e)
+            return None
+        return {"input_ids": torch.tensor(ids, dtype=torch.long),
+                "labels": torch.tensor(labels, dtype=torch.long), "image": pixels, "id": sid}
+
+
+def make_task_encoder(encoder: _SampleEncoder, pad_id: int, packed_seq_length: Optional[int] = None):
+    """Energon TaskEncoder: sample -> nemo_neva item (SkipSample for a bad one) -> [packed rows] -> batch."""
+    energon = _require_energon()
+    from megatron.energon.task_encoder.base import stateless
+
+    class NevaTaskEncoder(energon.DefaultTaskEncoder):
+        def __init__(self):
+            super().__init__()
+            self.decoder = make_decoder()
+            self.encoder, self.pad_id, self.packed_seq_length = encoder, int(pad_id), packed_seq_length
+            if packed_seq_length:
+                self.collate = PackedCollator(self.pad_id, seq_length=packed_seq_length,
+                                              skip_source=encoder.take_new_skips)
+            else:
+                self.collate = NevaCollator(self.pad_id, skip_source=encoder.take_new_skips)
+
+        @stateless
+        def encode_sample(self, sample):
+            item = self.encoder.item(sample)
+            if item is None:
+                raise energon.SkipSample()
+            if self.packed_seq_length and len(item["input_ids"]) - 1 > self.packed_seq_length:
+                raise energon.SkipSample()  # cannot happen: encode truncates to seq_length
+            return item
+
+        def select_samples_to_pack(self, samples):
+            bins = first_fit_decreasing([max(len(s["input_ids"]) - 1, 0) for s in samples], self.packed_seq_length)
+            return [[samples[i] for i in b] for b in bins]
+
+        @stateless
+        def pack_selected_samples(self, samples):
+            return list(samples)  # one packed row = its samples; PackedCollator lays them out
+
+        def batch(self, samples):
+            return self.collate(samples)
+
+        def encode_batch(self, batch):
+            return batch
+
+    return NevaTaskEncoder()  # the packing hooks act only with a packing buffer (packed_sequence)
+
+

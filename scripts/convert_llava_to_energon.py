@@ -1,0 +1,141 @@
+"""Convert LLaVA JSON/JSONL + an image folder (or uncompressed .tar) into a Megatron-Energon dataset.
+
+    python scripts/convert_llava_to_energon.py --data-path llava.json --image-folder IMAGES \
+        --output-dir ENERGON --samples-per-shard 1000 [--sample-type auto|captioning|vqa] [--split-ratio 1,0,0]
+
+1. Writes webdataset shards, ENERGON/shard-000000.tar ... (per sample `<key>.json` = the LLaVA record,
+   `<key>.<ext>` = its image bytes), checked as scripts/convert_llava_to_shards.py checks them (records, image
+   paths, byte and pixel limits, decoding); every sample left out is listed in ENERGON/rejected.jsonl.
+2. Writes ENERGON/.nv-meta/sample_loader.py, which turns a shard sample into Energon's CaptioningSample
+   (image, caption: stage 1) or VQASample (image, context = the user turns, answers = the replies: stage 2,
+   multi-turn as NeMo 2 reads it). `auto` picks captioning when every record is one exchange with an image.
+3. Runs Energon's own `energon prepare` on the folder, non-interactively (split, tar index, dataset.yaml),
+   so the result is a real Energon dataset: `energon info ENERGON` / `energon preview ENERGON` read it, and
+   NeMo 2 / Megatron-LM task encoders can train on it too.
+
+Train on it with `model.data.data_path=ENERGON` (or a metadataset YAML that blends several).
+Energon splits by shards: a val/test share needs enough shards to give it one.
+"""
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SAMPLE_LOADER = '''# Written by nemo_neva's scripts/convert_llava_to_energon.py: a LLaVA record (<key>.json) and its image
+# bytes (<key>.<ext>) -> megatron.energon.{sample_type}. Works with decoded (dict) or raw (bytes) JSON parts.
+import json
+
+IMAGE_PARTS = ("png", "jpg", "jpeg", "webp", "gif", "bmp")
+
+
+def _record(raw):
+    rec = raw["json"]
+    if isinstance(rec, (bytes, bytearray)):
+        rec = json.loads(bytes(rec).decode("utf-8"))
+    return rec
+
+
+def _image(raw):
+    for ext in IMAGE_PARTS:
+        if raw.get(ext) is not None:
+            return raw[ext]
+    return None
+
+
+def sample_loader(raw: dict) -> dict:
+    rec = _record(raw)
+    turns = [t.get("value", "") if isinstance(t, dict) else "" for t in rec.get("conversations") or []]
+    key = str(rec.get("id", raw["__key__"]))
+{body}
+
+
+def part_filter(part: str) -> bool:
+    return part == "json" or part in IMAGE_PARTS
+'''
+
+BODIES = {
+    "CaptioningSample": '    return dict(__key__=key, image=_image(raw), caption=turns[1] if len(turns) > 1 else "")',
+    "VQASample": "    return dict(__key__=key, image=_image(raw), context=turns[0::2], answers=turns[1::2])",
+}
+
+
+def pick_sample_type(data_path) -> str:
+    """CaptioningSample when every record is a single exchange about an image, else VQASample."""
+    from nemo_neva.data.records import iter_records
+
+    for _, rec, error in iter_records(data_path):
+        if error is not None or not isinstance(rec, dict):
+            continue
+        if not rec.get("image") or len(rec.get("conversations") or []) != 2:
+            return "VQASample"
+    return "CaptioningSample"
+
+
+def prepare(output_dir: str, sample_type: str, split_ratio: str, workers: int = 4) -> None:
+    """Energon's `energon prepare`, non-interactive, in this process."""
+    from megatron.energon.tools.prepare import command
+
+    command.main([output_dir, "--non-interactive", "--split-ratio", split_ratio, "--sample-type", sample_type,
+                  "--no-progress", "--num-workers", str(workers)], standalone_mode=False)
+
+
+def convert(data_path, image_folder, output_dir, samples_per_shard=1000, sample_type="auto", split_ratio="1,0,0",
+            full_decode=True, max_image_bytes=None, max_image_pixels=None, workers=4) -> dict:
+    from nemo_neva.data.image_io import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+    from nemo_neva.data.shards import convert_to_shards
+
+    types = {"captioning": "CaptioningSample", "vqa": "VQASample"}
+    chosen = pick_sample_type(data_path) if sample_type == "auto" else types[sample_type]
+    if os.path.isdir(os.path.join(output_dir, ".nv-meta")):
+        raise FileExistsError(f"{output_dir} is already an Energon dataset; convert into an empty folder")
+    index = convert_to_shards(data_path, image_folder, output_dir, samples_per_shard=samples_per_shard,
+                              full_decode=full_decode, max_image_bytes=max_image_bytes or DEFAULT_MAX_BYTES,
+                              max_image_pixels=max_image_pixels or DEFAULT_MAX_PIXELS)
+    if index["total"] == 0:
+        raise ValueError(f"no usable samples in {data_path!r}; see {os.path.join(output_dir, 'rejected.jsonl')}")
+    meta = os.path.join(output_dir, ".nv-meta")
+    os.makedirs(meta, exist_ok=True)
+    with open(os.path.join(meta, "sample_loader.py"), "w", encoding="utf-8") as f:
+        f.write(SAMPLE_LOADER.format(sample_type=chosen, body=BODIES[chosen]))
+    prepare(output_dir, chosen, split_ratio, workers)  # keeps our sample_loader.py, writes dataset.yaml
+    index["sample_type"] = chosen
+    return index
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-path", required=True, nargs="+", help="LLaVA JSON or JSONL file(s)")
+    ap.add_argument("--image-folder", default=None, help="image folder or uncompressed .tar")
+    ap.add_argument("--output-dir", required=True, help="empty (or new) folder for the Energon dataset")
+    ap.add_argument("--samples-per-shard", type=int, default=1000)
+    ap.add_argument("--sample-type", choices=("auto", "captioning", "vqa"), default="auto",
+                    help="captioning: CaptioningSample (stage 1); vqa: VQASample, multi-turn (stage 2); "
+                         "auto: captioning if every record is one exchange with an image")
+    ap.add_argument("--split-ratio", default="1,0,0", help="train,val,test shares of the shards (default 1,0,0)")
+    ap.add_argument("--header-only", action="store_true",
+                    help="check image headers only instead of decoding every image (faster)")
+    ap.add_argument("--max-image-bytes", type=int, default=None)
+    ap.add_argument("--max-image-pixels", type=int, default=None)
+    ap.add_argument("--workers", type=int, default=4, help="processes `energon prepare` indexes shards with")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    data = args.data_path if len(args.data_path) > 1 else args.data_path[0]
+    try:
+        index = convert(data, args.image_folder, args.output_dir, args.samples_per_shard, args.sample_type,
+                        args.split_ratio, full_decode=not args.header_only, max_image_bytes=args.max_image_bytes,
+                        max_image_pixels=args.max_image_pixels, workers=args.workers)
+    except (FileExistsError, FileNotFoundError, ValueError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    left_out = sum(index["skipped"].values())
+    reasons = ", ".join(f"{k}={v}" for k, v in index["skipped"].items()) or "none"
+    print(f"wrote an Energon dataset of {index['total']} {index['sample_type']}s in {len(index['shards'])} shards "
+          f"to {args.output_dir}; left out {left_out} of {index['records']} records ({reasons})"
+          + (f"; see {os.path.join(args.output_dir, 'rejected.jsonl')}" if left_out else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
