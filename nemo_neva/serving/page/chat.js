@@ -32,6 +32,7 @@ async function init() {
   ui.model.textContent = `${config.model} (template ${config.template})`;
   ui.maxTokens.max = config.limits.max_tokens;
   ui.maxTokens.placeholder = `auto, ≤ ${config.limits.max_tokens}`;
+  ui.maxTokens.title = `Empty: as many as the server's cap (${config.limits.max_tokens}) and the context allow`;
   if (config.steerlm) buildSliders(config.steerlm);
   resetSettings();
   updateImagePicker();
