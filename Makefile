@@ -10,9 +10,11 @@ $(BIN)/python:
 
 # NeMo-Run (scripts/launch_neva.py) goes in without its own pins, which would pull ray and a leptonai it
 # cannot import; then the few packages it really imports.
+# The chat page's browser tests drive Debian's chromium (never a browser playwright downloads).
 $(VENV)/.installed: setup.py | $(BIN)/python
+	if [ ! -x /usr/bin/chromium ]; then apt-get update -q && apt-get install -y -q chromium; fi
 	$(BIN)/pip install -q "$(TORCH_PIN)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test]" schemathesis==4.32.5 playwright==1.65.2
 	$(BIN)/pip install -q --no-deps nemo_run==0.11.1 torchx==0.7.0 leptonai==0.27.3
 	$(BIN)/pip install -q inquirerpy==0.3.4 catalogue==2.0.10 fabric==3.2.3 fiddle==0.3.1 typer==0.29.2 \
 		rich==15.0.0 jinja2==3.1.6 networkx==3.6.1 toml==0.10.2 pyre-extensions==0.0.32 docstring-parser==0.18.0 \

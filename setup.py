@@ -5,6 +5,7 @@ setup(
     version="0.1.0",
     description="NeVA (LLaVA-style vision-language model) as a NeMo plugin on megatron-core",
     packages=find_packages(include=["nemo_neva", "nemo_neva.*"]),
+    package_data={"nemo_neva.serving": ["page/*.html", "page/*.js", "page/*.css"]},  # the chat page
     python_requires=">=3.10",
     # torch is installed first, pinned to the CPU wheel, by the Makefile; never let this pull a CUDA build.
     install_requires=[
@@ -19,9 +20,15 @@ setup(
         "safetensors",
         "psutil",
         "tensorboard",
+        # examples/neva_serve.py's HTTP layer (the Makefile pins both); serving/http_server.py extends uvicorn's
+        # h11 protocol, so uvicorn moves only with a test run.
+        "fastapi>=0.115,<1",
+        "uvicorn>=0.54,<0.55",
     ],
     extras_require={
-        "test": ["pytest", "onnx", "onnxruntime", "openai==3.54.0"],  # openai: client that drives the server tests
+        # openai: the client that drives the server tests; schemathesis fuzzes its OpenAPI schema;
+        # playwright drives Debian's chromium (/usr/bin/chromium, `make install`) through the chat page.
+        "test": ["pytest", "onnx", "onnxruntime", "openai==3.54.0", "schemathesis>=4.32,<5", "playwright>=1.65,<2"],
         # GPU users: transformer-engine / apex are used when importable, never required.
         "gpu": ["transformer-engine[pytorch]"],
         # scripts/launch_neva.py. nemo_run 0.11.1 imports leptonai's v1 API (gone in leptonai 0.47), and

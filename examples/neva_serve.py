@@ -1,7 +1,7 @@
-"""Serve a .nemo NeVA model over an OpenAI-compatible HTTP API.
+"""Serve a .nemo NeVA model over an OpenAI-compatible HTTP API, with a chat page at `/`.
 
     python examples/neva_serve.py neva_model_file=M.nemo server.port=8000
-    curl http://127.0.0.1:8000/v1/models
+    curl http://127.0.0.1:8000/v1/models      # or open http://127.0.0.1:8000/ in a browser
 """
 import logging
 import os
@@ -28,7 +28,8 @@ def main(cfg) -> None:
     model_id = cfg.served_model_name or os.path.splitext(os.path.basename(cfg.neva_model_file))[0]
     server = build_server(model, template, limits, cfg.server.host, int(cfg.server.port), model_id)
     host, port = server.server_address[:2]
-    print(f"serving {model_id!r} (template {template}) on http://{host}:{port}/v1", flush=True)
+    base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    print(f"serving {model_id!r} (template {template}) on {base}/v1; chat page: {base}/", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -1,17 +1,38 @@
-"""HTTP side: routes, body limits, JSON errors and server-sent events, on the stdlib threading server.
+"""HTTP side: FastAPI routes on uvicorn; body limits, JSON errors, server-sent events and the chat page.
 
-One thread per connection parses and validates (images included) concurrently; generation itself is
-handed to the single `GenerationWorker`. Client mistakes get an OpenAI-style error JSON (400); anything
-else gets a generic 500 while the log keeps the trace.
+Everything runs on one asyncio event loop; parsing and validation (images included) run in a thread pool, so
+requests are still checked concurrently, and generation is handed to the single `GenerationWorker`, whose
+events come back to the loop through `_LoopEvents`. Client mistakes get an OpenAI-style error JSON (400);
+anything else gets a generic 500 while the log keeps the trace.
+
+The chat endpoint talks ASGI directly (`ChatExchange`) where HTTP details matter: it takes its slot before
+reading the body (so more than `max_pending` requests in progress get a 503), checks Content-Length before
+reading, drains a refused body after answering (so the client reads the answer instead of a connection reset),
+drops a connection whose body stalls past `request_timeout_s` without a reply, and stops a stream's generation
+when its client goes away. FastAPI does the routing, the other routes and the OpenAPI document.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
 
+import h11
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from nemo_neva.data.conversation import STEERLM_INFERENCE_DEFAULTS, get_template
+from nemo_neva.serving import api_schema as schema
 from nemo_neva.serving import openai_format as fmt
 from nemo_neva.serving.chat_request import parse_chat_request
 from nemo_neva.serving.errors import RequestError, internal_error
@@ -19,188 +40,426 @@ from nemo_neva.serving.limits import ServerLimits
 from nemo_neva.serving.worker import GenerationWorker
 
 log = logging.getLogger("nemo_neva.serving")
-DRAIN_BYTES = 4 * 1024 * 1024
+DRAIN_BYTES = 4 * 1024 * 1024  # of a refused body, read and dropped after the reply
+DRAIN_TIMEOUT_S = 2.0
+BACKLOG = 2048  # listen queue: a burst of clients waits to be accepted instead of being reset
+GRACEFUL_SHUTDOWN_S = 5
+SERVER_HEADER = "nemo-neva"
+PAGE_FILES = {"chat.js": "text/javascript; charset=utf-8", "chat.css": "text/css; charset=utf-8"}
+# The page loads nothing from anywhere but this server.
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+            "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
 class ServingState:
     def __init__(self, worker: GenerationWorker, template: str, limits: ServerLimits, model_id: str):
         self.worker, self.template, self.limits, self.model_id = worker, template, limits, model_id
         self.created = int(time.time())
-        self.slots = threading.BoundedSemaphore(limits.max_pending)
+        self.pending = 0  # requests in progress; only touched on the event loop
+        self.abort_connection = None  # set by NevaServer: scope -> close that client's connection, no reply
 
 
-class ChatHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive for JSON replies, chunked transfer for streams
-    server_version = "nemo-neva"
-    sys_version = ""
+class _Stalled(Exception):
+    """The client stopped sending its body for request_timeout_s."""
 
-    @property
-    def state(self) -> ServingState:
-        return self.server.state
 
-    def setup(self):
-        self.timeout = self.server.state.limits.request_timeout_s  # slow or idle clients do not pin a thread
-        super().setup()
+class _Gone(Exception):
+    """The client disconnected."""
 
-    def log_message(self, fmt_, *args):
-        log.info("%s %s", self.address_string(), fmt_ % args)
 
-    # ------------------------------------------------------------------------------------------ replies
-    def _send_json(self, status: int, obj: dict, close: bool = False) -> None:
-        data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if close:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        self.wfile.write(data)
+class _LoopEvents:
+    """A job's event queue (`put` from the worker thread, `get` on the event loop)."""
 
-    def _send_error(self, err: RequestError, close: bool = False) -> None:
-        log.info("refused %s %s: %s", self.command, self.path, err.message)
-        self._send_json(err.status, err.body(), close)
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop, self._queue = loop, asyncio.Queue()
 
-    def _event(self, obj) -> None:
-        data = ("data: " + (obj if isinstance(obj, str) else json.dumps(obj)) + "\n\n").encode()
-        self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
-        self.wfile.flush()
-
-    # ------------------------------------------------------------------------------------------ routes
-    def do_GET(self):
-        path = self.path.split("?", 1)[0].rstrip("/")
-        if path == "/health":
-            ok = self.state.worker.alive()
-            self._send_json(200 if ok else 503, {"status": "ok" if ok else "generation worker stopped",
-                                                 "model": self.state.model_id})
-        elif path == "/v1/models":
-            self._send_json(200, {"object": "list", "data": [fmt.model_card(self.state.model_id,
-                                                                             self.state.created)]})
-        elif path == f"/v1/models/{self.state.model_id}":
-            self._send_json(200, fmt.model_card(self.state.model_id, self.state.created))
-        else:
-            self._send_error(RequestError(f"no route GET {path}", status=404, code="not_found"))
-
-    def do_POST(self):
-        self._unread = 0
-        if self.path.split("?", 1)[0].rstrip("/") != "/v1/chat/completions":
-            self._send_error(RequestError(f"no route POST {self.path[:100]}", status=404, code="not_found"),
-                             close=True)
-            return
-        if not self.state.slots.acquire(blocking=False):
-            self._send_error(RequestError("server busy: too many requests in progress, retry later", status=503,
-                                          kind="server_error", code="overloaded"), close=True)
-            return
+    def put(self, item) -> None:
         try:
-            self._chat()
-        except RequestError as e:
-            self._send_error(e, close=e.close)
-            if self._unread:
-                self._discard(min(self._unread, DRAIN_BYTES))
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            self.close_connection = True
-        except Exception:
-            log.exception("request failed")
-            self._send_error(internal_error(), close=True)
-        finally:
-            self.state.slots.release()
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the server's loop is gone (shutdown): nobody is waiting any more
+            pass
 
-    # ------------------------------------------------------------------------------------------ chat
-    def _read_json(self):
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+    async def get(self):
+        return await self._queue.get()
+
+
+def _header(scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+class ChatExchange(Response):
+    """One POST /v1/chat/completions, from its headers to the last byte of its reply."""
+
+    def __init__(self, state: ServingState):
+        super().__init__()
+        self.state = state
+        self.body_read = False  # else a refusal drains it
+        self.started = False    # the reply's headers went out
+
+    async def __call__(self, scope, receive, send) -> None:
+        state = self.state
+        if state.pending >= state.limits.max_pending:
+            await self._refuse(scope, receive, send, RequestError(
+                "server busy: too many requests in progress, retry later", status=503, kind="server_error",
+                code="overloaded", close=True))
+            return
+        state.pending += 1
+        job, gone = None, None
+        try:
+            raw = await self._read_body(scope, receive)
+            req = await run_in_threadpool(self._parse, raw)
+            gone = asyncio.ensure_future(self._disconnect(receive))
+            events = _LoopEvents(asyncio.get_running_loop())
+            job = state.worker.submit(req, events=events)
+            kind, payload = await self._next(events, gone)
+            if kind == "error":
+                raise payload
+            cid = fmt.completion_id()
+            if not req.stream:
+                await self._send_json(send, 200, fmt.completion(cid, state.model_id, payload))
+            else:
+                await self._stream(send, events, gone, cid, kind, payload, req.include_usage)
+        except RequestError as e:
+            await self._refuse(scope, receive, send, e)
+        except _Stalled:
+            log.info("dropped %s: its request body stalled for %ss", scope["client"], state.limits.request_timeout_s)
+            if state.abort_connection is None:
+                raise
+            state.abort_connection(scope)
+            await receive()  # the disconnect: uvicorn then sends nothing
+        except _Gone:
+            pass
+        except Exception:
+            if self.started:
+                raise  # uvicorn logs it and closes the connection
+            log.exception("request failed")
+            await self._refuse(scope, receive, send, RequestError(internal_error().message, status=500,
+                                                                  kind="server_error", close=True))
+        finally:
+            state.pending -= 1
+            if job is not None:
+                job.cancelled.set()  # no-op once done; stops a generation whose client went away
+            if gone is not None:
+                gone.cancel()
+
+    # ------------------------------------------------------------------------------------------ request
+    async def _read_body(self, scope, receive) -> bytes:
+        limits = self.state.limits
+        if "chunked" in (_header(scope, b"transfer-encoding") or "").lower():
             raise RequestError("chunked request bodies are not accepted; send a Content-Length", close=True)
         try:
-            length = int(self.headers.get("Content-Length", ""))
+            length = int(_header(scope, b"content-length") or "")
             if length < 0:
                 raise ValueError
         except ValueError:
             raise RequestError("a valid Content-Length header is required", close=True) from None
-        if length > self.state.limits.max_body_bytes:
-            self._unread = length  # not parsed; see _discard
-            raise RequestError(f"request body of {length} bytes exceeds the limit of "
-                               f"{self.state.limits.max_body_bytes} bytes", code="body_too_large", close=True)
-        raw = self.rfile.read(length)
-        if len(raw) != length:
-            raise ConnectionResetError("client closed the connection mid-body")
+        if length > limits.max_body_bytes:
+            raise RequestError(f"request body of {length} bytes exceeds the limit of {limits.max_body_bytes} bytes",
+                               code="body_too_large", close=True)
+        parts, more = [], True
+        while more:
+            try:
+                message = await asyncio.wait_for(receive(), limits.request_timeout_s)
+            except asyncio.TimeoutError:
+                raise _Stalled from None
+            if message["type"] == "http.disconnect":
+                raise _Gone
+            parts.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        self.body_read = True
+        return b"".join(parts)
+
+    def _parse(self, raw: bytes):
         try:
-            return json.loads(raw)
+            body = json.loads(raw)
         except (ValueError, RecursionError):  # bad UTF-8 / JSON, huge int literals, absurd nesting
             raise RequestError("request body is not valid JSON") from None
+        state = self.state
+        return parse_chat_request(body, state.limits, state.template, state.model_id)
 
-    def _discard(self, n: int) -> None:
-        """After refusing an oversized body: read and drop up to `n` bytes, so that a client still sending
-        it gets to read the reply instead of a connection reset; the connection then closes."""
-        self.connection.settimeout(2.0)
-        try:
-            while n > 0:
-                got = self.rfile.read(min(n, 65536))
-                if not got:
-                    return
-                n -= len(got)
-        except OSError:  # timeout or reset: the reply below may still reach the client
+    @staticmethod
+    async def _disconnect(receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
             pass
 
-    def _chat(self):
-        body = self._read_json()
-        req = parse_chat_request(body, self.state.limits, self.state.template, self.state.model_id)
-        job = self.state.worker.submit(req)
-        kind, payload = job.events.get()
-        if kind == "error":
-            raise payload
-        cid = fmt.completion_id()
-        if not req.stream:
-            assert kind == "done"
-            self._send_json(200, fmt.completion(cid, self.state.model_id, payload))
-            return
-        try:
-            self._stream(job, cid, kind, payload, req.include_usage)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            job.cancelled.set()
-            self.close_connection = True
+    @staticmethod
+    async def _next(events: _LoopEvents, gone: asyncio.Future):
+        get = asyncio.ensure_future(events.get())
+        await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if get.done():
+            return get.result()
+        get.cancel()
+        raise _Gone
 
-    def _stream(self, job, cid, kind, payload, include_usage):
+    # ------------------------------------------------------------------------------------------ replies
+    @staticmethod
+    async def _send_json(send, status: int, obj: dict, close: bool = False, more_body: bool = False) -> None:
+        data = json.dumps(obj).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+        if close:
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": data, "more_body": more_body})
+
+    async def _refuse(self, scope, receive, send, err: RequestError) -> None:
+        log.info("refused %s %s: %s", scope["method"], scope["path"], err.message)
+        if not err.close or self.body_read:
+            await self._send_json(send, err.status, err.body(), close=err.close)
+            return
+        # The body was not read. Answer in full, then read and drop what the client still sends (bounded),
+        # and only then close: closing on unread data would reset the connection under the client's feet.
+        await self._send_json(send, err.status, err.body(), close=True, more_body=True)
+        left = DRAIN_BYTES
+        while left > 0:
+            try:
+                message = await asyncio.wait_for(receive(), DRAIN_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                break
+            if message["type"] == "http.disconnect":
+                break
+            left -= len(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _stream(self, send, events, gone, cid, kind, payload, include_usage) -> None:
         model_id = self.state.model_id
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        self._event(fmt.chunk(cid, model_id, {"role": "assistant", "content": ""}))
+
+        async def event(obj) -> None:
+            if gone.done():
+                raise _Gone
+            data = "data: " + (obj if isinstance(obj, str) else json.dumps(obj)) + "\n\n"
+            await send({"type": "http.response.body", "body": data.encode(), "more_body": True})
+
+        self.started = True
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
+        await event(fmt.chunk(cid, model_id, {"role": "assistant", "content": ""}))
         while True:
             if kind == "delta":
-                self._event(fmt.chunk(cid, model_id, {"content": payload}))
+                await event(fmt.chunk(cid, model_id, {"content": payload}))
             elif kind == "done":
-                self._event(fmt.chunk(cid, model_id, {}, payload.finish_reason))
+                await event(fmt.chunk(cid, model_id, {}, payload.finish_reason))
                 if include_usage:
-                    self._event(fmt.usage_chunk(cid, model_id, payload))
+                    await event(fmt.usage_chunk(cid, model_id, payload))
                 break
             else:  # failed after the headers went out: an error event, as OpenAI sends one
-                self._event(payload.body())
+                await event(payload.body())
                 break
-            kind, payload = job.events.get()
-        self._event("[DONE]")
-        self.wfile.write(b"0\r\n\r\n")
-        self.wfile.flush()
+            kind, payload = await self._next(events, gone)
+        await event("[DONE]")
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-class NevaHTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
+# ---------------------------------------------------------------------------------------------- the app
+def _error_response(err: RequestError, headers=None) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
-    def __init__(self, address, state: ServingState):
-        self.state = state
-        super().__init__(address, ChatHandler)
 
-    def server_close(self):
-        super().server_close()
+def _page_asset(name: str) -> bytes:
+    return resources.files("nemo_neva.serving").joinpath("page", name).read_bytes()
+
+
+def server_config(state: ServingState) -> dict:
+    """GET /config: the model, the sampling defaults a request without parameters gets, the limits, and the
+    SteerLM attributes with their defaults (null unless the template has them)."""
+    probe = parse_chat_request({"model": state.model_id, "messages": [{"role": "user", "content": "x"}]},
+                               state.limits, state.template, state.model_id)
+    limits = state.limits
+    return {
+        "model": state.model_id, "template": state.template,
+        "defaults": {"temperature": probe.temperature, "top_p": probe.top_p, "top_k": probe.top_k,
+                     "max_tokens": probe.max_tokens, "seed": probe.seed},
+        "limits": {k: getattr(limits, k) for k in schema.PageLimits.model_fields},
+        "steerlm": dict(STEERLM_INFERENCE_DEFAULTS) if get_template(state.template).steerlm else None,
+    }
+
+
+def create_app(state: ServingState) -> FastAPI:
+    """The ASGI app: the OpenAI-compatible API, /health, /config, /openapi.json and the chat page at /."""
+    app = FastAPI(title="nemo-neva", version="0.1.0", docs_url=None, redoc_url=None, redirect_slashes=False,
+                  description="OpenAI-compatible chat completions for a NeVA model, and a chat page at /.")
+    page = {name: _page_asset(name) for name in ["index.html", *PAGE_FILES]}
+    config = server_config(state)
+    page_headers = {"Cache-Control": "no-cache", "Content-Security-Policy": PAGE_CSP,
+                    "X-Content-Type-Options": "nosniff"}
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        path = request.url.path[:100]
+        if exc.status_code == 404:
+            err = RequestError(f"no route {request.method} {path}", status=404, code="not_found")
+        elif exc.status_code == 405:
+            err = RequestError(f"method {request.method} is not allowed on {path}", status=405,
+                               code="method_not_allowed")
+        else:
+            err = RequestError(str(exc.detail), status=exc.status_code, code=None)
+        return _error_response(err, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return _error_response(RequestError("invalid request"))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        log.error("request failed", exc_info=exc)
+        return _error_response(internal_error())
+
+    @app.post("/v1/chat/completions", response_model=None, summary="Create a chat completion",
+              responses={200: {"model": schema.ChatCompletion, "description": "the answer; with `stream: true`, "
+                               "`text/event-stream` of `chat.completion.chunk` objects then `data: [DONE]`",
+                               "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                         **schema.ERRORS},
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                  "schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}}})
+    async def chat_completions() -> Response:
+        return ChatExchange(state)
+
+    @app.get("/v1/models", response_model=schema.ModelList, summary="The served model")
+    async def models():
+        return {"object": "list", "data": [fmt.model_card(state.model_id, state.created)]}
+
+    @app.get("/v1/models/{model}", response_model=schema.ModelCard, summary="One model",
+             responses={404: schema.ERRORS[404]})
+    async def model(model: str):
+        if model != state.model_id:
+            return _error_response(RequestError(f"model {model!r} is not served here; this server serves "
+                                                f"{state.model_id!r}", "model", status=404, code="model_not_found"))
+        return fmt.model_card(state.model_id, state.created)
+
+    @app.get("/health", response_model=schema.Health, summary="Liveness of the generation worker",
+             responses={503: {"model": schema.Health, "description": "the generation worker stopped"}})
+    async def health():
+        ok = state.worker.alive()
+        return JSONResponse({"status": "ok" if ok else "generation worker stopped", "model": state.model_id},
+                            status_code=200 if ok else 503)
+
+    @app.get("/config", response_model=schema.ServerConfig, summary="Defaults and limits, for the chat page")
+    async def get_config():
+        return config
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return Response(page["index.html"], media_type="text/html; charset=utf-8", headers=page_headers)
+
+    @app.get("/page/{name}", include_in_schema=False)
+    async def asset(name: str):
+        if name not in PAGE_FILES:
+            raise StarletteHTTPException(404)
+        return Response(page[name], media_type=PAGE_FILES[name], headers=page_headers)
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            doc["components"]["schemas"].update(
+                schema.request_schemas(state.model_id, state.limits, config["steerlm"] is not None))
+            for path in doc["paths"].values():  # no body or parameter here can fail FastAPI's own validation
+                for operation in path.values():
+                    operation["responses"].pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                doc["components"]["schemas"].pop(name, None)
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi
+    return app
+
+
+class _StripTrailingSlash:
+    """`/health/` is `/health` (as the stdlib server had it), instead of a redirect."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and len(scope["path"]) > 1 and scope["path"].endswith("/"):
+            scope = dict(scope, path=scope["path"].rstrip("/") or "/")
+        await self.app(scope, receive, send)
+
+
+# ---------------------------------------------------------------------------------------------- the server
+class _H11WithHeadTimeout(H11Protocol):
+    """uvicorn's h11 protocol, which only times out idle keep-alive connections, plus: a connection that has
+    not sent a complete request head within `head_timeout_s` is closed (slow or idle clients cannot pile up)."""
+
+    head_timeout_s = 60.0
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self._arm_head_timeout()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete):
+            self._arm_head_timeout()  # between requests, or a partial head: the clock runs
+
+    def _arm_head_timeout(self):
+        if self.transport.is_closing():
+            return
+        self._unset_keepalive_if_required()
+        self.timeout_keep_alive_task = self.loop.call_later(self.head_timeout_s, self.timeout_keep_alive_handler)
+
+
+class NevaServer:
+    """uvicorn on a socket bound at construction (so `server_address` is known before serving, port 0
+    included), with the stdlib server's surface: `serve_forever()`, `shutdown()` from another thread,
+    `server_close()` at the end (which also stops the generation worker)."""
+
+    def __init__(self, state: ServingState, sock: socket.socket, backlog: int = BACKLOG):
+        self.state, self.socket = state, sock
+        self.server_address = sock.getsockname()[:2]
+        protocol = type("NevaH11Protocol", (_H11WithHeadTimeout,), {"head_timeout_s": state.limits.request_timeout_s})
+        self.app = _StripTrailingSlash(create_app(state))
+        config = uvicorn.Config(self.app, http=protocol, ws="none", loop="asyncio", lifespan="off", log_config=None,
+                                backlog=backlog, timeout_keep_alive=5, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                                proxy_headers=False, server_header=False, headers=[("server", SERVER_HEADER)])
+        self._uvicorn = uvicorn.Server(config)
+        self._running = threading.Event()
+        self._stopped = threading.Event()
+        state.abort_connection = self._abort
+
+    def _abort(self, scope) -> None:
+        client = tuple(scope.get("client") or ())
+        for connection in list(self._uvicorn.server_state.connections):
+            if getattr(connection, "client", None) == client:
+                connection.transport.close()
+
+    def serve_forever(self) -> None:
+        self._running.set()
+        try:
+            self._uvicorn.run(sockets=[self.socket])
+        finally:
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        """Stop serving (in-flight replies get GRACEFUL_SHUTDOWN_S to finish); returns once serving stopped."""
+        self._uvicorn.should_exit = True
+        if self._running.is_set():
+            self._stopped.wait()
+
+    def server_close(self) -> None:
+        self.socket.close()
         self.state.worker.stop()
 
 
 def build_server(model, template: str, limits: ServerLimits, host: str = "127.0.0.1", port: int = 8000,
-                 model_id: str = "neva") -> NevaHTTPServer:
+                 model_id: str = "neva", backlog: int = BACKLOG) -> NevaServer:
     """A ready server (worker thread started); call `serve_forever()` and, at the end, `server_close()`."""
     worker = GenerationWorker(model, template, limits.max_tokens).start()
     try:
-        return NevaHTTPServer((host, port), ServingState(worker, template, limits, model_id))
-    except OSError:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(backlog)
+            return NevaServer(ServingState(worker, template, limits, model_id), sock, backlog)
+        except BaseException:
+            sock.close()
+            raise
+    except BaseException:
         worker.stop()
         raise

@@ -81,8 +81,9 @@ class GenerationWorker:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def submit(self, request: ChatRequest) -> Job:
-        job = Job(request)
+    def submit(self, request: ChatRequest, events=None) -> Job:
+        """Queue a request; `events` (anything with `put`) replaces the job's default queue.Queue."""
+        job = Job(request) if events is None else Job(request, events=events)
         self._jobs.put(job)
         return job
 

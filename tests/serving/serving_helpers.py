@@ -1,6 +1,8 @@
 """Pieces shared by the serving tests: served-model handle, images as data: URLs."""
 import base64
+import contextlib
 import io
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -37,3 +39,19 @@ def coloured(seed: int) -> Image.Image:
     arr = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
     return Image.fromarray(arr, "RGB")
 
+
+
+@contextlib.contextmanager
+def running_server(model, template=TEMPLATE, model_id="m", **limits):
+    """An in-process server on a free loopback port (sharing `model`); yields its base URL."""
+    from nemo_neva.serving import ServerLimits, build_server
+
+    server = build_server(model, template, ServerLimits(**limits), port=0, model_id=model_id)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=30)
