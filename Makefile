@@ -29,7 +29,20 @@ $(VENV)/.installed: setup.py | $(BIN)/python
 		pyroute2==0.9.7 deprecation==2.1.0
 	touch $@
 
-install: $(VENV)/.installed
+# Triton (examples/neva_triton.py). nvidia-pytriton pins numpy<2, which this stack (pandas, ml_dtypes) cannot
+# take: PyTriton runs with NumPy 2 in our process, and only its Python-backend stub gets NumPy 1, in a side
+# environment (nemo_neva/serving/triton_env.py). So PyTriton and tritonclient go in without their own pins,
+# then what they import, pinned.
+TRITON_PINS := nvidia-pytriton==0.7.0 tritonclient==2.73.0
+TRITON_DEPS := pyzmq==27.3.0 sh==2.4.0 typing-inspect==0.9.0 wrapt==2.5.2 python-rapidjson==1.25 \
+	geventhttpclient==2.6.1 gevent==26.9.0 greenlet==3.3.2 brotli==1.2.1 zope.event==6.2 zope.interface==8.7
+$(VENV)/.triton-installed: $(VENV)/.installed
+	$(BIN)/pip install -q --no-deps $(TRITON_PINS)
+	$(BIN)/pip install -q $(TRITON_DEPS)
+	$(BIN)/python -m nemo_neva.serving.triton_env
+	touch $@
+
+install: $(VENV)/.installed $(VENV)/.triton-installed
 
 demo: install
 	$(BIN)/python scripts/quickstart.py

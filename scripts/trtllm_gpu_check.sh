@@ -8,6 +8,10 @@
 #    sized for the image tokens) and the vision engine. Fails if either build was skipped.
 # 2. python -m nemo_neva.export.trtllm_check: vision-engine features vs the .nemo's encode_images, first-step
 #    logits and greedy text of the LLM engine (image features fed through the prompt table) vs the .nemo model.
+# 3. Through Triton: examples/neva_triton.py trt_engine_dir=OUT on free loopback ports; scripts/query_triton.py
+#    over HTTP and gRPC, and MAX_BATCH concurrent copies of the request (one dynamic batch, one prompt table for
+#    the batch), must all print the engine's greedy text of step 2; a refused request must leave the server up;
+#    SIGTERM must stop it with no tritonserver left. SKIP_TRITON=1 skips this step.
 # Default NEMO: the model `make demo` writes (nemo_experiments/neva_finetune/neva_finetune.nemo).
 set -euo pipefail
 
@@ -15,6 +19,10 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 NEMO=${NEMO:-nemo_experiments/neva_finetune/neva_finetune.nemo}
 DTYPE=${DTYPE:-bfloat16}
+MAX_BATCH=${MAX_BATCH:-2}
+IMAGE=${IMAGE:-data/shapes_demo/images/eval_00000.png}
+QUESTION=${QUESTION:-What is in the image?}
+MAX_NEW=16   # nemo_neva.export.trtllm_check's --max-new-tokens default
 OUT=${OUT_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/neva_trtllm.XXXXXX")}
 die() { echo "trtllm_gpu_check.sh: FAIL: $*" >&2; exit 1; }
 
@@ -26,12 +34,77 @@ die() { echo "trtllm_gpu_check.sh: FAIL: $*" >&2; exit 1; }
 
 echo "== export + build into $OUT"
 "$PY" scripts/export_to_trtllm.py --nemo-path "$NEMO" --output-dir "$OUT" --dtype "$DTYPE" --build \
-    | tee "$OUT/export.log" || die "export/build failed (see above)"
+    --max-batch-size "$MAX_BATCH" | tee "$OUT/export.log" || die "export/build failed (see above)"
 if grep -q '^skipped' "$OUT/export.log"; then die "an engine build was skipped (see $OUT/export.log)"; fi
 
 echo "== engines vs .nemo"
-CHECK=(--nemo-path "$NEMO" --export-dir "$OUT")
-[ -n "${IMAGE:-}" ] && CHECK+=(--image "$IMAGE")
-[ -n "${QUESTION:-}" ] && CHECK+=(--question "$QUESTION")
-"$PY" -m nemo_neva.export.trtllm_check "${CHECK[@]}" || die "engine outputs differ from the .nemo (see above)"
+"$PY" -m nemo_neva.export.trtllm_check --nemo-path "$NEMO" --export-dir "$OUT" --image "$IMAGE" \
+    --question "$QUESTION" --max-new-tokens "$MAX_NEW" | tee "$OUT/check.log" \
+    || die "engine outputs differ from the .nemo (see above)"
+
+if [ -n "${SKIP_TRITON:-}" ]; then
+    echo "trtllm_gpu_check.sh: OK (Triton step skipped); export and engines in $OUT"
+    exit 0
+fi
+
+echo "== the engines through Triton (examples/neva_triton.py trt_engine_dir=$OUT)"
+# The engine's greedy text, as trtllm_check printed it: "engine : '...'" (a Python repr).
+EXPECTED=$(grep '^engine : ' "$OUT/check.log" | head -1 | sed 's/^engine : //' \
+    | "$PY" -c "import ast, sys; print(ast.literal_eval(sys.stdin.read().strip()))") \
+    || die "no engine text in $OUT/check.log"
+read -r HTTP_PORT GRPC_PORT METRICS_PORT < <("$PY" - <<'PORTS'
+import socket
+socks = [socket.socket() for _ in range(3)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(*[s.getsockname()[1] for s in socks])
+PORTS
+)
+"$PY" examples/neva_triton.py trt_engine_dir="$OUT" triton.http_port="$HTTP_PORT" triton.grpc_port="$GRPC_PORT" \
+    triton.metrics_port="$METRICS_PORT" triton.max_batch_size="$MAX_BATCH" triton.max_queue_delay_ms=500 \
+    > "$OUT/triton.log" 2>&1 &
+SERVER=$!
+stop_server() { kill -TERM "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; }
+trap stop_server EXIT
+for _ in $(seq 600); do
+    grep -q '^serving model' "$OUT/triton.log" && break
+    kill -0 "$SERVER" 2>/dev/null || die "the Triton server exited during start-up (see $OUT/triton.log)"
+    sleep 1
+done
+grep -q '^serving model' "$OUT/triton.log" || die "the Triton server did not start in 10 minutes ($OUT/triton.log)"
+
+QUERY=("$PY" scripts/query_triton.py --image "$IMAGE" --prompt "$QUESTION" --max-output-len "$MAX_NEW")
+GOT=$("${QUERY[@]}" --url "127.0.0.1:$HTTP_PORT") || die "HTTP query failed"
+[ "$GOT" = "$EXPECTED" ] || die "Triton over HTTP answered '$GOT', the engine '$EXPECTED'"
+GOT=$("${QUERY[@]}" --protocol grpc --url "127.0.0.1:$GRPC_PORT") || die "gRPC query failed"
+[ "$GOT" = "$EXPECTED" ] || die "Triton over gRPC answered '$GOT', the engine '$EXPECTED'"
+echo "HTTP and gRPC: '$GOT'"
+
+"${QUERY[@]}" --url "127.0.0.1:$HTTP_PORT" --concurrent "$MAX_BATCH" > "$OUT/concurrent.txt" \
+    || die "concurrent queries failed"
+ALL=$EXPECTED
+for _ in $(seq 2 "$MAX_BATCH"); do ALL=$(printf '%s\n%s' "$ALL" "$EXPECTED"); done
+[ "$(cat "$OUT/concurrent.txt")" = "$ALL" ] \
+    || die "$MAX_BATCH concurrent queries answered '$(cat "$OUT/concurrent.txt")', the engine '$EXPECTED' each"
+grep -E "answered [2-9][0-9]* request\(s\)" "$OUT/triton.log" > /dev/null \
+    && echo "$MAX_BATCH concurrent queries: batched, all '$EXPECTED'" \
+    || echo "$MAX_BATCH concurrent queries: all '$EXPECTED' (note: they did not meet in one batch)"
+
+if "${QUERY[@]}" --url "127.0.0.1:$HTTP_PORT" --temperature -1 2> "$OUT/refused.txt"; then
+    die "a request with temperature=-1 was answered"
+fi
+grep -q "input 'temperature'" "$OUT/refused.txt" || die "refusal does not name the input: $(cat "$OUT/refused.txt")"
+GOT=$("${QUERY[@]}" --url "127.0.0.1:$HTTP_PORT") || die "the server stopped answering after a refused request"
+
+CHILDREN=$(pgrep -P "$SERVER" || true)   # tritonserver, and below it the Python-backend stub
+for pid in $CHILDREN; do CHILDREN="$CHILDREN $(pgrep -P "$pid" || true)"; done
+ps -o comm= -p "$(echo $CHILDREN | tr ' ' ',')" | grep -q tritonserver || die "no tritonserver under the server"
+kill -TERM "$SERVER"
+wait "$SERVER" || die "the Triton server exited with status $? on SIGTERM (see $OUT/triton.log)"
+trap - EXIT
+sleep 2  # PyTriton's multiprocessing resource tracker finishes its clean-up after the server exits
+for pid in $CHILDREN; do
+    ! kill -0 "$pid" 2>/dev/null || die "process $pid ($(ps -o comm= -p "$pid")) outlived the server"
+done
+echo "Triton: OK (HTTP, gRPC, $MAX_BATCH concurrent, refusal, clean SIGTERM); log $OUT/triton.log"
 echo "trtllm_gpu_check.sh: OK; export and engines in $OUT"

@@ -18,10 +18,9 @@ from nemo_neva.data.conversation import (
 )
 from nemo_neva.serving.errors import RequestError
 from nemo_neva.serving.images import image_from_url
-from nemo_neva.serving.limits import ServerLimits
+from nemo_neva.serving.limits import RANGES, ServerLimits, check_range
 
 MAX_STOP_STRINGS = 4  # as the OpenAI API
-MAX_SEED = 2 ** 63 - 1
 # Accepted and ignored at their "off" value; anything else a client sends that we do not implement is a 400,
 # so a client never silently gets something other than what it asked for.
 _IGNORED_AT = {"user": None, "metadata": None, "store": False, "logprobs": False, "frequency_penalty": 0,
@@ -51,10 +50,7 @@ def _number(body: dict, name: str, default, lo: float, hi: float, lo_open: bool 
     ok_type = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, ok_type):
         raise RequestError(f"{name} must be {'an integer' if integer else 'a number'}", name)
-    if value != value or value < lo or value > hi or (lo_open and value == lo):
-        bounds = f">= {lo}" if hi == float("inf") else f"in {'(' if lo_open else '['}{lo}, {hi}]"
-        raise RequestError(f"{name}={value!r} is out of range: it must be {bounds}", name)
-    return value
+    return check_range(value, lo, hi, lo_open, name)
 
 
 def _sampling(body: dict, limits: ServerLimits) -> dict:
@@ -62,10 +58,10 @@ def _sampling(body: dict, limits: ServerLimits) -> dict:
         raise RequestError("give max_tokens or max_completion_tokens, not both", "max_tokens")
     tokens_key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     out = dict(
-        temperature=float(_number(body, "temperature", 1.0, 0.0, 2.0)),
-        top_p=float(_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)),
-        top_k=_number(body, "top_k", 0, 0, 1 << 20, integer=True),
-        seed=_number(body, "seed", None, 0, MAX_SEED, integer=True),
+        temperature=float(_number(body, "temperature", 1.0, *RANGES["temperature"])),
+        top_p=float(_number(body, "top_p", 1.0, *RANGES["top_p"])),
+        top_k=_number(body, "top_k", 0, *RANGES["top_k"], integer=True),
+        seed=_number(body, "seed", None, *RANGES["seed"], integer=True),
         max_tokens=_number(body, tokens_key, None, 1, float("inf"), integer=True),
     )
     if out["max_tokens"] is not None and out["max_tokens"] > limits.max_tokens:

@@ -1,4 +1,5 @@
-"""Images in requests: only inline `data:` URLs, decoded within the byte and pixel limits.
+"""Images in requests: inline `data:` URLs (HTTP server) or raw RGB pixel arrays (Triton's `input_media`),
+within the byte and pixel limits.
 
 The server never fetches a URL or opens a path a client names: that would let any client make it read
 local files or reach hosts behind it (SSRF).
@@ -48,3 +49,23 @@ def image_from_url(url, limits: ServerLimits, param: str):
         code = {"too_large": "image_too_large", "too_many_pixels": "image_too_many_pixels"}.get(e.reason,
                                                                                               "bad_image")
         raise RequestError(f"image refused: {e.detail.replace('<bytes>', 'image')}", param, code=code) from None
+
+
+def image_from_array(pixels, limits: ServerLimits, param: str):
+    """An RGB pixel array [H, W, 3] of uint8 (one image of a Triton `input_media`) -> RGB PIL image, or a
+    RequestError. Nothing is decoded, so the pixel limit is the one that applies (not the byte limit,
+    which bounds encoded files)."""
+    import numpy as np
+    from PIL import Image
+
+    if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8:
+        raise RequestError("an image must be uint8 RGB pixels", param)
+    if pixels.ndim != 3 or pixels.shape[-1] != 3:
+        raise RequestError(f"an image must be [height, width, 3] RGB pixels, got shape {list(pixels.shape)}", param)
+    h, w = int(pixels.shape[0]), int(pixels.shape[1])
+    if h < 1 or w < 1:
+        raise RequestError(f"image of {w}x{h} pixels is empty", param, code="bad_image")
+    if h * w > limits.max_image_pixels:
+        raise RequestError(f"image refused: {w}x{h} = {h * w} pixels exceed the limit of {limits.max_image_pixels}",
+                           param, code="image_too_many_pixels")
+    return Image.fromarray(np.ascontiguousarray(pixels), "RGB")

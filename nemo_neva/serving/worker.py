@@ -16,6 +16,7 @@ from nemo_neva.inference.generate import Usage, encode_prompt, generate_usage, s
 from nemo_neva.inference.prompting import stop_markers
 from nemo_neva.serving.chat_request import ChatRequest
 from nemo_neva.serving.errors import RequestError, internal_error
+from nemo_neva.serving.limits import token_budget
 
 log = logging.getLogger("nemo_neva.serving")
 
@@ -105,16 +106,8 @@ class GenerationWorker:
     def _budget(self, r: ChatRequest) -> tuple[int, int]:
         """(prompt tokens, max new tokens), or a RequestError when they do not fit the context."""
         n_prompt = len(encode_prompt(self.model, r.prompt, r.image is not None))
-        room = self.context - n_prompt
-        if room < 1:
-            raise RequestError(f"the conversation is {n_prompt} tokens; the model's context is {self.context}",
-                               "messages", code="context_length_exceeded")
-        if r.max_tokens is None:
-            return n_prompt, min(self.max_tokens_cap, room)
-        if r.max_tokens > room:
-            raise RequestError(f"max_tokens={r.max_tokens} + {n_prompt} prompt tokens exceed the model's context "
-                               f"of {self.context} tokens", "max_tokens", code="context_length_exceeded")
-        return n_prompt, r.max_tokens
+        return n_prompt, token_budget(n_prompt, self.context, r.max_tokens, self.max_tokens_cap, "messages",
+                                      "max_tokens", what="conversation")
 
     def _run(self, job: Job) -> None:
         r = job.request

@@ -1,0 +1,315 @@
+"""The Triton model of a NeVA: NeMo 1's multimodal request tensors -> checked prompts -> batched generation.
+
+Inputs are named and typed as NeMo 1's multimodal Triton deployment (`nemo/export/tensorrt_mm_exporter.py`,
+whose clients send numpy's default integer, INT64), so `query_multimodal`-style clients keep working:
+
+    input_text          BYTES  [1]            the user's question; the server renders the model's template
+    input_media         UINT8  [N, H, W, 3]   RGB pixels, N = 1 (optional: omitted or N = 0 is a text-only prompt)
+    max_output_len      INT64  [1]  optional  new tokens (default: as many as `limits.max_tokens` and the context allow)
+    top_k               INT64  [1]  optional  0 = off; 1 = greedy
+    top_p               FP32   [1]  optional  0 or 1 = off (NeMo 1's clients send 0)
+    temperature         FP32   [1]  optional  0 = greedy (the default)
+    repetition_penalty  FP32   [1]  optional  1 = off
+    num_beams           INT64  [1]  optional  only 1 (no beam search)
+    batch_size          INT64  [1]  optional  accepted from NeMo 1 clients and ignored: Triton batches
+    random_seed         INT64  [1]  optional  reproducible sampling
+    quality, toxicity, humor, creativity, violence, helpfulness, not_appropriate
+                        INT32  [1]  optional  SteerLM attributes 0-9 (models with the `nv_steerlm` template only)
+    -> outputs          BYTES  [1]  the answer (UTF-8)
+
+Every row of every request is checked before any generation (the same limits and ranges as the HTTP server,
+`limits.py` / `images.py`); a bad one raises `InvalidInput` naming the input. Triton's dynamic batcher hands
+over several requests at once; rows with the same decoding settings run through one batched `generate`, so a
+batched answer is the one the request would get alone (greedy, or with the same `random_seed`).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from nemo_neva.data.constants import IMAGE_TOKEN
+from nemo_neva.data.conversation import STEERLM_INFERENCE_DEFAULTS, ConversationError, get_template, parse_attributes
+from nemo_neva.inference.prompting import build_prompt
+from nemo_neva.serving.errors import RequestError
+from nemo_neva.serving.images import image_from_array
+from nemo_neva.serving.limits import ServerLimits, check_param, check_range, token_budget
+
+log = logging.getLogger("nemo_neva.serving.triton")
+
+# NeMo 1 declares its integer inputs as np.int_ (INT64 on Linux) and its clients send np.int_ arrays;
+# Triton refuses any other dtype, so INT64 is what keeps those clients working.
+INT = np.int64
+STEERLM_INPUTS = tuple(STEERLM_INFERENCE_DEFAULTS)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: Any         # numpy type (np.bytes_ for BYTES)
+    shape: tuple       # per row, without Triton's batch dimension
+    optional: bool = True
+
+
+OUTPUT = InputSpec("outputs", np.bytes_, (1,), optional=False)
+
+
+def model_inputs(template: str) -> list[InputSpec]:
+    """The model's inputs; SteerLM attributes only for a template that renders them."""
+    specs = [InputSpec("input_text", np.bytes_, (1,), optional=False),
+             InputSpec("input_media", np.uint8, (-1, -1, -1, 3)),
+             InputSpec("max_output_len", INT, (1,)),
+             InputSpec("top_k", INT, (1,)),
+             InputSpec("top_p", np.float32, (1,)),
+             InputSpec("temperature", np.float32, (1,)),
+             InputSpec("repetition_penalty", np.float32, (1,)),
+             InputSpec("num_beams", INT, (1,)),
+             InputSpec("batch_size", INT, (1,)),
+             InputSpec("random_seed", INT, (1,))]
+    if get_template(template).steerlm:
+        specs += [InputSpec(name, np.int32, (1,)) for name in STEERLM_INPUTS]
+    return specs
+
+
+class InvalidInput(ValueError):
+    """A request Triton accepted (names, dtypes, shapes) whose values this model refuses; the message names
+    the input and is what the client's Triton error shows.
+
+    PyTriton sends the client `traceback.format_exception(None, e, e.__traceback__)`: reading `__traceback__`
+    as None keeps our frames and file paths out of that text (the interpreter still records the traceback,
+    so the server log keeps it)."""
+
+    __traceback__ = property(lambda self: None, lambda self, value: None)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings of a row; rows with equal settings share one batched `generate`."""
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: Optional[int] = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class Row:
+    prompt: str
+    image: Any  # RGB PIL image or None
+    sampling: Sampling
+
+
+class TorchBackend:
+    """nemo_neva's PyTorch generation on a restored `.nemo` (CPU or GPU)."""
+
+    name = "pytorch"
+
+    def __init__(self, model, template: str):
+        from nemo_neva.serving.worker import serving_stops
+
+        self.model = model.eval()
+        self.context = int(model.cfg.encoder_seq_length)
+        self.stop_ids, self.stop_strings = serving_stops(model, template)
+
+    def prompt_tokens(self, prompt: str, has_image: bool) -> int:
+        from nemo_neva.inference.generate import encode_prompt
+
+        return int(encode_prompt(self.model, prompt, has_image).numel())
+
+    def generate(self, images: list, prompts: list[str], s: Sampling) -> list[str]:
+        from nemo_neva.inference.generate import generate
+
+        return generate(self.model, images, prompts, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                        top_k=s.top_k, top_p=s.top_p, seed=s.seed, repetition_penalty=s.repetition_penalty,
+                        stop_token_ids=sorted(self.stop_ids), stop_strings=self.stop_strings)
+
+
+def _data(request) -> dict:
+    return getattr(request, "data", request)  # a PyTriton Request, or a plain dict of arrays (tests)
+
+
+class NevaTritonModel:
+    """The inference callable PyTriton binds: a list of Triton requests -> a list of {"outputs": ...}."""
+
+    def __init__(self, backend, template: str, limits: ServerLimits):
+        self.backend, self.template, self.limits = backend, template, limits
+        self.steerlm = get_template(template).steerlm
+        self.inputs = model_inputs(template)
+        self._known = {spec.name for spec in self.inputs}
+        self.batches = 0  # executions and requests seen: the log reports them
+        self.requests = 0
+
+    # ---------------------------------------------------------------------------------------------- checks
+    def _scalar(self, data: dict, name: str, row: int, n_rows: int, default):
+        arr = data.get(name)
+        if arr is None:
+            return default
+        arr = np.asarray(arr)
+        if arr.shape != (n_rows, 1):
+            raise RequestError(f"expected shape [{n_rows}, 1] (one value per row of input_text), "
+                               f"got {list(arr.shape)}", name)
+        value = arr[row, 0]
+        return value.item() if isinstance(value, np.generic) else value
+
+    def _question(self, data: dict, row: int) -> str:
+        value = np.asarray(data["input_text"])[row, 0]
+        if isinstance(value, (bytes, np.bytes_)):
+            try:
+                value = bytes(value).decode("utf-8")
+            except UnicodeDecodeError:
+                raise RequestError("input_text is not valid UTF-8", "input_text") from None
+        if not isinstance(value, str):
+            raise RequestError("input_text must be a string", "input_text")
+        if len(value) > self.limits.max_text_chars:
+            raise RequestError(f"input_text of {len(value)} characters exceeds the limit of "
+                               f"{self.limits.max_text_chars}", "input_text", code="prompt_too_long")
+        if IMAGE_TOKEN in value:
+            raise RequestError(f"input_text must not contain the image tag {IMAGE_TOKEN}: send the image in "
+                               "input_media and the server places it", "input_text")
+        return value
+
+    def _image(self, data: dict, row: int, n_rows: int):
+        media = data.get("input_media")
+        if media is None:
+            return None
+        media = np.asarray(media)
+        if media.ndim != 5 or media.shape[0] != n_rows:
+            raise RequestError(f"expected shape [{n_rows}, N, H, W, 3], got {list(media.shape)}", "input_media")
+        n = media.shape[1]
+        if n == 0:
+            return None
+        if self.limits.max_images == 0:
+            raise RequestError("this server takes text-only prompts (limits.max_images=0)", "input_media",
+                               code="too_many_images")
+        if n > self.limits.max_images:
+            raise RequestError(f"{n} images in one row; the model reads at most {self.limits.max_images} per prompt",
+                               "input_media", code="too_many_images")
+        return image_from_array(media[row, 0], self.limits, "input_media")
+
+    def _sampling(self, data: dict, row: int, n_rows: int) -> tuple[Sampling, Optional[int]]:
+        get = lambda name, default: self._scalar(data, name, row, n_rows, default)  # noqa: E731
+        num_beams = get("num_beams", 1)
+        if num_beams != 1:
+            raise RequestError(f"num_beams={num_beams}: only 1 is supported (no beam search)", "num_beams")
+        get("batch_size", 1)  # NeMo 1 clients send it; shape-checked, otherwise ignored
+        temperature = float(check_param("temperature", float(get("temperature", 0.0))))
+        top_k = int(check_param("top_k", int(get("top_k", 0))))
+        top_p = float(get("top_p", 1.0))
+        top_p = 1.0 if top_p == 0.0 else float(check_param("top_p", top_p))  # 0: NeMo 1's "off"
+        penalty = float(check_param("repetition_penalty", float(get("repetition_penalty", 1.0))))
+        seed = get("random_seed", None)
+        if seed is not None:
+            seed = int(check_param("seed", int(seed), "random_seed"))
+        max_out = get("max_output_len", None)
+        if max_out is not None:
+            max_out = int(check_range(int(max_out), 1, float("inf"), param="max_output_len"))
+            if max_out > self.limits.max_tokens:
+                raise RequestError(f"max_output_len={max_out} exceeds this server's limit of "
+                                   f"{self.limits.max_tokens}", "max_output_len", code="max_tokens_too_large")
+        s = Sampling(0, temperature, top_k, top_p, penalty, seed)
+        if temperature == 0.0 or top_k == 1:  # greedy: the other settings do not change the answer
+            s = Sampling(0, 0.0, 0, 1.0, penalty, None)
+        return s, max_out
+
+    def _attributes(self, data: dict, row: int, n_rows: int) -> Optional[dict]:
+        if not self.steerlm:
+            return None
+        given = {}
+        for name in STEERLM_INPUTS:
+            value = self._scalar(data, name, row, n_rows, None)
+            if value is not None:
+                given[name] = int(value)
+                try:
+                    parse_attributes({name: given[name]}, STEERLM_INFERENCE_DEFAULTS)
+                except ConversationError as e:
+                    raise RequestError(e.detail, name) from None
+        return given or None
+
+    def parse(self, request) -> list[Row]:
+        """One Triton request -> its rows, each checked; a RequestError names the bad input."""
+        data = _data(request)
+        unknown = sorted(set(data) - self._known)
+        if unknown:  # Triton refuses these itself; kept for direct calls
+            raise RequestError(f"unknown input(s): {', '.join(unknown)}", unknown[0])
+        if data.get("input_text") is None:
+            raise RequestError("input_text is required", "input_text")
+        text = np.asarray(data["input_text"])
+        if text.ndim != 2 or text.shape[1] != 1 or text.shape[0] < 1:
+            raise RequestError(f"expected shape [rows, 1], got {list(text.shape)}", "input_text")
+        n_rows = text.shape[0]
+        rows = []
+        for r in range(n_rows):
+            try:
+                question = self._question(data, r)
+                image = self._image(data, r, n_rows)
+                sampling, max_out = self._sampling(data, r, n_rows)
+                attributes = self._attributes(data, r, n_rows)
+                prompt = build_prompt(self.template, question, image is not None, steerlm=attributes)
+                n_prompt = self.backend.prompt_tokens(prompt, image is not None)
+                max_new = token_budget(n_prompt, self.backend.context, max_out, self.limits.max_tokens,
+                                       "input_text", "max_output_len")
+            except RequestError as e:
+                if n_rows > 1:
+                    e.message = f"row {r}: {e.message}"
+                raise
+            rows.append(Row(prompt, image, replace(sampling, max_new_tokens=max_new)))
+        return rows
+
+    # ---------------------------------------------------------------------------------------------- running
+    def generate_rows(self, rows: Sequence[Row]) -> list[str]:
+        """Answers in order; rows with the same settings decode together in one batched `generate`."""
+        groups: dict[Sampling, list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault(row.sampling, []).append(i)
+        answers: list[Optional[str]] = [None] * len(rows)
+        for sampling, idx in groups.items():
+            texts = self.backend.generate([rows[i].image for i in idx], [rows[i].prompt for i in idx], sampling)
+            for i, text in zip(idx, texts):
+                answers[i] = text
+        return answers
+
+    def __call__(self, requests) -> list[dict]:
+        start = time.monotonic()
+        parsed, bad = [], []
+        for k, request in enumerate(requests):
+            try:
+                parsed.append(self.parse(request))
+            except RequestError as e:
+                bad.append((k, e))
+        if bad:
+            raise InvalidInput(self._describe(bad, len(requests)))
+        flat = [row for rows in parsed for row in rows]
+        try:
+            answers = self.generate_rows(flat)
+        except Exception:
+            log.exception("generation failed")
+            raise RuntimeError("internal error while generating (the server log has the cause)") from None
+        self.batches += 1
+        self.requests += len(requests)
+        log.info("answered %d request(s) (%d row(s)) in one execution, %.2f s", len(requests), len(flat),
+                 time.monotonic() - start)
+        out, i = [], 0
+        for rows in parsed:
+            texts = answers[i:i + len(rows)]
+            i += len(rows)
+            out.append({"outputs": np.array([[t.encode("utf-8")] for t in texts], dtype=np.object_)})
+        return out
+
+    @staticmethod
+    def _describe(bad: list, n_requests: int) -> str:
+        """The error text: the input and the reason; in a dynamic batch, which request it was (Triton
+        fails the whole execution, so the others of the batch are told theirs was not run)."""
+        parts = [f"input '{e.param}': {e.message}" if e.param else e.message for _, e in bad]
+        if n_requests == 1:
+            return parts[0]
+        where = "; ".join(f"request {k + 1} of {n_requests}: {p}" for (k, _), p in zip(bad, parts))
+        return (f"{where} (these requests arrived in one dynamic batch, which was not run; "
+                "requests without an error can be resent)")

@@ -1,0 +1,179 @@
+"""GPU backend of the Triton model: the TensorRT vision engine + the TensorRT-LLM engine, fed the image features
+through the prompt table (`trt_engine_dir=` in conf/neva_triton.yaml).
+
+It reads only the export folder of `scripts/export_to_trtllm.py --build` (nemo_neva_export.json, tokenizer/,
+vision/ image processor, engines/llm, engines/vision.engine): no .nemo, no PyTorch model. The request contract
+(inputs, checks, batching) is `NevaTritonModel`'s, as with the PyTorch backend. Where TensorRT-LLM or TensorRT
+is not installed it is refused at start-up with a clear message. See docs/TRTLLM.md for the prompt table.
+
+Not runnable on the CPU machines of this project; `scripts/trtllm_gpu_check.sh` drives it on a GPU.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import types
+from typing import Optional
+
+import torch
+
+from nemo_neva.serving.errors import RequestError
+
+META_FILE = "nemo_neva_export.json"  # nemo_neva.export.trtllm.META_FILE (not imported: it pulls the exporters)
+ENGINES_DIR = "engines"
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def require_tensorrt_llm(export_dir: str) -> None:
+    missing = [m for m in ("tensorrt_llm", "tensorrt") if not _installed(m)]
+    if missing:
+        raise ValueError(f"trt_engine_dir={export_dir} runs TensorRT engines, which needs "
+                         f"{' and '.join(missing)} (not installed in this environment; TensorRT-LLM needs an "
+                         "NVIDIA GPU). Serve the .nemo with PyTorch instead: neva_model_file=M.nemo")
+    if not torch.cuda.is_available():
+        raise ValueError(f"trt_engine_dir={export_dir}: the TensorRT engines need a CUDA GPU; none is visible")
+
+
+class VisionEngine:
+    """engines/vision.engine, deserialized once: pixel values [n, 3, H, W] -> features [n, tokens, hidden]."""
+
+    def __init__(self, path: str, input_name: str, output_name: str):
+        import tensorrt as trt
+
+        with open(path, "rb") as f:
+            self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(f.read())
+        if self.engine is None:
+            raise ValueError(f"{path}: TensorRT could not load this engine (built with another TensorRT?)")
+        self.context = self.engine.create_execution_context()
+        self.input_name, self.output_name = input_name, output_name
+        try:  # the batch range of the build's optimisation profile
+            self.max_batch = int(self.engine.get_tensor_profile_shape(input_name, 0)[2][0])
+        except Exception:
+            self.max_batch = 1
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for chunk in torch.split(pixels, max(1, self.max_batch)):
+            x = chunk.cuda().float().contiguous()
+            self.context.set_input_shape(self.input_name, tuple(x.shape))
+            out = torch.empty(tuple(self.context.get_tensor_shape(self.output_name)), dtype=torch.float32,
+                              device="cuda")
+            self.context.set_tensor_address(self.input_name, x.data_ptr())
+            self.context.set_tensor_address(self.output_name, out.data_ptr())
+            stream = torch.cuda.current_stream()
+            if not self.context.execute_async_v3(stream.cuda_stream):
+                raise RuntimeError("vision engine execution failed")
+            stream.synchronize()
+            outs.append(out)
+        return torch.cat(outs)
+
+
+class TrtllmBackend:
+    name = "tensorrt-llm"
+
+    def __init__(self, export_dir: str, meta: dict, tokenizer, processor, vision: VisionEngine, runner):
+        self.export_dir, self.meta = export_dir, meta
+        self.tokenizer, self.processor, self.vision, self.runner = tokenizer, processor, vision, runner
+        self.template = meta["conv_template"]
+        self.stop_ids = [int(i) for i in meta["stop_token_ids"]] or [int(tokenizer.eos_token_id)]
+        self.stop_strings = list(meta.get("stop_strings") or [])
+        self.vocab_size = int(meta["vocab_size"])
+        self.max_batch_size = int(getattr(runner, "max_batch_size", 1) or 1)
+        self.max_input_len = getattr(runner, "max_input_len", None)
+        self.context = int(getattr(runner, "max_seq_len", None) or getattr(runner, "max_sequence_length"))
+        # what nemo_neva.inference.generate.encode_prompt reads from a model
+        self._encoder = types.SimpleNamespace(tokenizer=tokenizer, image_token_id=int(meta["image_token_id"]),
+                                              tokens_per_image=int(meta["tokens_per_image"]))
+
+    @classmethod
+    def from_export_dir(cls, export_dir: str) -> "TrtllmBackend":
+        require_tensorrt_llm(export_dir)
+        meta_path = os.path.join(export_dir, META_FILE)
+        engines = os.path.join(export_dir, ENGINES_DIR)
+        for path in (meta_path, os.path.join(engines, "llm"), os.path.join(engines, "vision.engine")):
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path} is missing: trt_engine_dir must be a folder written by "
+                                        "scripts/export_to_trtllm.py --build with both engines built")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        from tensorrt_llm.runtime import ModelRunner
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(os.path.join(export_dir, meta.get("tokenizer", "tokenizer")))
+        processor = AutoImageProcessor.from_pretrained(os.path.join(export_dir, meta["image_processor"]))
+        vision = VisionEngine(os.path.join(engines, "vision.engine"), meta["vision_input"], meta["vision_output"])
+        runner = ModelRunner.from_dir(os.path.join(engines, "llm"))
+        return cls(export_dir, meta, tokenizer, processor, vision, runner)
+
+    # ------------------------------------------------------------------------------------------ contract
+    def _ids(self, prompt: str, has_image: bool) -> torch.Tensor:
+        from nemo_neva.inference.generate import encode_prompt
+
+        return encode_prompt(self._encoder, prompt, has_image)
+
+    def prompt_tokens(self, prompt: str, has_image: bool) -> int:
+        n = int(self._ids(prompt, has_image).numel())
+        if self.max_input_len is not None and n > int(self.max_input_len):
+            raise RequestError(f"the prompt is {n} tokens; the engine was built for at most {self.max_input_len} "
+                               "(--max-input-len of scripts/export_to_trtllm.py --build)", "input_text",
+                               code="context_length_exceeded")
+        return n
+
+    def generate(self, images: list, prompts: list[str], s) -> list[str]:
+        out = []
+        for start in range(0, len(prompts), self.max_batch_size):
+            end = start + self.max_batch_size
+            out += self._generate(images[start:end], prompts[start:end], s)
+        return out
+
+    def _generate(self, images: list, prompts: list[str], s) -> list[str]:
+        from nemo_neva.export.trtllm_prompt import fake_prompt_ids, prompt_table
+
+        rows = [self._ids(p, im is not None) for p, im in zip(prompts, images)]
+        table, tasks = None, None
+        with_image = [i for i, im in enumerate(images) if im is not None]
+        if with_image:
+            pixels = self.processor(images=[images[i] for i in with_image], return_tensors="pt")["pixel_values"]
+            feats = self.vision(pixels)  # [n_images, tokens_per_image, hidden], in row order
+            # The Python session takes one table for the whole batch: row b's fake ids continue after the
+            # image positions of the rows before it (nemo_neva.export.trtllm_prompt).
+            offset = 0
+            for b in range(len(rows)):
+                fake = fake_prompt_ids(rows[b].unsqueeze(0), self._encoder.image_token_id, self.vocab_size)[0]
+                n_img = int((rows[b] == self._encoder.image_token_id).sum())
+                rows[b] = torch.where(fake >= self.vocab_size, fake + offset, fake)
+                offset += n_img
+            table = prompt_table(feats).unsqueeze(0)
+            tasks = ",".join("0" for _ in rows)
+        greedy = s.temperature == 0.0
+        seed = s.seed if s.seed is not None else int(torch.randint(0, 2 ** 62, (1,)))
+        result = self.runner.generate(
+            [r.to(torch.int32) for r in rows], max_new_tokens=s.max_new_tokens, end_id=self.stop_ids[0],
+            pad_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0],
+            temperature=1.0 if greedy else s.temperature, top_k=1 if greedy else s.top_k,
+            top_p=0.0 if greedy else s.top_p, repetition_penalty=s.repetition_penalty, random_seed=seed,
+            prompt_table=table, prompt_tasks=tasks, return_dict=True, output_sequence_lengths=True)
+        torch.cuda.synchronize()
+        ids, lengths = result["output_ids"], result["sequence_lengths"]
+        answers = []
+        for b, row in enumerate(rows):
+            tokens = ids[b, 0, row.numel():int(lengths[b, 0])].tolist()
+            stop = next((i for i, t in enumerate(tokens) if t in self.stop_ids), len(tokens))
+            answers.append(self._text(tokens[:stop]))
+        return answers
+
+    def _text(self, tokens: list) -> str:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        cut: Optional[int] = None
+        for marker in self.stop_strings:
+            at = text.find(marker)
+            if at >= 0 and (cut is None or at < cut):
+                cut = at
+        return (text if cut is None else text[:cut]).strip()
