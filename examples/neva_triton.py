@@ -21,7 +21,7 @@ from nemo_neva.serving import triton_env  # noqa: E402
 from nemo_neva.serving.triton_env import TritonEnvError  # noqa: E402
 from nemo_neva.serving.triton_model import NevaTritonModel, TorchBackend  # noqa: E402
 from nemo_neva.serving.triton_server import TritonSettings, serve  # noqa: E402
-from nemo_neva.training import user_errors  # noqa: E402
+from nemo_neva.cli import user_errors  # noqa: E402
 
 
 def _ready(s: TritonSettings, template: str, backend: str) -> None:

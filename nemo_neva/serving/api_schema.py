@@ -13,7 +13,8 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from nemo_neva.data.conversation import STEERLM_ATTRIBUTES
-from nemo_neva.serving.chat_request import MAX_SEED, MAX_STOP_STRINGS
+from nemo_neva.serving.chat_request import MAX_STOP_STRINGS
+from nemo_neva.serving.limits import MAX_SEED
 from nemo_neva.serving.limits import ServerLimits
 
 
