@@ -36,7 +36,10 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """Temperature-scaled logits with everything outside top-k / the top-p nucleus set to -inf."""
-    logits = logits.float() / temperature
+    # Shift by the row maximum and divide in float64: any temperature > 0 (5e-324 included) then gives finite
+    # or -inf logits, never inf / inf (NaN after softmax), and a tiny temperature tends to greedy as it should.
+    logits = logits.double()
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -63,3 +63,17 @@ def test_temperature_zero_is_greedy_whatever_the_other_settings(model, image):
                            top_k=3, top_p=0.5, seed=99) == greedy
     assert generate_tokens(model, [image], [PROMPT], max_new_tokens=8, stop_token_ids=[], temperature=1.0,
                            top_k=1, seed=5) == greedy
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-45])
+def test_a_tiny_temperature_samples_the_top_token_instead_of_failing(temperature):
+    """Found by the server's schema fuzzer: a temperature that underflows float32 made inf / inf = NaN
+    probabilities (torch.multinomial raised); it must act like greedy decoding."""
+    from nemo_neva.inference.sampling import sample_next
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=g) * 10
+    logits[:, 7] = float("-inf")  # masked entries (the image placeholder) stay impossible
+    for top_p in (1.0, 0.5):
+        chosen = sample_next(logits, temperature, 0, top_p, torch.Generator().manual_seed(1))
+        assert torch.equal(chosen, logits.argmax(-1))
