@@ -84,7 +84,7 @@ def prepare(output_dir: str, sample_type: str, split_ratio: str, workers: int = 
 def convert(data_path, image_folder, output_dir, samples_per_shard=1000, sample_type="auto", split_ratio="1,0,0",
             full_decode=True, max_image_bytes=None, max_image_pixels=None, workers=4) -> dict:
     from nemo_neva.data.image_io import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-    from nemo_neva.data.shards import convert_to_shards
+    from nemo_neva.data.shard_writer import convert_to_shards
 
     types = {"captioning": "CaptioningSample", "vqa": "VQASample"}
     chosen = pick_sample_type(data_path) if sample_type == "auto" else types[sample_type]

@@ -31,7 +31,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 
     from nemo_neva.data.image_io import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-    from nemo_neva.data.shards import convert_to_shards
+    from nemo_neva.data.shard_writer import convert_to_shards
 
     try:
         index = convert_to_shards(

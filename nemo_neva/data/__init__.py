@@ -8,7 +8,8 @@ dataset.py       NevaDataset: tokens, exact labels, image placeholder run, count
 collate.py       NevaCollator: shift, pad, gather images; carries workers' skip counts (skip_tally.py)
 blend.py         weighted data_path blends of map-style sets; blended_shards.py: of shard sources
 packing.py       first-fit-decreasing packing, packed collator, THD / PackedSeqParams for the TE path
-shards.py        tar shards: conversion, streaming; packed_shards.py: packing windows of the stream
+shards.py        tar shards: locating, streaming; shard_writer.py: conversion; packed_shards.py: packing windows
+energon*.py      Megatron-Energon datasets through our task encoder (energon_encoding), with savable state
 tokenizer.py     the demo byte-level BPE tokenizer (train / load locally)
 shapes.py        synthetic coloured-shapes task; demo.py builds the shipped demo set
 """

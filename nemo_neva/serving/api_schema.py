@@ -14,8 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from nemo_neva.data.conversation import STEERLM_ATTRIBUTES
 from nemo_neva.serving.chat_request import MAX_STOP_STRINGS
-from nemo_neva.serving.limits import MAX_SEED
-from nemo_neva.serving.limits import ServerLimits
+from nemo_neva.serving.limits import MAX_SEED, ServerLimits
 
 
 # ------------------------------------------------------------------------------------------------ request

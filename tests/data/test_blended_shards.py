@@ -10,7 +10,8 @@ import pytest
 from neva_data_helpers import REPO, write_json
 from nemo_neva.data.blended_shards import BlendedShardedDataset
 from nemo_neva.data.packed_shards import PackedShardDataset
-from nemo_neva.data.shards import ShardedLoader, ShardedNevaDataset, convert_to_shards
+from nemo_neva.data.shard_writer import convert_to_shards
+from nemo_neva.data.shards import ShardedLoader, ShardedNevaDataset
 
 DEMO = os.path.join(REPO, "data", "shapes_demo")
 KW = dict(template="plain", seq_length=64, num_image_tokens=4, shuffle_buffer=4, seed=5)

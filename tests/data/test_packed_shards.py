@@ -8,7 +8,8 @@ from neva_data_helpers import REPO, conv, write_json
 
 from nemo_neva.data.packed_shards import PackedShardDataset, PackedShardLoader
 from nemo_neva.data.packing import PackedCollator
-from nemo_neva.data.shards import ShardedNevaDataset, convert_to_shards
+from nemo_neva.data.shard_writer import convert_to_shards
+from nemo_neva.data.shards import ShardedNevaDataset
 
 DEMO = os.path.join(REPO, "data", "shapes_demo")
 SEQ = 40

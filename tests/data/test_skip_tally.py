@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nemo_neva.data.shards import convert_to_shards
+from nemo_neva.data.shard_writer import convert_to_shards
 from nemo_neva.data.skip_tally import SkipTally
 from neva_data_helpers import conv, write_json
 

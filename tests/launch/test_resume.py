@@ -29,7 +29,7 @@ def _small_data(tmp_path, source="stage1_captions.json"):
 
 def _shard_data(tmp_path):
     """The same 24 captions as tar shards of 5 samples (5 shards): shard order and in-shard shuffle matter."""
-    from nemo_neva.data.shards import convert_to_shards
+    from nemo_neva.data.shard_writer import convert_to_shards
 
     out = tmp_path / "shards"
     convert_to_shards(str(_small_data(tmp_path)), os.path.join(ROOT, "data", "shapes_demo", "images"), str(out),
