@@ -60,7 +60,7 @@ demo: install
 
 # One torch thread per process: the suite's multi-rank tests would otherwise oversubscribe small CI machines.
 test: install
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=15 tests
 
 test-slow: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m slow tests

@@ -193,3 +193,20 @@ class NevaDataset(Dataset):
             return None
         return {"input_ids": torch.tensor(ids, dtype=torch.long),
                 "labels": torch.tensor(labels, dtype=torch.long), "image": pixels, "id": rec["id"]}
+
+
+class StreamedRecordEncoder(NevaDataset):
+    """NevaDataset's per-record encoding and skip bookkeeping (templates, tokenizer, placeholders, image limits)
+    without an annotation file: for records that stream in (tar shards, Energon samples). Subclasses add the
+    `item` that turns one streamed sample into a dataset item."""
+
+    def __init__(self, tokenizer, image_processor, template, image_aspect_ratio, seq_length, num_image_tokens,
+                 strict, steerlm_defaults=None, system_prompt=None, max_image_bytes=DEFAULT_MAX_BYTES,
+                 max_image_pixels=DEFAULT_MAX_PIXELS):
+        self._init_encoding(tokenizer, image_processor, template, image_aspect_ratio, seq_length,
+                            num_image_tokens, strict, steerlm_defaults, system_prompt)
+        self.max_image_bytes, self.max_image_pixels = max_image_bytes, max_image_pixels
+        self.images = None
+        self.truncated = 0
+        self._logged: set = set()
+        self.records, self.lengths, self.total = [], [], 0

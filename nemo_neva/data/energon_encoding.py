@@ -13,8 +13,8 @@ import torch
 
 from nemo_neva.data.collate import NevaCollator
 from nemo_neva.data.constants import IMAGE_TOKEN
-from nemo_neva.data.dataset import _ERRORS, NevaDataset, SampleError
-from nemo_neva.data.image_io import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, _decode, preprocess
+from nemo_neva.data.dataset import _ERRORS, SampleError, StreamedRecordEncoder
+from nemo_neva.data.image_io import ImageError, _decode, preprocess
 from nemo_neva.data.packing import PackedCollator, first_fit_decreasing
 
 _TEXT_EXTS = ("txt", "text", "transcript")
@@ -160,20 +160,9 @@ def _to_pil(image, name: str, max_bytes: int, max_pixels: int):
     raise ImageError("decode_failed", f"{name!r}: unsupported image value {type(image).__name__}")
 
 
-class _SampleEncoder(NevaDataset):
+class _SampleEncoder(StreamedRecordEncoder):
     """NevaDataset's encoding and skip bookkeeping (templates, tokeniser, placeholders, limits), without
     an annotation file: the records come from Energon samples."""
-
-    def __init__(self, tokenizer, image_processor, template, image_aspect_ratio, seq_length, num_image_tokens,
-                 strict, max_image_bytes=DEFAULT_MAX_BYTES, max_image_pixels=DEFAULT_MAX_PIXELS,
-                 steerlm_defaults=None, system_prompt=None):
-        self._init_encoding(tokenizer, image_processor, template, image_aspect_ratio, seq_length,
-                            num_image_tokens, strict, steerlm_defaults, system_prompt)
-        self.max_image_bytes, self.max_image_pixels = max_image_bytes, max_image_pixels
-        self.images = None
-        self.truncated = 0
-        self._logged: set = set()
-        self.records, self.lengths, self.total = [], [], 0
 
     def item(self, sample) -> Optional[dict]:
         """The nemo_neva item of one Energon sample, or None (counted in skip_counts)."""

@@ -30,7 +30,7 @@ from typing import Iterator, Mapping, Sequence, Union
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from nemo_neva.data.dataset import _ERRORS, NevaDataset, SampleError
+from nemo_neva.data.dataset import _ERRORS, SampleError, StreamedRecordEncoder
 from nemo_neva.data.image_io import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, _decode, preprocess)
 
 log = logging.getLogger(__name__)
@@ -177,18 +177,8 @@ def buffer_shuffle_order(n: int, buffer: int, rng: random.Random) -> list[int]:
     return out + buf
 
 
-class _RecordEncoder(NevaDataset):
+class _RecordEncoder(StreamedRecordEncoder):
     """NevaDataset's per-record encoding and skip bookkeeping, without reading an annotation file."""
-
-    def __init__(self, tokenizer, image_processor, template, image_aspect_ratio, seq_length,
-                 num_image_tokens, strict, steerlm_defaults, system_prompt, max_image_bytes, max_image_pixels):
-        self._init_encoding(tokenizer, image_processor, template, image_aspect_ratio, seq_length,
-                            num_image_tokens, strict, steerlm_defaults, system_prompt)
-        self.max_image_bytes, self.max_image_pixels = max_image_bytes, max_image_pixels
-        self.images = None
-        self.truncated = 0
-        self._logged: set = set()
-        self.records, self.lengths, self.total = [], [], 0
 
     def item(self, fields: Mapping[str, bytes], fallback_id: str):
         """The NevaDataset item for one shard sample, or None (counted in skip_counts)."""
