@@ -14,7 +14,7 @@ class ServerLimits:
     max_body_bytes: int = 16 * 1024 * 1024     # whole JSON body, checked from Content-Length before reading
     max_image_bytes: int = 8 * 1024 * 1024     # one decoded data: URL image
     max_image_pixels: int = 4096 * 4096        # from the image header, before the pixels are decoded
-    max_images: int = 1                        # per conversation (the model reads one image per prompt)
+    max_images: int = 4                        # per conversation (HTTP) / per prompt (Triton); 0 = text only
     max_messages: int = 64
     max_text_chars: int = 65536                # all message texts and stop strings together
     max_tokens: int = 512                      # cap on a request's max_tokens, and its default
@@ -28,8 +28,8 @@ class ServerLimits:
                 raise ValueError(f"server.{f.name} must be a number >= 0, got {value!r}")
             if f.name != "max_images" and value == 0:
                 raise ValueError(f"server.{f.name} must be > 0")
-        if self.max_images > 1:
-            raise ValueError(f"server.max_images={self.max_images}: the model reads at most one image per prompt")
+        if not isinstance(self.max_images, int):
+            raise ValueError(f"server.max_images must be a whole number, got {self.max_images!r}")
 
     @classmethod
     def from_cfg(cls, cfg, section: str = "server") -> "ServerLimits":

@@ -4,7 +4,11 @@ Inputs are named and typed as NeMo 1's multimodal Triton deployment (`nemo/expor
 whose clients send numpy's default integer, INT64), so `query_multimodal`-style clients keep working:
 
     input_text          BYTES  [1]            the user's question; the server renders the model's template
-    input_media         UINT8  [N, H, W, 3]   RGB pixels, N = 1 (optional: omitted or N = 0 is a text-only prompt)
+    input_media         UINT8  [N, H, W, 3]   RGB pixels of the prompt's N images, in `<image>` order (optional:
+                                              omitted or N = 0 is a text-only prompt; N <= limits.max_images)
+    input_media_sizes   INT64  [N, 2]  optional  (height, width) of each image, the top-left of its H x W slot
+                                              (images of different sizes, zero-padded); (0, 0) = an unused
+                                              trailing slot. Without it every image is the whole H x W slot.
     max_output_len      INT64  [1]  optional  new tokens (default: as many as `limits.max_tokens` and the context allow)
     top_k               INT64  [1]  optional  0 = off; 1 = greedy
     top_p               FP32   [1]  optional  0 or 1 = off (NeMo 1's clients send 0)
@@ -17,10 +21,11 @@ whose clients send numpy's default integer, INT64), so `query_multimodal`-style 
                         INT32  [1]  optional  SteerLM attributes 0-9 (models with the `nv_steerlm` template only)
     -> outputs          BYTES  [1]  the answer (UTF-8)
 
-Every row of every request is checked before any generation (the same limits and ranges as the HTTP server,
-`limits.py` / `images.py`); a bad one raises `InvalidInput` naming the input. Triton's dynamic batcher hands
-over several requests at once; rows with the same decoding settings run through one batched `generate`, so a
-batched answer is the one the request would get alone (greedy, or with the same `random_seed`).
+`input_text` may place the images itself with one `<image>` tag per image; without tags they lead the question,
+one per line, as in training. Every row of every request is checked before any generation (the same limits and
+ranges as the HTTP server, `limits.py` / `images.py`); a bad one raises `InvalidInput` naming the input.
+Triton's dynamic batcher hands over several requests at once; rows with the same decoding settings run through
+one batched `generate`, so a batched answer is the one the request would get alone (greedy, or with the same `random_seed`).
 """
 from __future__ import annotations
 
@@ -68,7 +73,8 @@ def model_inputs(template: str) -> list[InputSpec]:
              InputSpec("repetition_penalty", np.float32, (1,)),
              InputSpec("num_beams", INT, (1,)),
              InputSpec("batch_size", INT, (1,)),
-             InputSpec("random_seed", INT, (1,))]
+             InputSpec("random_seed", INT, (1,)),
+             InputSpec("input_media_sizes", INT, (-1, 2))]  # ours (NeMo 1 sends one image per row)
     if get_template(template).steerlm:
         specs += [InputSpec(name, np.int32, (1,)) for name in STEERLM_INPUTS]
     return specs
@@ -103,7 +109,7 @@ class Sampling:
 @dataclass
 class Row:
     prompt: str
-    image: Any  # RGB PIL image or None
+    images: list  # RGB PIL images, one per <image> tag of `prompt`, in order
     sampling: Sampling
 
 
@@ -119,12 +125,13 @@ class TorchBackend:
         self.context = int(model.cfg.encoder_seq_length)
         self.stop_ids, self.stop_strings = serving_stops(model, template)
 
-    def prompt_tokens(self, prompt: str, has_image: bool) -> int:
+    def prompt_tokens(self, prompt: str, n_images: int) -> int:
         from nemo_neva.inference.generate import encode_prompt
 
-        return int(encode_prompt(self.model, prompt, has_image).numel())
+        return int(encode_prompt(self.model, prompt, n_images).numel())
 
     def generate(self, images: list, prompts: list[str], s: Sampling) -> list[str]:
+        """`images[i]`: prompt i's list of images (None without), as `generate` takes them."""
         from nemo_neva.inference.generate import generate
 
         return generate(self.model, images, prompts, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
@@ -171,28 +178,51 @@ class NevaTritonModel:
         if len(value) > self.limits.max_text_chars:
             raise RequestError(f"input_text of {len(value)} characters exceeds the limit of "
                                f"{self.limits.max_text_chars}", "input_text", code="prompt_too_long")
-        if IMAGE_TOKEN in value:
-            raise RequestError(f"input_text must not contain the image tag {IMAGE_TOKEN}: send the image in "
-                               "input_media and the server places it", "input_text")
         return value
 
-    def _image(self, data: dict, row: int, n_rows: int):
-        media = data.get("input_media")
+    def _images(self, data: dict, row: int, n_rows: int) -> list:
+        """The row's images, in order: its `input_media` slots, cropped to `input_media_sizes` when given."""
+        media, sizes = data.get("input_media"), data.get("input_media_sizes")
         if media is None:
-            return None
+            if sizes is not None:
+                raise RequestError("input_media_sizes without input_media", "input_media_sizes")
+            return []
         media = np.asarray(media)
         if media.ndim != 5 or media.shape[0] != n_rows:
             raise RequestError(f"expected shape [{n_rows}, N, H, W, 3], got {list(media.shape)}", "input_media")
-        n = media.shape[1]
-        if n == 0:
-            return None
-        if self.limits.max_images == 0:
-            raise RequestError("this server takes text-only prompts (limits.max_images=0)", "input_media",
+        slots, height, width = media.shape[1:4]
+        hw = [(height, width)] * slots
+        if sizes is not None:
+            sizes = np.asarray(sizes)
+            if sizes.shape != (n_rows, slots, 2):
+                raise RequestError(f"expected shape [{n_rows}, {slots}, 2] ((height, width) per image of "
+                                   f"input_media), got {list(sizes.shape)}", "input_media_sizes")
+            hw = [(int(h), int(w)) for h, w in sizes[row]]
+            used = [h > 0 or w > 0 for h, w in hw]
+            if any(used[k + 1] and not used[k] for k in range(slots - 1)):
+                raise RequestError("an unused slot (0, 0) may only follow the used ones", "input_media_sizes")
+            hw = hw[:sum(used)]
+            for k, (h, w) in enumerate(hw):
+                if not (1 <= h <= height and 1 <= w <= width):
+                    raise RequestError(f"image {k}: size ({h}, {w}) does not fit its {height} x {width} slot "
+                                       "(each of height, width in 1..the slot's)", "input_media_sizes")
+        if len(hw) > self.limits.max_images:
+            what = ("this server takes text-only prompts (limits.max_images=0)" if self.limits.max_images == 0
+                    else f"this server takes at most {self.limits.max_images} per prompt (limits.max_images)")
+            raise RequestError(f"{len(hw)} image{'s' * (len(hw) != 1)} in one prompt; {what}", "input_media",
                                code="too_many_images")
-        if n > self.limits.max_images:
-            raise RequestError(f"{n} images in one row; the model reads at most {self.limits.max_images} per prompt",
-                               "input_media", code="too_many_images")
-        return image_from_array(media[row, 0], self.limits, "input_media")
+        return [image_from_array(media[row, k, :h, :w], self.limits, "input_media") for k, (h, w) in enumerate(hw)]
+
+    def _place_images(self, question: str, n_images: int) -> str:
+        """The question with one `<image>` tag per image: the client's tags, or leading ones (LLaVA layout)."""
+        n_tags = question.count(IMAGE_TOKEN)
+        if n_tags == 0:
+            return "\n".join([IMAGE_TOKEN] * n_images + [question])
+        if n_tags != n_images:
+            raise RequestError(f"input_text has {n_tags} image tag(s) {IMAGE_TOKEN} for {n_images} image(s) in "
+                               "input_media: give one tag per image, in order, or none (the images lead)",
+                               "input_text")
+        return question
 
     def _sampling(self, data: dict, row: int, n_rows: int) -> tuple[Sampling, Optional[int]]:
         get = lambda name, default: self._scalar(data, name, row, n_rows, default)  # noqa: E731
@@ -249,18 +279,19 @@ class NevaTritonModel:
         for r in range(n_rows):
             try:
                 question = self._question(data, r)
-                image = self._image(data, r, n_rows)
+                images = self._images(data, r, n_rows)
+                question = self._place_images(question, len(images))
                 sampling, max_out = self._sampling(data, r, n_rows)
                 attributes = self._attributes(data, r, n_rows)
-                prompt = build_prompt(self.template, question, image is not None, steerlm=attributes)
-                n_prompt = self.backend.prompt_tokens(prompt, image is not None)
+                prompt = build_prompt(self.template, question, bool(images), steerlm=attributes)
+                n_prompt = self.backend.prompt_tokens(prompt, len(images))
                 max_new = token_budget(n_prompt, self.backend.context, max_out, self.limits.max_tokens,
                                        "input_text", "max_output_len")
             except RequestError as e:
                 if n_rows > 1:
                     e.message = f"row {r}: {e.message}"
                 raise
-            rows.append(Row(prompt, image, replace(sampling, max_new_tokens=max_new)))
+            rows.append(Row(prompt, images, replace(sampling, max_new_tokens=max_new)))
         return rows
 
     # ---------------------------------------------------------------------------------------------- running
@@ -271,7 +302,7 @@ class NevaTritonModel:
             groups.setdefault(row.sampling, []).append(i)
         answers: list[Optional[str]] = [None] * len(rows)
         for sampling, idx in groups.items():
-            texts = self.backend.generate([rows[i].image for i in idx], [rows[i].prompt for i in idx], sampling)
+            texts = self.backend.generate([rows[i].images or None for i in idx], [rows[i].prompt for i in idx], sampling)
             for i, text in zip(idx, texts):
                 answers[i] = text
         return answers

@@ -113,13 +113,13 @@ class TrtllmBackend:
         return cls(export_dir, meta, tokenizer, processor, vision, runner)
 
     # ------------------------------------------------------------------------------------------ contract
-    def _ids(self, prompt: str, has_image: bool) -> torch.Tensor:
+    def _ids(self, prompt: str, n_images: int) -> torch.Tensor:
         from nemo_neva.inference.generate import encode_prompt
 
-        return encode_prompt(self._encoder, prompt, has_image)
+        return encode_prompt(self._encoder, prompt, n_images)
 
-    def prompt_tokens(self, prompt: str, has_image: bool) -> int:
-        n = int(self._ids(prompt, has_image).numel())
+    def prompt_tokens(self, prompt: str, n_images: int) -> int:
+        n = int(self._ids(prompt, n_images).numel())
         if self.max_input_len is not None and n > int(self.max_input_len):
             raise RequestError(f"the prompt is {n} tokens; the engine was built for at most {self.max_input_len} "
                                "(--max-input-len of scripts/export_to_trtllm.py --build)", "input_text",
@@ -127,6 +127,7 @@ class TrtllmBackend:
         return n
 
     def generate(self, images: list, prompts: list[str], s) -> list[str]:
+        """`images[i]`: prompt i's list of images in `<image>` order, or None."""
         out = []
         for start in range(0, len(prompts), self.max_batch_size):
             end = start + self.max_batch_size
@@ -136,12 +137,13 @@ class TrtllmBackend:
     def _generate(self, images: list, prompts: list[str], s) -> list[str]:
         from nemo_neva.export.trtllm_prompt import fake_prompt_ids, prompt_table
 
-        rows = [self._ids(p, im is not None) for p, im in zip(prompts, images)]
+        images = [list(im) if im else [] for im in images]
+        rows = [self._ids(p, len(im)) for p, im in zip(prompts, images)]
         table, tasks = None, None
-        with_image = [i for i, im in enumerate(images) if im is not None]
-        if with_image:
-            pixels = self.processor(images=[images[i] for i in with_image], return_tensors="pt")["pixel_values"]
-            feats = self.vision(pixels)  # [n_images, tokens_per_image, hidden], in row order
+        flat = [im for row_images in images for im in row_images]  # row by row, each row's in tag order
+        if flat:
+            pixels = self.processor(images=flat, return_tensors="pt")["pixel_values"]
+            feats = self.vision(pixels)  # [n_images, tokens_per_image, hidden], in that order
             # The Python session takes one table for the whole batch: row b's fake ids continue after the
             # image positions of the rows before it (nemo_neva.export.trtllm_prompt).
             offset = 0

@@ -22,7 +22,7 @@ from nemo_neva.serving.worker import serving_stops
 from tests.model.helpers import ROOT, tiny_model_cfg
 
 TEMPLATE = "nv_steerlm"
-LIMITS = ServerLimits(max_tokens=8, max_image_pixels=4096, max_text_chars=300)
+LIMITS = ServerLimits(max_tokens=8, max_image_pixels=4096, max_text_chars=300, max_images=2)
 
 
 def pixels(seed, h=32, w=32):
@@ -50,8 +50,8 @@ class FakeBackend:
     def __init__(self):
         self.calls = []
 
-    def prompt_tokens(self, prompt, has_image):
-        return len(prompt) // 8 + (16 if has_image else 0)
+    def prompt_tokens(self, prompt, n_images):
+        return len(prompt) // 8 + 16 * n_images
 
     def generate(self, images, prompts, s):
         self.calls.append((len(prompts), s))
@@ -142,10 +142,12 @@ def test_bad_values_raise_invalid_input_naming_it(case):
 def test_bad_text_and_images():
     m = NevaTritonModel(FakeBackend(), TEMPLATE, LIMITS)
     cases = [(request("x" * 301), "input_text", "exceeds the limit of 300"),
-             (request("look <image>", pixels(1)), "input_text", "image tag"),
+             (request("look <image> and <image>", pixels(1)), "input_text", "2 image tag.*for 1 image"),
+             (request("look <image>"), "input_text", "1 image tag.*for 0 image"),
              (request("hi", pixels(1, 80, 80)), "input_media", "6400 pixels exceed the limit of 4096"),
              ({"input_text": np.array([[b"\xff\xfe"]], dtype=np.object_)}, "input_text", "UTF-8"),
-             ({**request("hi"), "input_media": np.zeros((1, 2, 8, 8, 3), np.uint8)}, "input_media", "2 images")]
+             ({**request("hi"), "input_media": np.zeros((1, 3, 8, 8, 3), np.uint8)}, "input_media",
+              r"3 images in one prompt; this server takes at most 2 per prompt \(limits.max_images\)")]
     for req, name, words in cases:
         with pytest.raises(InvalidInput, match=rf"input '{name}': .*{words}"):
             m([req])
