@@ -48,7 +48,9 @@ class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
     messages: list[Message] = Field(min_length=1, description="user and assistant turns alternate, starting and "
-                                    "ending with user; system messages first; one image per conversation")
+                                    "ending with user; system messages first; each `image_url` part puts its "
+                                    "image where the part stands (text and images interleave), at most "
+                                    "`max_images` (GET /config) per conversation")
     temperature: Optional[float] = Field(None, ge=0, le=2, description="0 = greedy; default 1")
     top_p: Optional[float] = Field(None, gt=0, le=1, description="default 1")
     top_k: Optional[int] = Field(None, ge=0, le=1 << 20, description="extension; 0 (default) = off")

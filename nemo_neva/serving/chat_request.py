@@ -1,12 +1,13 @@
 """A `/v1/chat/completions` JSON body -> a validated `ChatRequest` with the rendered prompt.
 
 Everything a client can get wrong is checked here, before the request reaches the model: schema, roles and
-turn order, parameter ranges (OpenAI's), the configured limits, SteerLM attributes, and the image.
+turn order, parameter ranges (OpenAI's), the configured limits, SteerLM attributes, and the images (each
+`image_url` part puts its `<image>` tag where the part stands, so text and images interleave in order).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 from nemo_neva.data.constants import IMAGE_TOKEN
 from nemo_neva.data.conversation import (
@@ -32,7 +33,7 @@ _KNOWN = {"model", "messages", "temperature", "top_p", "top_k", "max_tokens", "m
 @dataclass
 class ChatRequest:
     prompt: str
-    image: Any = None                 # RGB PIL image or None
+    images: list = field(default_factory=list)  # RGB PIL images, one per <image> tag of `prompt`, in order
     max_tokens: Optional[int] = None  # None = as many as the cap and the context allow
     temperature: float = 1.0
     top_p: float = 1.0
@@ -118,11 +119,25 @@ def _parts(content, param: str) -> list:
     return content
 
 
+def _count_images(messages: list) -> int:
+    """image_url parts in the whole conversation (counted before any image is decoded)."""
+    return sum(1 for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
+               for p in m["content"] if isinstance(p, dict) and p.get("type") == "image_url")
+
+
+def _check_image_count(n: int, limits: ServerLimits) -> None:
+    if n > limits.max_images:
+        what = ("this server takes text only (server.max_images=0)" if limits.max_images == 0 else
+                f"this server takes at most {limits.max_images} per conversation (server.max_images)")
+        raise RequestError(f"{n} image{'s' * (n != 1)} in this conversation; {what}", "messages",
+                           code="too_many_images")
+
+
 class _Conversation:
-    """Collects turns, the system text and the one image while walking the messages."""
+    """Collects turns, the system text and the images (in order) while walking the messages."""
 
     def __init__(self, limits: ServerLimits):
-        self.limits, self.turns, self.system, self.image, self.n_images, self.chars = limits, [], None, None, 0, 0
+        self.limits, self.turns, self.system, self.images, self.chars = limits, [], None, [], 0
 
     def text(self, text: str, param: str) -> str:
         if IMAGE_TOKEN in text:
@@ -153,22 +168,18 @@ class _Conversation:
         if role != expected:
             raise RequestError(f"expected a {expected} message here: user and assistant turns alternate, "
                                "starting with user", f"{param}.role")
-        texts, has_image = [], False
+        pieces = []
         for j, part in enumerate(parts):
             if part["type"] == "text":
-                texts.append(self.text(part["text"], param))
+                pieces.append(self.text(part["text"], param))
                 continue
             if role != "user":
                 raise RequestError("only user messages may hold images", f"{param}.content[{j}]")
-            self.n_images += 1
-            if self.n_images > self.limits.max_images:
-                raise RequestError(f"at most {self.limits.max_images} image(s) per conversation", param,
-                                   code="too_many_images")
-            self.image = image_from_url(part["image_url"].get("url"), self.limits, f"{param}.content[{j}]")
-            has_image = True
-        # The image tag leads its message, as the model was trained and as examples/neva_generate.py renders.
-        value = "\n".join(([IMAGE_TOKEN] if has_image else []) + texts)
-        self.turns.append({"from": "human" if role == "user" else "gpt", "value": value})
+            self.images.append(image_from_url(part["image_url"].get("url"), self.limits, f"{param}.content[{j}]"))
+            pieces.append(IMAGE_TOKEN)
+        # Interleaved: each image's tag stands where its part is, parts one per line. [image, text] renders
+        # "<image>\n{text}", the LLaVA layout examples/neva_generate.py and build_prompt use.
+        self.turns.append({"from": "human" if role == "user" else "gpt", "value": "\n".join(pieces)})
 
 
 def parse_chat_request(body, limits: ServerLimits, template: str, model_id: str) -> ChatRequest:
@@ -188,6 +199,7 @@ def parse_chat_request(body, limits: ServerLimits, template: str, model_id: str)
     sampling = _sampling(body, limits)
     stop = _stop(body)
     stream, include_usage = _stream(body)
+    _check_image_count(_count_images(messages), limits)
     conv = _Conversation(limits)
     for i, msg in enumerate(messages):
         conv.add(i, msg)
@@ -207,5 +219,5 @@ def parse_chat_request(body, limits: ServerLimits, template: str, model_id: str)
                                steerlm_defaults=STEERLM_INFERENCE_DEFAULTS)
     except ConversationError as e:
         raise RequestError(e.detail, "steerlm" if e.reason == "bad_attribute" else "messages") from None
-    return ChatRequest(prompt=prompt, image=conv.image, stop=stop, stream=stream, include_usage=include_usage,
+    return ChatRequest(prompt=prompt, images=conv.images, stop=stop, stream=stream, include_usage=include_usage,
                        **sampling)

@@ -105,19 +105,20 @@ class GenerationWorker:
 
     def _budget(self, r: ChatRequest) -> tuple[int, int]:
         """(prompt tokens, max new tokens), or a RequestError when they do not fit the context."""
-        n_prompt = len(encode_prompt(self.model, r.prompt, r.image is not None))
+        n_prompt = len(encode_prompt(self.model, r.prompt, len(r.images)))
         return n_prompt, token_budget(n_prompt, self.context, r.max_tokens, self.max_tokens_cap, "messages",
                                       "max_tokens", what="conversation")
 
     def _run(self, job: Job) -> None:
         r = job.request
         n_prompt, max_new = self._budget(r)
+        images = list(r.images) or None  # generate's form: a list, one per <image> tag in order, or None
         kwargs = dict(max_new_tokens=max_new, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
                       seed=r.seed, stop_token_ids=sorted(self.stop_ids),
                       stop_strings=[*self.stop_strings, *r.stop])
         if r.stream:
             usage, parts = Usage(), []
-            for delta in strip_deltas(stream_generate(self.model, r.image, r.prompt, usage=usage, **kwargs)):
+            for delta in strip_deltas(stream_generate(self.model, images, r.prompt, usage=usage, **kwargs)):
                 if job.cancelled.is_set():
                     log.info("client went away; generation stopped")
                     return
@@ -125,5 +126,5 @@ class GenerationWorker:
                 job.events.put(("delta", delta))
             usage.text = "".join(parts)
         else:
-            usage = generate_usage(self.model, [r.image], [r.prompt], **kwargs)[0]
+            usage = generate_usage(self.model, [images], [r.prompt], **kwargs)[0]
         job.events.put(("done", Finished(usage.text, usage.finish_reason, n_prompt, usage.completion_tokens)))

@@ -12,7 +12,7 @@ from nemo_neva import MegatronNevaModel
 
 TEMPLATE = "nv_steerlm"
 LIMITS = {"max_tokens": 12, "max_body_bytes": 300_000, "max_image_bytes": 60_000, "max_image_pixels": 1_000_000,
-          "max_text_chars": 4000, "max_messages": 8}
+          "max_text_chars": 4000, "max_messages": 8, "max_images": 3}
 
 
 @dataclass

@@ -11,9 +11,10 @@ from tests.serving.serving_helpers import LIMITS, TEMPLATE, coloured, png_data_u
 
 
 def _user(text, image=None):
+    """A user message; its image part first, so the server renders "<image>\n{text}" (build_prompt's layout)."""
     parts = [{"type": "text", "text": text}]
     if image is not None:
-        parts.append({"type": "image_url", "image_url": {"url": png_data_url(image)}})
+        parts.insert(0, {"type": "image_url", "image_url": {"url": png_data_url(image)}})
     return {"role": "user", "content": parts}
 
 

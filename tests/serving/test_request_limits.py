@@ -46,9 +46,9 @@ CASES = {
     "not_an_image": dict(messages=[_image_msg("data:image/png;base64," + base64.b64encode(b"hello" * 20).decode())]),
     "image_bytes": dict(messages=[_image_msg(_big_png_url())]),
     "image_pixels_bomb": dict(messages=[_image_msg(_bomb_url())]),
-    "two_images": dict(messages=[{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": png_data_url(coloured(1))}},
-        {"type": "image_url", "image_url": {"url": png_data_url(coloured(2))}}]}]),
+    "too_many_images": dict(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": png_data_url(coloured(k))}}
+        for k in range(LIMITS["max_images"] + 1)]}]),
     "image_tag_in_text": dict(messages=[{"role": "user", "content": "look: <image>"}]),
     "max_tokens_over_cap": dict(messages=OK, max_tokens=LIMITS["max_tokens"] + 1),
     "max_tokens_zero": dict(messages=OK, max_tokens=0),
@@ -101,7 +101,7 @@ PARAM = {
     "too_many_stops": "stop",
     "top_p_above_one": "top_p",
     "top_p_zero": "top_p",
-    "two_images": "messages[0]",
+    "too_many_images": "messages",
     "unknown_role": "messages[0].role",
     "unsupported_parameter": "tools",
 }
@@ -111,7 +111,7 @@ CODE = {"context_exceeded": "context_length_exceeded", "file_url": "local_path_r
         "image_bytes": "image_too_large", "image_pixels_bomb": "image_too_many_pixels", "not_an_image": "bad_image",
         "max_tokens_over_cap": "max_tokens_too_large", "remote_http_url": "remote_url_refused",
         "remote_https_url": "remote_url_refused", "text_too_long": "prompt_too_long", "too_many_messages":
-        "too_many_messages", "two_images": "too_many_images"}
+        "too_many_messages", "too_many_images": "too_many_images"}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -28,7 +28,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 TEMPLATE = "nv_steerlm"
 MODEL = "neva"
-LIMITS = {"max_tokens": 10, "max_image_pixels": 4096, "max_text_chars": 400}
+LIMITS = {"max_tokens": 10, "max_image_pixels": 4096, "max_text_chars": 400, "max_images": 2}
 QUEUE_DELAY_MS = 300  # long enough that concurrent test requests meet in Triton's dynamic batcher
 DTYPES = {"max_output_len": ("INT64", np.int64), "top_k": ("INT64", np.int64), "num_beams": ("INT64", np.int64),
           "batch_size": ("INT64", np.int64), "random_seed": ("INT64", np.int64), "top_p": ("FP32", np.float32),
@@ -163,7 +163,7 @@ def test_health_metadata_and_config_list_the_inputs(served):
                 "max_output_len": ("INT64", [-1, 1]), "top_k": ("INT64", [-1, 1]), "top_p": ("FP32", [-1, 1]),
                 "temperature": ("FP32", [-1, 1]), "repetition_penalty": ("FP32", [-1, 1]),
                 "num_beams": ("INT64", [-1, 1]), "batch_size": ("INT64", [-1, 1]),
-                "random_seed": ("INT64", [-1, 1]),
+                "random_seed": ("INT64", [-1, 1]), "input_media_sizes": ("INT64", [-1, -1, 2]),
                 **{a: ("INT32", [-1, 1]) for a in ("quality", "toxicity", "humor", "creativity", "violence",
                                                    "helpfulness", "not_appropriate")}}
     assert found == expected
@@ -252,7 +252,7 @@ BAD = {
     "max_output_len_over_cap": (dict(max_output_len=LIMITS["max_tokens"] + 1), "max_output_len"),
     "image_too_many_pixels": (dict(image=pixels(4, 80, 80)), "input_media"),
     "text_too_long": (dict(text="x" * (LIMITS["max_text_chars"] + 1)), "input_text"),
-    "image_tag_in_text": (dict(text="look: <image>"), "input_text"),
+    "image_tags_not_one_per_image": (dict(text="look: <image> and <image>"), "input_text"),
     "steerlm_out_of_range": (dict(humor=10), "humor"),
     "not_utf8": (dict(text=b"\xff\xfe"), "input_text"),
 }

@@ -101,18 +101,20 @@ function wire() {
 
 // ------------------------------------------------------------------------------------------------ image
 function imagesInHistory() {
-  return history.filter((m) => Array.isArray(m.content) && m.content.some((p) => p.type === "image_url")).length;
+  return history.reduce((n, m) => n + (Array.isArray(m.content)
+    ? m.content.filter((p) => p.type === "image_url").length : 0), 0);
 }
 
 function updateImagePicker() {
   const full = config && imagesInHistory() >= config.limits.max_images;
   ui.image.disabled = !!full;
   ui.imageNote.textContent = !config ? "" : config.limits.max_images === 0 ? "this server takes text only"
-    : full ? "this conversation has its image; New chat for another" : "or drop / paste one here";
+    : full ? `this conversation has its ${config.limits.max_images} image(s); New chat for more`
+    : "or drop / paste one here";
 }
 
 function takeImage(file) {
-  if (ui.image.disabled) { setStatus("This conversation already has its image; start a New chat for another."); return; }
+  if (ui.image.disabled) { setStatus("This conversation already has all the images the server takes; start a New chat for more."); return; }
   const reader = new FileReader();
   reader.onload = () => {
     pendingImage = {url: reader.result, name: file.name || "pasted image", size: file.size};
@@ -152,8 +154,10 @@ async function send() {
   const text = ui.message.value.trim();
   if (!text && !pendingImage) { setStatus("Type a message or add an image."); return; }
   const content = [];
-  if (text) content.push({type: "text", text});
+  // The image part first: the server places an image where its part stands, and "<image>\n{question}" is the
+  // layout NeVA is trained and prompted with.
   if (pendingImage) content.push({type: "image_url", image_url: {url: pendingImage.url}});
+  if (text) content.push({type: "text", text});
   const userMsg = {role: "user", content};
   const userBubble = addBubble("user", text, pendingImage && pendingImage.url);
   const answer = addBubble("assistant", "");
