@@ -1,12 +1,15 @@
-"""Ask a NeVA served through Triton (examples/neva_triton.py) one question about one image; prints the answer.
+"""Ask a NeVA served through Triton (examples/neva_triton.py) one question about its images; prints the answer.
 
     python scripts/query_triton.py --url 127.0.0.1:8000 --model neva --image cat.png --prompt "What is this?"
+    python scripts/query_triton.py --image a.png --image b.png --prompt "First <image>, then <image>: same cat?"
     python scripts/query_triton.py --protocol grpc --url 127.0.0.1:8001 --image cat.png --prompt "..." \
         --temperature 0.7 --top-k 50 --top-p 0.9 --seed 3 --max-output-len 64
 
 The request is the one NeMo 1's `query_multimodal` sends (input_text, input_media [1, 1, H, W, 3] RGB, INT64
 max_output_len / top_k / num_beams, FP32 top_p / temperature / repetition_penalty), plus random_seed and, for
-nv_steerlm models, SteerLM attributes (--steerlm quality:9,humor:2). Greedy unless --temperature > 0 and
+nv_steerlm models, SteerLM attributes (--steerlm quality:9,humor:2). Several --image: input_media [1, N, H, W, 3]
+in the order given (the prompt's <image> tags, or none: the images lead); images of different sizes are
+zero-padded to the largest height and width and their sizes sent as input_media_sizes [1, N, 2]. Greedy unless --temperature > 0 and
 --top-k != 1. Exit status 1 with the server's message when the request is refused.
 """
 import argparse
@@ -16,16 +19,32 @@ import sys
 import numpy as np
 
 
-def build_inputs(client_module, prompt: str, image: "np.ndarray | None", args) -> list:
-    """tritonclient InferInput objects for one request (one row)."""
+def media_tensors(images: list) -> "tuple[np.ndarray, np.ndarray | None]":
+    """[H, W, 3] images -> (input_media [1, N, H, W, 3], input_media_sizes [1, N, 2] or None when all share
+    one size): images of different sizes sit at the top-left of zero-padded slots of the largest H and W."""
+    sizes = [im.shape[:2] for im in images]
+    if len(set(sizes)) == 1:
+        return np.stack(images)[np.newaxis], None
+    h, w = max(s[0] for s in sizes), max(s[1] for s in sizes)
+    media = np.zeros((1, len(images), h, w, 3), np.uint8)
+    for k, im in enumerate(images):
+        media[0, k, :im.shape[0], :im.shape[1]] = im
+    return media, np.array([sizes], dtype=np.int64)
+
+
+def build_inputs(client_module, prompt: str, images: list, args) -> list:
+    """tritonclient InferInput objects for one request (one row); `images`: RGB arrays, in <image> order."""
     def tensor(name, array, dtype):
         t = client_module.InferInput(name, list(array.shape), dtype)
         t.set_data_from_numpy(array)
         return t
 
     inputs = [tensor("input_text", np.array([[prompt.encode("utf-8")]], dtype=np.object_), "BYTES")]
-    if image is not None:
-        inputs.append(tensor("input_media", image[np.newaxis, np.newaxis], "UINT8"))
+    if images:
+        media, sizes = media_tensors(images)
+        inputs.append(tensor("input_media", media, "UINT8"))
+        if sizes is not None:
+            inputs.append(tensor("input_media_sizes", sizes, "INT64"))
     scalars = [("max_output_len", args.max_output_len, np.int64, "INT64"),
                ("top_k", args.top_k, np.int64, "INT64"),
                ("top_p", args.top_p, np.float32, "FP32"),
@@ -66,7 +85,8 @@ def client_for(protocol: str):
     return module
 
 
-def query(url: str, model: str, prompt: str, image, args, protocol: str = "http", timeout: float = 300.0) -> str:
+def query(url: str, model: str, prompt: str, images: list, args, protocol: str = "http",
+          timeout: float = 300.0) -> str:
     module = client_for(protocol)
     if protocol == "grpc":
         client = module.InferenceServerClient(url)
@@ -75,7 +95,7 @@ def query(url: str, model: str, prompt: str, image, args, protocol: str = "http"
         client = module.InferenceServerClient(url, connection_timeout=timeout, network_timeout=timeout)
         kwargs = {}
     try:
-        result = client.infer(model, build_inputs(module, prompt, image, args),
+        result = client.infer(model, build_inputs(module, prompt, images, args),
                               outputs=[module.InferRequestedOutput("outputs")], **kwargs)
         return result.as_numpy("outputs")[0, 0].decode("utf-8")
     finally:
@@ -95,7 +115,8 @@ def main(argv=None) -> int:
     ap.add_argument("--url", default=None, help="host:port (default 127.0.0.1:8000 for http, :8001 for grpc)")
     ap.add_argument("--protocol", choices=["http", "grpc"], default="http")
     ap.add_argument("--model", default="neva", help="Triton model name (triton.model_name)")
-    ap.add_argument("--image", default=None, help="image file (omit for a text-only prompt)")
+    ap.add_argument("--image", action="append", default=[], help="image file; repeat for several, in the "
+                    "order of the prompt's <image> tags (omit for a text-only prompt)")
     ap.add_argument("--prompt", required=True, help="the question")
     ap.add_argument("--max-output-len", type=int, default=None, help="new tokens (default: the server's cap)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -110,7 +131,10 @@ def main(argv=None) -> int:
                     help="send the request N times at once (Triton batches them); one answer per line, in order")
     args = ap.parse_args(argv)
     url = args.url or ("127.0.0.1:8001" if args.protocol == "grpc" else "127.0.0.1:8000")
-    image = load_image(args.image) if args.image else None
+    try:
+        images = [load_image(path) for path in args.image]
+    except OSError as e:  # missing or not an image
+        ap.error(f"--image: {e}")
 
     from tritonclient.utils import InferenceServerException
 
@@ -118,12 +142,12 @@ def main(argv=None) -> int:
         ap.error("--concurrent must be >= 1")
     try:
         if args.concurrent == 1:
-            answer = query(url, args.model, args.prompt, image, args, args.protocol, args.timeout)
+            answer = query(url, args.model, args.prompt, images, args, args.protocol, args.timeout)
         else:
             from concurrent.futures import ThreadPoolExecutor
 
             with ThreadPoolExecutor(args.concurrent) as pool:
-                answers = list(pool.map(lambda _: query(url, args.model, args.prompt, image, args, args.protocol,
+                answers = list(pool.map(lambda _: query(url, args.model, args.prompt, images, args, args.protocol,
                                                         args.timeout), range(args.concurrent)))
             answer = "\n".join(answers)
     except InferenceServerException as e:

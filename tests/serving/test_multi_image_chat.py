@@ -68,3 +68,18 @@ def test_more_images_than_the_limit_is_one_line_400_with_the_count(served):
     # at the limit it is answered
     ok = [messages[0], messages[1], {"role": "user", "content": [*(_image(6 + k) for k in range(n - 2)), _text("?")]}]
     assert _ask(served, ok, max_tokens=2).choices[0].finish_reason in ("stop", "length")
+
+
+def test_max_images_is_a_whole_count_and_zero_means_text_only():
+    from nemo_neva.serving.chat_request import parse_chat_request
+    from nemo_neva.serving.errors import RequestError
+    from nemo_neva.serving.limits import ServerLimits
+
+    assert ServerLimits.from_cfg({"max_images": 16}).max_images == 16
+    with pytest.raises(ValueError, match=r"^limits\.max_images must be a whole number, got 2\.5$"):
+        ServerLimits.from_cfg({"max_images": 2.5}, section="limits")
+    body = {"model": "m", "messages": [{"role": "user", "content": [_image(1), _text("hi")]}]}
+    with pytest.raises(RequestError, match=r"^1 image in this conversation; this server takes text only") as err:
+        parse_chat_request(body, ServerLimits(max_images=0), TEMPLATE, "m")
+    assert err.value.code == "too_many_images"
+    assert len(parse_chat_request(body, ServerLimits(max_images=1), TEMPLATE, "m").images) == 1

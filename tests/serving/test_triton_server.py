@@ -196,6 +196,42 @@ def test_greedy_answer_equals_generate_and_the_query_script_prints_it(served, tm
     assert proc.stdout == expected + "\n"
 
 
+def test_two_images_answer_equals_generate_and_the_query_script_pads_different_sizes(served, tmp_path):
+    a, b = pixels(20), pixels(21)
+    ids, strings = serving_stops(served.model, TEMPLATE)
+
+    def expected(question, images):
+        prompt = build_prompt(TEMPLATE, "\n".join(["<image>"] * len(images) + [question]), True)
+        return served.model.generate([[Image.fromarray(im) for im in images]], [prompt], max_new_tokens=8,
+                                     stop_token_ids=ids, stop_strings=strings)[0]
+
+    media = np.stack([a, b])[np.newaxis]  # [1, N=2, H, W, 3]
+    for protocol in ("http", "grpc"):
+        got = ask(served, "Which has more shapes?", protocol=protocol, raw={"input_media": (media, "UINT8")},
+                  max_output_len=8)
+        assert got == expected("Which has more shapes?", [a, b])
+    # two sizes: the script pads them into one tensor and sends input_media_sizes
+    c, d = pixels(22, 32, 24), pixels(23, 20, 40)
+    Image.fromarray(c).save(tmp_path / "c.png")
+    Image.fromarray(d).save(tmp_path / "d.png")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "query_triton.py"), "--url", served.http,
+                           "--model", MODEL, "--image", str(tmp_path / "c.png"), "--image", str(tmp_path / "d.png"),
+                           "--prompt", "Compare them.", "--max-output-len", "8"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    answer = expected("Compare them.", [c, d])
+    assert answer and proc.stdout == answer + "\n"
+
+
+def test_more_images_than_the_limit_are_refused_with_the_count(served):
+    media = np.stack([pixels(30 + k) for k in range(LIMITS["max_images"] + 1)])[np.newaxis]
+    with pytest.raises(InferenceServerException) as info:
+        ask(served, "Too many?", raw={"input_media": (media, "UINT8")})
+    assert (f"input 'input_media': {LIMITS['max_images'] + 1} images in one prompt; this server takes at most "
+            f"{LIMITS['max_images']} per prompt (limits.max_images)") in info.value.message()
+    assert served.proc.poll() is None
+
+
 def test_text_only_steerlm_and_defaults(served):
     assert ask(served, "Say something.") == oracle(served, "Say something.")  # default: greedy, the server's cap
     assert ask(served, "Say something.", humor=2, quality=5) == oracle(served, "Say something.",
