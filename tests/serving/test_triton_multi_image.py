@@ -127,3 +127,40 @@ def test_a_text_only_server_refuses_any_image():
     m = NevaTritonModel(FakeBackend(), TEMPLATE, ServerLimits(max_images=0))
     with pytest.raises(InvalidInput, match=r"1 image in one prompt; this server takes text-only prompts"):
         m([request("hi", np.zeros((1, 8, 8, 3), np.uint8))])
+
+
+def test_tensorrt_llm_backend_addresses_every_image_of_a_row_in_the_prompt_table(model):
+    """The GPU backend's glue on CPU (test_triton_model.FakeRunner stands in for the engine and checks that each
+    row's fake ids address its own images' features, in tag order, in the batch's one prompt table)."""
+    from nemo_neva.export.trtllm import export_vocab_size
+    from nemo_neva.inference.generate import encode_prompt, generate_tokens
+    from nemo_neva.serving.triton_trtllm import TrtllmBackend
+    from tests.serving.test_triton_model import FakeRunner
+
+    vocab = export_vocab_size(model)
+    ids, strings = serving_stops(model, TEMPLATE)
+    meta = {"conv_template": TEMPLATE, "stop_token_ids": sorted(ids), "stop_strings": strings, "vocab_size": vocab,
+            "image_token_id": model.image_token_id, "tokens_per_image": model.tokens_per_image}
+    rows = [("Which has more shapes?", [pixels(1), pixels(2)]), ("What is it?", [pixels(3)])]
+    cases = []
+    for q, arrays in rows:
+        pils = [Image.fromarray(a) for a in arrays]
+        prompt = build_prompt(TEMPLATE, "\n".join([IMAGE_TOKEN] * len(pils) + [q]), True)
+        with torch.no_grad():
+            feats = model.model.encode_images(model.image_processor(images=pils, return_tensors="pt")
+                                              ["pixel_values"]).flatten(0, 1)  # [images * tokens, hidden]
+        tokens = generate_tokens(model, [pils], [prompt], max_new_tokens=6, stop_token_ids=sorted(ids),
+                                 stop_strings=strings)[0]
+        cases.append(dict(ids=encode_prompt(model, prompt, len(pils)), feats=feats, tokens=tokens))
+
+    def vision(px):
+        with torch.no_grad():
+            return model.model.encode_images(px)
+
+    runner = FakeRunner(model, vocab, cases)
+    m = NevaTritonModel(TrtllmBackend("unused", meta, model.tokenizer, model.image_processor, vision, runner),
+                        TEMPLATE, LIMITS)
+    out = m([request(q, np.stack(arrays), max_output_len=6) for q, arrays in rows])
+    assert runner.calls[0]["rows"] == 2  # both rows in one engine call, so one table holds all three images
+    expected = [model.tokenizer.decode(c["tokens"], skip_special_tokens=True).strip() for c in cases]
+    assert [o["outputs"][0, 0].decode() for o in out] == expected
