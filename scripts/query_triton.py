@@ -9,8 +9,8 @@ The request is the one NeMo 1's `query_multimodal` sends (input_text, input_medi
 max_output_len / top_k / num_beams, FP32 top_p / temperature / repetition_penalty), plus random_seed and, for
 nv_steerlm models, SteerLM attributes (--steerlm quality:9,humor:2). Several --image: input_media [1, N, H, W, 3]
 in the order given (the prompt's <image> tags, or none: the images lead); images of different sizes are
-zero-padded to the largest height and width and their sizes sent as input_media_sizes [1, N, 2]. Greedy unless --temperature > 0 and
---top-k != 1. Exit status 1 with the server's message when the request is refused.
+zero-padded to the largest height and width and their sizes sent as input_media_sizes [1, N, 2]. Greedy unless
+--temperature > 0 and --top-k != 1. Exit status 1 with the server's message when the request is refused.
 """
 import argparse
 import re

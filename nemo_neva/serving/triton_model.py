@@ -25,7 +25,8 @@ whose clients send numpy's default integer, INT64), so `query_multimodal`-style 
 one per line, as in training. Every row of every request is checked before any generation (the same limits and
 ranges as the HTTP server, `limits.py` / `images.py`); a bad one raises `InvalidInput` naming the input.
 Triton's dynamic batcher hands over several requests at once; rows with the same decoding settings run through
-one batched `generate`, so a batched answer is the one the request would get alone (greedy, or with the same `random_seed`).
+one batched `generate`, so a batched answer is the one the request would get alone (greedy, or with the same
+`random_seed`).
 """
 from __future__ import annotations
 
@@ -302,7 +303,8 @@ class NevaTritonModel:
             groups.setdefault(row.sampling, []).append(i)
         answers: list[Optional[str]] = [None] * len(rows)
         for sampling, idx in groups.items():
-            texts = self.backend.generate([rows[i].images or None for i in idx], [rows[i].prompt for i in idx], sampling)
+            images = [rows[i].images or None for i in idx]
+            texts = self.backend.generate(images, [rows[i].prompt for i in idx], sampling)
             for i, text in zip(idx, texts):
                 answers[i] = text
         return answers

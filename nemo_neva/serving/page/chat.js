@@ -114,7 +114,10 @@ function updateImagePicker() {
 }
 
 function takeImage(file) {
-  if (ui.image.disabled) { setStatus("This conversation already has all the images the server takes; start a New chat for more."); return; }
+  if (ui.image.disabled) {
+    setStatus("This conversation already has all the images the server takes; start a New chat for more.");
+    return;
+  }
   const reader = new FileReader();
   reader.onload = () => {
     pendingImage = {url: reader.result, name: file.name || "pasted image", size: file.size};
