@@ -211,5 +211,6 @@ def open_video(src, settings: VideoSettings = VideoSettings(), max_bytes: int = 
         except VideoError:
             raise
         except (av.error.FFmpegError, OSError, ValueError, EOFError, IndexError) as err:  # FFmpeg's "corrupt"
-            raise VideoError("corrupt", f"{name}: {type(err).__name__}: {err}") from err
+            detail = getattr(err, "strerror", None) or str(err)  # FFmpeg's message without errno and file name
+            raise VideoError("corrupt", f"{name}: {detail}") from err
     return Video([frames[i] for i in indices], indices, total)
