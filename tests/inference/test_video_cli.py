@@ -11,7 +11,7 @@ import torch
 
 from nemo_neva import MegatronNevaModel
 from nemo_neva.data.constants import IMAGE_TOKEN
-from nemo_neva.data.video_io import open_video, sample_indices
+from nemo_neva.data.video_io import sample_indices
 from nemo_neva.data.video_writer import write_video
 from nemo_neva.inference.prompting import build_prompt, stop_markers
 from tests.inference.test_video_generation import moving_square
