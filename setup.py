@@ -17,6 +17,8 @@ setup(
         "omegaconf>=2.3",
         "hydra-core>=1.3",
         "pillow",
+        # video input (data/video_io.py): a manylinux wheel with FFmpeg inside, no system libraries
+        "av>=18.1,<19",
         "safetensors",
         "psutil",
         "tensorboard",

@@ -1,12 +1,14 @@
 """Answer questions about images with a .nemo NeVA model.
 
     python examples/neva_generate.py neva_model_file=M.nemo image_path=img.png prompt="What colour is it?"
+    python examples/neva_generate.py neva_model_file=M.nemo video_path=clip.mp4 prompt="Which way does it move?"
     python examples/neva_generate.py neva_model_file=M.nemo prompts_file=in.jsonl output_file=out.jsonl
 
 Only answers go to stdout (one line per answer; logs, NeMo's included, go to stderr), so
 `answer=$(python examples/neva_generate.py ...)` is the answer.
 
-prompts_file lines: {"image": "relative/to/the/jsonl.png", "prompt": "..."} ("image" optional). The output
+prompts_file lines: {"image": "relative/to/the/jsonl.png", "prompt": "..."} ("image" optional; or "video":
+a video file, whose frames are sampled as video.num_frames / video.sampling, default: the model's). The output
 has one line per input line, in order, with the input fields and "answer" -- or "error" for a line that
 could not be used (bad JSON, missing prompt, unreadable image, too long); such lines are logged and counted.
 """
@@ -22,6 +24,7 @@ from omegaconf import OmegaConf
 from nemo_neva import MegatronNevaModel
 from nemo_neva.cli import user_errors
 from nemo_neva.data.image_io import open_user_image
+from nemo_neva.data.video_io import expand_media, open_video, video_settings_of
 from nemo_neva.inference.generate import encode_prompt, validate_sampling
 from nemo_neva.inference.prompting import build_prompt, stop_markers
 from nemo_neva.inference.prompts_file import PromptRequest, Skipped, read_prompts_file
@@ -34,7 +37,11 @@ def _check_options(cfg):
     if not cfg.neva_model_file:
         raise ValueError("neva_model_file=... is required")
     if not cfg.prompts_file and not cfg.prompt:
-        raise ValueError("give prompt=... (with image_path=...) or prompts_file=...")
+        raise ValueError("give prompt=... (with image_path=... or video_path=...) or prompts_file=...")
+    if cfg.get("image_path") and cfg.get("video_path"):
+        raise ValueError("give image_path=... or video_path=..., not both")
+    video = cfg.get("video") or {}
+    video_settings_of(None, video.get("num_frames"), video.get("sampling"))  # validates set values
     inf = cfg.inference
     # The context-length check needs the model (done per request later).
     validate_sampling(inf.temperature, inf.top_k, inf.top_p, inf.tokens_to_generate,
@@ -51,6 +58,8 @@ class _Generator:
     def __init__(self, cfg, extra_stops):
         self.model = MegatronNevaModel.restore_from(cfg.neva_model_file)
         self.template = cfg.conv_template or self.model.cfg.data.conv_template
+        video = cfg.get("video") or {}
+        self.video = video_settings_of(self.model.cfg, video.get("num_frames"), video.get("sampling"))
         stop_ids, stop_strings = stop_markers(self.model.tokenizer, self.template)
         inf = cfg.inference
         self.steerlm = OmegaConf.to_container(inf.steerlm, resolve=True) if inf.get("steerlm") else None
@@ -61,17 +70,21 @@ class _Generator:
             compile_decode=bool(inf.get("compile", False)),
         )
 
-    def prepare(self, question: str, image_path):
-        """(image, prompt) ready to decode; raises ValueError (incl. image errors) for an unusable request."""
+    def prepare(self, question: str, image_path, video_path=None):
+        """(image or video, prompt) ready to decode; raises ValueError (incl. image and video errors) for an
+        unusable request."""
         # Byte and pixel limits before decoding; truncated/malformed files end with a clear message.
         image = open_user_image(image_path) if image_path else None
-        prompt = build_prompt(self.template, question, image is not None, steerlm=self.steerlm)
-        length = encode_prompt(self.model, prompt, image is not None).numel()
+        video = open_video(video_path, self.video) if video_path else None
+        prompt = build_prompt(self.template, question, image is not None, steerlm=self.steerlm,
+                              has_video=video is not None)
+        text, frames = expand_media(prompt, [m for m in (image, video) if m is not None])
+        length = encode_prompt(self.model, text, len(frames)).numel()
         context = self.model.cfg.encoder_seq_length
         if length + self.kwargs["max_new_tokens"] > context:
             raise ValueError(f"prompt of {length} tokens + tokens_to_generate={self.kwargs['max_new_tokens']} "
                              f"exceeds the context of {context} tokens")
-        return image, prompt
+        return (video if video is not None else image), prompt
 
     def answer(self, images, prompts):
         return self.model.generate(images, prompts, **self.kwargs)
@@ -86,9 +99,9 @@ def _answer_file(gen: _Generator, cfg):
         for entry in entries[start:start + batch]:
             if isinstance(entry, PromptRequest):
                 try:
-                    ready.append((len(chunk), *gen.prepare(entry.prompt, entry.image_path)))
+                    ready.append((len(chunk), *gen.prepare(entry.prompt, entry.image_path, entry.video_path)))
                     entry = {**entry.record}
-                except ValueError as err:  # ImageError is a ValueError
+                except ValueError as err:  # ImageError (and VideoError, one) is a ValueError
                     entry = Skipped(entry.line, str(err), entry.record)
             if isinstance(entry, Skipped):
                 log.warning("%s line %d skipped: %s", cfg.prompts_file, entry.line, entry.reason)
@@ -126,8 +139,9 @@ def _rows(cfg):
     gen = _Generator(cfg, extra_stops)
     if cfg.prompts_file:
         return _answer_file(gen, cfg)
-    image, prompt = gen.prepare(cfg.prompt, cfg.image_path)
-    return [{"image": cfg.image_path, "prompt": cfg.prompt, "answer": gen.answer([image], [prompt])[0]}]
+    media, prompt = gen.prepare(cfg.prompt, cfg.image_path, cfg.get("video_path"))
+    source = {"video": cfg.video_path} if cfg.get("video_path") else {"image": cfg.image_path}
+    return [{**source, "prompt": cfg.prompt, "answer": gen.answer([media], [prompt])[0]}]
 
 
 @hydra_runner(config_path="../conf", config_name="neva_inference")

@@ -40,7 +40,10 @@ def _centre(position: str, size: int) -> tuple[float, float]:
 
 
 def _draw(draw: ImageDraw.ImageDraw, shape: str, colour: str, position: str, size: int) -> None:
-    cx, cy = _centre(position, size)
+    _draw_at(draw, shape, colour, *_centre(position, size), size)
+
+
+def _draw_at(draw: ImageDraw.ImageDraw, shape: str, colour: str, cx: float, cy: float, size: int) -> None:
     r = size * 0.14
     box = [cx - r, cy - r, cx + r, cy + r]
     fill = COLOURS[colour]
@@ -102,6 +105,49 @@ def questions(scene: list[dict], rng: random.Random) -> list[tuple[str, list[str
     return qa
 
 
+DIRECTIONS = ("left", "right")
+MOTION_QUESTION = "Which way does the shape move? Answer with one word."
+
+
+def render_motion(shape: str, colour: str, direction: str, n_frames: int, size: int = 32) -> list[Image.Image]:
+    """A shape crossing the picture, 20 % -> 80 % of the width (`right`) or back (`left`), over n_frames."""
+    frames = []
+    for i in range(n_frames):
+        t = i / max(n_frames - 1, 1)
+        img = Image.new("RGB", (size, size), BACKGROUND)
+        _draw_at(ImageDraw.Draw(img), shape, colour, size * (0.2 + 0.6 * (t if direction == "right" else 1 - t)),
+                 size / 2, size)
+        frames.append(img)
+    return frames
+
+
+def _make_motion(out_dir: str, rng: random.Random, n_train: int, n_eval: int, n_frames: int, size: int) -> dict:
+    """videos/ + stage2_video.json (`"video"` records) + eval_video.jsonl: "Which way does it move?"."""
+    from nemo_neva.data.video_writer import write_video
+
+    vid_dir = os.path.join(out_dir, "videos")
+    os.makedirs(vid_dir, exist_ok=True)
+    train, evals = [], []
+    for split, n in (("train", n_train), ("eval", n_eval)):
+        for i in range(n):
+            shape, colour, direction = rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(DIRECTIONS)
+            name = f"{split}_{i:05d}.mp4"
+            write_video(os.path.join(vid_dir, name), render_motion(shape, colour, direction, n_frames, size))
+            if split == "train":
+                train.append({"id": f"motion_{i:05d}", "video": name, "conversations": [
+                    {"from": "human", "value": f"<video>\n{MOTION_QUESTION}"}, {"from": "gpt", "value": direction}]})
+            else:
+                evals.append({"id": f"eval_motion_{i:05d}", "video": name, "question": MOTION_QUESTION,
+                              "answers": [direction], "category": "motion"})
+    paths = {"video_folder": vid_dir, "video_stage2": os.path.join(out_dir, "stage2_video.json"),
+             "video_eval": os.path.join(out_dir, "eval_video.jsonl")}
+    _write_json(paths["video_stage2"], train)
+    with open(paths["video_eval"], "w", encoding="utf-8") as f:
+        for rec in evals:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    return paths
+
+
 def _write_json(path: str, obj) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1, ensure_ascii=False)
@@ -109,11 +155,15 @@ def _write_json(path: str, obj) -> None:
 
 
 def make_shapes_dataset(out_dir: str, n_train: int, n_eval: int, seed: int = 0,
-                        image_size: int = 32, train_size_weights=SCENE_SIZE_WEIGHTS) -> dict:
+                        image_size: int = 32, train_size_weights=SCENE_SIZE_WEIGHTS,
+                        n_video_train: int = 0, n_video_eval: int = 0, video_frames: int = 4) -> dict:
     """Write images/ + stage1_captions.json + stage2_instruct.json + eval.jsonl; return their paths.
 
     `train_size_weights`: how often a training scene has 1, 2 or 3 shapes (more multi-shape scenes teach
     which colour sits where, the hard part); eval scenes always use SCENE_SIZE_WEIGHTS.
+    `n_video_train` / `n_video_eval` > 0 (off by default) also write the motion task: lossless mp4s of
+    `video_frames` frames in videos/, stage2_video.json and eval_video.jsonl (drawn after everything else,
+    so the image files are the same with or without it).
     """
     rng = random.Random(seed)
     img_dir = os.path.join(out_dir, "images")
@@ -158,4 +208,6 @@ def make_shapes_dataset(out_dir: str, n_train: int, n_eval: int, seed: int = 0,
     with open(paths["eval"], "w", encoding="utf-8") as f:
         for rec in evals:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    if n_video_train or n_video_eval:
+        paths.update(_make_motion(out_dir, rng, n_video_train, n_video_eval, video_frames, image_size))
     return paths

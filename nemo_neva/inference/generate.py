@@ -15,8 +15,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from nemo_neva.data.constants import IMAGE_TOKEN
+from nemo_neva.data.constants import IMAGE_TOKEN, VIDEO_TOKEN
 from nemo_neva.data.tokenizer import encode_text
+from nemo_neva.data.video_io import Video, expand_media
 from nemo_neva.inference.batching import left_pad
 from nemo_neva.inference.kv_cache import CachedDecoder, RecomputeDecoder
 from nemo_neva.inference.sampling import apply_repetition_penalty, sample_next, validate_sampling
@@ -72,10 +73,23 @@ def _image_count(image) -> int:
     return 1
 
 
+def _expand_videos(prompt: str, image):
+    """A request holding a `Video` (alone or in its list) or a `<video>` tag -> (prompt, images) with each
+    video's tag expanded to one `<image>` tag per frame and its frames in the image list, in tag order."""
+    items = image if isinstance(image, (list, tuple)) else [image]
+    if VIDEO_TOKEN not in prompt and not any(isinstance(it, Video) for it in items):
+        return prompt, image
+    return expand_media(prompt, [] if image is None else items)
+
+
 def encode_prompt(model, prompt: str, images) -> torch.Tensor:
     """Prompt ids with each `<image>` tag expanded to the model's placeholder run. `images`: the request's
     image(s) as `generate` takes them, or a count (True/False for one/none): one tag per image, in order."""
     tok = model.tokenizer
+    if not isinstance(images, (bool, int)):
+        prompt, images = _expand_videos(prompt, images)
+    elif VIDEO_TOKEN in prompt:
+        raise ValueError(f"the prompt has a {VIDEO_TOKEN} tag: pass the request's images and videos, not a count")
     n_images = int(images) if isinstance(images, (bool, int)) else _image_count(images)
     n_tags = prompt.count(IMAGE_TOKEN)
     if n_tags != n_images:
@@ -124,6 +138,7 @@ def _requests(model, images, prompts, max_new_tokens: int) -> list[_Request]:
     context = model.cfg.encoder_seq_length
     out = []
     for i, (image, prompt) in enumerate(zip(images, prompts)):
+        prompt, image = _expand_videos(prompt, image)
         ids = encode_prompt(model, prompt, image)
         if ids.numel() + max_new_tokens > context:
             raise ValueError(f"prompt {i} ({ids.numel()} tokens) + max_new_tokens ({max_new_tokens}) "
@@ -273,7 +288,9 @@ def generate(model, images: Sequence, prompts: Sequence[str], max_new_tokens: in
              repetition_penalty: float = 1.0, batch_size: Optional[int] = None,
              use_cache: bool = True, compile_decode: bool = False) -> list[str]:
     """`images[i]` is None, one image (PIL or [3,H,W] tensor) or a list of images (or an [n,3,H,W] tensor),
-    one per `<image>` tag of `prompts[i]`, in order; `prompts[i]` is the rendered prompt text.
+    one per `<image>` tag of `prompts[i]`, in order; `prompts[i]` is the rendered prompt text. A
+    `data.video_io.Video` (alone or in the list) takes a `<video>` tag, which becomes one `<image>` tag per
+    frame: the frames are the images of that place.
 
     Decoding ends at a stop token id (default: EOS), a stop string, or `max_new_tokens`. temperature 0 is
     greedy; `repetition_penalty` > 1 discourages tokens already in the prompt or answer. With a `seed`, each

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 from typing import Mapping, Optional
 
-from nemo_neva.data.constants import IMAGE_TOKEN
+from nemo_neva.data.constants import IMAGE_TOKEN, VIDEO_TOKEN
 from nemo_neva.data.conversation import STEERLM_INFERENCE_DEFAULTS, get_template, render_prompt
 
 
 def build_prompt(template: str, question: str, has_image: bool, system: Optional[str] = None,
-                 steerlm: Optional[Mapping[str, int]] = None, tokenizer=None) -> str:
+                 steerlm: Optional[Mapping[str, int]] = None, tokenizer=None, has_video: bool = False) -> str:
     """One-turn generation prompt; the image tag goes first (LLaVA style) unless the question places it.
-    `tokenizer`: for conv_template=hf_chat_template (its own chat template).
+    `tokenizer`: for conv_template=hf_chat_template (its own chat template). `has_video`: the same for a
+    `<video>` tag (generate expands it into the video's frames).
 
     For `nv_steerlm`, `steerlm` attributes (validated: known names, ints 0-9) are laid over the NGC card's
     inference defaults and rendered as the `<extra_id_2>` label line; other templates have no such line.
@@ -19,6 +20,10 @@ def build_prompt(template: str, question: str, has_image: bool, system: Optional
         question = f"{IMAGE_TOKEN}\n{question}"
     if not has_image and IMAGE_TOKEN in question:
         raise ValueError(f"the prompt contains {IMAGE_TOKEN} but no image was given")
+    if has_video and VIDEO_TOKEN not in question:
+        question = f"{VIDEO_TOKEN}\n{question}"
+    if not has_video and VIDEO_TOKEN in question:
+        raise ValueError(f"the prompt contains {VIDEO_TOKEN} but no video was given")
     return render_prompt(template, [{"from": "human", "value": question}], system=system, attributes=steerlm,
                          steerlm_defaults=STEERLM_INFERENCE_DEFAULTS, tokenizer=tokenizer)
 

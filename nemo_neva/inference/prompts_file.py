@@ -1,6 +1,7 @@
-"""A JSONL file of generation requests: one `{"image": path, "prompt": text}` object per line.
+"""A JSONL file of generation requests: one `{"image": path, "prompt": text}` (or `{"video": path, ...}`)
+object per line.
 
-`image` is optional; a relative path is resolved against the JSONL file's folder (so a folder of images and
+`image` / `video` are optional (at most one of them); a relative path is resolved against the JSONL file's folder (so a folder of images and
 its prompt file can be moved together). A line that cannot be used is not fatal: it becomes a `Skipped`
 entry with its line number and reason, and the caller reports it (and keeps its place in the output).
 """
@@ -18,6 +19,7 @@ class PromptRequest:
     record: dict  # the line's object, as written (echoed into the output)
     prompt: str
     image_path: Optional[str]  # resolved
+    video_path: Optional[str] = None  # resolved
 
 
 @dataclass
@@ -50,9 +52,12 @@ def _parse(number: int, line: str, base: str) -> Union[PromptRequest, Skipped]:
     prompt = record.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         return Skipped(number, "'prompt' must be a non-empty string", record)
-    image = record.get("image")
-    if image is not None and (not isinstance(image, str) or not image):
-        return Skipped(number, "'image' must be a path string (or absent)", record)
-    if image is not None and not os.path.isabs(image):
-        image = os.path.join(base, image)
-    return PromptRequest(number, record, prompt, image)
+    paths = {}
+    for key in ("image", "video"):
+        value = record.get(key)
+        if value is not None and (not isinstance(value, str) or not value):
+            return Skipped(number, f"'{key}' must be a path string (or absent)", record)
+        paths[key] = value if value is None or os.path.isabs(value) else os.path.join(base, value)
+    if paths["image"] is not None and paths["video"] is not None:
+        return Skipped(number, "give 'image' or 'video', not both", record)
+    return PromptRequest(number, record, prompt, paths["image"], paths["video"])
