@@ -1,8 +1,9 @@
 """Sharded streaming data: LLaVA records + image bytes in webdataset-style tar shards.
 
 Layout (written by scripts/convert_llava_to_shards.py): `shard-000000.tar`, ... each holding, per
-sample, `<key>.json` (the LLaVA record, `id` filled in) and, if it has one, `<key>.<ext>` (the image
-file's bytes, already validated), members of one sample adjacent. `index.json` lists the shards with
+sample, `<key>.json` (the LLaVA record, `id` filled in) and its image files' bytes (already validated):
+`<key>.<ext>` for a sample's only image, `<key>.<i>.<ext>` (i = 0, 1, ... in tag order) for several; members
+of one sample adjacent. `index.json` lists the shards with
 their sample counts, so the length of an epoch is known without reading the shards. The shards are
 plain tar files in webdataset's naming convention, so `webdataset.WebDataset` can read them too.
 
@@ -30,8 +31,9 @@ from typing import Iterator, Mapping, Sequence, Union
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from nemo_neva.data.dataset import _ERRORS, SampleError, StreamedRecordEncoder
-from nemo_neva.data.image_io import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, _decode, preprocess)
+from nemo_neva.data.dataset import (_ERRORS, DEFAULT_MAX_IMAGES, SampleError, StreamedRecordEncoder,
+                                    make_item)
+from nemo_neva.data.image_io import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, _decode
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +179,26 @@ def buffer_shuffle_order(n: int, buffer: int, rng: random.Random) -> list[int]:
     return out + buf
 
 
+def image_member_ext(ext: str, index: int, count: int) -> str:
+    """A sample's image member name after its key: `<key>.png` for its only image, `<key>.<i>.png` for image i
+    of several (webdataset field `i.png`), so single-image shards keep the plain layout."""
+    return ext if count == 1 else f"{index}.{ext}"
+
+
+_NUMBERED_IMAGE = re.compile(r"(\d+)\.(" + "|".join(IMAGE_EXTS) + r")")
+
+
+def shard_images(fields: Mapping[str, bytes]) -> list[bytes]:
+    """A shard sample's image bytes in tag order (see image_member_ext)."""
+    numbered = sorted((int(m.group(1)), v) for k, v in fields.items() if (m := _NUMBERED_IMAGE.fullmatch(k)))
+    if numbered:
+        if [i for i, _ in numbered] != list(range(len(numbered))):
+            raise ImageError("missing", f"image members {[i for i, _ in numbered]} are not 0..{len(numbered) - 1}")
+        return [v for _, v in numbered]
+    ext = next((x for x in IMAGE_EXTS if x in fields), None)
+    return [] if ext is None else [fields[ext]]
+
+
 class _RecordEncoder(StreamedRecordEncoder):
     """NevaDataset's per-record encoding and skip bookkeeping, without reading an annotation file."""
 
@@ -190,22 +212,20 @@ class _RecordEncoder(StreamedRecordEncoder):
                 raise SampleError("malformed_json", f"{fallback_id}: {e}") from e
             if isinstance(rec, dict):
                 sid = str(rec.get("id", fallback_id))
-            ids, labels, image, _ = self.encode(rec)
-            pixels = None
-            if image is not None:
-                ext = next((x for x in IMAGE_EXTS if x in fields), None)
-                if ext is None:
-                    raise ImageError("missing", f"{image!r} has no image bytes in the shard")
-                data = fields[ext]
-                if len(data) > self.max_image_bytes:
-                    raise ImageError("too_large", f"{image!r}: {len(data)} bytes > {self.max_image_bytes}")
-                pixels = preprocess(_decode(data, image, self.max_image_pixels, header_only=False),
-                                    self.image_processor, self.image_aspect_ratio)
+            ids, labels, images, _ = self.encode(rec)
+            data = shard_images(fields) if images else []
+            if len(data) != len(images):
+                raise ImageError("missing", f"{len(images)} image(s) {images!r} but {len(data)} in the shard")
+            decoded = []
+            for name, raw in zip(images, data):
+                if len(raw) > self.max_image_bytes:
+                    raise ImageError("too_large", f"{name!r}: {len(raw)} bytes > {self.max_image_bytes}")
+                decoded.append(_decode(raw, name, self.max_image_pixels, header_only=False))
+            pixels = self.pixels(decoded)
         except _ERRORS as e:
             self._skip(sid, e)
             return None
-        return {"input_ids": torch.tensor(ids, dtype=torch.long),
-                "labels": torch.tensor(labels, dtype=torch.long), "image": pixels, "id": sid}
+        return make_item(ids, labels, pixels, sid)
 
 
 class ShardedNevaDataset(IterableDataset):
@@ -231,7 +251,8 @@ class ShardedNevaDataset(IterableDataset):
                  system_prompt: str | None = None, max_image_bytes: int = DEFAULT_MAX_BYTES,
                  max_image_pixels: int = DEFAULT_MAX_PIXELS, dp_rank: int = 0, dp_size: int = 1,
                  seed: int = 1234, shuffle: bool = True, shuffle_buffer: int = 1000,
-                 drop_remainder: bool = False, batch_size: int = 1):
+                 drop_remainder: bool = False, batch_size: int = 1,
+                 max_images_per_sample: int = DEFAULT_MAX_IMAGES):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
         self.shards = resolve_shards(shards)
@@ -240,7 +261,7 @@ class ShardedNevaDataset(IterableDataset):
             raise ValueError(f"no samples in shards {shards!r}")
         self.encoder = _RecordEncoder(tokenizer, image_processor, template, image_aspect_ratio, seq_length,
                                       num_image_tokens, strict, steerlm_defaults, system_prompt,
-                                      max_image_bytes, max_image_pixels)
+                                      max_image_bytes, max_image_pixels, max_images_per_sample)
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         self.shuffle, self.shuffle_buffer, self.drop_remainder = shuffle, shuffle_buffer, drop_remainder
         self.batch_size = batch_size
