@@ -27,7 +27,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SAMPLE_LOADER = '''# Written by nemo_neva's scripts/convert_llava_to_energon.py: a LLaVA record (<key>.json) and its image
-# bytes (<key>.<ext>) -> megatron.energon.{sample_type}. Works with decoded (dict) or raw (bytes) JSON parts.
+# bytes (<key>.<ext>, or <key>.<i>.<ext> for image i of several: then `image` is their list, in tag order)
+# -> megatron.energon.{sample_type}. Works with decoded (dict) or raw (bytes) JSON parts.
 import json
 
 IMAGE_PARTS = ("png", "jpg", "jpeg", "webp", "gif", "bmp")

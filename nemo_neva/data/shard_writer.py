@@ -16,7 +16,8 @@ from nemo_neva.data.dataset import SampleError, record_images
 from nemo_neva.data.image_io import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, ImageSource,
                                      _decode)
 from nemo_neva.data.records import iter_records
-from nemo_neva.data.shards import FORMAT, INDEX_NAME, image_member_ext
+from nemo_neva.data.shard_encoding import image_member_ext
+from nemo_neva.data.shards import FORMAT, INDEX_NAME
 
 log = logging.getLogger(__name__)
 
