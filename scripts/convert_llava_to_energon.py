@@ -4,11 +4,14 @@
         --output-dir ENERGON --samples-per-shard 1000 [--sample-type auto|captioning|vqa] [--split-ratio 1,0,0]
 
 1. Writes webdataset shards, ENERGON/shard-000000.tar ... (per sample `<key>.json` = the LLaVA record,
-   `<key>.<ext>` = its image bytes), checked as scripts/convert_llava_to_shards.py checks them (records, image
-   paths, byte and pixel limits, decoding); every sample left out is listed in ENERGON/rejected.jsonl.
+   `<key>.<ext>` = its image bytes; `<key>.<i>.<ext>` for image i of several), checked as
+   scripts/convert_llava_to_shards.py checks them (records, image paths, byte and pixel limits, decoding);
+   every sample left out is listed in ENERGON/rejected.jsonl.
 2. Writes ENERGON/.nv-meta/sample_loader.py, which turns a shard sample into Energon's CaptioningSample
    (image, caption: stage 1) or VQASample (image, context = the user turns, answers = the replies: stage 2,
-   multi-turn as NeMo 2 reads it). `auto` picks captioning when every record is one exchange with an image.
+   multi-turn as NeMo 2 reads it). `auto` picks captioning when every record is one exchange with one image.
+   A record with several images gets `image` = the list of their bytes in tag order (the `<image>` tags stay
+   in the context turns): nemo_neva's task encoder reads that; other task encoders expect one image.
 3. Runs Energon's own `energon prepare` on the folder, non-interactively (split, tar index, dataset.yaml),
    so the result is a real Energon dataset: `energon info ENERGON` / `energon preview ENERGON` read it, and
    NeMo 2 / Megatron-LM task encoders can train on it too.
@@ -24,7 +27,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SAMPLE_LOADER = '''# Written by nemo_neva's scripts/convert_llava_to_energon.py: a LLaVA record (<key>.json) and its image
-# bytes (<key>.<ext>) -> megatron.energon.{sample_type}. Works with decoded (dict) or raw (bytes) JSON parts.
+# bytes (<key>.<ext>, or <key>.<i>.<ext> for image i of several: then `image` is their list, in tag order)
+# -> megatron.energon.{sample_type}. Works with decoded (dict) or raw (bytes) JSON parts.
 import json
 
 IMAGE_PARTS = ("png", "jpg", "jpeg", "webp", "gif", "bmp")
@@ -37,11 +41,17 @@ def _record(raw):
     return rec
 
 
+def _is_image(part):  # "png" for a sample's only image, "<i>.png" for image i of several
+    return part.rsplit(".", 1)[-1] in IMAGE_PARTS
+
+
 def _image(raw):
-    for ext in IMAGE_PARTS:
-        if raw.get(ext) is not None:
-            return raw[ext]
-    return None
+    """The only image, a list of several (in tag order), or None."""
+    parts = sorted((p for p in raw if _is_image(p) and raw[p] is not None),
+                   key=lambda p: int(p.split(".")[0]) if "." in p else -1)
+    if len(parts) == 1 and "." not in parts[0]:
+        return raw[parts[0]]
+    return [raw[p] for p in parts] or None
 
 
 def sample_loader(raw: dict) -> dict:
@@ -52,7 +62,7 @@ def sample_loader(raw: dict) -> dict:
 
 
 def part_filter(part: str) -> bool:
-    return part == "json" or part in IMAGE_PARTS
+    return part == "json" or _is_image(part)
 '''
 
 BODIES = {
@@ -68,7 +78,9 @@ def pick_sample_type(data_path) -> str:
     for _, rec, error in iter_records(data_path):
         if error is not None or not isinstance(rec, dict):
             continue
-        if not rec.get("image") or len(rec.get("conversations") or []) != 2:
+        image = rec.get("image")
+        one = isinstance(image, str) or (isinstance(image, list) and len(image) == 1)
+        if not one or len(rec.get("conversations") or []) != 2:
             return "VQASample"
     return "CaptioningSample"
 

@@ -1,4 +1,4 @@
-"""Batching: shift to next-token targets, right-pad, gather images in sample order."""
+"""Batching: shift to next-token targets, right-pad, gather images in sample (and tag) order."""
 from __future__ import annotations
 
 from typing import Callable, Mapping, Sequence
@@ -15,6 +15,8 @@ class NevaCollator:
     cross-entropy has no ignore index; loss_mask carries the information). A dropped item becomes an
     all-padding row with loss_mask 0, so the batch size stays fixed (pipeline schedules rely on it);
     `num_dropped` says how many. `pad_to` fixes S (e.g. seq_length for pipeline parallelism).
+    `images` [N_total, 3, H, W]: every row's images (item["images"] [n, 3, H, W]) concatenated in row order,
+    `num_images[row]` = that row's n (0 for a text-only or dropped row); the model splits them by it.
 
     `skip_source` (the dataset's `take_new_skips`): called once per batch, in the process that fetched
     the items (a DataLoader worker or the main process), so `batch["skips"]` ({reason: count}) brings the
@@ -51,16 +53,20 @@ class NevaCollator:
             tokens[row, :n] = it["input_ids"][:-1]
             labels[row, :n] = torch.where(valid, target, torch.zeros_like(target))
             loss_mask[row, :n] = valid.float()
-            if it.get("image") is not None:
-                images.append(it["image"])
-                num_images[row] = 1
+            pixels = it.get("images")
+            if pixels is not None and len(pixels):
+                if pixels.ndim != 4:
+                    raise ValueError(f"item {it.get('id')!r}: 'images' must be [n, 3, H, W], got "
+                                     f"{tuple(pixels.shape)}")
+                images.append(pixels)
+                num_images[row] = pixels.shape[0]
             ids.append(it.get("id"))
         return {
             "tokens": tokens,
             "labels": labels,
             "loss_mask": loss_mask,
             "position_ids": torch.arange(seq, dtype=torch.long).unsqueeze(0).expand(bsz, seq).contiguous(),
-            "images": torch.stack(images).float() if images else None,
+            "images": torch.cat(images).float() if images else None,
             "num_images": num_images,
             "num_dropped": torch.tensor(bsz - len(kept), dtype=torch.long),
             "ids": ids,

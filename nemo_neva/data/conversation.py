@@ -113,8 +113,8 @@ def _nv_user(q: str, i: int, s: str | None) -> str:
 
 
 TEMPLATES: dict[str, Template] = {t.name: t for t in [
-    # LLaVA pretraining: "<image>{caption}\n"; the human text is replaced by the image alone.
-    Template("plain", None, lambda s: "", lambda q, i, s: IMAGE_TOKEN if IMAGE_TOKEN in q else q, "\n"),
+    # LLaVA pretraining: "<image>{caption}\n"; the human text is replaced by its image tag(s) alone.
+    Template("plain", None, lambda s: "", lambda q, i, s: IMAGE_TOKEN * q.count(IMAGE_TOKEN) or q, "\n"),
     Template("vicuna_v1", CHAT_SYSTEM, lambda s: f"<s>{s} ",
              lambda q, i, s: f"USER: {q} ASSISTANT: ", "</s>"),
     Template("llama_2", None, lambda s: "<s>", _llama2_user, " </s>"),

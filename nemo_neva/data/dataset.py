@@ -1,4 +1,8 @@
-"""LLaVA-format conversations + images -> token ids, exact labels and a preprocessed image."""
+"""LLaVA-format conversations + images -> token ids, exact labels and the preprocessed images.
+
+A record's "image" is a path or a list of paths; each `<image>` tag of a user turn takes the next image, in
+order, anywhere in the conversation (interleaved). Records without any tag get them put first (LLaVA's rule),
+one per image. Items carry "images": [n, 3, H, W] (None for a text-only sample)."""
 from __future__ import annotations
 
 import copy
@@ -29,6 +33,9 @@ class SampleError(ValueError):
 
 _ERRORS = (SampleError, ConversationError, ImageError)
 
+# model.data.max_images_per_sample's default (conf/neva_*.yaml): more images than this -> `too_many_images`
+DEFAULT_MAX_IMAGES = 8
+
 
 class NevaDataset(Dataset):
     """Parsing, rendering, tokenization and image header checks run at construction, so bad samples
@@ -43,9 +50,9 @@ class NevaDataset(Dataset):
                  seq_length: int = 2048, num_image_tokens: int = 576, strict: bool = False,
                  steerlm_defaults: Mapping[str, int] | None = None, system_prompt: str | None = None,
                  prescan_images: bool = True, max_image_bytes: int = DEFAULT_MAX_BYTES,
-                 max_image_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_image_pixels: int = DEFAULT_MAX_PIXELS, max_images_per_sample: int = DEFAULT_MAX_IMAGES):
         self._init_encoding(tokenizer, image_processor, template, image_aspect_ratio, seq_length,
-                            num_image_tokens, strict, steerlm_defaults, system_prompt)
+                            num_image_tokens, strict, steerlm_defaults, system_prompt, max_images_per_sample)
         self.images = ImageSource(image_folder, max_image_bytes, max_image_pixels) if image_folder else None
         self.truncated = 0
         self._logged: set = set()
@@ -58,9 +65,10 @@ class NevaDataset(Dataset):
             try:
                 if error is not None:
                     raise SampleError("malformed_json", error)
-                ids, _, image, truncated = self.encode(rec)
-                if image is not None and prescan_images:
-                    self._images().check(image)
+                ids, _, images, truncated = self.encode(rec)
+                if prescan_images:
+                    for image in images:
+                        self._images().check(image)
             except _ERRORS as e:
                 self._skip(str(sid), e)
                 continue
@@ -76,10 +84,14 @@ class NevaDataset(Dataset):
 
     # ------------------------------------------------------------------ bookkeeping
     def _init_encoding(self, tokenizer, image_processor, template, image_aspect_ratio, seq_length,
-                       num_image_tokens, strict, steerlm_defaults, system_prompt) -> None:
+                       num_image_tokens, strict, steerlm_defaults, system_prompt,
+                       max_images_per_sample=DEFAULT_MAX_IMAGES) -> None:
         """The state `encode` / `_turns` / `_skip` read (shared with the streaming shard reader)."""
         if num_image_tokens < 1:
             raise ValueError("num_image_tokens must be >= 1")
+        if int(max_images_per_sample) < 1:
+            raise ValueError(f"max_images_per_sample must be >= 1, got {max_images_per_sample}")
+        self.max_images_per_sample = int(max_images_per_sample)
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.template, self.image_aspect_ratio = template, image_aspect_ratio
         self.seq_length, self.num_image_tokens, self.strict = seq_length, num_image_tokens, strict
@@ -120,34 +132,32 @@ class NevaDataset(Dataset):
         return self.images
 
     # ------------------------------------------------------------------ text
-    def _turns(self, rec) -> tuple[list, str | None]:
+    def _turns(self, rec) -> tuple[list, list[str]]:
+        """(turns with one `<image>` tag per image, image paths in tag order); raises on a bad record."""
         if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list):
             raise SampleError("bad_record", "record is not an object with a 'conversations' list")
-        image = rec.get("image")
-        if isinstance(image, list):  # LLaVA allows a one-element list
-            if len(image) != 1:
-                raise SampleError("multiple_images", f"{len(image)} images; at most one is supported")
-            image = image[0]
-        if image is not None and not isinstance(image, str):
-            raise SampleError("bad_record", f"'image' is {type(image).__name__}, expected a path")
+        images = record_images(rec)
+        if len(images) > self.max_images_per_sample:
+            raise SampleError("too_many_images", f"{len(images)} images > max_images_per_sample "
+                                                 f"{self.max_images_per_sample}")
         turns = copy.deepcopy(rec["conversations"])
-        values = [t.get("value", "") if isinstance(t, dict) else "" for t in turns]
-        tags = sum(v.count(IMAGE_TOKEN) for v in values if isinstance(v, str))
-        if image is None and tags:
-            raise SampleError("image_tag_without_image", f"{tags} {IMAGE_TOKEN} tag(s) but no 'image'")
-        if tags > 1:
-            raise SampleError("multiple_images", f"{tags} {IMAGE_TOKEN} tags; at most one is supported")
-        if image is not None and tags == 0 and turns and isinstance(turns[0], dict) \
-                and isinstance(turns[0].get("value"), str):
-            turns[0]["value"] = f"{IMAGE_TOKEN}\n{turns[0]['value']}"  # LLaVA puts a missing tag first
         for k, t in enumerate(turns):
             if k % 2 and isinstance(t, dict) and IMAGE_TOKEN in str(t.get("value", "")):
                 raise SampleError("image_tag_in_reply", f"turn {k} is a reply containing {IMAGE_TOKEN}")
-        return turns, image
+        tags = sum(t["value"].count(IMAGE_TOKEN) for t in turns
+                   if isinstance(t, dict) and isinstance(t.get("value"), str))
+        if images and tags == 0:
+            if turns and isinstance(turns[0], dict) and isinstance(turns[0].get("value"), str):
+                # LLaVA puts a missing tag first; several images without tags all go first, in order
+                turns[0]["value"] = f"{IMAGE_TOKEN}\n" * len(images) + turns[0]["value"]
+        elif tags != len(images):
+            raise SampleError("image_count_mismatch", f"{tags} {IMAGE_TOKEN} tag(s) but {len(images)} image(s)")
+        return turns, images
 
-    def encode(self, rec) -> tuple[list[int], list[int], str | None, bool]:
-        """(input_ids, labels, image path or None, truncated) for one record; raises on a bad sample."""
-        turns, image = self._turns(rec)
+    def encode(self, rec) -> tuple[list[int], list[int], list[str], bool]:
+        """(input_ids, labels, image paths in tag order, truncated) for one record; raises on a bad sample.
+        Truncation never cuts an image run: a sample whose last run ends past seq_length is skipped."""
+        turns, images = self._turns(rec)
         system = rec.get("system", self.system_prompt)
         segments = render(self.template, turns, system=system, attributes=rec.get("attributes"),
                           steerlm_defaults=self.steerlm_defaults, tokenizer=self.tokenizer)
@@ -170,12 +180,12 @@ class NevaDataset(Dataset):
         if truncated:
             if image_end > self.seq_length:
                 raise SampleError("image_does_not_fit",
-                                  f"image run ends at {image_end} > seq_length {self.seq_length}")
+                                  f"the last image run ends at {image_end} > seq_length {self.seq_length}")
             ids, labels = ids[: self.seq_length], labels[: self.seq_length]
         # labels[0] is never a next-token target (the collator shifts), so it does not count.
         if all(lab == IGNORE_INDEX for lab in labels[1:]):
             raise SampleError("no_trainable_tokens", "no assistant token left to train on")
-        return ids, labels, image, truncated
+        return ids, labels, images, truncated
 
     # ------------------------------------------------------------------ Dataset
     def __len__(self) -> int:
@@ -184,15 +194,37 @@ class NevaDataset(Dataset):
     def __getitem__(self, idx: int):
         rec = self.records[idx]
         try:
-            ids, labels, image, _ = self.encode(rec)
-            pixels = None
-            if image is not None:
-                pixels = preprocess(self._images().load(image), self.image_processor, self.image_aspect_ratio)
+            ids, labels, images, _ = self.encode(rec)
+            pixels = self.pixels([self._images().load(image) for image in images])
         except _ERRORS as e:
             self._skip(rec["id"], e)
             return None
-        return {"input_ids": torch.tensor(ids, dtype=torch.long),
-                "labels": torch.tensor(labels, dtype=torch.long), "image": pixels, "id": rec["id"]}
+        return make_item(ids, labels, pixels, rec["id"])
+
+    def pixels(self, pil_images) -> torch.Tensor | None:
+        """Decoded images (PIL, in tag order) -> [n, 3, H, W] through the HF image processor; None for none."""
+        if not pil_images:
+            return None
+        return torch.stack([preprocess(im, self.image_processor, self.image_aspect_ratio) for im in pil_images])
+
+
+def record_images(rec: dict) -> list[str]:
+    """A LLaVA record's image paths in order: "image" may be absent/None, a path, or a list of paths."""
+    image = rec.get("image")
+    if image is None:
+        return []
+    images = image if isinstance(image, list) else [image]
+    for im in images:
+        if not isinstance(im, str) or not im:
+            raise SampleError("bad_record", f"'image' holds {type(im).__name__} {im!r}, expected a path "
+                                            "or a list of paths")
+    return list(images)
+
+
+def make_item(ids, labels, pixels, sid) -> dict:
+    """The item every data path produces: "images" is [n, 3, H, W] in tag order, or None (text only)."""
+    return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
+            "images": pixels, "id": sid}
 
 
 class StreamedRecordEncoder(NevaDataset):
@@ -202,9 +234,9 @@ class StreamedRecordEncoder(NevaDataset):
 
     def __init__(self, tokenizer, image_processor, template, image_aspect_ratio, seq_length, num_image_tokens,
                  strict, steerlm_defaults=None, system_prompt=None, max_image_bytes=DEFAULT_MAX_BYTES,
-                 max_image_pixels=DEFAULT_MAX_PIXELS):
+                 max_image_pixels=DEFAULT_MAX_PIXELS, max_images_per_sample=DEFAULT_MAX_IMAGES):
         self._init_encoding(tokenizer, image_processor, template, image_aspect_ratio, seq_length,
-                            num_image_tokens, strict, steerlm_defaults, system_prompt)
+                            num_image_tokens, strict, steerlm_defaults, system_prompt, max_images_per_sample)
         self.max_image_bytes, self.max_image_pixels = max_image_bytes, max_image_pixels
         self.images = None
         self.truncated = 0

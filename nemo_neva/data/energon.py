@@ -15,6 +15,7 @@ NevaCollator / PackedCollator build the batch.
   VQASample (stage 2)         -> context str + answers list: one turn with the best answer;
                                  context list + answers list: a multi-turn conversation (NeMo 2's convention)
   any sample with a `conversations` list (a LLaVA record) -> used as is
+  `image` a list (several images)  -> one per `<image>` tag of the user turns, in order (NevaDataset's rules)
 
 Images are handed to us undecoded (`NevaSampleDecoder` decodes text and JSON only), so the pixel limit is
 checked before a decoder allocates anything. A bad sample is counted under its reason (as elsewhere:
@@ -40,6 +41,7 @@ from typing import Mapping, Optional
 
 import torch
 
+from nemo_neva.data.dataset import DEFAULT_MAX_IMAGES
 from nemo_neva.data.energon_encoding import _SampleEncoder, _require_energon, make_task_encoder, sample_to_record
 from nemo_neva.data.energon_state import from_plain, to_plain
 
@@ -239,7 +241,8 @@ def build_source(data_cfg, path: str, *, tokenizer, image_processor, seq_length:
     """EnergonSource from the model's `data` config (the keys the other data paths read, same meaning)."""
     strict = bool(data_cfg.get("strict", False))
     encoder = _SampleEncoder(tokenizer, image_processor, data_cfg.get("conv_template", "plain"),
-                             data_cfg.get("image_aspect_ratio", "square"), seq_length, num_image_tokens, strict)
+                             data_cfg.get("image_aspect_ratio", "square"), seq_length, num_image_tokens, strict,
+                             max_images_per_sample=data_cfg.get("max_images_per_sample", DEFAULT_MAX_IMAGES))
     packed = seq_length if data_cfg.get("packed_sequence", False) else None
     return EnergonSource(path, encoder, tokenizer.pad_token_id, seed, dp_rank, dp_size, dp_group,
                          num_workers=data_cfg.get("num_workers", 0), shuffle_buffer=data_cfg.get("shuffle_buffer", 1000),

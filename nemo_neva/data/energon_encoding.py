@@ -7,14 +7,14 @@ nemo_neva data path produces. Images arrive undecoded (`make_decoder`), so the p
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 import torch
 
 from nemo_neva.data.collate import NevaCollator
 from nemo_neva.data.constants import IMAGE_TOKEN
-from nemo_neva.data.dataset import _ERRORS, SampleError, StreamedRecordEncoder
-from nemo_neva.data.image_io import ImageError, _decode, preprocess
+from nemo_neva.data.dataset import _ERRORS, SampleError, StreamedRecordEncoder, make_item
+from nemo_neva.data.image_io import ImageError, _decode
 from nemo_neva.data.packing import PackedCollator, first_fit_decreasing
 
 _TEXT_EXTS = ("txt", "text", "transcript")
@@ -92,19 +92,19 @@ def _best_answer(answers, weights) -> str:
     return _text(answers[0])
 
 
-def sample_to_record(sample) -> tuple[dict, Any]:
-    """(LLaVA record, image or None) for an Energon sample. The record's `image` is a name for messages
-    only; the image itself (bytes, PIL image or CHW tensor) is returned beside it."""
+def sample_to_record(sample) -> tuple[dict, list]:
+    """(LLaVA record, images) for an Energon sample. `image` may hold one image or a list of them (several
+    images, in `<image>` tag order: what scripts/convert_llava_to_energon.py writes for multi-image records).
+    The record's `image` holds names for messages only; the images themselves (bytes, PIL images or CHW
+    tensors) are returned beside it."""
     key = str(getattr(sample, "__key__", "") or "")
     image = getattr(sample, "image", None)
-    if isinstance(image, (list, tuple)):
-        if len(image) > 1:
-            raise SampleError("multiple_images", f"{len(image)} images; at most one is supported")
-        image = image[0] if image else None
     conversations = getattr(sample, "conversations", None)
     if isinstance(sample, Mapping):  # a plain dict sample (e.g. from a cooker)
         conversations, image = sample.get("conversations"), sample.get("image", image)
         key = str(sample.get("__key__", key))
+    images = [im for im in image if im is not None] if isinstance(image, (list, tuple)) else \
+        ([] if image is None else [image])
     if conversations is not None:
         turns = conversations
     elif hasattr(sample, "caption"):  # CaptioningSample
@@ -131,9 +131,12 @@ def sample_to_record(sample) -> tuple[dict, Any]:
     system = getattr(sample, "system", None)
     if isinstance(system, str):
         rec["system"] = system
-    if image is not None:
-        rec["image"] = key or "image"
-    return rec, image
+    name = key or "image"
+    if len(images) == 1:
+        rec["image"] = name
+    elif images:
+        rec["image"] = [f"{name}[{i}]" for i in range(len(images))]
+    return rec, images
 
 
 def _to_pil(image, name: str, max_bytes: int, max_pixels: int):
@@ -168,19 +171,16 @@ class _SampleEncoder(StreamedRecordEncoder):
         """The nemo_neva item of one Energon sample, or None (counted in skip_counts)."""
         sid = str(getattr(sample, "__key__", "?"))
         try:
-            rec, image = sample_to_record(sample)
+            rec, images = sample_to_record(sample)
             sid = rec["id"] or sid
-            ids, labels, image_name, truncated = self.encode(rec)
+            ids, labels, names, truncated = self.encode(rec)
             self.truncated += truncated
-            pixels = None
-            if image_name is not None:
-                pixels = preprocess(_to_pil(image, sid, self.max_image_bytes, self.max_image_pixels),
-                                    self.image_processor, self.image_aspect_ratio)
+            pixels = self.pixels([_to_pil(image, name, self.max_image_bytes, self.max_image_pixels)
+                                  for image, name in zip(images, names)])
         except _ERRORS as e:
             self._skip(sid, e)
             return None
-        return {"input_ids": torch.tensor(ids, dtype=torch.long),
-                "labels": torch.tensor(labels, dtype=torch.long), "image": pixels, "id": sid}
+        return make_item(ids, labels, pixels, sid)
 
 
 def make_task_encoder(encoder: _SampleEncoder, pad_id: int, packed_seq_length: Optional[int] = None):

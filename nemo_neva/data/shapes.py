@@ -142,10 +142,26 @@ def _make_motion(out_dir: str, rng: random.Random, n_train: int, n_eval: int, n_
     paths = {"video_folder": vid_dir, "video_stage2": os.path.join(out_dir, "stage2_video.json"),
              "video_eval": os.path.join(out_dir, "eval_video.jsonl")}
     _write_json(paths["video_stage2"], train)
-    with open(paths["video_eval"], "w", encoding="utf-8") as f:
-        for rec in evals:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    _write_jsonl(paths["video_eval"], evals)
     return paths
+
+
+TWO_IMAGE_PREFIX = "<image>\n<image>\n"  # the first tag takes the first image, the second the second
+
+
+def two_image_questions(first: list[dict], second: list[dict], rng: random.Random) -> list[tuple[str, list[str], str]]:
+    """(question, accepted answers, category) about a pair of scenes, only those with one right answer:
+    which image has more shapes (counts differ), the colour of the shape in an image that has one."""
+    qa = []
+    if len(first) != len(second):
+        more = "first" if len(first) > len(second) else "second"
+        qa.append(("Which image has more shapes? Answer first or second.", [more], "more_shapes"))
+    for which, scene in (("first", first), ("second", second)):
+        if len(scene) == 1:
+            qa.append((f"What colour is the shape in the {which} image? Answer with one word.",
+                       [scene[0]["colour"]], "colour_in_image"))
+    rng.shuffle(qa)
+    return qa
 
 
 def _write_json(path: str, obj) -> None:
@@ -155,7 +171,7 @@ def _write_json(path: str, obj) -> None:
 
 
 def make_shapes_dataset(out_dir: str, n_train: int, n_eval: int, seed: int = 0,
-                        image_size: int = 32, train_size_weights=SCENE_SIZE_WEIGHTS,
+                        image_size: int = 32, train_size_weights=SCENE_SIZE_WEIGHTS, n_two_image: int = 0,
                         n_video_train: int = 0, n_video_eval: int = 0, video_frames: int = 4) -> dict:
     """Write images/ + stage1_captions.json + stage2_instruct.json + eval.jsonl; return their paths.
 
@@ -164,6 +180,9 @@ def make_shapes_dataset(out_dir: str, n_train: int, n_eval: int, seed: int = 0,
     `n_video_train` / `n_video_eval` > 0 (off by default) also write the motion task: lossless mp4s of
     `video_frames` frames in videos/, stage2_video.json and eval_video.jsonl (drawn after everything else,
     so the image files are the same with or without it).
+    `n_two_image` (default 0: the outputs are exactly those without it): that many two-image samples
+    (`"image": [first, second]`, `two_image_questions`) appended to stage 2, and as many held-out pairs in
+    eval_two_image.jsonl; drawn from their own random stream, so the single-image samples do not change.
     """
     rng = random.Random(seed)
     img_dir = os.path.join(out_dir, "images")
@@ -203,11 +222,49 @@ def make_shapes_dataset(out_dir: str, n_train: int, n_eval: int, seed: int = 0,
              "stage1": os.path.join(out_dir, "stage1_captions.json"),
              "stage2": os.path.join(out_dir, "stage2_instruct.json"),
              "eval": os.path.join(out_dir, "eval.jsonl")}
+    if n_two_image:
+        pairs, pair_evals = _two_image_samples(random.Random(f"{seed}:two_image"), img_dir, image_size, n_two_image)
+        stage2 += pairs
+        paths["eval_two_image"] = os.path.join(out_dir, "eval_two_image.jsonl")
+        _write_jsonl(paths["eval_two_image"], pair_evals)
     _write_json(paths["stage1"], stage1)
     _write_json(paths["stage2"], stage2)
-    with open(paths["eval"], "w", encoding="utf-8") as f:
-        for rec in evals:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    _write_jsonl(paths["eval"], evals)
     if n_video_train or n_video_eval:
         paths.update(_make_motion(out_dir, rng, n_video_train, n_video_eval, video_frames, image_size))
     return paths
+
+
+def _write_jsonl(path: str, records) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
+def _two_image_samples(rng: random.Random, img_dir: str, image_size: int, n: int) -> tuple[list, list]:
+    """n training samples and n held-out questions, each about a fresh pair of scenes."""
+    def pair(name: str):
+        while True:  # a pair with at least one question that has a single right answer
+            scenes = [random_scene(rng), random_scene(rng)]
+            qa = two_image_questions(*scenes, rng)
+            if qa:
+                break
+        names = [f"{name}_a.png", f"{name}_b.png"]
+        for scene, file in zip(scenes, names):
+            render_scene(scene, image_size).save(os.path.join(img_dir, file), format="PNG")
+        return names, qa
+
+    train, evals = [], []
+    for i in range(n):
+        names, qa = pair(f"pair_{i:05d}")
+        turns = []
+        for k, (q, answers, _) in enumerate(qa):
+            turns += [{"from": "human", "value": (TWO_IMAGE_PREFIX + q) if k == 0 else q},
+                      {"from": "gpt", "value": answers[0]}]
+        train.append({"id": f"pair_{i:05d}", "image": names, "conversations": turns})
+    for i in range(n):
+        names, qa = pair(f"pair_eval_{i:05d}")
+        q, answers, cat = qa[0]
+        evals.append({"id": f"pair_eval_{i:05d}", "image": names, "question": TWO_IMAGE_PREFIX + q,
+                      "answers": answers, "category": cat})
+    return train, evals

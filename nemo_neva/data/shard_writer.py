@@ -12,13 +12,14 @@ from collections import Counter
 from typing import Sequence, Union
 
 
-from nemo_neva.data.dataset import SampleError
+from nemo_neva.data.dataset import SampleError, record_images
 from nemo_neva.data.image_io import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, ImageSource,
                                      _decode)
 from nemo_neva.data.records import iter_records
+from nemo_neva.data.shard_encoding import image_member_ext
+from nemo_neva.data.shards import FORMAT, INDEX_NAME
 
 log = logging.getLogger(__name__)
-from nemo_neva.data.shards import FORMAT, INDEX_NAME
 
 
 _PIL_EXT = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp"}
@@ -50,9 +51,10 @@ def convert_to_shards(data_path: Union[str, Sequence[str]], image_folder: str | 
     """LLaVA JSON/JSONL + images -> `<prefix>-NNNNNN.tar` shards, `index.json`, and `rejected.jsonl`
     (one line per sample left out: id, reason, detail). Returns the index (also holding the counts).
 
-    Checked here: the annotation line parses, the record is an object with a `conversations` list, at
-    most one image, and the image passes image_io's path, byte and pixel limits and decodes
-    (`full_decode=False`: header only). Template/tokenizer checks happen when the shards are read.
+    Checked here: the annotation line parses, the record is an object with a `conversations` list, its
+    "image" is a path or a list of paths, and every image passes image_io's path, byte and pixel limits and
+    decodes (`full_decode=False`: header only). Tag counts, max_images_per_sample and template/tokenizer
+    checks happen when the shards are read (they depend on the training config).
     """
     if samples_per_shard < 1:
         raise ValueError("samples_per_shard must be >= 1")
@@ -60,7 +62,7 @@ def convert_to_shards(data_path: Union[str, Sequence[str]], image_folder: str | 
     index_path = os.path.join(output_dir, INDEX_NAME)
     if os.path.exists(index_path):
         raise FileExistsError(f"{index_path} exists; convert into an empty folder")
-    images = ImageSource(image_folder, max_image_bytes, max_image_pixels) if image_folder else None
+    image_source = ImageSource(image_folder, max_image_bytes, max_image_pixels) if image_folder else None
     skipped: Counter = Counter()
     shards: list[dict] = []
     records = kept = 0
@@ -79,18 +81,11 @@ def convert_to_shards(data_path: Union[str, Sequence[str]], image_folder: str | 
                     raise SampleError("malformed_json", error)
                 if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list):
                     raise SampleError("bad_record", "record is not an object with a 'conversations' list")
-                image = rec.get("image")
-                if isinstance(image, list):
-                    if len(image) != 1:
-                        raise SampleError("multiple_images", f"{len(image)} images; at most one is supported")
-                    image = image[0]
-                if image is not None and not isinstance(image, str):
-                    raise SampleError("bad_record", f"'image' is {type(image).__name__}, expected a path")
-                data = ext = None
-                if image is not None:
-                    if images is None:
+                images = []  # (bytes, extension) per image, in the record's order
+                for name in record_images(rec):
+                    if image_source is None:
                         raise ImageError("missing", "sample has an image but no image folder was given")
-                    data, ext = _image_bytes(images, image, full_decode)
+                    images.append(_image_bytes(image_source, name, full_decode))
             except (SampleError, ImageError) as e:
                 reason = e.reason if isinstance(e, SampleError) else f"image_{e.reason}"
                 skipped[reason] += 1
@@ -105,8 +100,8 @@ def convert_to_shards(data_path: Union[str, Sequence[str]], image_folder: str | 
                 tf = tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT)
             key = f"{kept:09d}"
             _add_member(tf, key + ".json", json.dumps(dict(rec, id=sid), ensure_ascii=False).encode("utf-8"))
-            if data is not None:
-                _add_member(tf, f"{key}.{ext}", data)
+            for i, (data, ext) in enumerate(images):
+                _add_member(tf, f"{key}.{image_member_ext(ext, i, len(images))}", data)
             shards[-1]["samples"] += 1
             kept += 1
     if tf is not None:

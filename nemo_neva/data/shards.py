@@ -1,8 +1,9 @@
 """Sharded streaming data: LLaVA records + image bytes in webdataset-style tar shards.
 
 Layout (written by scripts/convert_llava_to_shards.py): `shard-000000.tar`, ... each holding, per
-sample, `<key>.json` (the LLaVA record, `id` filled in) and, if it has one, `<key>.<ext>` (the image
-file's bytes, already validated), members of one sample adjacent. `index.json` lists the shards with
+sample, `<key>.json` (the LLaVA record, `id` filled in) and its image files' bytes (already validated):
+`<key>.<ext>` for a sample's only image, `<key>.<i>.<ext>` (i = 0, 1, ... in tag order) for several; members
+of one sample adjacent. `index.json` lists the shards with
 their sample counts, so the length of an epoch is known without reading the shards. The shards are
 plain tar files in webdataset's naming convention, so `webdataset.WebDataset` can read them too.
 
@@ -27,17 +28,16 @@ import tarfile
 from collections import Counter, OrderedDict
 from typing import Iterator, Mapping, Sequence, Union
 
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from nemo_neva.data.dataset import _ERRORS, SampleError, StreamedRecordEncoder
-from nemo_neva.data.image_io import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, _decode, preprocess)
+from nemo_neva.data.dataset import DEFAULT_MAX_IMAGES
+from nemo_neva.data.image_io import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from nemo_neva.data.shard_encoding import ShardRecordEncoder
 
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
 FORMAT = "nemo_neva.shards/1"
-IMAGE_EXTS = ("png", "jpg", "webp", "gif", "bmp")
 
 
 # ---------------------------------------------------------------------------------------- locating
@@ -177,37 +177,6 @@ def buffer_shuffle_order(n: int, buffer: int, rng: random.Random) -> list[int]:
     return out + buf
 
 
-class _RecordEncoder(StreamedRecordEncoder):
-    """NevaDataset's per-record encoding and skip bookkeeping, without reading an annotation file."""
-
-    def item(self, fields: Mapping[str, bytes], fallback_id: str):
-        """The NevaDataset item for one shard sample, or None (counted in skip_counts)."""
-        sid = fallback_id
-        try:
-            try:
-                rec = json.loads(fields["json"].decode("utf-8"))
-            except (KeyError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise SampleError("malformed_json", f"{fallback_id}: {e}") from e
-            if isinstance(rec, dict):
-                sid = str(rec.get("id", fallback_id))
-            ids, labels, image, _ = self.encode(rec)
-            pixels = None
-            if image is not None:
-                ext = next((x for x in IMAGE_EXTS if x in fields), None)
-                if ext is None:
-                    raise ImageError("missing", f"{image!r} has no image bytes in the shard")
-                data = fields[ext]
-                if len(data) > self.max_image_bytes:
-                    raise ImageError("too_large", f"{image!r}: {len(data)} bytes > {self.max_image_bytes}")
-                pixels = preprocess(_decode(data, image, self.max_image_pixels, header_only=False),
-                                    self.image_processor, self.image_aspect_ratio)
-        except _ERRORS as e:
-            self._skip(sid, e)
-            return None
-        return {"input_ids": torch.tensor(ids, dtype=torch.long),
-                "labels": torch.tensor(labels, dtype=torch.long), "image": pixels, "id": sid}
-
-
 class ShardedNevaDataset(IterableDataset):
     """Streams NevaDataset items from tar shards; see the module docstring for the order.
 
@@ -231,16 +200,17 @@ class ShardedNevaDataset(IterableDataset):
                  system_prompt: str | None = None, max_image_bytes: int = DEFAULT_MAX_BYTES,
                  max_image_pixels: int = DEFAULT_MAX_PIXELS, dp_rank: int = 0, dp_size: int = 1,
                  seed: int = 1234, shuffle: bool = True, shuffle_buffer: int = 1000,
-                 drop_remainder: bool = False, batch_size: int = 1):
+                 drop_remainder: bool = False, batch_size: int = 1,
+                 max_images_per_sample: int = DEFAULT_MAX_IMAGES):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
         self.shards = resolve_shards(shards)
         self.total = sum(n for _, n in self.shards)
         if self.total == 0:
             raise ValueError(f"no samples in shards {shards!r}")
-        self.encoder = _RecordEncoder(tokenizer, image_processor, template, image_aspect_ratio, seq_length,
+        self.encoder = ShardRecordEncoder(tokenizer, image_processor, template, image_aspect_ratio, seq_length,
                                       num_image_tokens, strict, steerlm_defaults, system_prompt,
-                                      max_image_bytes, max_image_pixels)
+                                      max_image_bytes, max_image_pixels, max_images_per_sample)
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         self.shuffle, self.shuffle_buffer, self.drop_remainder = shuffle, shuffle_buffer, drop_remainder
         self.batch_size = batch_size

@@ -44,7 +44,7 @@ class NevaDataMixin:
         return BlendedNevaDataset(sources, weights, seed=self.cfg.get("seed", 1234), names=[str(p) for p in paths])
 
     def _build_source(self, data_cfg, path):
-        from nemo_neva.data.dataset import NevaDataset
+        from nemo_neva.data.dataset import DEFAULT_MAX_IMAGES, NevaDataset
         from nemo_neva.data.shards import ShardedNevaDataset, is_shard_spec
 
         paths = [resolve_path(p) for p in path] if isinstance(path, (list, tuple)) else resolve_path(path)
@@ -60,6 +60,7 @@ class NevaDataMixin:
                 dp_rank=parallel_state.get_data_parallel_rank(),
                 dp_size=parallel_state.get_data_parallel_world_size(), seed=self.cfg.get("seed", 1234),
                 shuffle_buffer=data_cfg.get("shuffle_buffer", 1000),
+                max_images_per_sample=data_cfg.get("max_images_per_sample", DEFAULT_MAX_IMAGES),
             )
         return NevaDataset(
             data_path=paths,
@@ -71,6 +72,7 @@ class NevaDataMixin:
             seq_length=data_cfg.get("seq_length") or self.cfg.encoder_seq_length,
             num_image_tokens=self.tokens_per_image,
             strict=data_cfg.get("strict", False),
+            max_images_per_sample=data_cfg.get("max_images_per_sample", DEFAULT_MAX_IMAGES),
         )
 
     def _energon_source(self, data_cfg, path, validation=False):

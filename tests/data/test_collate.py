@@ -9,7 +9,9 @@ I = IGNORE_INDEX
 
 
 def item(ids, labels, image=None, sid="x"):
-    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "image": image, "id": sid}
+    """An item with one image [3, H, W] (or a stack [n, 3, H, W]), or none."""
+    images = None if image is None else (image if image.ndim == 4 else image.unsqueeze(0))
+    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "images": images, "id": sid}
 
 
 def test_shift_pad_and_images():

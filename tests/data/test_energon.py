@@ -84,7 +84,7 @@ def test_sample_to_record_maps_energon_sample_types():
 
     common = dict(__key__="k", __restore_key__=(), __subflavors__={}, __sources__=())
     rec, img = sample_to_record(CaptioningSample(**common, image=b"png", caption="a red square"))
-    assert rec["conversations"] == conv("<image>", "a red square") and img == b"png" and rec["image"] == "k"
+    assert rec["conversations"] == conv("<image>", "a red square") and img == [b"png"] and rec["image"] == "k"
     rec, _ = sample_to_record(VQASample(**common, image=b"x", context=["<image>\nq1", "q2"], answers=["a1", "a2"]))
     assert rec["conversations"] == conv("<image>\nq1", "a1", "q2", "a2")
     rec, _ = sample_to_record(VQASample(**common, image=None, context="what?", answers=["no", "yes"],
@@ -136,7 +136,7 @@ def test_bad_samples_are_counted_skips(tmp_path):
     recs = _records("stage2_instruct.json", 16)
     recs[3] = dict(recs[3], conversations=[{"from": "human", "value": "<image>\nq"}])  # no reply to train on
     turns = [dict(t) for t in recs[7]["conversations"]]
-    turns[0]["value"] += "\n<image>"  # a second <image> tag
+    turns[0]["value"] += "\n<image>"  # a second <image> tag for one image
     recs[7] = dict(recs[7], conversations=turns)
     path, _ = _energon(tmp_path, "bad", recs, sample_type="vqa", per_shard=4)
     # one image whose bytes are not an image: rewrite its member in the shard (convert checked it before)
@@ -164,11 +164,11 @@ def test_bad_samples_are_counted_skips(tmp_path):
     for _ in range(4):
         model._skip_tally.add(next(it))
     counts = model._skip_tally.global_counts()
-    assert counts["no_trainable_tokens"] >= 1 and counts["multiple_images"] >= 1 and counts["image_corrupt"] + counts["image_bad_format"] >= 1
+    assert counts["no_trainable_tokens"] >= 1 and counts["image_count_mismatch"] >= 1 and counts["image_corrupt"] + counts["image_bad_format"] >= 1
     cfg.data.strict = True
     strict = MegatronNevaModel(cfg)
     strict.setup_training_data(cfg.data)
-    with pytest.raises(Exception, match="no_trainable_tokens|multiple_images|image_(corrupt|bad_format)"):
+    with pytest.raises(Exception, match="no_trainable_tokens|image_count_mismatch|image_(corrupt|bad_format)"):
         it = iter(strict._train_dl)
         for _ in range(8):
             next(it)

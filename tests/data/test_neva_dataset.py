@@ -50,7 +50,7 @@ def test_every_skip_reason_is_counted(bad_set, tok, proc, caplog):
         ds = make(*bad_set, tok, proc)
     assert dict(ds.skip_counts) == {
         "image_missing": 1, "image_too_many_pixels": 1, "image_path_escape": 1, "malformed_json": 1,
-        "unknown_role": 1, "no_trainable_tokens": 1, "image_does_not_fit": 1, "multiple_images": 1}
+        "unknown_role": 1, "no_trainable_tokens": 1, "image_does_not_fit": 1, "image_count_mismatch": 1}
     assert [r["id"] for r in ds.records] == ["good", "corrupt"]
     assert "'robot'" in caplog.text and "'escape'" in caplog.text and "d.jsonl:5" in caplog.text
     # the corrupt image passes the header scan; decoding fails in __getitem__ -> None, counted
@@ -101,8 +101,8 @@ def test_image_run_and_llava_tag_insertion(tmp_path, image_dir, tok, proc):
     assert (item["labels"][pos] == IGNORE_INDEX).all()
     text = tok.decode(item["input_ids"][: pos[0] + 1]) + tok.decode(item["input_ids"][pos[-1] + 1:])
     assert "USER: <image>\nWhat is it? ASSISTANT: blue</s>" in text  # tag put first, LLaVA-style
-    assert item["image"].shape == (3, 32, 32) and item["id"] == "notag"
-    assert ds[1]["image"] is None and img_id not in ds[1]["input_ids"]
+    assert item["images"].shape == (1, 3, 32, 32) and item["id"] == "notag"
+    assert ds[1]["images"] is None and img_id not in ds[1]["input_ids"]
 
 
 def test_truncation_keeps_image_and_length(tmp_path, image_dir, tok, proc):

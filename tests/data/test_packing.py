@@ -26,11 +26,13 @@ def test_ffd_bins_hold_every_sample_once():
     assert first_fit_decreasing([], 10) == []
 
 
-def item(ids, image=None):
+def item(ids, image=None, sid=None):
+    """An item with one image [3, H, W] (or a stack [n, 3, H, W]), or none."""
     ids = torch.tensor(ids)
     labels = ids.clone()
     labels[0] = IGNORE_INDEX
-    return {"input_ids": ids, "labels": labels, "image": image, "id": None}
+    images = None if image is None else (image if image.ndim == 4 else image.unsqueeze(0))
+    return {"input_ids": ids, "labels": labels, "images": images, "id": sid}
 
 
 def test_packed_collate_layout_and_mask():

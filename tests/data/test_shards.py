@@ -61,7 +61,7 @@ def test_index_and_items_equal_neva_dataset(demo, tok, proc):
         want = ref[i]
         assert it["id"] == want["id"]
         assert torch.equal(it["input_ids"], want["input_ids"]) and torch.equal(it["labels"], want["labels"])
-        assert torch.equal(it["image"], want["image"])
+        assert torch.equal(it["images"], want["images"])
 
 
 def test_patterns_resolve_like_the_index(demo):

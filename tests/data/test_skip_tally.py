@@ -57,7 +57,7 @@ def test_logged_skips_equal_bad_records_with_two_workers(tmp_path, source):
     assert rows == 16  # the truncated images arrive as empty rows
     assert logged and logged[-1] == ("data_skipped", 4.0)
     counts = model._skip_tally.global_counts()
-    assert counts["image_corrupt"] == 2 and counts["multiple_images"] == 2
+    assert counts["image_corrupt"] == 2 and counts["image_tag_in_reply"] == counts["image_count_mismatch"] == 1
     assert sum(model._train_ds.skip_counts.values()) == (2 if source == "json" else 0)  # workers' copies differ
 
 

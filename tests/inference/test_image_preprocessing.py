@@ -51,7 +51,7 @@ def test_generation_pixels_equal_training_pixels(model, one_sample, mode):
     data_path, folder = one_sample
     with open_dict(model.cfg):
         model.cfg.data.data_path, model.cfg.data.image_folder = data_path, folder
-    train_pixels = model.build_dataset(model.cfg.data)[0]["image"]
+    train_pixels = model.build_dataset(model.cfg.data)[0]["images"][0]
     image = Image.open(f"{folder}/wide.png").convert("RGB")
     assert torch.equal(_pixels(model, image)[0], train_pixels)  # [n_images, 3, H, W]
     assert torch.equal(model.preprocess_images(image), train_pixels)

@@ -29,23 +29,29 @@ def llama_overrides():
     }
 
 
-def batch_for(model, n=2, seq=40, seed=0):
-    """A random batch with one image per sample placed at a fixed offset."""
+def batch_for(model, n=2, seq=40, seed=0, images_per_row=None):
+    """A random batch with one image per sample placed at a fixed offset; `images_per_row` (a list, cycled over
+    the rows, e.g. [2, 0, 1]) gives rows 0, 1 or 2 images instead: runs at offsets 1 and 2 + P, loss after them."""
     g = torch.Generator().manual_seed(seed)
     P = model.tokens_per_image
     vocab = len(model.tokenizer)
+    counts = [1] * n if images_per_row is None else [images_per_row[i % len(images_per_row)] for i in range(n)]
+    if max(counts) > 2 or seq <= 2 * (P + 1):
+        raise ValueError(f"at most 2 images per row, and seq > {2 * (P + 1)}")
     tokens = torch.randint(20, vocab, (n, seq), generator=g)
-    tokens[:, 1:1 + P] = model.image_token_id
-    labels = torch.randint(20, vocab, (n, seq), generator=g)
     loss_mask = torch.zeros(n, seq)
-    loss_mask[:, 1 + P:] = 1.0
+    for row, count in enumerate(counts):
+        for k in range(count):
+            tokens[row, 1 + k * (P + 1):1 + k * (P + 1) + P] = model.image_token_id
+        loss_mask[row, (1 + P) if images_per_row is None else 2 * (P + 1):] = 1.0
+    labels = torch.randint(20, vocab, (n, seq), generator=g)
     return {
         "tokens": tokens,
         "labels": labels,
         "loss_mask": loss_mask,
         "position_ids": torch.arange(seq).expand(n, seq).clone(),
-        "images": torch.randn(n, 3, 32, 32, generator=g),
-        "num_images": torch.ones(n, dtype=torch.long),
+        "images": torch.randn(sum(counts), 3, 32, 32, generator=g) if sum(counts) else None,
+        "num_images": torch.tensor(counts, dtype=torch.long),
     }
 
 

@@ -30,7 +30,10 @@ def main():
     ap.add_argument("--sp", action="store_true")
     ap.add_argument("--optim", default="adam")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--images-per-row", default=None,
+                    help="comma list cycled over a batch's rows (e.g. 2,0,1,2): training batches mix image counts")
     args = ap.parse_args()
+    per_row = [int(x) for x in args.images_per_row.split(",")] if args.images_per_row else None
 
     # constant LR (no schedule) keeps the comparison simple
     model = restore_at_layout(args.nemo, args.tp, args.pp, args.sp,
@@ -45,10 +48,14 @@ def main():
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     losses = []
     for step in range(args.steps):
-        full = batch_for(model, n=model.cfg.global_batch_size, seed=step)
+        full = batch_for(model, n=model.cfg.global_batch_size, seq=48 if per_row else 40, seed=step,
+                         images_per_row=per_row)
         per_rank = model.cfg.global_batch_size // dp
         sl = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
-        batch = {k: v[sl] for k, v in full.items()}
+        batch = {k: v[sl] for k, v in full.items() if k != "images"}
+        first = int(full["num_images"][:sl.start].sum())  # this rank's rows' images, in row order
+        count = int(batch["num_images"].sum())
+        batch["images"] = full["images"][first:first + count] if count else None
         losses.append(float(model.train_on_batch(batch, opt)))
     model.save_to(os.path.join(args.out, "trained.nemo"))
     if dist.get_rank() == 0:

@@ -77,3 +77,25 @@ def test_tp2_restore_gives_identical_logits(base):
     with torch.no_grad():
         ref = model.model(probe["tokens"], probe["position_ids"], images=probe["images"])
     assert torch.allclose(torch.load(os.path.join(out, "logits.pt")), ref, atol=1e-5)
+
+
+MIXED = ["--images-per-row", "2,0,1,2"]  # a global batch of 4: ranks / micro-batches hold 2+0 and 1+2 images
+
+
+@pytest.fixture(scope="module")
+def mixed_reference(base):
+    root, path, _, _ = base
+    return _torchrun(1, str(root / "ref_mixed"), path, *MIXED)
+
+
+@pytest.mark.slow  # ~4 min on 2 shared cores: a reference and two 2-rank torchrun runs
+@pytest.mark.parametrize("layout", [["--tp", "2"], ["--pp", "2"]], ids=["tp2", "pp2"])
+def test_mixed_image_counts_two_ranks_match_one(base, mixed_reference, layout):
+    """Rows with 0, 1 and 2 images: TP=2 and PP=2 (images on the first stage, split by num_images per
+    micro-batch) train as the single process does; same tolerance as test_two_ranks_match_one."""
+    root, path, _, lr = base
+    out = str(root / ("mixed_" + "_".join(layout).replace("-", "")))
+    losses = _torchrun(2, out, path, *layout, *MIXED)
+    assert losses == pytest.approx(mixed_reference, abs=2e-5)
+    ref_state = _trained_state(str(root / "ref_mixed" / "trained.nemo"))
+    assert_trained_close(_trained_state(os.path.join(out, "trained.nemo")), ref_state, lr, STEPS, 2e-5)
