@@ -40,7 +40,7 @@ class NevaCollator:
         labels = torch.zeros((bsz, seq), dtype=torch.long)
         loss_mask = torch.zeros((bsz, seq), dtype=torch.float)
         num_images = torch.zeros(bsz, dtype=torch.long)
-        images, ids = [], []
+        images, sizes, ids = [], [], []
         for row, it in enumerate(items):
             if it is None:
                 ids.append(None)
@@ -54,8 +54,10 @@ class NevaCollator:
             if it.get("image") is not None:
                 images.append(it["image"])
                 num_images[row] = 1
+                if it.get("image_size") is not None:  # a tiled image: its original (height, width)
+                    sizes.append(torch.as_tensor(it["image_size"], dtype=torch.long))
             ids.append(it.get("id"))
-        return {
+        out = {
             "tokens": tokens,
             "labels": labels,
             "loss_mask": loss_mask,
@@ -66,6 +68,9 @@ class NevaCollator:
             "ids": ids,
             "skips": new_skips(self.skip_source),
         }
+        if sizes:  # `image_sizes` [n_images, 2]: only for tiled images (model.mm_cfg.image_tiling)
+            out["image_sizes"] = torch.stack(sizes)
+        return out
 
 
 def new_skips(skip_source) -> dict:

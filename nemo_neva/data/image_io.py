@@ -163,7 +163,7 @@ def aspect_ratio_of(model_cfg) -> str:
 
 
 def preprocess(images: Union[Image.Image, Sequence[Image.Image]], image_processor,
-               aspect_ratio: str = "square") -> torch.Tensor:
+               aspect_ratio: str = "square", tiling=None) -> torch.Tensor:
     """One PIL image -> FloatTensor[3,H,W]; a list -> [N,3,H,W].
 
     The one image preprocessing of the project: training data, generation (hence evaluation and
@@ -172,8 +172,17 @@ def preprocess(images: Union[Image.Image, Sequence[Image.Image]], image_processo
 
     square: stretch to the output size; pad: pad to a square with the processor's mean colour, then
     resize (LLaVA-1.5); keep: the processor's own shortest-edge resize + center crop.
+
+    `tiling` (a `nemo_neva.data.tiling.Tiling`, anyres): `image_processor` is then the model's
+    LlavaNextImageProcessor (`tiling.processor_for`) and one image gives [max_tiles, 3, tile, tile].
     """
     check_aspect_ratio(aspect_ratio)
+    if tiling is not None:
+        from nemo_neva.data.tiling import preprocess_tiled
+
+        if isinstance(images, Image.Image):
+            return preprocess_tiled(images, image_processor, tiling)
+        return torch.stack([preprocess_tiled(im, image_processor, tiling) for im in images])
     if isinstance(images, Image.Image):
         return _one(images, image_processor, aspect_ratio)
     return torch.stack([_one(im, image_processor, aspect_ratio) for im in images])

@@ -1,4 +1,5 @@
-"""Checkpoint interchange between Hugging Face `LlavaForConditionalGeneration` and a NeVA `.nemo`.
+"""Checkpoint interchange between Hugging Face `LlavaForConditionalGeneration` (and
+`LlavaNextForConditionalGeneration`: anyres tiling, `image_grid_pinpoints`, `image_newline`) and a NeVA `.nemo`.
 
 Supported: a CLIP or SigLIP vision tower, the LLaVA-1.5 projector (`linear_1` -> GELU -> `linear_2`, our
 `mlp2x_gelu`) and a LLaMA-family language model (llama / mistral without a sliding window): RoPE,
@@ -100,27 +101,49 @@ def hf_config_from_neva(model):
 
 
 def _llava_config(model, text, tie: bool, drop_cls: bool, venc):
-    from transformers import LlavaConfig
+    """LlavaConfig, or for a tiled model (`model.mm_cfg.image_tiling`) LlavaNextConfig with its grid pinpoints."""
+    from transformers import LlavaConfig, LlavaNextConfig
 
-    config = LlavaConfig(
+    tiling = getattr(model, "tiling", None)
+    cls, extra = (LlavaConfig, {}) if tiling is None else \
+        (LlavaNextConfig, {"image_grid_pinpoints": [list(p) for p in tiling.pinpoints]})
+    config = cls(
         vision_config=model.vision_config.to_dict(), text_config=text.to_dict(),
         image_token_index=model.image_token_id, image_seq_length=model.tokens_per_image, projector_hidden_act="gelu",
         vision_feature_select_strategy="default" if drop_cls else "full",
         vision_feature_layer=int(venc.get("vision_select_layer", -2)), multimodal_projector_bias=True,
-        tie_word_embeddings=tie,
+        tie_word_embeddings=tie, **extra,
     )
-    config.architectures = ["LlavaForConditionalGeneration"]
+    config.architectures = ["LlavaForConditionalGeneration" if tiling is None else "LlavaNextForConditionalGeneration"]
     return config
 
 
+def _processor(model, drop_cls: bool):
+    """LlavaProcessor (or LlavaNextProcessor for a tiled model) whose image processor makes the model's own
+    pixels by itself (its image_aspect_ratio, or its tiles) and which inserts the model's placeholder counts."""
+    from transformers import LlavaNextProcessor, LlavaProcessor
+
+    tiling = getattr(model, "tiling", None)
+    if tiling is None:
+        cls, image_processor = LlavaProcessor, hf_processor_for(model.image_processor, model.image_aspect_ratio)
+    else:
+        from nemo_neva.data.tiling import processor_for
+
+        cls, image_processor = LlavaNextProcessor, processor_for(model.image_processor, tiling)
+    kind = _VISION_KINDS[model.vision_config.model_type]
+    return cls(image_processor=image_processor, tokenizer=model.tokenizer, patch_size=model.vision_config.patch_size,
+               vision_feature_select_strategy="default" if drop_cls else "full",
+               num_additional_image_tokens=1 if kind == "clip" else 0, image_token="<image>")
+
+
 def export_neva_to_hf(model, output_dir: str, dtype: Optional[str] = None) -> str:
-    """Write config.json, model.safetensors, tokenizer and processor files of an HF LLaVA model.
+    """Write config.json, model.safetensors, tokenizer and processor files of an HF LLaVA model (LLaVA-NeXT for a
+    model with `model.mm_cfg.image_tiling`).
 
     `dtype` (float32 | bfloat16 | float16): of the written tensors; default: the dtype of the HF checkpoint
     the .nemo was converted from (so a bf16 checkpoint goes back to bf16 bit for bit), else float32.
     """
     from safetensors.torch import save_file
-    from transformers import LlavaProcessor
 
     config, vocab_size, drop_cls = hf_config_from_neva(model)
     dtype = dtype or (model.cfg.get("hf") or {}).get("dtype") or "float32"
@@ -133,16 +156,7 @@ def export_neva_to_hf(model, output_dir: str, dtype: Optional[str] = None) -> st
     os.makedirs(output_dir, exist_ok=True)
     config.save_pretrained(output_dir)
     save_file(tensors, os.path.join(output_dir, "model.safetensors"), metadata={"format": "pt"})
-    kind = _VISION_KINDS[model.vision_config.model_type]
-    processor = LlavaProcessor(
-        # an image processor that makes the model's own pixels (its image_aspect_ratio) by itself
-        image_processor=hf_processor_for(model.image_processor, model.image_aspect_ratio),
-        tokenizer=model.tokenizer,
-        patch_size=model.vision_config.patch_size,
-        vision_feature_select_strategy="default" if drop_cls else "full",
-        num_additional_image_tokens=1 if kind == "clip" else 0, image_token="<image>",
-    )
-    processor.save_pretrained(output_dir)
+    _processor(model, drop_cls).save_pretrained(output_dir)
     return output_dir
 
 

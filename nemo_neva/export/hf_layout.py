@@ -26,7 +26,10 @@ _ALIASES = [
     (re.compile(r"^model\.vision_tower\."), _VISION),
     (re.compile(r"^model\.multi_modal_projector\."), _PROJ),
     (re.compile(r"^vision_tower\.vision_model\."), _VISION),
+    (re.compile(r"^model\.image_newline$"), "image_newline"),
 ]
+_NEWLINE = "image_newline"  # LLaVA-NeXT's row-end embedding: the same name on both sides
+_NEXT = "llava_next"
 _NEVA_LM = "language_model."
 _NEVA_VISION = "vision_tower.model."
 _PROJECTOR_MAP = {"projector.0.weight": _PROJ + "linear_1.weight", "projector.0.bias": _PROJ + "linear_1.bias",
@@ -63,9 +66,10 @@ def _image_token_id(config) -> int:
 
 def check_hf_config(config) -> None:
     """Raise UnsupportedCheckpoint naming what this converter cannot map."""
-    if getattr(config, "model_type", None) != "llava":
+    if getattr(config, "model_type", None) not in ("llava", _NEXT):
         raise UnsupportedCheckpoint(f"model_type {getattr(config, 'model_type', None)!r}: only 'llava' "
-                                    "(LlavaForConditionalGeneration) checkpoints are supported")
+                                    "(LlavaForConditionalGeneration) and 'llava_next' "
+                                    "(LlavaNextForConditionalGeneration) checkpoints are supported")
     text, vision = config.text_config, config.vision_config
     if text.model_type not in LLAMA_FAMILY:
         raise UnsupportedCheckpoint(f"language model type {text.model_type!r} is not supported; "
@@ -99,6 +103,22 @@ def check_hf_config(config) -> None:
         raise UnsupportedCheckpoint("vision_feature_select_strategy='default' with a SigLIP tower drops SigLIP's "
                                     "first patch (it has no CLS token), which NeVA keeps; only 'full' is supported "
                                     "for SigLIP")
+    if config.model_type == _NEXT:
+        _check_next(config)
+
+
+def _check_next(config) -> None:
+    """LLaVA-NeXT: tiles of the tower's size, a square feature grid per tile (CLIP's CLS dropped)."""
+    from nemo_neva.data.tiling import check_pinpoints
+
+    if config.vision_feature_select_strategy == "full" and _VISION_KINDS[config.vision_config.model_type] == "clip":
+        raise UnsupportedCheckpoint("LLaVA-NeXT with a CLIP tower and vision_feature_select_strategy='full' keeps the "
+                                    "CLS token, so a tile's features are no square grid (transformers cannot unpad "
+                                    "them either); only 'default' is supported")
+    try:
+        check_pinpoints(config.image_grid_pinpoints, int(config.vision_config.image_size))
+    except ValueError as err:
+        raise UnsupportedCheckpoint(f"image_grid_pinpoints: {err}") from err
 
 
 _EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -145,6 +165,10 @@ def nemo_config_from_hf(config, tokenizer_dir: str, make_vocab_size_divisible_by
                 "drop_cls": config.vision_feature_select_strategy == "default",
                 "freeze": True,
             },
+            # LLaVA-NeXT: anyres tiling with the checkpoint's grids (its image_newline comes with the weights)
+            **({"image_tiling": {"enabled": True, "grid_pinpoints": [list(map(int, p)) for p in
+                                                                     config.image_grid_pinpoints]}}
+               if config.model_type == _NEXT else {}),
         },
         "data": {"data_path": None, "validation_data_path": None, "image_folder": None, "conv_template": "plain",
                  "image_aspect_ratio": "square", "seq_length": None, "num_workers": 0, "strict": False},
@@ -178,6 +202,8 @@ def neva_to_hf_state(state: dict, cfg, vocab_size: int) -> dict[str, torch.Tenso
     out = hf_lm.export_lm(lm, lm_table(cfg), vocab_size)
     for ours, theirs in _PROJECTOR_MAP.items():
         out[theirs] = state[ours]
+    if _NEWLINE in state:
+        out[_NEWLINE] = state[_NEWLINE]
     for key in state:
         if key.startswith(_NEVA_VISION):
             out[_VISION + key[len(_NEVA_VISION):]] = state[key]
