@@ -38,12 +38,15 @@ class NevaDataset(Dataset):
     (`take_new_skips`, see collate.py), where the model sums them over data-parallel ranks.
     """
 
+    tiling = None  # a `nemo_neva.data.tiling.Tiling` (model.mm_cfg.image_tiling): placeholders by image size
+
     def __init__(self, data_path: Union[str, Sequence[str]], image_folder: str | None, tokenizer,
                  image_processor, template: str = "plain", image_aspect_ratio: str = "square",
                  seq_length: int = 2048, num_image_tokens: int = 576, strict: bool = False,
                  steerlm_defaults: Mapping[str, int] | None = None, system_prompt: str | None = None,
                  prescan_images: bool = True, max_image_bytes: int = DEFAULT_MAX_BYTES,
-                 max_image_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_image_pixels: int = DEFAULT_MAX_PIXELS, tiling=None):
+        self.tiling = tiling  # anyres (data/tiling.py): image_processor is then the model's `pixel_processor`
         self._init_encoding(tokenizer, image_processor, template, image_aspect_ratio, seq_length,
                             num_image_tokens, strict, steerlm_defaults, system_prompt)
         self.images = ImageSource(image_folder, max_image_bytes, max_image_pixels) if image_folder else None
@@ -160,8 +163,9 @@ class NevaDataset(Dataset):
         ids, labels, image_end = [], [], 0
         for tok, train in zip(flat, trainable):
             if tok == self.image_token_id:
-                ids += [tok] * self.num_image_tokens
-                labels += [IGNORE_INDEX] * self.num_image_tokens
+                n = self.image_tokens(image)
+                ids += [tok] * n
+                labels += [IGNORE_INDEX] * n
                 image_end = len(ids)
             else:
                 ids.append(tok)
@@ -177,6 +181,13 @@ class NevaDataset(Dataset):
             raise SampleError("no_trainable_tokens", "no assistant token left to train on")
         return ids, labels, image, truncated
 
+    def image_tokens(self, image: str) -> int:
+        """Placeholder tokens of one image: `num_image_tokens`, or with tiling its own count from the size in
+        its header (`Tiling.tokens`, the count generation and export use too)."""
+        if self.tiling is None:
+            return self.num_image_tokens
+        return self.tiling.tokens(*self._images().size(image))
+
     # ------------------------------------------------------------------ Dataset
     def __len__(self) -> int:
         return len(self.records)
@@ -185,14 +196,19 @@ class NevaDataset(Dataset):
         rec = self.records[idx]
         try:
             ids, labels, image, _ = self.encode(rec)
-            pixels = None
+            pixels = size = None
             if image is not None:
-                pixels = preprocess(self._images().load(image), self.image_processor, self.image_aspect_ratio)
+                img = self._images().load(image)
+                pixels = preprocess(img, self.image_processor, self.image_aspect_ratio, self.tiling)
+                size = (img.height, img.width) if self.tiling is not None else None
         except _ERRORS as e:
             self._skip(rec["id"], e)
             return None
-        return {"input_ids": torch.tensor(ids, dtype=torch.long),
+        item = {"input_ids": torch.tensor(ids, dtype=torch.long),
                 "labels": torch.tensor(labels, dtype=torch.long), "image": pixels, "id": rec["id"]}
+        if size is not None:  # a tiled image's original (height, width): the collator's `image_sizes`
+            item["image_size"] = size
+        return item
 
 
 class StreamedRecordEncoder(NevaDataset):

@@ -41,7 +41,7 @@ def _check_relative(rel: str) -> str:
 
 
 def _decode(data: Union[bytes, str], name: str, max_pixels: int, header_only: bool):
-    """Open, check format and pixel count from the header, then (unless header_only) decode to RGB."""
+    """Open, check format and pixel count from the header, then decode to RGB (header_only: (height, width))."""
     try:
         with warnings.catch_warnings():
             # PIL's own bomb guard stays on, and its warning tier becomes an error too.
@@ -53,7 +53,7 @@ def _decode(data: Union[bytes, str], name: str, max_pixels: int, header_only: bo
                 if w * h > max_pixels or w <= 0 or h <= 0:
                     raise ImageError("too_many_pixels", f"{name}: {w}x{h} exceeds {max_pixels} pixels")
                 if header_only:
-                    return None
+                    return h, w
                 img.seek(0)  # first frame of a GIF
                 return img.convert("RGB")
     except ImageError:
@@ -110,6 +110,10 @@ class ImageSource:
     def check(self, rel: str) -> None:
         """Cheap validation (path, bytes, format, pixel count from the header); no pixel decode."""
         _decode(self._read(rel), rel, self.max_pixels, header_only=True)
+
+    def size(self, rel: str) -> tuple[int, int]:
+        """(height, width) from the header, after the same checks as `check` (a tiled model's token count)."""
+        return _decode(self._read(rel), rel, self.max_pixels, header_only=True)
 
     def load(self, rel: str) -> Image.Image:
         return _decode(self._read(rel), rel, self.max_pixels, header_only=False)

@@ -134,3 +134,22 @@ def test_export_round_trip_is_bit_exact_and_loads_in_transformers(converted, tmp
     img = _image(50, 120, 7)
     ids = processor(images=img, text=PROMPT, return_tensors="pt")["input_ids"]
     assert int((ids == model.image_token_id).sum()) == model.image_token_count(img)
+
+
+def test_scripts_convert_and_export_a_llava_next_folder(converted, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.export.hf_helpers import ROOT
+
+    _, hf_dir, _ = converted
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    nemo, back = str(tmp_path / "m.nemo"), str(tmp_path / "back")
+    for cmd in (["convert_hf_llava_to_nemo.py", "--input-dir", hf_dir, "--output-path", nemo],
+                ["export_to_hf.py", "--nemo-path", nemo, "--output-dir", back]):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", cmd[0]), *cmd[1:]], capture_output=True,
+                              text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    src, out = load_file(os.path.join(hf_dir, "model.safetensors")), load_file(os.path.join(back, "model.safetensors"))
+    assert sorted(src) == sorted(out) and all(torch.equal(src[k], out[k]) for k in src)
+    assert json.load(open(os.path.join(back, "config.json")))["image_grid_pinpoints"] == NEXT_PINPOINTS
