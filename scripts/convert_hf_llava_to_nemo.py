@@ -1,4 +1,5 @@
-"""Convert a local Hugging Face LLaVA checkpoint (LlavaForConditionalGeneration) into a NeVA .nemo.
+"""Convert a local Hugging Face LLaVA checkpoint (LlavaForConditionalGeneration, or LlavaNextForConditionalGeneration:
+model_type llava_next -> model.mm_cfg.image_tiling with its image_grid_pinpoints and image_newline) into a NeVA .nemo.
 
     python scripts/convert_hf_llava_to_nemo.py --input-dir HF_DIR --output-path OUT.nemo [--trust-pickle]
 """

@@ -2,7 +2,8 @@
 
     python scripts/export_to_hf.py --nemo-path IN.nemo --output-dir HF_DIR
 
-The folder loads with `LlavaForConditionalGeneration.from_pretrained` and `AutoProcessor.from_pretrained`.
+The folder loads with `LlavaForConditionalGeneration.from_pretrained` (a tiled model, model.mm_cfg.image_tiling:
+`LlavaNextForConditionalGeneration`) and `AutoProcessor.from_pretrained`.
 """
 import argparse
 import os

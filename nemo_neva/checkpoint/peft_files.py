@@ -24,8 +24,9 @@ def is_adapter_key(key: str) -> bool:
 
 
 def is_peft_key(key: str) -> bool:
-    """What a PEFT .nemo stores: adapters and the projector (keys of `model.sharded_state_dict('model.')`)."""
-    return is_adapter_key(key) or key.startswith("model.projector.")
+    """What a PEFT .nemo stores: adapters and the projector (keys of `model.sharded_state_dict('model.')`), with
+    a tiled model's `image_newline` (it learns with the projector)."""
+    return is_adapter_key(key) or key.startswith("model.projector.") or key == "model.image_newline"
 
 
 def checkpoint_subset(model, sharded_state_dict: dict) -> dict:

@@ -42,7 +42,7 @@ class NevaCollator:
         labels = torch.zeros((bsz, seq), dtype=torch.long)
         loss_mask = torch.zeros((bsz, seq), dtype=torch.float)
         num_images = torch.zeros(bsz, dtype=torch.long)
-        images, ids = [], []
+        images, sizes, ids = [], [], []
         for row, it in enumerate(items):
             if it is None:
                 ids.append(None)
@@ -60,8 +60,10 @@ class NevaCollator:
                                      f"{tuple(pixels.shape)}")
                 images.append(pixels)
                 num_images[row] = pixels.shape[0]
+                if it.get("image_sizes") is not None:  # tiled images: their original (height, width)
+                    sizes.append(torch.as_tensor(it["image_sizes"], dtype=torch.long).reshape(-1, 2))
             ids.append(it.get("id"))
-        return {
+        out = {
             "tokens": tokens,
             "labels": labels,
             "loss_mask": loss_mask,
@@ -72,6 +74,9 @@ class NevaCollator:
             "ids": ids,
             "skips": new_skips(self.skip_source),
         }
+        if sizes:  # `image_sizes` [n_images, 2]: only for tiled images (model.mm_cfg.image_tiling)
+            out["image_sizes"] = torch.stack(sizes)
+        return out
 
 
 def new_skips(skip_source) -> dict:

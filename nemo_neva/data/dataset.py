@@ -45,12 +45,16 @@ class NevaDataset(Dataset):
     (`take_new_skips`, see collate.py), where the model sums them over data-parallel ranks.
     """
 
+    tiling = None  # a `nemo_neva.data.tiling.Tiling` (model.mm_cfg.image_tiling): placeholders by image size
+
     def __init__(self, data_path: Union[str, Sequence[str]], image_folder: str | None, tokenizer,
                  image_processor, template: str = "plain", image_aspect_ratio: str = "square",
                  seq_length: int = 2048, num_image_tokens: int = 576, strict: bool = False,
                  steerlm_defaults: Mapping[str, int] | None = None, system_prompt: str | None = None,
                  prescan_images: bool = True, max_image_bytes: int = DEFAULT_MAX_BYTES,
-                 max_image_pixels: int = DEFAULT_MAX_PIXELS, max_images_per_sample: int = DEFAULT_MAX_IMAGES):
+                 max_image_pixels: int = DEFAULT_MAX_PIXELS, max_images_per_sample: int = DEFAULT_MAX_IMAGES,
+                 tiling=None):
+        self.tiling = tiling  # anyres (data/tiling.py): image_processor is then the model's `pixel_processor`
         self._init_encoding(tokenizer, image_processor, template, image_aspect_ratio, seq_length,
                             num_image_tokens, strict, steerlm_defaults, system_prompt, max_images_per_sample)
         self.images = ImageSource(image_folder, max_image_bytes, max_image_pixels) if image_folder else None
@@ -168,10 +172,12 @@ class NevaDataset(Dataset):
         if decoded != text or flat.count(self.image_token_id) != text.count(IMAGE_TOKEN):
             raise SampleError("tokenization_mismatch", f"decode(encode(text)) differs: {decoded[:80]!r}")
         ids, labels, image_end = [], [], 0
+        tagged = iter(images)  # the k-th placeholder tag is the k-th image (_turns checked the counts)
         for tok, train in zip(flat, trainable):
             if tok == self.image_token_id:
-                ids += [tok] * self.num_image_tokens
-                labels += [IGNORE_INDEX] * self.num_image_tokens
+                n = self.image_tokens(next(tagged))
+                ids += [tok] * n
+                labels += [IGNORE_INDEX] * n
                 image_end = len(ids)
             else:
                 ids.append(tok)
@@ -187,6 +193,13 @@ class NevaDataset(Dataset):
             raise SampleError("no_trainable_tokens", "no assistant token left to train on")
         return ids, labels, images, truncated
 
+    def image_tokens(self, image: str) -> int:
+        """Placeholder tokens of one image: `num_image_tokens`, or with tiling its own count from the size in
+        its header (`Tiling.tokens`, the count generation and export use too)."""
+        if self.tiling is None:
+            return self.num_image_tokens
+        return self.tiling.tokens(*self._images().size(image))
+
     # ------------------------------------------------------------------ Dataset
     def __len__(self) -> int:
         return len(self.records)
@@ -195,17 +208,23 @@ class NevaDataset(Dataset):
         rec = self.records[idx]
         try:
             ids, labels, images, _ = self.encode(rec)
-            pixels = self.pixels([self._images().load(image) for image in images])
+            pil = [self._images().load(image) for image in images]
+            pixels = self.pixels(pil)
         except _ERRORS as e:
             self._skip(rec["id"], e)
             return None
-        return make_item(ids, labels, pixels, rec["id"])
+        item = make_item(ids, labels, pixels, rec["id"])
+        if pil and self.tiling is not None:  # tiled images' original (height, width): the collator's `image_sizes`
+            item["image_sizes"] = torch.tensor([(im.height, im.width) for im in pil], dtype=torch.long)
+        return item
 
     def pixels(self, pil_images) -> torch.Tensor | None:
-        """Decoded images (PIL, in tag order) -> [n, 3, H, W] through the HF image processor; None for none."""
+        """Decoded images (PIL, in tag order) -> [n, 3, H, W] (tiled: [n, max_tiles, 3, tile, tile]) through the
+        HF image processor; None for none."""
         if not pil_images:
             return None
-        return torch.stack([preprocess(im, self.image_processor, self.image_aspect_ratio) for im in pil_images])
+        return torch.stack([preprocess(im, self.image_processor, self.image_aspect_ratio, self.tiling)
+                            for im in pil_images])
 
 
 def record_images(rec: dict) -> list[str]:
@@ -238,6 +257,7 @@ class StreamedRecordEncoder(NevaDataset):
         self._init_encoding(tokenizer, image_processor, template, image_aspect_ratio, seq_length,
                             num_image_tokens, strict, steerlm_defaults, system_prompt, max_images_per_sample)
         self.max_image_bytes, self.max_image_pixels = max_image_bytes, max_image_pixels
+        self.tiling = None  # streamed data with tiling is refused where the loader is built (models/neva_data.py)
         self.images = None
         self.truncated = 0
         self._logged: set = set()

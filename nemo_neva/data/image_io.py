@@ -41,7 +41,7 @@ def _check_relative(rel: str) -> str:
 
 
 def _decode(data: Union[bytes, str], name: str, max_pixels: int, header_only: bool):
-    """Open, check format and pixel count from the header, then (unless header_only) decode to RGB."""
+    """Open, check format and pixel count from the header, then decode to RGB (header_only: (height, width))."""
     try:
         with warnings.catch_warnings():
             # PIL's own bomb guard stays on, and its warning tier becomes an error too.
@@ -53,7 +53,7 @@ def _decode(data: Union[bytes, str], name: str, max_pixels: int, header_only: bo
                 if w * h > max_pixels or w <= 0 or h <= 0:
                     raise ImageError("too_many_pixels", f"{name}: {w}x{h} exceeds {max_pixels} pixels")
                 if header_only:
-                    return None
+                    return h, w
                 img.seek(0)  # first frame of a GIF
                 return img.convert("RGB")
     except ImageError:
@@ -111,6 +111,10 @@ class ImageSource:
         """Cheap validation (path, bytes, format, pixel count from the header); no pixel decode."""
         _decode(self._read(rel), rel, self.max_pixels, header_only=True)
 
+    def size(self, rel: str) -> tuple[int, int]:
+        """(height, width) from the header, after the same checks as `check` (a tiled model's token count)."""
+        return _decode(self._read(rel), rel, self.max_pixels, header_only=True)
+
     def load(self, rel: str) -> Image.Image:
         return _decode(self._read(rel), rel, self.max_pixels, header_only=False)
 
@@ -163,7 +167,7 @@ def aspect_ratio_of(model_cfg) -> str:
 
 
 def preprocess(images: Union[Image.Image, Sequence[Image.Image]], image_processor,
-               aspect_ratio: str = "square") -> torch.Tensor:
+               aspect_ratio: str = "square", tiling=None) -> torch.Tensor:
     """One PIL image -> FloatTensor[3,H,W]; a list -> [N,3,H,W].
 
     The one image preprocessing of the project: training data, generation (hence evaluation and
@@ -172,8 +176,17 @@ def preprocess(images: Union[Image.Image, Sequence[Image.Image]], image_processo
 
     square: stretch to the output size; pad: pad to a square with the processor's mean colour, then
     resize (LLaVA-1.5); keep: the processor's own shortest-edge resize + center crop.
+
+    `tiling` (a `nemo_neva.data.tiling.Tiling`, anyres): `image_processor` is then the model's
+    LlavaNextImageProcessor (`tiling.processor_for`) and one image gives [max_tiles, 3, tile, tile].
     """
     check_aspect_ratio(aspect_ratio)
+    if tiling is not None:
+        from nemo_neva.data.tiling import preprocess_tiled
+
+        if isinstance(images, Image.Image):
+            return preprocess_tiled(images, image_processor, tiling)
+        return torch.stack([preprocess_tiled(im, image_processor, tiling) for im in images])
     if isinstance(images, Image.Image):
         return _one(images, image_processor, aspect_ratio)
     return torch.stack([_one(im, image_processor, aspect_ratio) for im in images])

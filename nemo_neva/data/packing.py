@@ -96,7 +96,7 @@ class PackedCollator:
                [("labels", torch.long), ("loss_mask", torch.float), ("position_ids", torch.long),
                 ("segment_ids", torch.long)]}
         out["tokens"] = torch.full((bsz, seq), self.pad_id, dtype=torch.long)
-        cu, images, num_images = [0], [], torch.zeros(bsz, dtype=torch.long)
+        cu, images, sizes, num_images = [0], [], [], torch.zeros(bsz, dtype=torch.long)
         for r, (batch, row_lens) in enumerate(zip(per_row, lens)):
             pos, seg = 0, 0
             for k, n in enumerate(row_lens):
@@ -116,12 +116,16 @@ class PackedCollator:
                 num_images[r] = batch["num_images"].sum()
                 if batch["images"] is not None:
                     images.append(batch["images"])
+                if batch.get("image_sizes") is not None:
+                    sizes.append(batch["image_sizes"])
         out["attention_mask"] = packed_attention_mask(out["segment_ids"])
         out["row_tokens"] = torch.tensor([sum(x) for x in lens], dtype=torch.long)  # before the padding
         out["cu_seqlens"] = torch.tensor(cu, dtype=torch.int32)
         out["max_seqlen"] = int(torch.diff(out["cu_seqlens"]).max()) if len(cu) > 1 else 0
         out["images"] = torch.cat(images) if images else None
         out["num_images"] = num_images
+        if sizes:  # tiled images (model.mm_cfg.image_tiling): their original sizes, in image order
+            out["image_sizes"] = torch.cat(sizes)
         out["num_dropped"] = torch.tensor(dropped, dtype=torch.long)
         out["ids"] = [[it.get("id") for it in row] for row in rows]  # per row, in segment order
         out["skips"] = new_skips(self.skip_source)

@@ -110,6 +110,9 @@ def export_neva_to_trtllm(model, output_dir: str, tp_size: int = 1, dtype: str =
     """Write the whole export folder; `fp8_calib` = (data_path, image_folder) turns on FP8. Returns the meta."""
     if dtype not in DTYPES:
         raise UnsupportedCheckpoint(f"dtype {dtype!r}; supported: {sorted(DTYPES)}")
+    if getattr(model, "tiling", None) is not None:
+        raise UnsupportedCheckpoint("a tiled model (model.mm_cfg.image_tiling) cannot be exported to TensorRT-LLM "
+                                    "yet: the prompt table is built for a fixed tokens_per_image")
     trtllm_config(model.cfg, export_vocab_size(model), dtype, tp_size)  # refuse before any work
     act_amax = None
     if fp8_calib is not None:

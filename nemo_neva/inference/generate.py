@@ -59,7 +59,8 @@ class Usage:
 @dataclass
 class _Request:
     ids: torch.Tensor  # prompt token ids, image placeholders expanded
-    pixels: Optional[torch.Tensor]  # [n_images, 3, H, W] in tag order, or None
+    pixels: Optional[torch.Tensor]  # [n_images, 3, H, W] in tag order ([n, max_tiles, 3, t, t] tiled), or None
+    sizes: Optional[torch.Tensor] = None  # [n_images, 2] original (height, width): tiled models only
 
 
 def _image_count(image) -> int:
@@ -95,10 +96,23 @@ def encode_prompt(model, prompt: str, images) -> torch.Tensor:
     if n_tags != n_images:
         raise ValueError(f"prompt must contain exactly {n_images} '{IMAGE_TOKEN}' tag(s) (one per image), "
                          f"found {n_tags}")
+    counts = _token_counts(model, images, n_images)
     ids = []  # the whole prompt in one call, as the training data is tokenised (data/tokenizer.py)
     for t in encode_text(tok, prompt):
-        ids += [t] * model.tokens_per_image if t == model.image_token_id else [t]
+        ids += [t] * counts.pop(0) if t == model.image_token_id else [t]
     return torch.tensor(ids, dtype=torch.long)
+
+
+def _token_counts(model, images, n_images: int) -> list:
+    """Placeholder tokens of each image in order: `tokens_per_image` each, or for a tiled model
+    (`model.mm_cfg.image_tiling`) each image's own count from its size (so it needs the images)."""
+    if getattr(model, "tiling", None) is None:
+        return [model.tokens_per_image] * n_images
+    if isinstance(images, (bool, int)) or torch.is_tensor(images):
+        raise ValueError("a tiled model (model.mm_cfg.image_tiling) needs the PIL images themselves: each "
+                         "image's placeholder count depends on its size")
+    listed = images if isinstance(images, (list, tuple)) else ([] if images is None else [images])
+    return [model.image_token_count(im) for im in listed]
 
 
 def _one_pixels(model, image) -> torch.Tensor:
@@ -117,6 +131,16 @@ def _pixels(model, image) -> Optional[torch.Tensor]:
         return image if image.dim() == 4 else image.unsqueeze(0)
     images = image if isinstance(image, (list, tuple)) else [image]
     return torch.stack([_one_pixels(model, im) for im in images])
+
+
+def _sizes(model, image) -> Optional[torch.Tensor]:
+    """[n, 2] original (height, width) of the request's images, for a tiled model (None otherwise)."""
+    if getattr(model, "tiling", None) is None or _image_count(image) == 0:
+        return None
+    from nemo_neva.data.tiling import image_size_of
+
+    images = image if isinstance(image, (list, tuple)) else [image]
+    return torch.tensor([image_size_of(im) for im in images], dtype=torch.long)
 
 
 def _settings(model, n_images, n_prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
@@ -143,7 +167,7 @@ def _requests(model, images, prompts, max_new_tokens: int) -> list[_Request]:
         if ids.numel() + max_new_tokens > context:
             raise ValueError(f"prompt {i} ({ids.numel()} tokens) + max_new_tokens ({max_new_tokens}) "
                              f"exceeds the context of {context} tokens")
-        out.append(_Request(ids, _pixels(model, image)))
+        out.append(_Request(ids, _pixels(model, image), _sizes(model, image)))
     return out
 
 
@@ -208,11 +232,12 @@ def _decode_batch(model, requests: list[_Request], s: _Settings, seeds: list[int
     with_images = [r for r in requests if r.pixels is not None]
     image_rows = [row for row, r in enumerate(requests) if r.pixels is not None for _ in range(r.pixels.shape[0])]
     images = torch.cat([r.pixels for r in with_images]).to(device) if with_images else None
+    sizes = torch.cat([r.sizes for r in with_images]) if with_images and with_images[0].sizes is not None else None
     if s.use_cache:
         decoder = CachedDecoder(model.model, images, image_rows, tokens.shape[1] + s.max_new_tokens,
-                                compile_steps=s.compile_decode)
+                                compile_steps=s.compile_decode, image_sizes=sizes)
     else:
-        decoder = RecomputeDecoder(model.model, images, image_rows)
+        decoder = RecomputeDecoder(model.model, images, image_rows, image_sizes=sizes)
     generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
     seen = torch.zeros(len(requests), vocab, dtype=torch.bool, device=device)  # for the repetition penalty
     seen[valid.nonzero()[:, 0], tokens[valid].clamp(max=vocab - 1)] = True

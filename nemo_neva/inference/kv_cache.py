@@ -24,14 +24,17 @@ from nemo_neva.inference.compiled_step import compiled_language_model
 
 
 class _Decoder:
-    def __init__(self, module, images: Optional[torch.Tensor], image_rows: list[int]):
+    def __init__(self, module, images: Optional[torch.Tensor], image_rows: list[int],
+                 image_sizes: Optional[torch.Tensor] = None):
         self.module = module  # NevaModule
-        self.images = images  # [n_img, 3, H, W] in row order, or None
+        self.images = images  # [n_img, 3, H, W] in row order ([n_img, max_tiles, 3, t, t] tiled), or None
         self.image_rows = image_rows  # row index of each image (a row may have several)
+        self.image_sizes = image_sizes  # [n_img, 2] original (height, width), tiled models only
 
     def _forward(self, tokens, position_ids, mask, images, context=None):
+        sizes = self.image_sizes if images is not None else None
         return self.module(tokens, position_ids, attention_mask=mask, images=images, inference_context=context,
-                           runtime_gather_output=True)
+                           runtime_gather_output=True, image_sizes=sizes)
 
     def _keep_images(self, rows: torch.Tensor):
         if self.images is None:
@@ -42,13 +45,16 @@ class _Decoder:
         kept = [(new, i) for new, old in enumerate(rows) for i in where.get(int(old), [])]
         self.image_rows = [new for new, _ in kept]
         self.images = self.images[[i for _, i in kept]] if kept else None
+        if self.image_sizes is not None:
+            self.image_sizes = self.image_sizes[[i for _, i in kept]] if kept else None
 
 
 class CachedDecoder(_Decoder):
     """Prefill once, then one token per step through megatron-core's static KV cache."""
 
-    def __init__(self, module, images, image_rows, max_sequence_length: int, compile_steps: bool = False):
-        super().__init__(module, images, image_rows)
+    def __init__(self, module, images, image_rows, max_sequence_length: int, compile_steps: bool = False,
+                 image_sizes: Optional[torch.Tensor] = None):
+        super().__init__(module, images, image_rows, image_sizes)
         self.max_sequence_length = max_sequence_length
         self.compiled = compiled_language_model(module) if compile_steps else None
         self.context = None

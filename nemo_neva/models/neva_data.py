@@ -51,6 +51,7 @@ class NevaDataMixin:
         if isinstance(paths, str) and "{" in paths:  # a shard pattern: resolve its folder
             paths = os.path.join(resolve_path(os.path.dirname(paths)) or "", os.path.basename(paths))
         if is_shard_spec(paths):  # tar shards from scripts/convert_llava_to_shards.py: streamed
+            self._refuse_tiling("tar shards")
             return ShardedNevaDataset(
                 paths, self.tokenizer, self.image_processor,
                 template=data_cfg.get("conv_template", "plain"),
@@ -66,7 +67,8 @@ class NevaDataMixin:
             data_path=paths,
             image_folder=resolve_path(data_cfg.get("image_folder")),
             tokenizer=self.tokenizer,
-            image_processor=self.image_processor,
+            image_processor=self.pixel_processor,
+            tiling=self.tiling,
             template=data_cfg.get("conv_template", "plain"),
             image_aspect_ratio=self.image_aspect_ratio,
             seq_length=data_cfg.get("seq_length") or self.cfg.encoder_seq_length,
@@ -75,9 +77,15 @@ class NevaDataMixin:
             max_images_per_sample=data_cfg.get("max_images_per_sample", DEFAULT_MAX_IMAGES),
         )
 
+    def _refuse_tiling(self, what: str) -> None:
+        if self.tiling is not None:
+            raise ValueError(f"model.mm_cfg.image_tiling is supported with LLaVA JSON data (model.data.data_path "
+                             f"*.json + image_folder), not yet with {what}")
+
     def _energon_source(self, data_cfg, path, validation=False):
         from nemo_neva.data.energon import build_source
 
+        self._refuse_tiling("Energon datasets")
         return build_source(data_cfg, path, tokenizer=self.tokenizer, image_processor=self.image_processor,
                             seq_length=data_cfg.get("seq_length") or self.cfg.encoder_seq_length,
                             num_image_tokens=self.tokens_per_image, seed=self.cfg.get("seed", 1234),

@@ -80,6 +80,7 @@ class MegatronNevaModel(NevaRestoreMixin, NevaStepMixin, NevaDataMixin, ModelPT)
         self.tokenizer, self.image_processor, vision_config = self._load_hf_side(
             cfg, restore_dir, getattr(self._lm_source, "tokenizer", None))
         self.vision_config = vision_config
+        self.tiling = self._build_tiling(cfg, vision_config)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids("<image>")
         if self.image_token_id is None or self.image_token_id == self.tokenizer.unk_token_id:
             raise ValueError("the tokenizer has no '<image>' token; add it as a special token")
@@ -165,7 +166,18 @@ class MegatronNevaModel(NevaRestoreMixin, NevaStepMixin, NevaDataMixin, ModelPT)
                                 venc.get("drop_cls", True)).to(self.dtype_)
             projector = build_projector(cfg.mm_cfg.mm_mlp_adapter_type, tower.hidden_size, cfg.hidden_size)
             projector.to(self.dtype_)
-        return NevaModule(tconfig, gpt, tower, projector, self.image_token_id, venc.get("freeze", True))
+        return NevaModule(tconfig, gpt, tower, projector, self.image_token_id, venc.get("freeze", True), self.tiling)
+
+    def _build_tiling(self, cfg, vision_config):
+        """`model.mm_cfg.image_tiling` (anyres) as a `nemo_neva.data.tiling.Tiling`, or None when off."""
+        from nemo_neva.data.tiling import tiling_from_cfg
+
+        tiling = tiling_from_cfg(cfg.mm_cfg.get("image_tiling"), vision_config, self.tokens_per_image)
+        if tiling is not None and self.image_aspect_ratio != "square":
+            raise ValueError(f"model.data.image_aspect_ratio={self.image_aspect_ratio!r} does not apply with "
+                             "model.mm_cfg.image_tiling (tiles keep the aspect ratio; the base thumbnail is "
+                             "stretched as LLaVA-NeXT does): leave it at 'square'")
+        return tiling
 
     def _apply_freeze(self, cfg):
         """Stage 1 (`mm_cfg.llm.freeze`): only the projector learns. Vision frozen unless asked."""
@@ -198,13 +210,40 @@ class MegatronNevaModel(NevaRestoreMixin, NevaStepMixin, NevaDataMixin, ModelPT)
     def preprocess_images(self, images) -> torch.Tensor:
         """PIL image(s) -> pixel values [3,H,W] (a list: [N,3,H,W]) exactly as the training data makes them:
         the model's image processor and `image_aspect_ratio` (generation, evaluation, serving and the
-        TensorRT-LLM check all come through here or `nemo_neva.data.image_io.preprocess`)."""
+        TensorRT-LLM check all come through here or `nemo_neva.data.image_io.preprocess`). A tiled model
+        (`model.mm_cfg.image_tiling`) gives [max_tiles,3,t,t] per image; its sizes: `image_sizes_of`."""
         from nemo_neva.data.image_io import preprocess
 
-        return preprocess(images, self.image_processor, self.image_aspect_ratio)
+        return preprocess(images, self.pixel_processor, self.image_aspect_ratio, self.tiling)
+
+    @property
+    def pixel_processor(self):
+        """The HF image processor `preprocess_images` runs: the tower's, or for a tiled model transformers'
+        LlavaNextImageProcessor with the tower's settings and the model's grid pinpoints."""
+        if self.tiling is None:
+            return self.image_processor
+        cached = getattr(self, "_tiling_processor", None)
+        if cached is None or cached[0] is not self.image_processor:
+            from nemo_neva.data.tiling import processor_for
+
+            cached = self._tiling_processor = (self.image_processor, processor_for(self.image_processor, self.tiling))
+        return cached[1]
+
+    def image_token_count(self, image) -> int:
+        """Placeholder tokens one image (PIL) becomes: `tokens_per_image`, or for a tiled model
+        `Tiling.tokens(height, width)` of the image."""
+        if self.tiling is None:
+            return self.tokens_per_image
+        from nemo_neva.data.tiling import image_size_of
+
+        if torch.is_tensor(image):
+            raise ValueError("a tiled model (model.mm_cfg.image_tiling) takes PIL images: its placeholder count "
+                             "and tiles depend on each image's original size")
+        return self.tiling.tokens(*image_size_of(image))
 
     @property
     def tokens_per_image(self) -> int:
+        """Placeholder tokens of one image (of one tile, for a tiled model: see `image_token_count`)."""
         return tokens_per_image(self.vision_config, self.cfg.mm_cfg.vision_encoder.get("drop_cls", True),
                                 self.cfg.mm_cfg.mm_mlp_adapter_type)
 

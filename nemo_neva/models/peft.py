@@ -53,6 +53,8 @@ def freeze(module, cfg) -> None:
     if module.projector is not None:
         for p in module.projector.parameters():
             p.requires_grad_(bool(cfg.peft.get("train_projector", True)))
+    if getattr(module, "image_newline", None) is not None:  # anyres: learns (and is stored) with the projector
+        module.image_newline.requires_grad_(bool(cfg.peft.get("train_projector", True)))
 
 
 def restore_weights(model, restore_dir: str, archive: Optional[str]) -> None:

@@ -4,6 +4,12 @@ Images enter the prompt as runs of the image token; the projected patch features
 embeddings at exactly those positions. The splice is a forward hook on the GPT word-embedding layer,
 so megatron-core's own embedding path (position embeddings, sequence-parallel scatter, dropout) runs
 unchanged after it. Vision and projector live on the first pipeline stage only.
+
+With `tiling` (anyres, `nemo_neva.data.tiling`) an image is `[max_tiles, 3, tile, tile]` pixels plus its
+original (height, width) in `image_sizes`; its tiles run through the tower in one batch with every other
+image's, and `anyres.pack_image` makes its `tiling.tokens(h, w)` embeddings (a learned `image_newline`
+closes each feature row). Images of one batch may then differ in token count: the checks below compare each
+sample's placeholders with the sum of its own images' counts.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ class ImageTokenMismatch(ValueError):
 
 class NevaModule(MegatronModule):
     def __init__(self, config, language_model, vision_tower=None, projector=None, image_token_id: int = -1,
-                 freeze_vision: bool = True):
+                 freeze_vision: bool = True, tiling=None):
         super().__init__(config=config)
         self.model_type = ModelType.encoder_or_decoder  # read by megatron-core's schedules
         self.language_model = language_model
@@ -32,9 +38,14 @@ class NevaModule(MegatronModule):
         self.image_token_id = image_token_id
         self.freeze_vision = freeze_vision
         self._pending = None
+        self.tiling = tiling
         if self.pre_process:
             if vision_tower is None or projector is None:
                 raise ValueError("the first pipeline stage needs the vision tower and projector")
+            if tiling is not None:
+                from nemo_neva.modules.anyres import new_image_newline
+
+                self.image_newline = new_image_newline(config.hidden_size, next(projector.parameters()).dtype)
             language_model.embedding.word_embeddings.register_forward_hook(self._splice_hook)
 
     @property
@@ -84,36 +95,80 @@ class NevaModule(MegatronModule):
             full, keep = full[start:start + chunk], keep[start:start + chunk]
         return output * keep + full
 
+    def image_token_counts(self, images: Optional[torch.Tensor], image_sizes=None) -> list[int]:
+        """Placeholder tokens of each image of the batch, in order (checks the layout first)."""
+        n = 0 if images is None else images.shape[0]
+        if self.tiling is None:
+            if images is not None and images.dim() != 4:
+                raise ImageTokenMismatch(f"images must be [n, 3, H, W] pixel values, got shape {tuple(images.shape)}"
+                                         " (tiled [n, tiles, 3, H, W] images need model.mm_cfg.image_tiling)")
+            return [self.tokens_per_image] * n
+        if n == 0:
+            return []
+        want = (self.tiling.max_tiles, 3, self.tiling.tile, self.tiling.tile)
+        if images.dim() != 5 or tuple(images.shape[1:]) != want:
+            raise ImageTokenMismatch(f"a tiled model takes images [n, {', '.join(map(str, want))}] (the model's "
+                                     f"preprocess_images), got shape {tuple(images.shape)}")
+        if image_sizes is None or tuple(image_sizes.shape) != (n, 2):
+            got = None if image_sizes is None else tuple(image_sizes.shape)
+            raise ImageTokenMismatch(f"a tiled model needs image_sizes [{n}, 2] (original height, width of each "
+                                     f"image), got {got}")
+        return [self.tiling.tokens(int(h), int(w)) for h, w in image_sizes.tolist()]
+
+    def encode_tiled(self, images: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
+        """[n, max_tiles, 3, t, t] + sizes [n, 2] -> [sum of tiling.tokens, llm_hidden]: every image's own tiles
+        through the tower in one batch, then base + unpadded grid + newlines per image."""
+        from nemo_neva.modules.anyres import pack_images
+
+        sizes = image_sizes.tolist()
+        tiles = [self.tiling.tiles(int(h), int(w)) for h, w in sizes]
+        feats = self.encode_images(torch.cat([images[i, :t] for i, t in enumerate(tiles)]))
+        return pack_images(feats, sizes, self.tiling, self.image_newline)
+
     def _image_mask_and_features(self, tokens: torch.Tensor, images: Optional[torch.Tensor],
-                                 num_images: Optional[torch.Tensor] = None):
+                                 num_images: Optional[torch.Tensor] = None, image_sizes=None):
         mask = tokens == self.image_token_id
+        counts = self.image_token_counts(images, image_sizes)
+        per_image = f"{self.tokens_per_image} tokens per image" if self.tiling is None else "tokens by image size"
         if num_images is not None:
-            per_sample = mask.sum(dim=1)
-            bad = (per_sample != num_images.to(per_sample.device) * self.tokens_per_image).nonzero().flatten()
+            num_images = num_images.to("cpu")
+            if self.tiling is None:
+                expected = num_images * self.tokens_per_image
+            else:  # each sample's own images' counts (images are in sample order)
+                if int(num_images.sum()) != len(counts):
+                    raise ImageTokenMismatch(f"num_images adds up to {int(num_images.sum())} but {len(counts)} "
+                                             "image(s) were given")
+                ends = torch.cumsum(torch.tensor([0] + counts, dtype=torch.long), 0)[torch.cumsum(num_images, 0)]
+                expected = ends - torch.cat([ends.new_zeros(1), ends[:-1]])
+            per_sample = mask.sum(dim=1).to("cpu")
+            bad = (per_sample != expected).nonzero().flatten()
             if bad.numel():
                 i = int(bad[0])
                 raise ImageTokenMismatch(
                     f"sample {i} of the batch has {int(per_sample[i])} image placeholder tokens but "
-                    f"{int(num_images[i])} image(s) x {self.tokens_per_image} tokens per image"
+                    f"{int(num_images[i])} image(s) x {per_image} = {int(expected[i])}"
                 )
         n_placeholders = int(mask.sum())
-        n_images = 0 if images is None else images.shape[0]
-        expected = n_images * self.tokens_per_image
+        expected = sum(counts)
         if n_placeholders != expected:
             raise ImageTokenMismatch(
-                f"prompt has {n_placeholders} image placeholder tokens but {n_images} image(s) x "
-                f"{self.tokens_per_image} tokens per image = {expected} were expected"
+                f"prompt has {n_placeholders} image placeholder tokens but {len(counts)} image(s) x "
+                f"{per_image} = {expected} were expected"
             )
-        if n_images == 0:
+        if not counts:
             return None
+        if self.tiling is not None:
+            return mask, self.encode_tiled(images, image_sizes)
         feats = self.encode_images(images).reshape(-1, self.language_model.config.hidden_size)
         return mask, feats
 
     def forward(self, tokens, position_ids, attention_mask=None, images=None, labels=None,
-                inference_context=None, runtime_gather_output=None, num_images=None, packed_seq_params=None):
-        """Logits [b, s, vocab/tp] (or per-token loss [b, s] when labels are given)."""
+                inference_context=None, runtime_gather_output=None, num_images=None, packed_seq_params=None,
+                image_sizes=None):
+        """Logits [b, s, vocab/tp] (or per-token loss [b, s] when labels are given). `image_sizes` [n, 2]:
+        each image's original (height, width), for a tiled model only."""
         if self.pre_process:
-            self._pending = self._image_mask_and_features(tokens, images, num_images)
+            self._pending = self._image_mask_and_features(tokens, images, num_images, image_sizes)
             input_ids = tokens.masked_fill(tokens == self.image_token_id, 0)
         else:
             input_ids = tokens

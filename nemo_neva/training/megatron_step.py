@@ -181,6 +181,11 @@ def masked_loss_sum(per_token: torch.Tensor, loss_mask: torch.Tensor) -> tuple[t
     return (per_token.float() * mask.float()).sum(), loss_mask.detach().sum().round().to(torch.int)
 
 
+# Batch keys with one entry per image (in sample order), not per sample: `images`, and `image_sizes` [n, 2]
+# (original height, width) of a tiled model's images (model.mm_cfg.image_tiling).
+PER_IMAGE = ("images", "image_sizes")
+
+
 def pad_to_microbatches(batch: dict, micro_batch_size: int) -> dict:
     """A batch whose size is not a multiple of `micro_batch_size` (an evaluation set's last batch) filled up
     with copies of its last sample whose loss_mask is 0: valid inputs (its image included) that add no loss
@@ -190,14 +195,15 @@ def pad_to_microbatches(batch: dict, micro_batch_size: int) -> dict:
     if not extra:
         return batch
     rows = torch.cat([torch.arange(n), torch.full((extra,), n - 1)])
-    out = {k: (v[rows.to(v.device)] if k != "images" and torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n
+    out = {k: (v[rows.to(v.device)] if k not in PER_IMAGE and torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n
                else v) for k, v in batch.items()}
     out["loss_mask"] = out["loss_mask"].clone()
     out["loss_mask"][n:] = 0
-    images = batch.get("images")
-    if images is not None:
-        last = int(batch["num_images"][-1])
-        out["images"] = torch.cat([images] + [images[images.shape[0] - last:]] * extra) if last else images
+    last = int(batch["num_images"][-1]) if batch.get("images") is not None else 0
+    for key in PER_IMAGE:
+        v = batch.get(key)
+        if v is not None and last:
+            out[key] = torch.cat([v] + [v[v.shape[0] - last:]] * extra)
     return out
 
 
@@ -217,12 +223,13 @@ def split_microbatches(batch: dict, micro_batch_size: int, pad: bool = False) ->
     for start in range(0, n, micro_batch_size):
         sl = slice(start, start + micro_batch_size)
         mb = {k: v[sl] for k, v in batch.items()
-              if k != "images" and torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n}
+              if k not in PER_IMAGE and torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n}
+        mb["images"] = None
         if images is not None:
             first = int(image_offsets[start])
             count = int(batch["num_images"][sl].sum())
-            mb["images"] = images[first:first + count] if count else None
-        else:
-            mb["images"] = None
+            for key in PER_IMAGE:
+                if batch.get(key) is not None and count:
+                    mb[key] = batch[key][first:first + count]
         out.append(mb)
     return out

@@ -8,9 +8,13 @@ TOKENIZER = os.path.join(ROOT, "data", "tokenizer")
 TOKENS_PER_IMAGE = 16  # (32 / 8) ** 2 patches, CLS dropped
 
 
+NEXT_PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]  # HF's default grids at a 32-pixel tower
+
+
 def make_tiny_llava(out_dir, num_kv_heads=2, tie=False, seed=0, processor=True, tower="clip", dtype=None,
-                    lm="llama"):
-    """tower "clip": CLS dropped (strategy "default"); "siglip": no CLS, all patches (strategy "full")."""
+                    lm="llama", next_pinpoints=None, max_positions=128):
+    """tower "clip": CLS dropped (strategy "default"); "siglip": no CLS, all patches (strategy "full").
+    `next_pinpoints`: a LlavaNextForConditionalGeneration (anyres) with these grid pinpoints instead."""
     from transformers import (
         AutoTokenizer,
         CLIPVisionConfig,
@@ -34,27 +38,42 @@ def make_tiny_llava(out_dir, num_kv_heads=2, tie=False, seed=0, processor=True, 
 
         text_cls = lambda **kw: MistralConfig(sliding_window=None, **kw)  # noqa: E731
     text = text_cls(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=num_kv_heads, intermediate_size=128, max_position_embeddings=128,
+                       num_key_value_heads=num_kv_heads, intermediate_size=128, max_position_embeddings=max_positions,
                        rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
                        tie_word_embeddings=tie, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                        pad_token_id=tok.pad_token_id)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
-                         image_seq_length=TOKENS_PER_IMAGE, tie_word_embeddings=tie,
-                         vision_feature_select_strategy=strategy)
+    config_cls, model_cls, extra = LlavaConfig, LlavaForConditionalGeneration, {}
+    if next_pinpoints is not None:
+        from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+        config_cls, model_cls, extra = LlavaNextConfig, LlavaNextForConditionalGeneration, {
+            "image_grid_pinpoints": next_pinpoints}
+    config = config_cls(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                        image_seq_length=TOKENS_PER_IMAGE, tie_word_embeddings=tie,
+                        vision_feature_select_strategy=strategy, **extra)
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    model = model_cls(config).eval()
     with torch.no_grad():  # move every tensor (norm gains included) off its init value, so a mix-up shows
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     if dtype is not None:
         model.to(dtype)
     model.save_pretrained(out_dir)
-    if tower == "clip":
+    if next_pinpoints is not None:
+        from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
+
+        crop = {"do_center_crop": True, "crop_size": {"height": 32, "width": 32}, "size": {"shortest_edge": 32}} \
+            if tower == "clip" else {"do_center_crop": False, "size": {"height": 32, "width": 32}}
+        image_processor = LlavaNextImageProcessorPil(image_grid_pinpoints=next_pinpoints, **crop)
+    elif tower == "clip":
         image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     else:
         image_processor = SiglipImageProcessor(size={"height": 32, "width": 32})
+    processor_cls = LlavaProcessor
+    if next_pinpoints is not None:
+        processor_cls = LlavaNextProcessor
     if processor:
-        LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=8,
+        processor_cls(image_processor=image_processor, tokenizer=tok, patch_size=8,
                        vision_feature_select_strategy=strategy,
                        num_additional_image_tokens=1 if tower == "clip" else 0).save_pretrained(out_dir)
     else:

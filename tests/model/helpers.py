@@ -81,3 +81,37 @@ def assert_trained_close(state, ref_state, lr, steps, atol, rtol=0.0):
         assert float(diff.max()) <= 2 * lr * steps, (k, float(diff.max()))
         beyond = diff > atol + rtol * ref.abs().float()
         assert int(beyond.sum()) <= max(1, diff.numel() // 1000), (k, int(beyond.sum()), float(diff.max()))
+
+
+# (height, width) of each row's images for tiled batches: 1, 2 or 0 images of different placeholder counts
+TILED_SIZES = [[(40, 90)], [(90, 40), (32, 32)], [], [(20, 100)]]
+
+
+def tiled_batch_for(model, sizes_per_row, seq, seed=0):
+    """A batch for a tiled model (model.mm_cfg.image_tiling): row r holds one image per (height, width) in
+    sizes_per_row[r] (random pixels, preprocessed by the model), each a run of its own placeholder count."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    vocab, n = len(model.tokenizer), len(sizes_per_row)
+    tokens = torch.randint(20, vocab, (n, seq), generator=g)
+    labels = torch.randint(20, vocab, (n, seq), generator=g)
+    loss_mask = torch.zeros(n, seq)
+    images = []
+    for r, sizes in enumerate(sizes_per_row):
+        pos = 1
+        for h, w in sizes:
+            images.append(Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()))
+            count = model.image_token_count(images[-1])
+            tokens[r, pos:pos + count] = model.image_token_id
+            pos += count + 2
+        assert pos < seq, f"row {r} needs more than {seq} tokens"
+        loss_mask[r, pos:] = 1.0
+    flat = [s for sizes in sizes_per_row for s in sizes]
+    return {
+        "tokens": tokens, "labels": labels, "loss_mask": loss_mask,
+        "position_ids": torch.arange(seq).expand(n, seq).clone(),
+        "images": model.preprocess_images(images) if images else None,
+        "image_sizes": torch.tensor(flat, dtype=torch.long).reshape(-1, 2) if flat else None,
+        "num_images": torch.tensor([len(s) for s in sizes_per_row], dtype=torch.long),
+    }

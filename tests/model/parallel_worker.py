@@ -20,7 +20,8 @@ def main():
     from megatron.core import parallel_state as ps
 
     from nemo_neva.training.megatron_step import MegatronOptimizerAdapter  # noqa: F401  (import check)
-    from tests.model.helpers import batch_for, restore_at_layout
+    from nemo_neva.training.megatron_step import split_microbatches
+    from tests.model.helpers import TILED_SIZES, batch_for, restore_at_layout, tiled_batch_for
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--nemo", required=True)
@@ -39,9 +40,13 @@ def main():
     model = restore_at_layout(args.nemo, args.tp, args.pp, args.sp,
                               **{"optim.name": args.optim, "optim.sched": None})
     model.eval()
+    if model.tiling is not None:  # anyres: rows with images of different sizes (different placeholder counts)
+        def batch_for(model, n, seed, **_):  # noqa: F811
+            return tiled_batch_for(model, [TILED_SIZES[(seed + i) % len(TILED_SIZES)] for i in range(n)], 160, seed)
     probe = batch_for(model, n=2, seed=100)
     with torch.no_grad():
         logits = model.model(probe["tokens"], probe["position_ids"], images=probe["images"],
+                             image_sizes=probe.get("image_sizes"), num_images=probe["num_images"],
                              runtime_gather_output=True) if ps.is_pipeline_last_stage() and args.pp == 1 else None
     model.train()
     opt = model.configure_optimizers()
@@ -51,11 +56,7 @@ def main():
         full = batch_for(model, n=model.cfg.global_batch_size, seq=48 if per_row else 40, seed=step,
                          images_per_row=per_row)
         per_rank = model.cfg.global_batch_size // dp
-        sl = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
-        batch = {k: v[sl] for k, v in full.items() if k != "images"}
-        first = int(full["num_images"][:sl.start].sum())  # this rank's rows' images, in row order
-        count = int(batch["num_images"].sum())
-        batch["images"] = full["images"][first:first + count] if count else None
+        batch = split_microbatches(full, per_rank)[dp_rank]  # images (and tiled sizes) follow their rows
         losses.append(float(model.train_on_batch(batch, opt)))
     model.save_to(os.path.join(args.out, "trained.nemo"))
     if dist.get_rank() == 0:
