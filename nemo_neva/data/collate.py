@@ -55,9 +55,9 @@ class NevaCollator:
             loss_mask[row, :n] = valid.float()
             pixels = it.get("images")
             if pixels is not None and len(pixels):
-                if pixels.ndim != 4:
-                    raise ValueError(f"item {it.get('id')!r}: 'images' must be [n, 3, H, W], got "
-                                     f"{tuple(pixels.shape)}")
+                if pixels.ndim not in (4, 5):  # tiled images: [n, max_tiles, 3, tile, tile]
+                    raise ValueError(f"item {it.get('id')!r}: 'images' must be [n, 3, H, W] (tiled: "
+                                     f"[n, tiles, 3, H, W]), got {tuple(pixels.shape)}")
                 images.append(pixels)
                 num_images[row] = pixels.shape[0]
                 if it.get("image_sizes") is not None:  # tiled images: their original (height, width)
@@ -75,7 +75,7 @@ class NevaCollator:
             "skips": new_skips(self.skip_source),
         }
         if sizes:  # `image_sizes` [n_images, 2]: only for tiled images (model.mm_cfg.image_tiling)
-            out["image_sizes"] = torch.stack(sizes)
+            out["image_sizes"] = torch.cat(sizes)
         return out
 
 

@@ -2,6 +2,7 @@
 the LLaVA JSON dataset, the collator, micro-batch splitting and packed rows. Oracles: each row's loss alone
 (batching must not move features between rows) and the unpacked batch (packing must not either); the counts
 themselves are checked against transformers in tests/data/test_tiling.py and tests/export/test_llava_next.py."""
+import itertools
 import json
 
 import pytest
@@ -118,8 +119,8 @@ def test_dataset_counts_tiles_and_sizes_come_from_each_image(model, json_data):
     for it in items:
         img = Image.open(json_data / "images" / f"{it['id'][1:]}.png")
         assert int((it["input_ids"] == model.image_token_id).sum()) == model.image_token_count(img)
-        assert tuple(it["image_size"]) == (img.height, img.width)
-        assert torch.equal(it["image"], model.preprocess_images(img.convert("RGB")))
+        assert it["image_sizes"].tolist() == [[img.height, img.width]]
+        assert torch.equal(it["images"][0], model.preprocess_images(img.convert("RGB")))
     batch = NevaCollator(model.tokenizer.pad_token_id)(items)
     assert batch["images"].shape == (3, model.tiling.max_tiles, 3, 32, 32)
     assert batch["image_sizes"].tolist() == [[40, 90], [90, 40], [64, 64]]
@@ -137,3 +138,26 @@ def test_packed_rows_give_the_unpacked_loss(model, json_data):
         (l_flat, n_flat), (l_packed, n_packed) = model.loss_from_batch(flat), model.loss_from_batch(packed)
     assert int(n_flat) == int(n_packed)
     torch.testing.assert_close(l_packed, l_flat, atol=ATOL, rtol=0)
+
+
+def test_a_sample_with_two_tiled_images_of_different_sizes(model, json_data, tmp_path):
+    """Several images per sample and tiling together: each tag's run has its own image's count, the item keeps
+    both sizes in tag order, and the sample's loss equals the loss of its rows with the images in that order."""
+    rec = {"id": "pair", "image": ["0.png", "1.png"], "conversations": [
+        {"from": "human", "value": "<image> then <image>"}, {"from": "gpt", "value": "two pictures"}]}
+    path = tmp_path / "pair.json"
+    path.write_text(json.dumps([rec]))
+    ds = NevaDataset(str(path), str(json_data / "images"), model.tokenizer, model.pixel_processor,
+                     template="vicuna_v1", seq_length=SEQ, num_image_tokens=model.tokens_per_image,
+                     tiling=model.tiling)
+    it = ds[0]
+    imgs = [Image.open(json_data / "images" / f"{i}.png") for i in (0, 1)]
+    assert it["image_sizes"].tolist() == [[im.height, im.width] for im in imgs]
+    runs = [len(list(g)) for is_image, g in itertools.groupby(it["input_ids"].tolist(),
+                                                               key=lambda t: t == model.image_token_id) if is_image]
+    assert runs == [model.image_token_count(im) for im in imgs]  # two runs, each its own image's count
+    assert runs[0] != runs[1]  # 40x90 and 90x40 tile differently, so the order is checked
+    batch = NevaCollator(model.tokenizer.pad_token_id)([it])
+    assert batch["num_images"].tolist() == [2] and batch["image_sizes"].tolist() == it["image_sizes"].tolist()
+    loss, tokens = model.loss_from_batch(batch)
+    assert torch.isfinite(loss) and tokens > 0
