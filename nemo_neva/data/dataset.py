@@ -45,7 +45,7 @@ class NevaDataset(Dataset):
     (`take_new_skips`, see collate.py), where the model sums them over data-parallel ranks.
     """
 
-    tiling = None  # a `nemo_neva.data.tiling.Tiling` (model.mm_cfg.image_tiling): placeholders by image size
+    tiling = None  # a `nemo_neva.modules.tiling.Tiling` (model.mm_cfg.image_tiling): placeholders by image size
 
     def __init__(self, data_path: Union[str, Sequence[str]], image_folder: str | None, tokenizer,
                  image_processor, template: str = "plain", image_aspect_ratio: str = "square",
@@ -54,7 +54,7 @@ class NevaDataset(Dataset):
                  prescan_images: bool = True, max_image_bytes: int = DEFAULT_MAX_BYTES,
                  max_image_pixels: int = DEFAULT_MAX_PIXELS, max_images_per_sample: int = DEFAULT_MAX_IMAGES,
                  tiling=None):
-        self.tiling = tiling  # anyres (data/tiling.py): image_processor is then the model's `pixel_processor`
+        self.tiling = tiling  # anyres (modules/tiling.py): image_processor is then the model's `pixel_processor`
         self._init_encoding(tokenizer, image_processor, template, image_aspect_ratio, seq_length,
                             num_image_tokens, strict, steerlm_defaults, system_prompt, max_images_per_sample)
         self.images = ImageSource(image_folder, max_image_bytes, max_image_pixels) if image_folder else None

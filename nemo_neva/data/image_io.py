@@ -177,12 +177,12 @@ def preprocess(images: Union[Image.Image, Sequence[Image.Image]], image_processo
     square: stretch to the output size; pad: pad to a square with the processor's mean colour, then
     resize (LLaVA-1.5); keep: the processor's own shortest-edge resize + center crop.
 
-    `tiling` (a `nemo_neva.data.tiling.Tiling`, anyres): `image_processor` is then the model's
+    `tiling` (a `nemo_neva.modules.tiling.Tiling`, anyres): `image_processor` is then the model's
     LlavaNextImageProcessor (`tiling.processor_for`) and one image gives [max_tiles, 3, tile, tile].
     """
     check_aspect_ratio(aspect_ratio)
     if tiling is not None:
-        from nemo_neva.data.tiling import preprocess_tiled
+        from nemo_neva.modules.tiling import preprocess_tiled
 
         if isinstance(images, Image.Image):
             return preprocess_tiled(images, image_processor, tiling)

@@ -127,7 +127,7 @@ def _processor(model, drop_cls: bool):
     if tiling is None:
         cls, image_processor = LlavaProcessor, hf_processor_for(model.image_processor, model.image_aspect_ratio)
     else:
-        from nemo_neva.data.tiling import processor_for
+        from nemo_neva.modules.tiling import processor_for
 
         cls, image_processor = LlavaNextProcessor, processor_for(model.image_processor, tiling)
     kind = _VISION_KINDS[model.vision_config.model_type]

@@ -32,7 +32,7 @@ def _hf_image_processor(input_dir: str, vision_config):
 
 def _tower_processor_of_next(processor, config):
     """A LLaVA-NeXT folder's LlavaNextImageProcessor -> the tower's own processor class with its settings (what a
-    NeVA model keeps; `nemo_neva.data.tiling.processor_for` makes the LlavaNext one back from it and the
+    NeVA model keeps; `nemo_neva.modules.tiling.processor_for` makes the LlavaNext one back from it and the
     model's pinpoints, which must be the processor's)."""
     from nemo_neva.modules.vision import _TOWERS, _tower_kind
 

@@ -109,7 +109,7 @@ def check_hf_config(config) -> None:
 
 def _check_next(config) -> None:
     """LLaVA-NeXT: tiles of the tower's size, a square feature grid per tile (CLIP's CLS dropped)."""
-    from nemo_neva.data.tiling import check_pinpoints
+    from nemo_neva.modules.tiling import check_pinpoints
 
     if config.vision_feature_select_strategy == "full" and _VISION_KINDS[config.vision_config.model_type] == "clip":
         raise UnsupportedCheckpoint("LLaVA-NeXT with a CLIP tower and vision_feature_select_strategy='full' keeps the "

@@ -137,7 +137,7 @@ def _sizes(model, image) -> Optional[torch.Tensor]:
     """[n, 2] original (height, width) of the request's images, for a tiled model (None otherwise)."""
     if getattr(model, "tiling", None) is None or _image_count(image) == 0:
         return None
-    from nemo_neva.data.tiling import image_size_of
+    from nemo_neva.modules.tiling import image_size_of
 
     images = image if isinstance(image, (list, tuple)) else [image]
     return torch.tensor([image_size_of(im) for im in images], dtype=torch.long)

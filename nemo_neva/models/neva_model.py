@@ -169,8 +169,8 @@ class MegatronNevaModel(NevaRestoreMixin, NevaStepMixin, NevaDataMixin, ModelPT)
         return NevaModule(tconfig, gpt, tower, projector, self.image_token_id, venc.get("freeze", True), self.tiling)
 
     def _build_tiling(self, cfg, vision_config):
-        """`model.mm_cfg.image_tiling` (anyres) as a `nemo_neva.data.tiling.Tiling`, or None when off."""
-        from nemo_neva.data.tiling import tiling_from_cfg
+        """`model.mm_cfg.image_tiling` (anyres) as a `nemo_neva.modules.tiling.Tiling`, or None when off."""
+        from nemo_neva.modules.tiling import tiling_from_cfg
 
         tiling = tiling_from_cfg(cfg.mm_cfg.get("image_tiling"), vision_config, self.tokens_per_image)
         if tiling is not None and self.image_aspect_ratio != "square":
@@ -224,7 +224,7 @@ class MegatronNevaModel(NevaRestoreMixin, NevaStepMixin, NevaDataMixin, ModelPT)
             return self.image_processor
         cached = getattr(self, "_tiling_processor", None)
         if cached is None or cached[0] is not self.image_processor:
-            from nemo_neva.data.tiling import processor_for
+            from nemo_neva.modules.tiling import processor_for
 
             cached = self._tiling_processor = (self.image_processor, processor_for(self.image_processor, self.tiling))
         return cached[1]
@@ -234,7 +234,7 @@ class MegatronNevaModel(NevaRestoreMixin, NevaStepMixin, NevaDataMixin, ModelPT)
         `Tiling.tokens(height, width)` of the image."""
         if self.tiling is None:
             return self.tokens_per_image
-        from nemo_neva.data.tiling import image_size_of
+        from nemo_neva.modules.tiling import image_size_of
 
         if torch.is_tensor(image):
             raise ValueError("a tiled model (model.mm_cfg.image_tiling) takes PIL images: its placeholder count "

@@ -1,6 +1,6 @@
 """anyres (LLaVA-NeXT) on the feature side: one image's projected tile features -> its placeholder embeddings.
 
-The geometry (grid, unpadded window, counts) is `nemo_neva.data.tiling.Tiling`; this file only moves
+The geometry (grid, unpadded window, counts) is `nemo_neva.modules.tiling.Tiling`; this file only moves
 features: base thumbnail first, then the tiles' `side x side` grids joined into one big grid, cut to the
 window that shows the image, and the learned newline embedding appended to every row of it, row by row (the
 order of transformers' `LlavaNextModel.pack_image_features`). Pure indexing and concatenation, so the values

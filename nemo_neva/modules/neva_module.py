@@ -5,7 +5,7 @@ embeddings at exactly those positions. The splice is a forward hook on the GPT w
 so megatron-core's own embedding path (position embeddings, sequence-parallel scatter, dropout) runs
 unchanged after it. Vision and projector live on the first pipeline stage only.
 
-With `tiling` (anyres, `nemo_neva.data.tiling`) an image is `[max_tiles, 3, tile, tile]` pixels plus its
+With `tiling` (anyres, `nemo_neva.modules.tiling`) an image is `[max_tiles, 3, tile, tile]` pixels plus its
 original (height, width) in `image_sizes`; its tiles run through the tower in one batch with every other
 image's, and `anyres.pack_image` makes its `tiling.tokens(h, w)` embeddings (a learned `image_newline`
 closes each feature row). Images of one batch may then differ in token count: the checks below compare each

@@ -8,7 +8,7 @@ from PIL import Image
 from transformers.image_processing_utils import select_best_resolution
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from nemo_neva.data.tiling import Tiling, best_resolution, preprocess_tiled, processor_for, tiling_from_cfg
+from nemo_neva.modules.tiling import Tiling, best_resolution, preprocess_tiled, processor_for, tiling_from_cfg
 from nemo_neva.modules.vision import CLIPImageProcessor, SiglipImageProcessor
 
 from neva_data_helpers import DEMO_TOKENIZER
