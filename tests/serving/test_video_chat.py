@@ -12,7 +12,7 @@ from PIL import Image
 
 from nemo_neva import MegatronNevaModel
 from nemo_neva.data.conversation import STEERLM_INFERENCE_DEFAULTS, render_prompt
-from nemo_neva.data.video_io import open_video, video_settings_of
+from nemo_neva.data.video_io import open_video, sample_indices, video_settings_of
 from nemo_neva.data.video_writer import write_video
 from nemo_neva.inference.generate import encode_prompt
 from nemo_neva.serving.limits import ServerLimits
@@ -24,8 +24,11 @@ pytest.importorskip("av")
 NUM_FRAMES = 3  # the model's model.data.video.num_frames: 3 x 16 placeholders keep the prompt short
 MAX_FRAMES = 12  # server.max_video_frames: the 10-frame clip passes, a 20-frame one does not
 MAX_VIDEO_BYTES = 20_000  # server.max_video_bytes: above the smooth clip's size, below the noise clip's (asserted)
+# server.max_video_pixels: the 32x32 clip decodes frames 0..6 (uniform 3 of 10: 0, 3, 6) = 7168 pixels, which
+# fit; the same clip at 48x48 (16128) does not
+MAX_VIDEO_PIXELS = 32 * 32 * 8
 LIMITS = dict(max_tokens=10, max_body_bytes=300_000, max_image_bytes=60_000, max_videos=1,
-              max_video_frames=MAX_FRAMES, max_video_bytes=MAX_VIDEO_BYTES)
+              max_video_frames=MAX_FRAMES, max_video_bytes=MAX_VIDEO_BYTES, max_video_pixels=MAX_VIDEO_PIXELS)
 
 
 def moving_square(n, size=32):
@@ -127,7 +130,7 @@ def test_garbage_is_a_one_line_bad_video(server, clip, data, mime):
     assert body["message"].startswith("video refused: ")
 
 
-def test_too_many_frames_and_too_large_are_refused(server, tmp_path):
+def test_too_many_frames_too_large_and_too_many_pixels_are_refused(server, tmp_path):
     long_clip = video_bytes(tmp_path, moving_square(MAX_FRAMES + 8), "long.mp4")
     assert len(long_clip) < MAX_VIDEO_BYTES  # refused for its frames, not its size
     body = refusal(server, [{"role": "user", "content": [text("Look:"), video_part(long_clip)]}])
@@ -140,6 +143,14 @@ def test_too_many_frames_and_too_large_are_refused(server, tmp_path):
     body = refusal(server, [{"role": "user", "content": [video_part(big)]}])
     assert body["code"] == "video_too_large"  # from the base64 length, before decoding
     assert body["message"] == f"video is larger than the limit of {MAX_VIDEO_BYTES} bytes"
+    wide = video_bytes(tmp_path, moving_square(10, size=48), "wide.mp4")
+    assert len(wide) < MAX_VIDEO_BYTES
+    body = refusal(server, [{"role": "user", "content": [video_part(wide)]}])
+    assert body["code"] == "video_too_many_pixels"  # from the stream header, before decoding
+    to_decode = max(sample_indices(10, NUM_FRAMES)) + 1  # decoding stops at the last sampled frame
+    assert to_decode * 48 * 48 > MAX_VIDEO_PIXELS >= to_decode * 32 * 32
+    assert body["message"] == (f"video refused: {to_decode} frames of 48x48 to decode exceed {MAX_VIDEO_PIXELS} "
+                               "pixels")
 
 
 def test_video_count_limit_and_zero_means_no_video(model, server, clip):
