@@ -2,6 +2,7 @@
 
     python scripts/query_triton.py --url 127.0.0.1:8000 --model neva --image cat.png --prompt "What is this?"
     python scripts/query_triton.py --image a.png --image b.png --prompt "First <image>, then <image>: same cat?"
+    python scripts/query_triton.py --video clip.mp4 --num-frames 8 --prompt "<video>\nWhich way does it move?"
     python scripts/query_triton.py --protocol grpc --url 127.0.0.1:8001 --image cat.png --prompt "..." \
         --temperature 0.7 --top-k 50 --top-p 0.9 --seed 3 --max-output-len 64
 
@@ -11,6 +12,12 @@ nv_steerlm models, SteerLM attributes (--steerlm quality:9,humor:2). Several --i
 in the order given (the prompt's <image> tags, or none: the images lead); images of different sizes are
 zero-padded to the largest height and width and their sizes sent as input_media_sizes [1, N, 2]. Greedy unless
 --temperature > 0 and --top-k != 1. Exit status 1 with the server's message when the request is refused.
+
+--video: Triton takes no video input; a video is its sampled frames sent as images. The frames are sampled
+here with nemo_neva's `open_video` (PyAV; --num-frames / --sampling should be the model's
+`model.data.video` settings) and the prompt's `<video>` tag (or a leading one) becomes one `<image>` tag per
+frame, back to back, so the answer is the one `generate` gives for that video. The server's
+`limits.max_images` must allow the frames (and any --image).
 """
 import argparse
 import re
@@ -70,6 +77,29 @@ def _steerlm(spec: "str | None") -> dict:
     return out
 
 
+def video_media(prompt: str, images: list, video_path: str, num_frames: int, sampling: str) -> "tuple[str, list]":
+    """(prompt, images) with the video's sampled frames standing at its `<video>` tag (a leading one when the
+    prompt has none), as `<image>` tags back to back; `images` (one per `<image>` tag, or leading) keep their
+    places. A bad video: SystemExit with open_video's one-line reason."""
+    from nemo_neva.data.constants import IMAGE_TOKEN, VIDEO_TOKEN
+    from nemo_neva.data.video_io import VideoError, VideoSettings, open_video
+
+    try:
+        video = open_video(video_path, VideoSettings(num_frames, sampling))
+    except (VideoError, ValueError) as e:
+        raise SystemExit(f"--video: {e}") from None
+    if prompt.count(VIDEO_TOKEN) > 1:
+        raise SystemExit(f"--prompt: one {VIDEO_TOKEN} tag for the one --video")
+    if VIDEO_TOKEN not in prompt:
+        prompt = f"{VIDEO_TOKEN}\n{prompt}"
+    if images and IMAGE_TOKEN not in prompt:  # the images lead, as the server would place them
+        prompt = "\n".join([IMAGE_TOKEN] * len(images) + [prompt])
+    before, after = prompt.split(VIDEO_TOKEN)
+    k = before.count(IMAGE_TOKEN)
+    frames = [np.asarray(f, dtype=np.uint8) for f in video.frames]
+    return before + IMAGE_TOKEN * len(frames) + after, images[:k] + frames + images[k:]
+
+
 def load_image(path: str) -> np.ndarray:
     from PIL import Image
 
@@ -117,6 +147,12 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="neva", help="Triton model name (triton.model_name)")
     ap.add_argument("--image", action="append", default=[], help="image file; repeat for several, in the "
                     "order of the prompt's <image> tags (omit for a text-only prompt)")
+    ap.add_argument("--video", default=None, help="video file: its frames go as images at the prompt's <video> "
+                    "tag (leading without one); needs nemo_neva and PyAV")
+    ap.add_argument("--num-frames", type=int, default=8, help="frames sampled from --video (the model's "
+                    "model.data.video.num_frames)")
+    ap.add_argument("--sampling", choices=["uniform", "first"], default="uniform",
+                    help="how --video's frames are picked (the model's model.data.video.sampling)")
     ap.add_argument("--prompt", required=True, help="the question")
     ap.add_argument("--max-output-len", type=int, default=None, help="new tokens (default: the server's cap)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -135,6 +171,9 @@ def main(argv=None) -> int:
         images = [load_image(path) for path in args.image]
     except OSError as e:  # missing or not an image
         ap.error(f"--image: {e}")
+    prompt = args.prompt
+    if args.video is not None:
+        prompt, images = video_media(prompt, images, args.video, args.num_frames, args.sampling)
 
     from tritonclient.utils import InferenceServerException
 
@@ -142,12 +181,12 @@ def main(argv=None) -> int:
         ap.error("--concurrent must be >= 1")
     try:
         if args.concurrent == 1:
-            answer = query(url, args.model, args.prompt, images, args, args.protocol, args.timeout)
+            answer = query(url, args.model, prompt, images, args, args.protocol, args.timeout)
         else:
             from concurrent.futures import ThreadPoolExecutor
 
             with ThreadPoolExecutor(args.concurrent) as pool:
-                answers = list(pool.map(lambda _: query(url, args.model, args.prompt, images, args, args.protocol,
+                answers = list(pool.map(lambda _: query(url, args.model, prompt, images, args, args.protocol,
                                                         args.timeout), range(args.concurrent)))
             answer = "\n".join(answers)
     except InferenceServerException as e:

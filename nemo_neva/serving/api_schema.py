@@ -33,9 +33,22 @@ class ImagePart(BaseModel):
     image_url: ImageURL
 
 
+class VideoURL(BaseModel):
+    url: str = Field(description="an inline video, `data:video/<type>;base64,<data>` (mp4/mov, Matroska/WebM or "
+                                 "AVI); remote URLs and local paths are refused. The server samples the model's "
+                                 "`model.data.video.num_frames` frames from it, each costing an image's tokens")
+
+
+class VideoPart(BaseModel):
+    """Extension (OpenAI has no video part): user messages only, at most `max_videos` (GET /config) per
+    conversation; its `<video>` tag stands where the part stands."""
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
 class Message(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[Union[TextPart, ImagePart]]]
+    content: Union[str, list[Union[TextPart, ImagePart, VideoPart]]]
 
 
 class StreamOptions(BaseModel):
@@ -48,9 +61,10 @@ class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
     messages: list[Message] = Field(min_length=1, description="user and assistant turns alternate, starting and "
-                                    "ending with user; system messages first; each `image_url` part puts its "
-                                    "image where the part stands (text and images interleave), at most "
-                                    "`max_images` (GET /config) per conversation")
+                                    "ending with user; system messages first; each `image_url` (`video_url`) part "
+                                    "puts its image (video) where the part stands (text, images and videos "
+                                    "interleave), at most `max_images` (`max_videos`, GET /config) per "
+                                    "conversation")
     temperature: Optional[float] = Field(None, ge=0, le=2, description="0 = greedy; default 1")
     top_p: Optional[float] = Field(None, gt=0, le=1, description="default 1")
     top_k: Optional[int] = Field(None, ge=0, le=1 << 20, description="extension; 0 (default) = off")
@@ -143,6 +157,10 @@ class PageLimits(BaseModel):
     max_images: int
     max_image_bytes: int
     max_image_pixels: int
+    max_videos: int
+    max_video_bytes: int
+    max_video_frames: int
+    max_video_pixels: int
     max_body_bytes: int
     max_text_chars: int
     max_messages: int

@@ -14,6 +14,7 @@ import time
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
+from nemo_neva.data.video_io import video_settings_of
 from nemo_neva.serving import openai_format as fmt
 from nemo_neva.serving.chat_request import parse_chat_request
 from nemo_neva.serving.errors import RequestError, internal_error
@@ -28,6 +29,7 @@ DRAIN_TIMEOUT_S = 2.0
 class ServingState:
     def __init__(self, worker: GenerationWorker, template: str, limits: ServerLimits, model_id: str):
         self.worker, self.template, self.limits, self.model_id = worker, template, limits, model_id
+        self.video = video_settings_of(worker.model.cfg)  # frames sampled per video_url part, as in training
         self.created = int(time.time())
         self.pending = 0  # requests in progress; only touched on the event loop
         self.abort_connection = None  # set by NevaServer: scope -> close that client's connection, no reply
@@ -152,7 +154,7 @@ class ChatExchange(Response):
         except (ValueError, RecursionError):  # bad UTF-8 / JSON, huge int literals, absurd nesting
             raise RequestError("request body is not valid JSON") from None
         state = self.state
-        return parse_chat_request(body, state.limits, state.template, state.model_id)
+        return parse_chat_request(body, state.limits, state.template, state.model_id, state.video)
 
     @staticmethod
     async def _disconnect(receive) -> None:

@@ -1,15 +1,17 @@
 """A `/v1/chat/completions` JSON body -> a validated `ChatRequest` with the rendered prompt.
 
 Everything a client can get wrong is checked here, before the request reaches the model: schema, roles and
-turn order, parameter ranges (OpenAI's), the configured limits, SteerLM attributes, and the images (each
-`image_url` part puts its `<image>` tag where the part stands, so text and images interleave in order).
+turn order, parameter ranges (OpenAI's), the configured limits, SteerLM attributes, the images and videos
+(each `image_url` part puts its `<image>` tag where the part stands, each `video_url` part its `<video>` tag,
+so text, images and videos interleave in order). Videos are decoded here too (sampled with the model's
+`model.data.video` settings), off the generation thread.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
 
-from nemo_neva.data.constants import IMAGE_TOKEN
+from nemo_neva.data.constants import IMAGE_TOKEN, VIDEO_TOKEN
 from nemo_neva.data.conversation import (
     STEERLM_INFERENCE_DEFAULTS,
     ConversationError,
@@ -17,9 +19,11 @@ from nemo_neva.data.conversation import (
     parse_attributes,
     render_prompt,
 )
+from nemo_neva.data.video_io import VideoSettings
 from nemo_neva.serving.errors import RequestError
 from nemo_neva.serving.images import image_from_url
 from nemo_neva.serving.limits import RANGES, ServerLimits, check_range
+from nemo_neva.serving.videos import video_from_url
 
 MAX_STOP_STRINGS = 4  # as the OpenAI API
 # Accepted and ignored at their "off" value; anything else a client sends that we do not implement is a 400,
@@ -33,7 +37,8 @@ _KNOWN = {"model", "messages", "temperature", "top_p", "top_k", "max_tokens", "m
 @dataclass
 class ChatRequest:
     prompt: str
-    images: list = field(default_factory=list)  # RGB PIL images, one per <image> tag of `prompt`, in order
+    # RGB PIL images and `Video`s, one per <image> / <video> tag of `prompt`, in order (generate's form)
+    images: list = field(default_factory=list)
     max_tokens: Optional[int] = None  # None = as many as the cap and the context allow
     temperature: float = 1.0
     top_p: float = 1.0
@@ -102,47 +107,60 @@ def _stream(body: dict) -> tuple[bool, bool]:
     return stream, include
 
 
+_MEDIA = {"image_url": ("image", IMAGE_TOKEN), "video_url": ("video", VIDEO_TOKEN)}  # part type -> (noun, tag)
+
+
 def _parts(content, param: str) -> list:
-    """Message content -> list of {'type': 'text'|'image_url', ...} parts."""
+    """Message content -> list of {'type': 'text'|'image_url'|'video_url', ...} parts."""
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
     if not isinstance(content, list):
         raise RequestError("content must be a string or a list of content parts", param)
     for j, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") not in ("text", "image_url"):
-            raise RequestError("content parts must be {'type': 'text'} or {'type': 'image_url'} objects",
-                               f"{param}[{j}]")
-        if part["type"] == "text" and not isinstance(part.get("text"), str):
+        if not isinstance(part, dict) or part.get("type") not in ("text", *_MEDIA):
+            raise RequestError("content parts must be {'type': 'text'}, {'type': 'image_url'} or "
+                               "{'type': 'video_url'} objects", f"{param}[{j}]")
+        kind = part["type"]
+        if kind == "text" and not isinstance(part.get("text"), str):
             raise RequestError("a text part needs a 'text' string", f"{param}[{j}]")
-        if part["type"] == "image_url" and not isinstance(part.get("image_url"), dict):
-            raise RequestError("an image_url part needs an 'image_url': {'url': ...} object", f"{param}[{j}]")
+        if kind in _MEDIA and not isinstance(part.get(kind), dict):
+            article = "an" if kind == "image_url" else "a"
+            raise RequestError(f"{article} {kind} part needs a '{kind}': {{'url': ...}} object", f"{param}[{j}]")
     return content
 
 
-def _count_images(messages: list) -> int:
-    """image_url parts in the whole conversation (counted before any image is decoded)."""
+def _count_parts(messages: list, kind: str) -> int:
+    """`kind` parts in the whole conversation (counted before any image or video is decoded)."""
     return sum(1 for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
-               for p in m["content"] if isinstance(p, dict) and p.get("type") == "image_url")
+               for p in m["content"] if isinstance(p, dict) and p.get("type") == kind)
 
 
-def _check_image_count(n: int, limits: ServerLimits) -> None:
+def _check_counts(messages: list, limits: ServerLimits) -> None:
+    n = _count_parts(messages, "image_url")
     if n > limits.max_images:
         what = ("this server takes text only (server.max_images=0)" if limits.max_images == 0 else
                 f"this server takes at most {limits.max_images} per conversation (server.max_images)")
         raise RequestError(f"{n} image{'s' * (n != 1)} in this conversation; {what}", "messages",
                            code="too_many_images")
+    n = _count_parts(messages, "video_url")
+    if n > limits.max_videos:
+        what = ("this server takes no video (server.max_videos=0)" if limits.max_videos == 0 else
+                f"this server takes at most {limits.max_videos} per conversation (server.max_videos)")
+        raise RequestError(f"{n} video{'s' * (n != 1)} in this conversation; {what}", "messages",
+                           code="too_many_videos")
 
 
 class _Conversation:
     """Collects turns, the system text and the images (in order) while walking the messages."""
 
-    def __init__(self, limits: ServerLimits):
-        self.limits, self.turns, self.system, self.images, self.chars = limits, [], None, [], 0
+    def __init__(self, limits: ServerLimits, video: VideoSettings):
+        self.limits, self.video, self.turns, self.system, self.images, self.chars = limits, video, [], None, [], 0
 
     def text(self, text: str, param: str) -> str:
-        if IMAGE_TOKEN in text:
-            raise RequestError(f"message text must not contain the image tag {IMAGE_TOKEN}; send images as "
-                               "image_url parts", param)
+        for kind, (noun, tag) in _MEDIA.items():
+            if tag in text:
+                raise RequestError(f"message text must not contain the {noun} tag {tag}; send {noun}s as "
+                                   f"{kind} parts", param)
         self.chars += len(text)
         if self.chars > self.limits.max_text_chars:
             raise RequestError(f"message text exceeds the limit of {self.limits.max_text_chars} characters",
@@ -173,16 +191,22 @@ class _Conversation:
             if part["type"] == "text":
                 pieces.append(self.text(part["text"], param))
                 continue
+            kind, at = part["type"], f"{param}.content[{j}]"
+            noun, tag = _MEDIA[kind]
             if role != "user":
-                raise RequestError("only user messages may hold images", f"{param}.content[{j}]")
-            self.images.append(image_from_url(part["image_url"].get("url"), self.limits, f"{param}.content[{j}]"))
-            pieces.append(IMAGE_TOKEN)
-        # Interleaved: each image's tag stands where its part is, parts one per line. [image, text] renders
-        # "<image>\n{text}", the LLaVA layout examples/neva_generate.py and build_prompt use.
+                raise RequestError(f"only user messages may hold {noun}s", at)
+            url = part[kind].get("url")
+            self.images.append(image_from_url(url, self.limits, at) if kind == "image_url" else
+                               video_from_url(url, self.limits, self.video, at))
+            pieces.append(tag)
+        # Interleaved: each image's (video's) tag stands where its part is, parts one per line. [image, text]
+        # renders "<image>\n{text}", the LLaVA layout examples/neva_generate.py and build_prompt use.
         self.turns.append({"from": "human" if role == "user" else "gpt", "value": "\n".join(pieces)})
 
 
-def parse_chat_request(body, limits: ServerLimits, template: str, model_id: str) -> ChatRequest:
+def parse_chat_request(body, limits: ServerLimits, template: str, model_id: str,
+                       video: VideoSettings = VideoSettings()) -> ChatRequest:
+    """`video`: how a video's frames are sampled (the served model's `video_settings_of(model.cfg)`)."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     unknown = sorted(k for k in body if k not in _KNOWN and not (k in _IGNORED_AT and body[k] == _IGNORED_AT[k]))
@@ -199,8 +223,8 @@ def parse_chat_request(body, limits: ServerLimits, template: str, model_id: str)
     sampling = _sampling(body, limits)
     stop = _stop(body)
     stream, include_usage = _stream(body)
-    _check_image_count(_count_images(messages), limits)
-    conv = _Conversation(limits)
+    _check_counts(messages, limits)
+    conv = _Conversation(limits, video)
     for i, msg in enumerate(messages):
         conv.add(i, msg)
     if not conv.turns or conv.turns[-1]["from"] != "human":

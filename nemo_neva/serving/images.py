@@ -18,31 +18,39 @@ _DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=
                        re.ASCII)
 
 
-def image_from_url(url, limits: ServerLimits, param: str):
-    """An `image_url.url` -> RGB PIL image, or a RequestError saying why not."""
+def data_url_bytes(url, limits_bytes: int, param: str, kind: str = "image", example: str = "image/png") -> bytes:
+    """The bytes of an inline `data:<kind>/...;base64,` URL within `limits_bytes`, or a RequestError
+    (remote URLs and local paths refused, the size checked from the base64 length before decoding)."""
+    field = f"{kind}_url.url"
     if not isinstance(url, str) or not url:
-        raise RequestError("image_url.url must be a non-empty string", param)
+        raise RequestError(f"{field} must be a non-empty string", param)
+    hint = f"send the {kind} inline as a data: URL (data:{example};base64,...)"
     head = url[:16].lower()
     if head.startswith(("http://", "https://", "ftp://")):
-        raise RequestError("remote image URLs are not fetched; send the image inline as a data: URL "
-                           "(data:image/png;base64,...)", param, code="remote_url_refused")
+        raise RequestError(f"remote {kind} URLs are not fetched; {hint}", param, code="remote_url_refused")
     if not head.startswith("data:"):
-        raise RequestError("local file paths and non-data URLs are refused; send the image inline as a "
-                           "data: URL (data:image/png;base64,...)", param, code="local_path_refused")
+        raise RequestError(f"local file paths and non-data URLs are refused; {hint}", param,
+                           code="local_path_refused")
     m = _DATA_URL.match(url)
     if not m or not m.group("b64"):
-        raise RequestError("a data: URL must look like data:image/<type>;base64,<data>", param)
-    if m.group("mime") and not m.group("mime").lower().startswith("image/"):
-        raise RequestError(f"data: URL media type {m.group('mime')!r} is not an image", param)
+        raise RequestError(f"a data: URL must look like data:{kind}/<type>;base64,<data>", param)
+    if m.group("mime") and not m.group("mime").lower().startswith(f"{kind}/"):
+        raise RequestError(f"data: URL media type {m.group('mime')!r} is not a{'n' * (kind[0] in 'aeiou')} {kind}",
+                           param)
     payload = url[m.end():]
     # 4 base64 characters carry 3 bytes: refuse before decoding anything too large.
-    if (len(payload) // 4) * 3 > limits.max_image_bytes + 2:
-        raise RequestError(f"image is larger than the limit of {limits.max_image_bytes} bytes", param,
-                           code="image_too_large")
+    if (len(payload) // 4) * 3 > limits_bytes + 2:
+        raise RequestError(f"{kind} is larger than the limit of {limits_bytes} bytes", param,
+                           code=f"{kind}_too_large")
     try:
-        data = base64.b64decode(payload, validate=True)
+        return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
-        raise RequestError("image data is not valid base64", param) from None
+        raise RequestError(f"{kind} data is not valid base64", param) from None
+
+
+def image_from_url(url, limits: ServerLimits, param: str):
+    """An `image_url.url` -> RGB PIL image, or a RequestError saying why not."""
+    data = data_url_bytes(url, limits.max_image_bytes, param)
     try:
         return open_user_image(data, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels)
     except ImageError as e:

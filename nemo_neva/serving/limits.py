@@ -9,12 +9,19 @@ from typing import Optional
 from nemo_neva.serving.errors import RequestError
 
 
+_COUNTS = ("max_images", "max_videos")  # whole numbers where 0 switches the input off
+
+
 @dataclass(frozen=True)
 class ServerLimits:
     max_body_bytes: int = 16 * 1024 * 1024     # whole JSON body, checked from Content-Length before reading
     max_image_bytes: int = 8 * 1024 * 1024     # one decoded data: URL image
     max_image_pixels: int = 4096 * 4096        # from the image header, before the pixels are decoded
     max_images: int = 4                        # per conversation (HTTP) / per prompt (Triton); 0 = text only
+    max_videos: int = 1                        # video_url parts per conversation (HTTP); 0 = no video
+    max_video_bytes: int = 8 * 1024 * 1024     # one decoded data: URL video
+    max_video_frames: int = 1800               # frames in one video's file, counted from its packets (not decoded)
+    max_video_pixels: int = 1280 * 720 * 900   # decoded pixels per video (frames up to the last sampled one)
     max_messages: int = 64
     max_text_chars: int = 65536                # all message texts and stop strings together
     max_tokens: int = 512                      # cap on a request's max_tokens, and its default
@@ -26,10 +33,11 @@ class ServerLimits:
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"server.{f.name} must be a number >= 0, got {value!r}")
-            if f.name != "max_images" and value == 0:
+            if f.name not in _COUNTS and value == 0:
                 raise ValueError(f"server.{f.name} must be > 0")
-        if not isinstance(self.max_images, int):
-            raise ValueError(f"server.max_images must be a whole number, got {self.max_images!r}")
+        for name in _COUNTS:
+            if not isinstance(getattr(self, name), int):
+                raise ValueError(f"server.{name} must be a whole number, got {getattr(self, name)!r}")
 
     @classmethod
     def from_cfg(cls, cfg, section: str = "server") -> "ServerLimits":

@@ -105,14 +105,14 @@ class GenerationWorker:
 
     def _budget(self, r: ChatRequest) -> tuple[int, int]:
         """(prompt tokens, max new tokens), or a RequestError when they do not fit the context."""
-        n_prompt = len(encode_prompt(self.model, r.prompt, len(r.images)))
+        n_prompt = len(encode_prompt(self.model, r.prompt, list(r.images)))  # a video: its frames' tags
         return n_prompt, token_budget(n_prompt, self.context, r.max_tokens, self.max_tokens_cap, "messages",
                                       "max_tokens", what="conversation")
 
     def _run(self, job: Job) -> None:
         r = job.request
         n_prompt, max_new = self._budget(r)
-        images = list(r.images) or None  # generate's form: a list, one per <image> tag in order, or None
+        images = list(r.images) or None  # generate's form: one per <image>/<video> tag in order, or None
         kwargs = dict(max_new_tokens=max_new, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
                       seed=r.seed, stop_token_ids=sorted(self.stop_ids),
                       stop_strings=[*self.stop_strings, *r.stop])

@@ -29,7 +29,7 @@ REQUEST_TIMEOUT_S = 30  # a hang fails the example instead of the suite
 @pytest.fixture(scope="module")
 def api(served):
     with running_server(served.model, model_id="m", max_tokens=4, max_body_bytes=200_000, max_image_bytes=50_000,
-                        max_image_pixels=250_000, max_text_chars=2000, max_messages=6) as url:
+                        max_image_pixels=250_000, max_video_bytes=50_000, max_text_chars=2000, max_messages=6) as url:
         yield url, schemathesis.openapi.from_url(url + "/openapi.json")
 
 
@@ -62,12 +62,14 @@ def test_fuzz_large(api, data, mode):
 
 
 def test_limits_still_hold_for_schema_valid_requests(api):
-    """The schema allows any string as an image URL or text; the limits still refuse what is too big."""
+    """The schema allows any string as an image or video URL or text; the limits still refuse what is too big."""
     url, schema = api
     operation = schema["/v1/chat/completions"]["POST"]
     for content, code in [("a" * 2001, "prompt_too_long"),
                           ([{"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 80_000}}],
-                           "image_too_large")]:
+                           "image_too_large"),
+                          ([{"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + "A" * 80_000}}],
+                           "video_too_large")]:
         case = operation.Case(body={"model": "m", "messages": [{"role": "user", "content": content}]},
                               media_type="application/json")
         response = case.call_and_validate(base_url=url, checks=CHECKS, timeout=REQUEST_TIMEOUT_S)

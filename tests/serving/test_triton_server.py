@@ -223,6 +223,29 @@ def test_two_images_answer_equals_generate_and_the_query_script_pads_different_s
     assert answer and proc.stdout == answer + "\n"
 
 
+def test_the_query_script_sends_a_video_as_its_frames_and_the_answer_is_generate_of_the_video(served, tmp_path):
+    """Triton has no video input: `--video` samples the frames with open_video and sends them as images at the
+    video's place, so the answer equals `generate` given the `Video` itself."""
+    pytest.importorskip("av")
+    from nemo_neva.data.video_io import VideoSettings, open_video
+    from nemo_neva.data.video_writer import write_video
+
+    n = LIMITS["max_images"]  # frames are images to the server: as many as its limit allows
+    write_video(tmp_path / "clip.mp4", [pixels(40 + k) for k in range(7)])
+    video = open_video(tmp_path / "clip.mp4", VideoSettings(n))
+    ids, strings = serving_stops(served.model, TEMPLATE)
+    expected = served.model.generate([[video]], [build_prompt(TEMPLATE, "Which way?", False, has_video=True)],
+                                     max_new_tokens=8, stop_token_ids=ids, stop_strings=strings)[0]
+    script = [sys.executable, os.path.join(ROOT, "scripts", "query_triton.py"), "--url", served.http, "--model", MODEL,
+              "--video", str(tmp_path / "clip.mp4"), "--prompt", "Which way?", "--max-output-len", "8"]
+    proc = subprocess.run([*script, "--num-frames", str(n)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert expected and proc.stdout == expected + "\n"
+    proc = subprocess.run([*script, "--num-frames", str(n + 1)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert f"{n + 1} images in one prompt; this server takes at most {n} per prompt" in proc.stderr
+
+
 def test_more_images_than_the_limit_are_refused_with_the_count(served):
     media = np.stack([pixels(30 + k) for k in range(LIMITS["max_images"] + 1)])[np.newaxis]
     with pytest.raises(InferenceServerException) as info:
