@@ -126,10 +126,11 @@ class TorchBackend:
         self.context = int(model.cfg.encoder_seq_length)
         self.stop_ids, self.stop_strings = serving_stops(model, template)
 
-    def prompt_tokens(self, prompt: str, n_images: int) -> int:
+    def prompt_tokens(self, prompt: str, images) -> int:
+        """`images`: the prompt's images (a list, as `generate` takes them) or their count."""
         from nemo_neva.inference.generate import encode_prompt
 
-        return int(encode_prompt(self.model, prompt, n_images).numel())
+        return int(encode_prompt(self.model, prompt, images).numel())
 
     def generate(self, images: list, prompts: list[str], s: Sampling) -> list[str]:
         """`images[i]`: prompt i's list of images (None without), as `generate` takes them."""
@@ -285,7 +286,7 @@ class NevaTritonModel:
                 sampling, max_out = self._sampling(data, r, n_rows)
                 attributes = self._attributes(data, r, n_rows)
                 prompt = build_prompt(self.template, question, bool(images), steerlm=attributes)
-                n_prompt = self.backend.prompt_tokens(prompt, len(images))
+                n_prompt = self.backend.prompt_tokens(prompt, images)  # a tiled model counts by image size
                 max_new = token_budget(n_prompt, self.backend.context, max_out, self.limits.max_tokens,
                                        "input_text", "max_output_len")
             except RequestError as e:

@@ -113,13 +113,14 @@ class TrtllmBackend:
         return cls(export_dir, meta, tokenizer, processor, vision, runner)
 
     # ------------------------------------------------------------------------------------------ contract
-    def _ids(self, prompt: str, n_images: int) -> torch.Tensor:
+    def _ids(self, prompt: str, images) -> torch.Tensor:
         from nemo_neva.inference.generate import encode_prompt
 
-        return encode_prompt(self._encoder, prompt, n_images)
+        return encode_prompt(self._encoder, prompt, images)
 
-    def prompt_tokens(self, prompt: str, n_images: int) -> int:
-        n = int(self._ids(prompt, n_images).numel())
+    def prompt_tokens(self, prompt: str, images) -> int:
+        """`images`: the prompt's images (a list) or their count."""
+        n = int(self._ids(prompt, images).numel())
         if self.max_input_len is not None and n > int(self.max_input_len):
             raise RequestError(f"the prompt is {n} tokens; the engine was built for at most {self.max_input_len} "
                                "(--max-input-len of scripts/export_to_trtllm.py --build)", "input_text",

@@ -19,7 +19,7 @@ from nemo_neva.serving.triton_model import InvalidInput, NevaTritonModel, TorchB
 from nemo_neva.serving.triton_server import TritonSettings
 from nemo_neva.serving.triton_trtllm import require_tensorrt_llm
 from nemo_neva.serving.worker import serving_stops
-from tests.model.helpers import ROOT, tiny_model_cfg
+from tests.model.helpers import ROOT, llama_overrides, tiny_model_cfg
 
 TEMPLATE = "nv_steerlm"
 LIMITS = ServerLimits(max_tokens=8, max_image_pixels=4096, max_text_chars=300, max_images=2)
@@ -50,8 +50,8 @@ class FakeBackend:
     def __init__(self):
         self.calls = []
 
-    def prompt_tokens(self, prompt, n_images):
-        return len(prompt) // 8 + 16 * n_images
+    def prompt_tokens(self, prompt, images):
+        return len(prompt) // 8 + 16 * (images if isinstance(images, int) else len(images))
 
     def generate(self, images, prompts, s):
         self.calls.append((len(prompts), s))
@@ -270,3 +270,22 @@ def test_tensorrt_llm_backend_feeds_each_row_its_image_through_the_prompt_table(
                                                                                          pytest.approx(0.9), 4)
     with pytest.raises(InvalidInput, match="input 'input_text': the prompt is .* engine was built for at most 150"):
         m([request("a b c d e f g " * 20, pixels(3))])
+
+
+def test_a_tiled_model_counts_each_image_by_its_size_and_answers_as_generate():
+    """anyres: the prompt budget needs the images themselves (placeholders depend on each image's size)."""
+    from PIL import Image
+
+    torch.manual_seed(0)
+    tiled = MegatronNevaModel(tiny_model_cfg(**llama_overrides(), **{"mm_cfg.image_tiling.enabled": True,
+                                                                     "encoder_seq_length": 512})).eval()
+    m = NevaTritonModel(TorchBackend(tiled, TEMPLATE), TEMPLATE, LIMITS)
+    wide, tall = pixels(1, 40, 90), pixels(2, 90, 40)
+    prompt = build_prompt(TEMPLATE, "What is it?", True)
+    counts = [m.backend.prompt_tokens(prompt, [Image.fromarray(px)]) for px in (wide, tall)]
+    assert counts[0] != counts[1]  # the two shapes tile differently
+    ids, strings = serving_stops(tiled, TEMPLATE)
+    for px in (wide, tall):
+        got = m([request("What is it?", px)])[0]["outputs"][0, 0].decode()
+        assert got == tiled.generate([Image.fromarray(px)], [prompt], max_new_tokens=LIMITS.max_tokens,
+                                     stop_token_ids=ids, stop_strings=strings)[0]
