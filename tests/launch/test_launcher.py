@@ -48,6 +48,7 @@ def test_launch_mistakes_are_explained(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # ~1-2 min: NeMo-Run local executor + torchrun; 2-process training stays in test_torchrun_examples
 def test_local_executor_runs_two_process_training_to_completion(tmp_path):
     exp = tmp_path / "exp"
     proc = _launch(["--executor", "local", "--nproc-per-node", "2", "--job-dir", str(tmp_path / "jobs"), "--",

@@ -161,6 +161,7 @@ def test_sigkill_during_a_save_then_relaunch_matches_an_uninterrupted_run(tmp_pa
     _kill_and_resume(tmp_path)
 
 
+@pytest.mark.slow  # ~1.5-3 min; the default suite keeps the JSON and the packed tar-shard kill tests
 def test_tar_shard_run_killed_mid_save_resumes_like_an_uninterrupted_run(tmp_path):
     """Tar shards: the resumed run continues mid-epoch (step 2 of 3) and crosses two epoch ends."""
     _kill_and_resume(tmp_path, data=_shard_data(tmp_path))
