@@ -16,6 +16,11 @@
    ShardedNevaDataset + ShardedLoader vs Energon's loader + our task encoder (nemo_neva/data/energon.py), same
    encoding (vicuna_v1, 336 px, 576 image tokens), 0 and 2 workers, plus the cost of the per-batch savable-state
    snapshot that exact resume needs; and supply vs demand with the tiny config's training loader on Energon data.
+5. Supply vs a real recipe's demand (`--only-streamed` includes it): Energon's loader on photo-sized JPEGs
+   (640x480, written once) with the LLaVA-1.5 encoding (336 px, pad, 576 image tokens), per CPU core (0 workers),
+   against the samples/s one H100 consumes in the NGC 8B NeVA finetune as the paper model predicts it
+   (nemo_neva/perf/paper_model.py: bf16, seq 4096, MFU 0.4, packed rows of the length mix above). The tiny CPU
+   config's step (part 2) is so short that its ratio says little about a real run.
 """
 import argparse
 import math
@@ -151,6 +156,48 @@ def energon_demo_folder(root: str) -> str:
     return folder
 
 
+def photo_folder(root: str, n: int = 256) -> str:
+    """`n` 640x480 JPEGs (smooth random colour fields plus noise: JPEG decode cost depends on the size, and noise
+    keeps the files photo-sized, ~60-90 KB) with a one-turn LLaVA question each, as an Energon dataset (built once)."""
+    folder = os.path.join(root, "energon_photos")
+    if os.path.isdir(os.path.join(folder, ".nv-meta")):
+        return folder
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from scripts.convert_llava_to_energon import convert
+
+    raw = os.path.join(root, "photos_raw")
+    os.makedirs(os.path.join(raw, "images"), exist_ok=True)
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(n):
+        field = rng.random((6, 8, 3)) * 255
+        img = Image.fromarray(field.astype(np.uint8)).resize((640, 480), Image.BICUBIC)
+        pixels = np.asarray(img, dtype=np.float32) + rng.normal(0, 12, (480, 640, 3))
+        name = f"photo_{i:04d}.jpg"
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(os.path.join(raw, "images", name), quality=90)
+        records.append({"id": f"photo_{i}", "image": name, "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the colours of this picture in detail."},
+            {"from": "gpt", "value": "The picture shows soft patches of colour blending into each other. " * 3}]})
+    with open(os.path.join(raw, "data.json"), "w") as f:
+        json.dump(records, f)
+    convert(os.path.join(raw, "data.json"), os.path.join(raw, "images"), folder, samples_per_shard=64, workers=1)
+    return folder
+
+
+def modelled_h100_demand() -> dict:
+    """Samples/s one H100 consumes in the NGC 8B NeVA finetune (paper model; see the module docstring)."""
+    from nemo_neva.perf.paper_model import Layout, ngc_model, tokens_per_second
+
+    lay = Layout(tp=4, pp=1, dp=2, sequence_parallel=True, seq_length=4096, global_batch_size=128, precision="bf16")
+    tps = tokens_per_second(ngc_model("8B"), lay, mfu=0.4)["tokens_per_s_per_gpu"]
+    mean_tokens = sum(length_mix(20_000)) / 20_000  # packed rows: a GPU eats samples at tokens/s / tokens per sample
+    return {"tokens_per_s": tps, "mean_tokens": mean_tokens, "samples_per_s": tps / mean_tokens}
+
+
 def length_mix(n: int, seed: int = 0) -> list[int]:
     rng = random.Random(seed)
     out = []
@@ -225,6 +272,33 @@ def streamed_report(a):
     print(f"supply vs demand on Energon data (tiny config, batch {r['batch']}): loader with 2 workers "
           f"{r['supply']:.1f} samples/s (first batch {r['startup']:.2f}s), training step {r['step'] * 1000:.0f} ms = "
           f"{r['demand']:.1f} samples/s -> ratio {r['ratio']:.1f}x (target >= 5x)")
+    photos = photo_folder(a.workdir)
+    demand = modelled_h100_demand()
+    print(f"modelled demand, NGC 8B NeVA finetune on one H100 (bf16, seq 4096, MFU 0.4): "
+          f"{demand['tokens_per_s']:.0f} tokens/s / {demand['mean_tokens']:.0f} tokens per sample = "
+          f"{demand['samples_per_s']:.1f} samples/s per GPU")
+    for workers in (0, 2):
+        r = energon_supply(photos, a.batch_size, a.stream_batches, workers)
+        cores = max(1, workers)
+        print(f"Energon on 640x480 JPEGs (336 px, 576 image tokens), workers={workers} ({cores} core(s)): "
+              f"{r:.1f} samples/s = {r / cores / demand['samples_per_s']:.1f}x one H100's demand per core "
+              f"(target >= 5x)")
+
+
+def energon_supply(folder: str, batch_size: int, batches: int, workers: int) -> float:
+    """samples/s of Energon's training loader + our task encoder after the first batch."""
+    from nemo_neva.data.energon import build_source
+
+    tok, proc = _encoder_args()
+    cfg = {"conv_template": "vicuna_v1", "image_aspect_ratio": "pad", "num_workers": workers, "shuffle_buffer": 100}
+    src = build_source(cfg, folder, tokenizer=tok, image_processor=proc, seq_length=2048, num_image_tokens=576,
+                       seed=1234, dp_rank=0, dp_size=1)
+    it = iter(src.loader(batch_size, training=True))
+    next(it)
+    n, t = 0, time.perf_counter()
+    for _ in range(batches):
+        n += next(it)["tokens"].shape[0]
+    return n / (time.perf_counter() - t)
 
 
 if __name__ == "__main__":
