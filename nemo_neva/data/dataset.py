@@ -3,7 +3,7 @@
 A record's "image" is a path or a list of paths; each `<image>` tag of a user turn takes the next image, in
 order, anywhere in the conversation (interleaved). Records without any tag get them put first (LLaVA's rule),
 one per image. A record's "video" (a path or a list) works the same way with `<video>` tags (untagged videos
-also go first, after untagged images); each video becomes `num_frames` images (data/video_samples.py), in tag
+go first, before untagged images, as generation prompts place them); each video becomes `num_frames` images (data/video_samples.py), in tag
 order among the images. Items carry "images": [n, 3, H, W] (None for a text-only sample)."""
 from __future__ import annotations
 
@@ -173,8 +173,8 @@ class NevaDataset(Dataset):
             for tag in (IMAGE_TOKEN, VIDEO_TOKEN):
                 if k % 2 and isinstance(t, dict) and tag in str(t.get("value", "")):
                     raise SampleError(f"{tag[1:-1]}_tag_in_reply", f"turn {k} is a reply containing {tag}")
-        # videos first, then images: untagged images end up first, untagged videos right after them
-        for tag, items, kind in ((VIDEO_TOKEN, videos, "video"), (IMAGE_TOKEN, images, "image")):
+        # untagged videos end up before untagged images, as inference/prompting.build_prompt places them
+        for tag, items, kind in ((IMAGE_TOKEN, images, "image"), (VIDEO_TOKEN, videos, "video")):
             tags = sum(t["value"].count(tag) for t in texts)
             if items and tags == 0:
                 if turns and isinstance(turns[0], dict) and isinstance(turns[0].get("value"), str):

@@ -103,12 +103,16 @@ def test_mixed_images_and_videos_follow_tag_order(tmp_path, media, tok, proc):
     assert torch.equal(item["images"], want)
 
 
-def test_untagged_images_then_untagged_video(tmp_path, media, tok, proc):
+def test_untagged_video_then_untagged_image_as_generation_prompts(tmp_path, media, tok, proc):
+    from nemo_neva.inference.prompting import build_prompt
+
     rec = {"id": "u", "image": "red.png", "video": "a.mp4", "conversations": conv("Compare.", "ok")}
     item = make([rec], tmp_path, media, tok, proc)[0]
     r = runs(item["input_ids"], tok.convert_tokens_to_ids(IMAGE_TOKEN))
-    assert [b - a for a, b in r] == [P, F * P]  # "<image>\n<video>\n": the image first, then the frames
-    assert torch.equal(item["images"][1:], video_pixels(media / "a.mp4", proc))
+    assert [b - a for a, b in r] == [F * P, P]  # "<video>\n<image>\n": the frames first, then the image
+    assert torch.equal(item["images"][:F], video_pixels(media / "a.mp4", proc))
+    prompt = build_prompt("vicuna_v1", "Compare.", has_image=True, has_video=True)
+    assert prompt.index("<video>") < prompt.index("<image>")  # the same order at inference
 
 
 def test_video_folder_separate_from_images(tmp_path, media, tok, proc):
