@@ -112,6 +112,18 @@ def expand_media(text: str, media) -> tuple[str, list]:
     return "".join(parts), images
 
 
+def media_in_tag_order(text: str, images, videos) -> list:
+    """The images (one per `<image>` tag) and videos (one per `<video>` tag) of `text`, merged in the order of
+    their tags, as `expand_media` / `generate` take them; a count that does not match its tags is a ValueError."""
+    images, videos = list(images), list(videos)
+    tags = re.findall(f"{re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)}", text)
+    for tag, items, kind in ((IMAGE_TOKEN, images, "image"), (VIDEO_TOKEN, videos, "video")):
+        if tags.count(tag) != len(items):
+            raise ValueError(f"{tags.count(tag)} {tag} tag(s) for {len(items)} {kind}(s): one tag per {kind}")
+    pending = {IMAGE_TOKEN: iter(images), VIDEO_TOKEN: iter(videos)}
+    return [next(pending[tag]) for tag in tags]
+
+
 def _sniff(head: bytes) -> Optional[str]:
     if head[4:8] in _MP4_BOXES:
         return "mp4"
