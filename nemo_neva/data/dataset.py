@@ -3,8 +3,9 @@
 A record's "image" is a path or a list of paths; each `<image>` tag of a user turn takes the next image, in
 order, anywhere in the conversation (interleaved). Records without any tag get them put first (LLaVA's rule),
 one per image. A record's "video" (a path or a list) works the same way with `<video>` tags (untagged videos
-go first, before untagged images, as generation prompts place them); each video becomes `num_frames` images (data/video_samples.py), in tag
-order among the images. Items carry "images": [n, 3, H, W] (None for a text-only sample)."""
+go first, before untagged images, as generation prompts place them); each video becomes `num_frames` images
+(data/video_samples.py), in tag order among the images. Items carry "images": [n, 3, H, W] (None for a
+text-only sample)."""
 from __future__ import annotations
 
 import copy

@@ -1,9 +1,10 @@
 """Reading an evaluation JSONL: one question per line, bad lines counted and skipped, never fatal.
 
 Line format: {"image": path or list of paths (relative to the image folder; optional for text-only
-questions), "video": path or list of paths (relative to the video folder; optional), "question": str, "answers": [str, ...] or "answer": str, "question_type" (or "category"): optional str,
-"id": optional}. Images and videos take the question's `<image>` / `<video>` tags in order; untagged ones go
-first, as in training (see evaluation/run.py).
+questions), "video": path or list of paths (relative to the video folder; optional), "question": str,
+"answers": [str, ...] or "answer": str, "question_type" (or "category"): optional str, "id": optional}.
+Images and videos take the question's `<image>` / `<video>` tags in order; untagged ones go first, as in
+training (see evaluation/run.py).
 """
 from __future__ import annotations
 

@@ -69,8 +69,8 @@ def test_mixed_and_bad_media_lines(setup, tmp_path):
     vid = sorted(os.listdir(paths["video_folder"]))[0]
     (tmp_path / "junk.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))
     lines = [
-        {"id": "mixed", "image": os.path.join(paths["image_folder"], img), "video": os.path.join(paths["video_folder"], vid),
-         "question": "Is the <image> shape in the <video>?", "answer": "yes"},
+        {"id": "mixed", "image": os.path.join(paths["image_folder"], img),
+         "video": os.path.join(paths["video_folder"], vid), "question": "Is the <image> shape in the <video>?", "answer": "yes"},
         {"id": "untagged", "image": os.path.join(paths["image_folder"], img),
          "video": os.path.join(paths["video_folder"], vid), "question": "Same shape?", "answer": "yes"},
         {"id": "missing", "video": "nope.mp4", "question": "Which way?", "answer": "left"},
