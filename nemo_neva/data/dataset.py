@@ -44,14 +44,14 @@ DEFAULT_MAX_IMAGES = 8
 
 
 class NevaDataset(Dataset):
-    accepts_video = True  # streamed encoders (tar shards, Energon) refuse "video" records: video_unsupported
-
     """Parsing, rendering, tokenization and image header checks run at construction, so bad samples
     are counted before training. Image decoding runs in __getitem__; an image that fails there makes
     the item None (the collator drops it and reports `num_dropped`). Skips counted inside DataLoader
     workers land in the worker's copy of `skip_counts`; the collators carry them to the main process
     (`take_new_skips`, see collate.py), where the model sums them over data-parallel ranks.
     """
+
+    accepts_video = True  # streamed encoders (tar shards, Energon) refuse "video" records: video_unsupported
 
     def __init__(self, data_path: Union[str, Sequence[str]], image_folder: str | None, tokenizer,
                  image_processor, template: str = "plain", image_aspect_ratio: str = "square",

@@ -64,6 +64,11 @@ LEARN_PRETRAIN_ARGS = ["model.mm_cfg.vision_encoder.vision_select_layer=0", "mod
 LEARN_FINETUNE_ARGS = ["model.micro_batch_size=16", "model.global_batch_size=32"]
 LEARN_FINETUNE_RANKS = 2
 
+# CI variant, two-image and motion tasks: a third short run (see _media_stage and the docstring).
+MEDIA_SEED = 11
+MEDIA_CI = dict(steps=400, n_pairs=300, n_videos=300, n_eval=60, frames=3)
+MEDIA_CI_BARS = {"more_shapes": 0.7, "colour_in_image": 0.5, "motion": 0.7}
+
 
 def test_the_users_exact_match_accepts_the_shapes_answers_as_written():
     """The learning tests score with the evaluator users run (neva_evaluate.py): its normalisation must accept
@@ -107,18 +112,29 @@ def test_stage1_alone_lowers_caption_loss_with_the_lm_frozen():
     assert after < before - 0.08, (before, after)
 
 
+def _run(exp_dir, script, *args, ranks=1):
+    """An example script as a user runs it (its .nemo lands in exp_dir/<name>/<name>.nemo)."""
+    launch = [sys.executable]
+    if ranks > 1:  # data parallel over gloo, as a user with several CPU cores / GPUs would launch it
+        launch += ["-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_addr=127.0.0.1",
+                   f"--master_port={free_port()}"]
+        args += (f"trainer.devices={ranks}",)
+    proc = subprocess.run([*launch, os.path.join(ROOT, "examples", script), *args, f"exp_manager.exp_dir={exp_dir}"],
+                          cwd=str(exp_dir), capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _scores(result) -> dict:
+    assert result["skipped"] == {}, result["skip_report"]  # every held-out question is scored
+    scores = {t: g["exact_match"] for t, g in result["by_question_type"].items()}
+    scores["overall"] = result["overall"]["exact_match"]
+    return scores
+
+
 def _two_stage(tmp_path, paths, pretrain_steps, finetune_steps, pretrain_args=(), finetune_args=(),
                finetune_ranks=1):
     def run(script, *args, ranks=1):
-        launch = [sys.executable]
-        if ranks > 1:  # data parallel over gloo, as a user with several CPU cores / GPUs would launch it
-            launch += ["-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_addr=127.0.0.1",
-                       f"--master_port={free_port()}"]
-            args += (f"trainer.devices={ranks}",)
-        proc = subprocess.run([*launch, os.path.join(ROOT, "examples", script), *args,
-                               f"exp_manager.exp_dir={tmp_path}"], cwd=str(tmp_path), capture_output=True,
-                              text=True, timeout=3600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        _run(tmp_path, script, *args, ranks=ranks)
 
     data = [f"model.data.image_folder={paths['image_folder']}"]
     run("neva_pretrain.py", f"trainer.max_steps={pretrain_steps}", f"model.data.data_path={paths['stage1']}",
@@ -127,12 +143,36 @@ def _two_stage(tmp_path, paths, pretrain_steps, finetune_steps, pretrain_args=()
         f"trainer.max_steps={finetune_steps}", f"model.data.data_path={paths['stage2']}", *data, *finetune_args,
         ranks=finetune_ranks)
     model = MegatronNevaModel.restore_from(str(tmp_path / "neva_finetune" / "neva_finetune.nemo"))
-    result = evaluate(model, read_eval_file(paths["eval"], paths["image_folder"]), "nvgpt", max_new_tokens=8,
-                      metrics=["exact_match"])
-    assert result["skipped"] == {}, result["skip_report"]  # every held-out question is scored
-    scores = {t: g["exact_match"] for t, g in result["by_question_type"].items()}
-    scores["overall"] = result["overall"]["exact_match"]
+    scores = _scores(evaluate(model, read_eval_file(paths["eval"], paths["image_folder"]), "nvgpt",
+                              max_new_tokens=8, metrics=["exact_match"]))
     (tmp_path / "scores.json").write_text(json.dumps(scores))
+    print(scores)
+    return scores
+
+
+def _media_stage(tmp_path, finetuned_nemo, steps, n_pairs, n_videos, n_eval, frames, seed=MEDIA_SEED, args=()):
+    """A further finetune of `finetuned_nemo` on freshly generated two-image and motion-video samples (mixed in one
+    stage-2 run, a list data_path), then held-out two-image and video questions -> scores by question type."""
+    from nemo_neva.data.shapes import make_shapes_dataset
+
+    paths = make_shapes_dataset(str(tmp_path / "media_data"), 0, 0, seed=seed, n_two_image=n_pairs,
+                                n_video_train=n_videos, n_video_eval=n_eval, video_frames=frames)
+    exp_dir = tmp_path / "media"
+    exp_dir.mkdir()
+    _run(exp_dir, "neva_finetune.py", f"model.restore_from_path={finetuned_nemo}", f"trainer.max_steps={steps}",
+         f"model.data.data_path=[{paths['stage2']},{paths['video_stage2']}]",
+         f"model.data.image_folder={paths['image_folder']}", f"model.data.video_folder={paths['video_folder']}",
+         f"model.data.video.num_frames={frames}", *args)
+    model = MegatronNevaModel.restore_from(str(exp_dir / "neva_finetune" / "neva_finetune.nemo"))
+    assert model.cfg.data.video.num_frames == frames  # recorded in the .nemo: evaluation samples as trained
+    pairs = read_eval_file(paths["eval_two_image"], paths["image_folder"])
+    pairs.items = pairs.items[:n_eval]
+    videos = read_eval_file(paths["video_eval"], video_folder=paths["video_folder"])
+    scores = {}
+    for eval_set in (pairs, videos):
+        scores.update(_scores(evaluate(model, eval_set, "nvgpt", max_new_tokens=8, metrics=["exact_match"])))
+    scores.pop("overall")
+    (tmp_path / "media_scores.json").write_text(json.dumps(scores))
     print(scores)
     return scores
 
@@ -141,6 +181,10 @@ def test_two_stage_recipe_beats_chance_ci(tmp_path):
     scores = _two_stage(tmp_path, DEMO_PATHS, 60, 1200)
     bars = {"colour": 0.45, "shape": 0.5, "overall": 0.5}
     assert all(scores[k] >= bar for k, bar in bars.items()), (scores, bars)
+    media = _media_stage(tmp_path, tmp_path / "neva_finetune" / "neva_finetune.nemo", **MEDIA_CI)
+    # chance: more_shapes (first / second) 0.5, colour_in_image 0.2, motion (left / right) 0.5
+    bars = MEDIA_CI_BARS
+    assert all(media[k] >= bar for k, bar in bars.items()), (media, bars)
 
 
 @pytest.mark.slow
