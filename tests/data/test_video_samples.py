@@ -191,3 +191,21 @@ def test_streamed_encoders_and_shard_converter_refuse_videos(tmp_path, media, to
     src = write_json(tmp_path / "v.json", [rec, {"id": "t", "conversations": conv("hi", "x")}])
     index = convert_to_shards(src, str(media), str(tmp_path / "shards"))
     assert index["skipped"] == {"video_unsupported": 1} and index["total"] == 1
+
+
+def test_packed_rows_keep_each_videos_frames_in_its_segment(tmp_path, media, tok, proc):
+    from nemo_neva.data.packing import PackedCollator, PackedNevaDataset
+
+    recs = [{"id": "v", "video": "a.mp4", "conversations": conv("<video>", "left")},
+            {"id": "i", "image": "red.png", "video": "b.mkv", "conversations": conv("<image><video>", "ok")}]
+    ds = make(recs, tmp_path, media, tok, proc)
+    items = [ds[0], ds[1]]
+    assert ds.lengths == [len(it["input_ids"]) for it in items]  # the lengths packing plans with, undecoded
+    packed = PackedNevaDataset(ds, seq_length=sum(ds.lengths))
+    assert len(packed) == 1  # both fit one row
+    batch = PackedCollator(tok.pad_token_id, seq_length=sum(ds.lengths))([packed[0]])
+    order = [it["id"] for it in packed[0]]
+    want = torch.cat([items[[r["id"] for r in recs].index(i)]["images"] for i in order])
+    assert batch["num_images"].tolist() == [2 * F + 1] and torch.equal(batch["images"], want)
+    img_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    assert int((batch["tokens"] == img_id).sum()) == (2 * F + 1) * P
