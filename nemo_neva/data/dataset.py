@@ -65,8 +65,9 @@ class NevaDataset(Dataset):
                             num_image_tokens, strict, steerlm_defaults, system_prompt, max_images_per_sample,
                             video_settings)
         self.images = ImageSource(image_folder, max_image_bytes, max_image_pixels) if image_folder else None
-        video_folder = video_folder or image_folder  # null: videos live beside the images
-        self.videos = VideoSource(video_folder, video_settings, video_limits) if video_folder else None
+        # null: videos live beside the images; opened on the first video (a tar folder is indexed only then)
+        self._video_args = (video_folder or image_folder, video_settings, video_limits)
+        self.videos = None
         self.truncated = 0
         self._logged: set = set()
         self.records: list[dict] = []
@@ -152,7 +153,10 @@ class NevaDataset(Dataset):
 
     def _videos(self) -> VideoSource:
         if self.videos is None:
-            raise VideoError("missing", "sample has a video but no video_folder (or image_folder) was configured")
+            root = getattr(self, "_video_args", (None,))[0]
+            if not root:
+                raise VideoError("missing", "sample has a video but no video_folder (or image_folder) was configured")
+            self.videos = VideoSource(*self._video_args)
         return self.videos
 
     # ------------------------------------------------------------------ text

@@ -7,6 +7,7 @@ one placeholder run per frame and a sample's length is known without decoding an
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from nemo_neva.data.image_io import ImageError, ImageSource
@@ -50,6 +51,9 @@ class VideoSource:
     same path checks); every failure is a `VideoError` (skip reason `video_<reason>`)."""
 
     def __init__(self, root: str, settings: VideoSettings = VideoSettings(), limits: VideoLimits = VideoLimits()):
+        if not os.path.isdir(root) and not (os.path.isfile(root) and root.endswith(".tar")):
+            raise FileNotFoundError(f"video folder not found: {root!r} (model.data.video_folder, default the "
+                                    "image_folder)")
         self.files = ImageSource(root, max_bytes=limits.max_bytes)
         self.settings, self.limits = settings, limits
 

@@ -209,3 +209,12 @@ def test_packed_rows_keep_each_videos_frames_in_its_segment(tmp_path, media, tok
     assert batch["num_images"].tolist() == [2 * F + 1] and torch.equal(batch["images"], want)
     img_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     assert int((batch["tokens"] == img_id).sum()) == (2 * F + 1) * P
+
+
+def test_a_missing_video_folder_is_a_clear_error(tmp_path, media, tok, proc):
+    rec = {"id": "v", "video": "a.mp4", "conversations": conv("<video>", "left")}
+    with pytest.raises(FileNotFoundError, match="video folder not found: .*model.data.video_folder"):
+        make([rec], tmp_path, media, tok, proc, video_folder=str(tmp_path / "nope"))
+    # an image-only dataset never opens the video folder
+    assert len(make([{"id": "i", "image": "red.png", "conversations": conv("<image>", "red")}], tmp_path, media,
+                    tok, proc, video_folder=str(tmp_path / "nope"))) == 1
