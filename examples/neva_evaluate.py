@@ -1,7 +1,7 @@
 """Score a .nemo NeVA model on an evaluation JSONL with greedy decoding.
 
     python examples/neva_evaluate.py neva_model_file=M.nemo eval_file=eval.jsonl output_dir=OUT \
-        [metrics=[vqa,exact_match,yes_no]] [max_new_tokens=16] [image_folder=DIR] [limit=N]
+        [metrics=[vqa,exact_match,yes_no]] [max_new_tokens=16] [image_folder=DIR] [video_folder=DIR] [limit=N]
 
 Writes OUT/predictions.jsonl (one line per answered question) and OUT/metrics.json (VQA accuracy, exact
 match, POPE-style yes/no precision/recall/F1/yes-ratio, per question type, and the skipped lines by reason).
@@ -31,7 +31,8 @@ def main(cfg) -> None:
     if not os.path.isfile(model_file):
         raise FileNotFoundError(f"neva_model_file={cfg.neva_model_file!r}: no such file")
     image_folder = resolve_path(cfg.image_folder) if cfg.image_folder else None
-    eval_set = read_eval_file(resolve_path(cfg.eval_file), image_folder)
+    video_folder = resolve_path(cfg.video_folder) if cfg.get("video_folder") else None
+    eval_set = read_eval_file(resolve_path(cfg.eval_file), image_folder, video_folder)
     if cfg.limit is not None:
         eval_set.items = eval_set.items[: int(cfg.limit)]
     out_dir = os.path.abspath(cfg.output_dir)

@@ -11,10 +11,11 @@ generation prompt ends. `hf_chat_template` renders with the tokenizer's own chat
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence, Union
 
-from nemo_neva.data.constants import IMAGE_TOKEN
+from nemo_neva.data.constants import IMAGE_TOKEN, VIDEO_TOKEN
 
 Segment = tuple[str, bool]
 Turn = Mapping[str, str]
@@ -83,6 +84,14 @@ class Template:
     steerlm: bool = False
 
 
+_MEDIA_TAG = re.compile(f"{re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)}")
+
+
+def _plain_user(q: str, i: int, s: str | None) -> str:
+    """plain keeps a user turn's media tags only (every `<image>` and `<video>`, in order), else the text."""
+    return "".join(_MEDIA_TAG.findall(q)) or q
+
+
 def _llama2_user(q: str, i: int, s: str | None) -> str:
     # Meta's format: the system block lives inside the first [INST]; later turns restart with <s>.
     sys_block = f"<<SYS>>\n{s}\n<</SYS>>\n\n" if (s and i == 0) else ""
@@ -114,7 +123,7 @@ def _nv_user(q: str, i: int, s: str | None) -> str:
 
 TEMPLATES: dict[str, Template] = {t.name: t for t in [
     # LLaVA pretraining: "<image>{caption}\n"; the human text is replaced by its image tag(s) alone.
-    Template("plain", None, lambda s: "", lambda q, i, s: IMAGE_TOKEN * q.count(IMAGE_TOKEN) or q, "\n"),
+    Template("plain", None, lambda s: "", _plain_user, "\n"),
     Template("vicuna_v1", CHAT_SYSTEM, lambda s: f"<s>{s} ",
              lambda q, i, s: f"USER: {q} ASSISTANT: ", "</s>"),
     Template("llama_2", None, lambda s: "<s>", _llama2_user, " </s>"),

@@ -2,23 +2,29 @@
 
 A record's "image" is a path or a list of paths; each `<image>` tag of a user turn takes the next image, in
 order, anywhere in the conversation (interleaved). Records without any tag get them put first (LLaVA's rule),
-one per image. Items carry "images": [n, 3, H, W] (None for a text-only sample)."""
+one per image. A record's "video" (a path or a list) works the same way with `<video>` tags (untagged videos
+go first, before untagged images, as generation prompts place them); each video becomes `num_frames` images
+(data/video_samples.py), in tag order among the images. Items carry "images": [n, 3, H, W] (None for a
+text-only sample)."""
 from __future__ import annotations
 
 import copy
 import logging
+import re
 from collections import Counter
 from typing import Mapping, Sequence, Union
 
 import torch
 from torch.utils.data import Dataset
 
-from nemo_neva.data.constants import IGNORE_INDEX, IMAGE_TOKEN
+from nemo_neva.data.constants import IGNORE_INDEX, IMAGE_TOKEN, VIDEO_TOKEN
 from nemo_neva.data.conversation import ConversationError, render
 from nemo_neva.data.image_io import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, ImageSource,
                                      preprocess)
 from nemo_neva.data.records import iter_records
 from nemo_neva.data.tokenizer import encode_segments
+from nemo_neva.data.video_io import VideoError, VideoSettings
+from nemo_neva.data.video_samples import VideoLimits, VideoRef, VideoSource
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +52,7 @@ class NevaDataset(Dataset):
     """
 
     tiling = None  # a `nemo_neva.modules.tiling.Tiling` (model.mm_cfg.image_tiling): placeholders by image size
+    accepts_video = True  # streamed encoders (tar shards, Energon) refuse "video" records: video_unsupported
 
     def __init__(self, data_path: Union[str, Sequence[str]], image_folder: str | None, tokenizer,
                  image_processor, template: str = "plain", image_aspect_ratio: str = "square",
@@ -53,11 +60,16 @@ class NevaDataset(Dataset):
                  steerlm_defaults: Mapping[str, int] | None = None, system_prompt: str | None = None,
                  prescan_images: bool = True, max_image_bytes: int = DEFAULT_MAX_BYTES,
                  max_image_pixels: int = DEFAULT_MAX_PIXELS, max_images_per_sample: int = DEFAULT_MAX_IMAGES,
-                 tiling=None):
+                 tiling=None, video_folder: str | None = None, video_settings: VideoSettings = VideoSettings(),
+                 video_limits: VideoLimits = VideoLimits()):
         self.tiling = tiling  # anyres (modules/tiling.py): image_processor is then the model's `pixel_processor`
         self._init_encoding(tokenizer, image_processor, template, image_aspect_ratio, seq_length,
-                            num_image_tokens, strict, steerlm_defaults, system_prompt, max_images_per_sample)
+                            num_image_tokens, strict, steerlm_defaults, system_prompt, max_images_per_sample,
+                            video_settings)
         self.images = ImageSource(image_folder, max_image_bytes, max_image_pixels) if image_folder else None
+        # null: videos live beside the images; opened on the first video (a tar folder is indexed only then)
+        self._video_args = (video_folder or image_folder, video_settings, video_limits)
+        self.videos = None
         self.truncated = 0
         self._logged: set = set()
         self.records: list[dict] = []
@@ -70,9 +82,12 @@ class NevaDataset(Dataset):
                 if error is not None:
                     raise SampleError("malformed_json", error)
                 ids, _, images, truncated = self.encode(rec)
-                if prescan_images:
-                    for image in images:
-                        self._images().check(image)
+                if prescan_images:  # header checks (videos: packets counted, nothing decoded)
+                    for item in images:
+                        if isinstance(item, VideoRef):
+                            self._videos().check(item.path)
+                        else:
+                            self._images().check(item)
             except _ERRORS as e:
                 self._skip(str(sid), e)
                 continue
@@ -89,13 +104,14 @@ class NevaDataset(Dataset):
     # ------------------------------------------------------------------ bookkeeping
     def _init_encoding(self, tokenizer, image_processor, template, image_aspect_ratio, seq_length,
                        num_image_tokens, strict, steerlm_defaults, system_prompt,
-                       max_images_per_sample=DEFAULT_MAX_IMAGES) -> None:
+                       max_images_per_sample=DEFAULT_MAX_IMAGES, video_settings=VideoSettings()) -> None:
         """The state `encode` / `_turns` / `_skip` read (shared with the streaming shard reader)."""
         if num_image_tokens < 1:
             raise ValueError("num_image_tokens must be >= 1")
         if int(max_images_per_sample) < 1:
             raise ValueError(f"max_images_per_sample must be >= 1, got {max_images_per_sample}")
         self.max_images_per_sample = int(max_images_per_sample)
+        self.video_settings = video_settings
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.template, self.image_aspect_ratio = template, image_aspect_ratio
         self.seq_length, self.num_image_tokens, self.strict = seq_length, num_image_tokens, strict
@@ -108,7 +124,9 @@ class NevaDataset(Dataset):
 
     def _skip(self, sid: str, err: Exception) -> None:
         reason = getattr(err, "reason", "error")
-        if isinstance(err, ImageError):
+        if isinstance(err, VideoError):
+            reason = f"video_{reason}"
+        elif isinstance(err, ImageError):
             reason = f"image_{reason}"
         if self.strict:
             raise SampleError(reason, getattr(err, "detail", str(err)), sid) from err
@@ -135,31 +153,63 @@ class NevaDataset(Dataset):
             raise ImageError("missing", "sample has an image but no image_folder was configured")
         return self.images
 
+    def _videos(self) -> VideoSource:
+        if self.videos is None:
+            root = getattr(self, "_video_args", (None,))[0]
+            if not root:
+                raise VideoError("missing", "sample has a video but no video_folder (or image_folder) was configured")
+            self.videos = VideoSource(*self._video_args)
+        return self.videos
+
     # ------------------------------------------------------------------ text
-    def _turns(self, rec) -> tuple[list, list[str]]:
-        """(turns with one `<image>` tag per image, image paths in tag order); raises on a bad record."""
+    def _turns(self, rec) -> tuple[list, list]:
+        """(turns with one `<image>` tag per image or video frame, the media in tag order: image paths and
+        `VideoRef`s); raises on a bad record."""
         if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list):
             raise SampleError("bad_record", "record is not an object with a 'conversations' list")
-        images = record_images(rec)
+        images, videos = record_images(rec), record_videos(rec)
         if len(images) > self.max_images_per_sample:
             raise SampleError("too_many_images", f"{len(images)} images > max_images_per_sample "
                                                  f"{self.max_images_per_sample}")
+        if videos and self.tiling is not None:
+            raise SampleError("video_unsupported", "video samples with model.mm_cfg.image_tiling are not supported "
+                                                   "(frames are not tiled)")
+        if videos and not self.accepts_video:
+            raise SampleError("video_unsupported", "tar shards and Energon samples do not carry videos; use a "
+                                                   "JSON/JSONL data_path with model.data.video_folder")
         turns = copy.deepcopy(rec["conversations"])
+        texts = [t for t in turns if isinstance(t, dict) and isinstance(t.get("value"), str)]
         for k, t in enumerate(turns):
-            if k % 2 and isinstance(t, dict) and IMAGE_TOKEN in str(t.get("value", "")):
-                raise SampleError("image_tag_in_reply", f"turn {k} is a reply containing {IMAGE_TOKEN}")
-        tags = sum(t["value"].count(IMAGE_TOKEN) for t in turns
-                   if isinstance(t, dict) and isinstance(t.get("value"), str))
-        if images and tags == 0:
-            if turns and isinstance(turns[0], dict) and isinstance(turns[0].get("value"), str):
-                # LLaVA puts a missing tag first; several images without tags all go first, in order
-                turns[0]["value"] = f"{IMAGE_TOKEN}\n" * len(images) + turns[0]["value"]
-        elif tags != len(images):
-            raise SampleError("image_count_mismatch", f"{tags} {IMAGE_TOKEN} tag(s) but {len(images)} image(s)")
-        return turns, images
+            for tag in (IMAGE_TOKEN, VIDEO_TOKEN):
+                if k % 2 and isinstance(t, dict) and tag in str(t.get("value", "")):
+                    raise SampleError(f"{tag[1:-1]}_tag_in_reply", f"turn {k} is a reply containing {tag}")
+        # untagged videos end up before untagged images, as inference/prompting.build_prompt places them
+        for tag, items, kind in ((IMAGE_TOKEN, images, "image"), (VIDEO_TOKEN, videos, "video")):
+            tags = sum(t["value"].count(tag) for t in texts)
+            if items and tags == 0:
+                if turns and isinstance(turns[0], dict) and isinstance(turns[0].get("value"), str):
+                    # LLaVA puts a missing tag first; several items without tags all go first, in order
+                    turns[0]["value"] = f"{tag}\n" * len(items) + turns[0]["value"]
+            elif tags != len(items):
+                raise SampleError(f"{kind}_count_mismatch", f"{tags} {tag} tag(s) but {len(items)} {kind}(s)")
+        if not videos:
+            return turns, images
+        media, next_image, next_video = [], iter(images), iter(videos)
+        frames = IMAGE_TOKEN * self.video_settings.num_frames
+        for t in texts:  # in conversation order (replies hold no tags: checked above)
+            parts = re.split(f"({re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)})", t["value"])
+            for i in range(1, len(parts), 2):
+                if parts[i] == VIDEO_TOKEN:
+                    media.append(VideoRef(next(next_video)))
+                    parts[i] = frames
+                else:
+                    media.append(next(next_image))
+            t["value"] = "".join(parts)
+        return turns, media
 
-    def encode(self, rec) -> tuple[list[int], list[int], list[str], bool]:
-        """(input_ids, labels, image paths in tag order, truncated) for one record; raises on a bad sample.
+    def encode(self, rec) -> tuple[list[int], list[int], list, bool]:
+        """(input_ids, labels, media in tag order (image paths, `VideoRef`s), truncated) for one record; raises
+        on a bad sample.
         Truncation never cuts an image run: a sample whose last run ends past seq_length is skipped."""
         turns, images = self._turns(rec)
         system = rec.get("system", self.system_prompt)
@@ -172,7 +222,9 @@ class NevaDataset(Dataset):
         if decoded != text or flat.count(self.image_token_id) != text.count(IMAGE_TOKEN):
             raise SampleError("tokenization_mismatch", f"decode(encode(text)) differs: {decoded[:80]!r}")
         ids, labels, image_end = [], [], 0
-        tagged = iter(images)  # the k-th placeholder tag is the k-th image (_turns checked the counts)
+        # the k-th placeholder tag is the k-th image or video frame, in order (_turns checked the counts)
+        tagged = iter([m for m in images
+                       for _ in range(self.video_settings.num_frames if isinstance(m, VideoRef) else 1)])
         for tok, train in zip(flat, trainable):
             if tok == self.image_token_id:
                 n = self.image_tokens(next(tagged))
@@ -208,7 +260,7 @@ class NevaDataset(Dataset):
         rec = self.records[idx]
         try:
             ids, labels, images, _ = self.encode(rec)
-            pil = [self._images().load(image) for image in images]
+            pil = [frame for item in images for frame in self._load(item)]
             pixels = self.pixels(pil)
         except _ERRORS as e:
             self._skip(rec["id"], e)
@@ -217,6 +269,10 @@ class NevaDataset(Dataset):
         if pil and self.tiling is not None:  # tiled images' original (height, width): the collator's `image_sizes`
             item["image_sizes"] = torch.tensor([(im.height, im.width) for im in pil], dtype=torch.long)
         return item
+
+    def _load(self, item) -> list:
+        """One media item -> its decoded images (an image: itself; a video: its sampled frames)."""
+        return self._videos().load(item.path) if isinstance(item, VideoRef) else [self._images().load(item)]
 
     def pixels(self, pil_images) -> torch.Tensor | None:
         """Decoded images (PIL, in tag order) -> [n, 3, H, W] (tiled: [n, max_tiles, 3, tile, tile]) through the
@@ -240,6 +296,19 @@ def record_images(rec: dict) -> list[str]:
     return list(images)
 
 
+def record_videos(rec: dict) -> list[str]:
+    """A record's video paths in order: "video" may be absent/None, a path, or a list of paths."""
+    video = rec.get("video")
+    if video is None:
+        return []
+    videos = video if isinstance(video, list) else [video]
+    for v in videos:
+        if not isinstance(v, str) or not v:
+            raise SampleError("bad_record", f"'video' holds {type(v).__name__} {v!r}, expected a path or a "
+                                            "list of paths")
+    return list(videos)
+
+
 def make_item(ids, labels, pixels, sid) -> dict:
     """The item every data path produces: "images" is [n, 3, H, W] in tag order, or None (text only)."""
     return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
@@ -250,6 +319,8 @@ class StreamedRecordEncoder(NevaDataset):
     """NevaDataset's per-record encoding and skip bookkeeping (templates, tokenizer, placeholders, image limits)
     without an annotation file: for records that stream in (tar shards, Energon samples). Subclasses add the
     `item` that turns one streamed sample into a dataset item."""
+
+    accepts_video = False
 
     def __init__(self, tokenizer, image_processor, template, image_aspect_ratio, seq_length, num_image_tokens,
                  strict, steerlm_defaults=None, system_prompt=None, max_image_bytes=DEFAULT_MAX_BYTES,

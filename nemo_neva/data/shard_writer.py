@@ -81,6 +81,9 @@ def convert_to_shards(data_path: Union[str, Sequence[str]], image_folder: str | 
                     raise SampleError("malformed_json", error)
                 if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list):
                     raise SampleError("bad_record", "record is not an object with a 'conversations' list")
+                if rec.get("video") is not None:  # shards carry image members only (see shard_encoding.py)
+                    raise SampleError("video_unsupported", "tar shards do not carry videos; train video records "
+                                                           "from a JSON/JSONL data_path")
                 images = []  # (bytes, extension) per image, in the record's order
                 for name in record_images(rec):
                     if image_source is None:

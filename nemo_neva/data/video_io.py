@@ -112,6 +112,18 @@ def expand_media(text: str, media) -> tuple[str, list]:
     return "".join(parts), images
 
 
+def media_in_tag_order(text: str, images, videos) -> list:
+    """The images (one per `<image>` tag) and videos (one per `<video>` tag) of `text`, merged in the order of
+    their tags, as `expand_media` / `generate` take them; a count that does not match its tags is a ValueError."""
+    images, videos = list(images), list(videos)
+    tags = re.findall(f"{re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)}", text)
+    for tag, items, kind in ((IMAGE_TOKEN, images, "image"), (VIDEO_TOKEN, videos, "video")):
+        if tags.count(tag) != len(items):
+            raise ValueError(f"{tags.count(tag)} {tag} tag(s) for {len(items)} {kind}(s): one tag per {kind}")
+    pending = {IMAGE_TOKEN: iter(images), VIDEO_TOKEN: iter(videos)}
+    return [next(pending[tag]) for tag in tags]
+
+
 def _sniff(head: bytes) -> Optional[str]:
     if head[4:8] in _MP4_BOXES:
         return "mp4"
@@ -180,6 +192,51 @@ def _decode(av, fh, fmt: str, name: str, keep: list[int], max_pixels: int):
     return frames
 
 
+def _import_av():
+    try:
+        import av
+    except ImportError as err:  # pragma: no cover - av is an install requirement
+        raise ImportError("video input needs PyAV: pip install av") from err
+    return av
+
+
+def _plan(av, fh, name: str, settings: VideoSettings, max_frames: int, max_pixels: int):
+    """(format, total frames, sampled indices) from the bytes' sniffed format and the packets (no decoding);
+    the pixels to decode (count x width x height from the stream header) checked against `max_pixels`."""
+    fmt = _sniff(fh.read(12))
+    if fmt is None:
+        raise VideoError("bad_format", f"{name}: not one of {list(FORMATS)}")
+    fh.seek(0)
+    total, w, h = _count_frames(av, fh, fmt, name, max_frames)
+    if total == 0:
+        raise VideoError("no_frames", f"{name}: the video stream has no frames")
+    indices = sample_indices(total, settings.num_frames, settings.sampling)
+    if w * h > DEFAULT_MAX_FRAME_PIXELS or (max(indices) + 1) * w * h > max_pixels:
+        raise VideoError("too_many_pixels", f"{name}: {max(indices) + 1} frames of {w}x{h} to decode "
+                         f"exceed {max_pixels} pixels")
+    return fmt, total, indices
+
+
+def _corrupt(err, name: str) -> VideoError:
+    detail = getattr(err, "strerror", None) or str(err)  # FFmpeg's message without errno and file name
+    return VideoError("corrupt", f"{name}: {detail}")
+
+
+def probe_video(src, settings: VideoSettings = VideoSettings(), max_bytes: int = DEFAULT_MAX_BYTES,
+                max_frames: int = DEFAULT_MAX_FRAMES, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[int]:
+    """`open_video`'s checks without decoding a frame (format, size, stream, packet count, pixel budget):
+    -> the frame indices `open_video` would sample. A dataset runs it before training."""
+    av = _import_av()
+    name, fh = _open_bytes(src, max_bytes)
+    with fh:
+        try:
+            return _plan(av, fh, name, settings, max_frames, max_pixels)[2]
+        except VideoError:
+            raise
+        except (av.error.FFmpegError, OSError, ValueError, EOFError, IndexError) as err:  # FFmpeg's "corrupt"
+            raise _corrupt(err, name) from err
+
+
 def open_video(src, settings: VideoSettings = VideoSettings(), max_bytes: int = DEFAULT_MAX_BYTES,
                max_frames: int = DEFAULT_MAX_FRAMES, max_pixels: int = DEFAULT_MAX_PIXELS) -> Video:
     """A video (path, bytes or file object) -> its `settings.num_frames` sampled frames, within limits.
@@ -188,29 +245,15 @@ def open_video(src, settings: VideoSettings = VideoSettings(), max_bytes: int = 
     and the pixels to decode (count x width x height from the stream header); then frames are decoded up
     to the last index, every decoded frame's real size counted against `max_pixels`.
     """
-    try:
-        import av
-    except ImportError as err:  # pragma: no cover - av is an install requirement
-        raise ImportError("video input needs PyAV: pip install av") from err
+    av = _import_av()
     name, fh = _open_bytes(src, max_bytes)
     with fh:
-        fmt = _sniff(fh.read(12))
-        if fmt is None:
-            raise VideoError("bad_format", f"{name}: not one of {list(FORMATS)}")
         try:
-            fh.seek(0)
-            total, w, h = _count_frames(av, fh, fmt, name, max_frames)
-            if total == 0:
-                raise VideoError("no_frames", f"{name}: the video stream has no frames")
-            indices = sample_indices(total, settings.num_frames, settings.sampling)
-            if w * h > DEFAULT_MAX_FRAME_PIXELS or (max(indices) + 1) * w * h > max_pixels:
-                raise VideoError("too_many_pixels", f"{name}: {max(indices) + 1} frames of {w}x{h} to decode "
-                                 f"exceed {max_pixels} pixels")
+            fmt, total, indices = _plan(av, fh, name, settings, max_frames, max_pixels)
             fh.seek(0)
             frames = _decode(av, fh, fmt, name, sorted(set(indices)), max_pixels)
         except VideoError:
             raise
         except (av.error.FFmpegError, OSError, ValueError, EOFError, IndexError) as err:  # FFmpeg's "corrupt"
-            detail = getattr(err, "strerror", None) or str(err)  # FFmpeg's message without errno and file name
-            raise VideoError("corrupt", f"{name}: {detail}") from err
+            raise _corrupt(err, name) from err
     return Video([frames[i] for i in indices], indices, total)

@@ -1,12 +1,18 @@
 """Greedy answers for an evaluation set, one question at a time, and the scored result. Questions that cannot
-be used (unreadable image, too long for the context) are counted skips, reported beside the scores."""
+be used (unreadable image or video, too long for the context) are counted skips, reported beside the scores.
+
+A question may hold several images and videos (evaluation/data.py): each video is sampled as the model was
+trained (`model.data.video`), untagged videos and images go first (videos before images, as in training), and
+the media reach `generate` in tag order."""
 from __future__ import annotations
 
 import logging
 from typing import Callable, Iterable, Optional
 
+from nemo_neva.data.constants import IMAGE_TOKEN, VIDEO_TOKEN
 from nemo_neva.data.image_io import open_user_image
 from nemo_neva.data.skip_tally import skip_report
+from nemo_neva.data.video_io import VideoError, media_in_tag_order, open_video, video_settings_of
 from nemo_neva.evaluation.data import EvalSet
 from nemo_neva.evaluation.scores import METRICS, check_metrics, score
 from nemo_neva.inference.generate import encode_prompt
@@ -15,35 +21,59 @@ from nemo_neva.inference.prompting import build_prompt, stop_markers
 log = logging.getLogger(__name__)
 
 
+def _listed(paths) -> list:
+    return [] if paths is None else paths if isinstance(paths, list) else [paths]
+
+
+def _tagged(question: str, n_images: int, n_videos: int) -> str:
+    """Untagged images, then untagged videos, put first (each prepend lands before the text so far)."""
+    if n_images and IMAGE_TOKEN not in question:
+        question = f"{IMAGE_TOKEN}\n" * n_images + question
+    if n_videos and VIDEO_TOKEN not in question:
+        question = f"{VIDEO_TOKEN}\n" * n_videos + question
+    return question
+
+
 def predict(model, eval_set: EvalSet, template: str, max_new_tokens: int,
             on_row: Optional[Callable[[dict], None]] = None) -> list:
-    """-> rows {id, question, answers, question_type, image, prediction}; skips go to eval_set.skipped."""
+    """-> rows {id, question, answers, question_type, image, [video,] prediction}; skips go to
+    eval_set.skipped."""
     from nemo_neva.data.image_io import ImageError
 
     stop_ids, stop_strings = stop_markers(model.tokenizer, template)
     context = model.cfg.encoder_seq_length
+    video_settings = video_settings_of(model.cfg)  # frames per video as the model was trained
     rows = []
     for item in eval_set.items:
         try:
-            # Byte and pixel limits are checked before decoding, as for generation.
-            image = open_user_image(item.image) if item.image else None
+            # Byte, frame and pixel limits are checked before decoding, as for generation.
+            images = [open_user_image(p) for p in _listed(item.image)]
+            videos = [open_video(p, video_settings) for p in _listed(item.video)]
+        except VideoError as err:
+            eval_set.skip(f"video_{err.reason}", item.id, err.detail)
+            continue
         except ImageError as err:
             eval_set.skip(f"image_{err.reason}", item.id, err.detail)
             continue
         try:
-            prompt = build_prompt(template, item.question, image is not None)
-            length = encode_prompt(model, prompt, image is not None).numel()
+            question = _tagged(item.question, len(images), len(videos))
+            prompt = build_prompt(template, question, bool(images), has_video=bool(videos))
+            media = media_in_tag_order(prompt, images, videos)
+            image = media if media else None
+            length = encode_prompt(model, prompt, media).numel()
             if length + max_new_tokens > context:
                 eval_set.skip("too_long", item.id, f"{length} prompt tokens + max_new_tokens={max_new_tokens} > "
                                                    f"context {context}")
                 continue
             prediction = model.generate([image], [prompt], max_new_tokens=max_new_tokens, temperature=0.0,
                                         stop_token_ids=stop_ids, stop_strings=stop_strings)[0]
-        except ValueError as err:  # e.g. an <image> tag in a question without an image
+        except ValueError as err:  # e.g. an <image> tag in a question without an image, or too few tags
             eval_set.skip("unusable_question", item.id, str(err))
             continue
         row = {"id": item.id, "question": item.question, "answers": item.answers,
                "question_type": item.question_type, "image": item.image, "prediction": prediction.strip()}
+        if item.video is not None:
+            row["video"] = item.video
         rows.append(row)
         if on_row is not None:
             on_row(row)

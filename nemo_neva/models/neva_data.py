@@ -46,6 +46,9 @@ class NevaDataMixin:
     def _build_source(self, data_cfg, path):
         from nemo_neva.data.dataset import DEFAULT_MAX_IMAGES, NevaDataset
         from nemo_neva.data.shards import ShardedNevaDataset, is_shard_spec
+        from nemo_neva.data.video_samples import video_options_of
+
+        video_settings, video_limits = video_options_of(data_cfg)  # model.data.video (bad values fail here)
 
         paths = [resolve_path(p) for p in path] if isinstance(path, (list, tuple)) else resolve_path(path)
         if isinstance(paths, str) and "{" in paths:  # a shard pattern: resolve its folder
@@ -75,6 +78,8 @@ class NevaDataMixin:
             num_image_tokens=self.tokens_per_image,
             strict=data_cfg.get("strict", False),
             max_images_per_sample=data_cfg.get("max_images_per_sample", DEFAULT_MAX_IMAGES),
+            video_folder=resolve_path(data_cfg.get("video_folder")),
+            video_settings=video_settings, video_limits=video_limits,
         )
 
     def _refuse_tiling(self, what: str) -> None:

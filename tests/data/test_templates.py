@@ -101,6 +101,12 @@ def test_plain_format_masks_the_image_part():
     assert segs == [("<image>", False), ("a cat\n", True)]
 
 
+def test_plain_keeps_every_media_tag_in_order():
+    segs = render("plain", conv("Compare <video> with <image> and <image>.", "same"))
+    assert segs == [("<video><image><image>", False), ("same\n", True)]
+    assert render_prompt("plain", conv("<image>\n<video>\nWhich way?")) == "<image><video>"
+
+
 def test_roles_and_order():
     ok = [{"from": "user", "value": "q"}, {"from": "assistant", "value": "a"}]
     assert render("chatml", ok) == render("chatml", conv("q", "a"))
