@@ -66,7 +66,8 @@ test-slow: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m slow tests
 
 # Longer proof of learning on fresh generated data: held-out colour >= 90% (measured 99-100% at 3 seed pairs;
-# finetunes on 2 data-parallel ranks, ~10 min on 2 idle cores; see the test's docstring); prints the scores.
+# finetunes on 2 data-parallel ranks, ~10 min on 2 idle cores), then two-image and motion-video questions >= 90%
+# (a further ~3 min; see the test's docstring); prints the scores.
 learn: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -s -m slow tests/model/test_learning.py -k colour_bar
 
