@@ -19,3 +19,14 @@ def write_json(path, records, jsonl=False):
 def conv(*pairs):
     """conv("q1", "a1", "q2", "a2") -> LLaVA turns."""
     return [{"from": "human" if i % 2 == 0 else "gpt", "value": v} for i, v in enumerate(pairs)]
+
+
+def placeholder_runs(ids, image_id):
+    """(start, end) of each run of image placeholders in a 1-D id tensor."""
+    out = []
+    for p in (ids == image_id).nonzero().flatten().tolist():
+        if out and out[-1][1] == p:
+            out[-1][1] = p + 1
+        else:
+            out.append([p, p + 1])
+    return [tuple(r) for r in out]

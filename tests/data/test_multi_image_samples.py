@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from neva_data_helpers import conv, write_json
+from neva_data_helpers import conv, placeholder_runs as runs, write_json
 from neva_image_helpers import bomb_png
 from nemo_neva.data.collate import NevaCollator
 from nemo_neva.data.constants import IGNORE_INDEX, IMAGE_TOKEN
@@ -35,18 +35,6 @@ def make(recs, tmp_path, folder, tok, proc, name="d.json", **kw):
     kw.setdefault("seq_length", 128)
     kw.setdefault("num_image_tokens", P)
     return NevaDataset(write_json(tmp_path / name, recs), str(folder), tok, proc, **kw)
-
-
-def runs(ids, image_id):
-    """(start, end) of each run of image placeholders."""
-    pos = (ids == image_id).nonzero().flatten().tolist()
-    out = []
-    for p in pos:
-        if out and out[-1][1] == p:
-            out[-1][1] = p + 1
-        else:
-            out.append([p, p + 1])
-    return [tuple(r) for r in out]
 
 
 def pixels_of(folder, name, proc, mode="square"):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from neva_data_helpers import conv, write_json
+from neva_data_helpers import conv, placeholder_runs as runs, write_json
 from nemo_neva.data.constants import IGNORE_INDEX, IMAGE_TOKEN
 from nemo_neva.data.dataset import NevaDataset, SampleError
 from nemo_neva.data.image_io import preprocess
@@ -46,17 +46,6 @@ def make(recs, tmp_path, folder, tok, proc, **kw):
     kw.setdefault("num_image_tokens", P)
     kw.setdefault("video_settings", VideoSettings(F, "uniform"))
     return NevaDataset(write_json(tmp_path / "d.json", recs), str(folder), tok, proc, **kw)
-
-
-def runs(ids, image_id):
-    pos = (ids == image_id).nonzero().flatten().tolist()
-    out = []
-    for p in pos:
-        if out and out[-1][1] == p:
-            out[-1][1] = p + 1
-        else:
-            out.append([p, p + 1])
-    return [tuple(r) for r in out]
 
 
 def video_pixels(path, proc, mode="square"):
