@@ -135,19 +135,18 @@ def _count_parts(messages: list, kind: str) -> int:
                for p in m["content"] if isinstance(p, dict) and p.get("type") == kind)
 
 
+# part type -> (noun, ServerLimits field, what a limit of 0 means, error code)
+_COUNTED_PARTS = {"image_url": ("image", "max_images", "takes text only", "too_many_images"),
+                  "video_url": ("video", "max_videos", "takes no video", "too_many_videos")}
+
+
 def _check_counts(messages: list, limits: ServerLimits) -> None:
-    n = _count_parts(messages, "image_url")
-    if n > limits.max_images:
-        what = ("this server takes text only (server.max_images=0)" if limits.max_images == 0 else
-                f"this server takes at most {limits.max_images} per conversation (server.max_images)")
-        raise RequestError(f"{n} image{'s' * (n != 1)} in this conversation; {what}", "messages",
-                           code="too_many_images")
-    n = _count_parts(messages, "video_url")
-    if n > limits.max_videos:
-        what = ("this server takes no video (server.max_videos=0)" if limits.max_videos == 0 else
-                f"this server takes at most {limits.max_videos} per conversation (server.max_videos)")
-        raise RequestError(f"{n} video{'s' * (n != 1)} in this conversation; {what}", "messages",
-                           code="too_many_videos")
+    for kind, (noun, key, none_allowed, code) in _COUNTED_PARTS.items():
+        n, limit = _count_parts(messages, kind), getattr(limits, key)
+        if n > limit:
+            what = (f"this server {none_allowed} (server.{key}=0)" if limit == 0 else
+                    f"this server takes at most {limit} per conversation (server.{key})")
+            raise RequestError(f"{n} {noun}{'s' * (n != 1)} in this conversation; {what}", "messages", code=code)
 
 
 class _Conversation:
