@@ -192,6 +192,15 @@ def preprocess(images: Union[Image.Image, Sequence[Image.Image]], image_processo
     return torch.stack([_one(im, image_processor, aspect_ratio) for im in images])
 
 
+def check_file_size(name: str, max_bytes: int, error=ImageError) -> None:
+    """`name` is a file of at most `max_bytes` (before anything is read), else `error` ("missing" / "too_large")."""
+    if not os.path.isfile(name):
+        raise error("missing", f"{name!r} is not a file")
+    size = os.path.getsize(name)
+    if size > max_bytes:
+        raise error("too_large", f"{name!r}: {size} bytes > {max_bytes}")
+
+
 def open_user_image(src, max_bytes: Optional[int] = None, max_pixels: Optional[int] = None):
     """A user-supplied image (path, bytes, file object or PIL image) -> RGB PIL image, within limits.
 
@@ -209,11 +218,7 @@ def open_user_image(src, max_bytes: Optional[int] = None, max_pixels: Optional[i
         return src.convert("RGB")
     if isinstance(src, (str, os.PathLike)):
         name = os.fspath(src)
-        if not os.path.isfile(name):
-            raise ImageError("missing", f"{name!r} is not a file")
-        size = os.path.getsize(name)
-        if size > max_bytes:
-            raise ImageError("too_large", f"{name!r}: {size} bytes > {max_bytes}")
+        check_file_size(name, max_bytes)
         with open(name, "rb") as f:
             data = f.read(max_bytes + 1)
     elif isinstance(src, (bytes, bytearray, memoryview)):

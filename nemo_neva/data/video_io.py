@@ -20,7 +20,7 @@ from typing import Optional
 
 from nemo_neva.data.constants import IMAGE_TOKEN, VIDEO_TOKEN
 from nemo_neva.data.image_io import DEFAULT_MAX_PIXELS as DEFAULT_MAX_FRAME_PIXELS
-from nemo_neva.data.image_io import ImageError
+from nemo_neva.data.image_io import ImageError, check_file_size
 
 SAMPLINGS = ("uniform", "first")
 DEFAULT_NUM_FRAMES = 8
@@ -138,11 +138,7 @@ def _open_bytes(src, max_bytes: int):
     """(name, seekable binary stream) within `max_bytes`."""
     if isinstance(src, (str, os.PathLike)):
         name = os.fspath(src)
-        if not os.path.isfile(name):
-            raise VideoError("missing", f"{name!r} is not a file")
-        size = os.path.getsize(name)
-        if size > max_bytes:
-            raise VideoError("too_large", f"{name!r}: {size} bytes > {max_bytes}")
+        check_file_size(name, max_bytes, VideoError)
         return name, open(name, "rb")
     if isinstance(src, (bytes, bytearray, memoryview)):
         data, name = bytes(src), "<bytes>"
