@@ -167,7 +167,7 @@ class NevaDataset(Dataset):
         `VideoRef`s); raises on a bad record."""
         if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list):
             raise SampleError("bad_record", "record is not an object with a 'conversations' list")
-        images, videos = record_images(rec), record_videos(rec)
+        images, videos = record_paths(rec, "image"), record_paths(rec, "video")
         if len(images) > self.max_images_per_sample:
             raise SampleError("too_many_images", f"{len(images)} images > max_images_per_sample "
                                                  f"{self.max_images_per_sample}")
@@ -283,30 +283,17 @@ class NevaDataset(Dataset):
                             for im in pil_images])
 
 
-def record_images(rec: dict) -> list[str]:
-    """A LLaVA record's image paths in order: "image" may be absent/None, a path, or a list of paths."""
-    image = rec.get("image")
-    if image is None:
+def record_paths(rec: dict, key: str) -> list[str]:
+    """A LLaVA record's media paths under `key` ("image" / "video") in order: absent/None, a path, or a list."""
+    value = rec.get(key)
+    if value is None:
         return []
-    images = image if isinstance(image, list) else [image]
-    for im in images:
-        if not isinstance(im, str) or not im:
-            raise SampleError("bad_record", f"'image' holds {type(im).__name__} {im!r}, expected a path "
+    paths = value if isinstance(value, list) else [value]
+    for path in paths:
+        if not isinstance(path, str) or not path:
+            raise SampleError("bad_record", f"'{key}' holds {type(path).__name__} {path!r}, expected a path "
                                             "or a list of paths")
-    return list(images)
-
-
-def record_videos(rec: dict) -> list[str]:
-    """A record's video paths in order: "video" may be absent/None, a path, or a list of paths."""
-    video = rec.get("video")
-    if video is None:
-        return []
-    videos = video if isinstance(video, list) else [video]
-    for v in videos:
-        if not isinstance(v, str) or not v:
-            raise SampleError("bad_record", f"'video' holds {type(v).__name__} {v!r}, expected a path or a "
-                                            "list of paths")
-    return list(videos)
+    return list(paths)
 
 
 def make_item(ids, labels, pixels, sid) -> dict:

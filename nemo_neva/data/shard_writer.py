@@ -12,7 +12,7 @@ from collections import Counter
 from typing import Sequence, Union
 
 
-from nemo_neva.data.dataset import SampleError, record_images
+from nemo_neva.data.dataset import SampleError, record_paths
 from nemo_neva.data.image_io import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, ImageSource,
                                      _decode)
 from nemo_neva.data.records import iter_records
@@ -85,7 +85,7 @@ def convert_to_shards(data_path: Union[str, Sequence[str]], image_folder: str | 
                     raise SampleError("video_unsupported", "tar shards do not carry videos; train video records "
                                                            "from a JSON/JSONL data_path")
                 images = []  # (bytes, extension) per image, in the record's order
-                for name in record_images(rec):
+                for name in record_paths(rec, "image"):
                     if image_source is None:
                         raise ImageError("missing", "sample has an image but no image folder was given")
                     images.append(_image_bytes(image_source, name, full_decode))
