@@ -315,7 +315,6 @@ class StreamedRecordEncoder(NevaDataset):
         self._init_encoding(tokenizer, image_processor, template, image_aspect_ratio, seq_length,
                             num_image_tokens, strict, steerlm_defaults, system_prompt, max_images_per_sample)
         self.max_image_bytes, self.max_image_pixels = max_image_bytes, max_image_pixels
-        self.tiling = None  # streamed data with tiling is refused where the loader is built (models/neva_data.py)
         self.images = None
         self.truncated = 0
         self._logged: set = set()
