@@ -78,8 +78,7 @@ class _Generator:
         video = open_video(video_path, self.video) if video_path else None
         prompt = build_prompt(self.template, question, image is not None, steerlm=self.steerlm,
                               has_video=video is not None)
-        text, frames = expand_media(prompt, [m for m in (image, video) if m is not None])
-        length = encode_prompt(self.model, text, len(frames)).numel()
+        length = encode_prompt(self.model, prompt, [m for m in (image, video) if m is not None]).numel()
         context = self.model.cfg.encoder_seq_length
         if length + self.kwargs["max_new_tokens"] > context:
             raise ValueError(f"prompt of {length} tokens + tokens_to_generate={self.kwargs['max_new_tokens']} "

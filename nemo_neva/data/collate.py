@@ -17,6 +17,7 @@ class NevaCollator:
     `num_dropped` says how many. `pad_to` fixes S (e.g. seq_length for pipeline parallelism).
     `images` [N_total, 3, H, W]: every row's images (item["images"] [n, 3, H, W]) concatenated in row order,
     `num_images[row]` = that row's n (0 for a text-only or dropped row); the model splits them by it.
+    `video_frames` [N_total] bool (only when some item has video frames): which images are frames.
 
     `skip_source` (the dataset's `take_new_skips`): called once per batch, in the process that fetched
     the items (a DataLoader worker or the main process), so `batch["skips"]` ({reason: count}) brings the
@@ -42,7 +43,7 @@ class NevaCollator:
         labels = torch.zeros((bsz, seq), dtype=torch.long)
         loss_mask = torch.zeros((bsz, seq), dtype=torch.float)
         num_images = torch.zeros(bsz, dtype=torch.long)
-        images, sizes, ids = [], [], []
+        images, sizes, frames, ids = [], [], [], []
         for row, it in enumerate(items):
             if it is None:
                 ids.append(None)
@@ -60,6 +61,7 @@ class NevaCollator:
                                      f"[n, tiles, 3, H, W]), got {tuple(pixels.shape)}")
                 images.append(pixels)
                 num_images[row] = pixels.shape[0]
+                frames.append(item_frames(it, pixels.shape[0]))
                 if it.get("image_sizes") is not None:  # tiled images: their original (height, width)
                     sizes.append(torch.as_tensor(it["image_sizes"], dtype=torch.long).reshape(-1, 2))
             ids.append(it.get("id"))
@@ -76,7 +78,20 @@ class NevaCollator:
         }
         if sizes:  # `image_sizes` [n_images, 2]: only for tiled images (model.mm_cfg.image_tiling)
             out["image_sizes"] = torch.cat(sizes)
+        if any(f.any() for f in frames):
+            out["video_frames"] = torch.cat(frames)
         return out
+
+
+def item_frames(item: dict, n: int) -> torch.Tensor:
+    """An item's `video_frames` [n] bool (all False when it has none), its length checked."""
+    flags = item.get("video_frames")
+    if flags is None:
+        return torch.zeros(n, dtype=torch.bool)
+    flags = torch.as_tensor(flags, dtype=torch.bool).reshape(-1)
+    if flags.numel() != n:
+        raise ValueError(f"item {item.get('id')!r}: 'video_frames' has {flags.numel()} entries for {n} images")
+    return flags
 
 
 def new_skips(skip_source) -> dict:

@@ -4,8 +4,9 @@ A record's "image" is a path or a list of paths; each `<image>` tag of a user tu
 order, anywhere in the conversation (interleaved). Records without any tag get them put first (LLaVA's rule),
 one per image. A record's "video" (a path or a list) works the same way with `<video>` tags (untagged videos
 go first, before untagged images, as generation prompts place them); each video becomes `num_frames` images
-(data/video_samples.py), in tag order among the images. Items carry "images": [n, 3, H, W] (None for a
-text-only sample)."""
+(data/video_samples.py), in tag order among the images, each costing `num_frame_tokens` placeholders (fewer
+than an image's with `model.mm_cfg.video.pool`). Items carry "images": [n, 3, H, W] (None for a text-only
+sample), and with a video "video_frames": [n] bool (which of the images are its frames)."""
 from __future__ import annotations
 
 import copy
@@ -61,11 +62,11 @@ class NevaDataset(Dataset):
                  prescan_images: bool = True, max_image_bytes: int = DEFAULT_MAX_BYTES,
                  max_image_pixels: int = DEFAULT_MAX_PIXELS, max_images_per_sample: int = DEFAULT_MAX_IMAGES,
                  tiling=None, video_folder: str | None = None, video_settings: VideoSettings = VideoSettings(),
-                 video_limits: VideoLimits = VideoLimits()):
+                 video_limits: VideoLimits = VideoLimits(), num_frame_tokens: int | None = None):
         self.tiling = tiling  # anyres (modules/tiling.py): image_processor is then the model's `pixel_processor`
         self._init_encoding(tokenizer, image_processor, template, image_aspect_ratio, seq_length,
                             num_image_tokens, strict, steerlm_defaults, system_prompt, max_images_per_sample,
-                            video_settings)
+                            video_settings, num_frame_tokens)
         self.images = ImageSource(image_folder, max_image_bytes, max_image_pixels) if image_folder else None
         # null: videos live beside the images; opened on the first video (a tar folder is indexed only then)
         self._video_args = (video_folder or image_folder, video_settings, video_limits)
@@ -104,10 +105,15 @@ class NevaDataset(Dataset):
     # ------------------------------------------------------------------ bookkeeping
     def _init_encoding(self, tokenizer, image_processor, template, image_aspect_ratio, seq_length,
                        num_image_tokens, strict, steerlm_defaults, system_prompt,
-                       max_images_per_sample=DEFAULT_MAX_IMAGES, video_settings=VideoSettings()) -> None:
-        """The state `encode` / `_turns` / `_skip` read (shared with the streaming shard reader)."""
+                       max_images_per_sample=DEFAULT_MAX_IMAGES, video_settings=VideoSettings(),
+                       num_frame_tokens=None) -> None:
+        """The state `encode` / `_turns` / `_skip` read (shared with the streaming shard reader).
+        `num_frame_tokens`: placeholders per video frame (model.mm_cfg.video.pool); None: an image's."""
         if num_image_tokens < 1:
             raise ValueError("num_image_tokens must be >= 1")
+        if num_frame_tokens is not None and num_frame_tokens < 1:
+            raise ValueError("num_frame_tokens must be >= 1")
+        self.num_frame_tokens = num_image_tokens if num_frame_tokens is None else int(num_frame_tokens)
         if int(max_images_per_sample) < 1:
             raise ValueError(f"max_images_per_sample must be >= 1, got {max_images_per_sample}")
         self.max_images_per_sample = int(max_images_per_sample)
@@ -227,7 +233,8 @@ class NevaDataset(Dataset):
                        for _ in range(self.video_settings.num_frames if isinstance(m, VideoRef) else 1)])
         for tok, train in zip(flat, trainable):
             if tok == self.image_token_id:
-                n = self.image_tokens(next(tagged))
+                media = next(tagged)
+                n = self.num_frame_tokens if isinstance(media, VideoRef) else self.image_tokens(media)
                 ids += [tok] * n
                 labels += [IGNORE_INDEX] * n
                 image_end = len(ids)
@@ -260,12 +267,15 @@ class NevaDataset(Dataset):
         rec = self.records[idx]
         try:
             ids, labels, images, _ = self.encode(rec)
-            pil = [frame for item in images for frame in self._load(item)]
+            loaded = [(isinstance(item, VideoRef), self._load(item)) for item in images]
+            pil = [frame for _, frames in loaded for frame in frames]
             pixels = self.pixels(pil)
         except _ERRORS as e:
             self._skip(rec["id"], e)
             return None
         item = make_item(ids, labels, pixels, rec["id"])
+        if any(is_video for is_video, _ in loaded):  # which images are video frames (the model may pool them)
+            item["video_frames"] = torch.tensor([v for v, frames in loaded for _ in frames], dtype=torch.bool)
         if pil and self.tiling is not None:  # tiled images' original (height, width): the collator's `image_sizes`
             item["image_sizes"] = torch.tensor([(im.height, im.width) for im in pil], dtype=torch.long)
         return item

@@ -96,9 +96,11 @@ class PackedCollator:
                [("labels", torch.long), ("loss_mask", torch.float), ("position_ids", torch.long),
                 ("segment_ids", torch.long)]}
         out["tokens"] = torch.full((bsz, seq), self.pad_id, dtype=torch.long)
-        cu, images, sizes, num_images = [0], [], [], torch.zeros(bsz, dtype=torch.long)
+        cu, images, sizes, frames, num_images = [0], [], [], [], torch.zeros(bsz, dtype=torch.long)
         for r, (batch, row_lens) in enumerate(zip(per_row, lens)):
             pos, seg = 0, 0
+            if sum(row_lens) > seq:
+                raise ValueError(f"packed row of {sum(row_lens)} tokens exceeds seq_length {seq}")
             for k, n in enumerate(row_lens):
                 for key in ("tokens", "labels", "loss_mask"):
                     out[key][r, pos:pos + n] = batch[key][k, :n]
@@ -106,8 +108,6 @@ class PackedCollator:
                 out["segment_ids"][r, pos:pos + n] = seg
                 pos, seg = pos + n, seg + 1
                 cu.append(r * seq + pos)
-            if pos > seq:
-                raise ValueError(f"packed row of {pos} tokens exceeds seq_length {seq}")
             if pos < seq:  # padding: one more segment
                 out["position_ids"][r, pos:] = torch.arange(seq - pos)
                 out["segment_ids"][r, pos:] = seg
@@ -116,6 +116,8 @@ class PackedCollator:
                 num_images[r] = batch["num_images"].sum()
                 if batch["images"] is not None:
                     images.append(batch["images"])
+                    n = batch["images"].shape[0]
+                    frames.append(batch.get("video_frames", torch.zeros(n, dtype=torch.bool)))
                 if batch.get("image_sizes") is not None:
                     sizes.append(batch["image_sizes"])
         out["attention_mask"] = packed_attention_mask(out["segment_ids"])
@@ -126,6 +128,8 @@ class PackedCollator:
         out["num_images"] = num_images
         if sizes:  # tiled images (model.mm_cfg.image_tiling): their original sizes, in image order
             out["image_sizes"] = torch.cat(sizes)
+        if any(f.any() for f in frames):  # video frames among the images (model.mm_cfg.video.pool pools them)
+            out["video_frames"] = torch.cat(frames)
         out["num_dropped"] = torch.tensor(dropped, dtype=torch.long)
         out["ids"] = [[it.get("id") for it in row] for row in rows]  # per row, in segment order
         out["skips"] = new_skips(self.skip_source)

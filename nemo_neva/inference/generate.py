@@ -61,6 +61,7 @@ class _Request:
     ids: torch.Tensor  # prompt token ids, image placeholders expanded
     pixels: Optional[torch.Tensor]  # [n_images, 3, H, W] in tag order ([n, max_tiles, 3, t, t] tiled), or None
     sizes: Optional[torch.Tensor] = None  # [n_images, 2] original (height, width): tiled models only
+    frames: Optional[torch.Tensor] = None  # [n_images] bool, which images are video frames (None: none)
 
 
 def _image_count(image) -> int:
@@ -75,39 +76,53 @@ def _image_count(image) -> int:
 
 
 def _expand_videos(prompt: str, image):
-    """A request holding a `Video` (alone or in its list) or a `<video>` tag -> (prompt, images) with each
-    video's tag expanded to one `<image>` tag per frame and its frames in the image list, in tag order."""
+    """A request holding a `Video` (alone or in its list) or a `<video>` tag -> (prompt, images, frames) with
+    each video's tag expanded to one `<image>` tag per frame and its frames in the image list, in tag order;
+    `frames` [n_images] bool marks them (None for a request without video)."""
     items = image if isinstance(image, (list, tuple)) else [image]
     if VIDEO_TOKEN not in prompt and not any(isinstance(it, Video) for it in items):
-        return prompt, image
-    return expand_media(prompt, [] if image is None else items)
+        return prompt, image, None
+    items = [] if image is None else items
+    prompt, images = expand_media(prompt, items)
+    flags = [isinstance(it, Video) for it in items for _ in (it.frames if isinstance(it, Video) else [it])]
+    return prompt, images, torch.tensor(flags, dtype=torch.bool)
 
 
 def encode_prompt(model, prompt: str, images) -> torch.Tensor:
     """Prompt ids with each `<image>` tag expanded to the model's placeholder run. `images`: the request's
     image(s) as `generate` takes them, or a count (True/False for one/none): one tag per image, in order."""
-    tok = model.tokenizer
+    frames = None
     if not isinstance(images, (bool, int)):
-        prompt, images = _expand_videos(prompt, images)
+        prompt, images, frames = _expand_videos(prompt, images)
     elif VIDEO_TOKEN in prompt:
         raise ValueError(f"the prompt has a {VIDEO_TOKEN} tag: pass the request's images and videos, not a count")
+    return _encode_expanded(model, prompt, images, frames)
+
+
+def _encode_expanded(model, prompt: str, images, frames) -> torch.Tensor:
+    """`encode_prompt` once the videos are expanded (`frames`: `_expand_videos`' flags)."""
+    tok = model.tokenizer
     n_images = int(images) if isinstance(images, (bool, int)) else _image_count(images)
     n_tags = prompt.count(IMAGE_TOKEN)
     if n_tags != n_images:
         raise ValueError(f"prompt must contain exactly {n_images} '{IMAGE_TOKEN}' tag(s) (one per image), "
                          f"found {n_tags}")
-    counts = _token_counts(model, images, n_images)
+    counts = _token_counts(model, images, n_images, frames)
     ids = []  # the whole prompt in one call, as the training data is tokenised (data/tokenizer.py)
     for t in encode_text(tok, prompt):
         ids += [t] * counts.pop(0) if t == model.image_token_id else [t]
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _token_counts(model, images, n_images: int) -> list:
-    """Placeholder tokens of each image in order: `tokens_per_image` each, or for a tiled model
-    (`model.mm_cfg.image_tiling`) each image's own count from its size (so it needs the images)."""
+def _token_counts(model, images, n_images: int, frames=None) -> list:
+    """Placeholder tokens of each image in order: `tokens_per_image` each (`tokens_per_frame` for a video
+    frame, pooled by `model.mm_cfg.video.pool`), or for a tiled model (`model.mm_cfg.image_tiling`) each
+    image's own count from its size (so it needs the images)."""
     if getattr(model, "tiling", None) is None:
-        return [model.tokens_per_image] * n_images
+        if frames is None:
+            return [model.tokens_per_image] * n_images
+        per_frame = getattr(model, "tokens_per_frame", model.tokens_per_image)
+        return [per_frame if f else model.tokens_per_image for f in frames.tolist()]
     if isinstance(images, (bool, int)) or torch.is_tensor(images):
         raise ValueError("a tiled model (model.mm_cfg.image_tiling) needs the PIL images themselves: each "
                          "image's placeholder count depends on its size")
@@ -162,12 +177,12 @@ def _requests(model, images, prompts, max_new_tokens: int) -> list[_Request]:
     context = model.cfg.encoder_seq_length
     out = []
     for i, (image, prompt) in enumerate(zip(images, prompts)):
-        prompt, image = _expand_videos(prompt, image)
-        ids = encode_prompt(model, prompt, image)
+        prompt, image, frames = _expand_videos(prompt, image)
+        ids = _encode_expanded(model, prompt, image, frames)
         if ids.numel() + max_new_tokens > context:
             raise ValueError(f"prompt {i} ({ids.numel()} tokens) + max_new_tokens ({max_new_tokens}) "
                              f"exceeds the context of {context} tokens")
-        out.append(_Request(ids, _pixels(model, image), _sizes(model, image)))
+        out.append(_Request(ids, _pixels(model, image), _sizes(model, image), frames))
     return out
 
 
@@ -222,6 +237,14 @@ def _generation_mode(model):
         model.train(was_training)
 
 
+def _batch_frames(with_images: list[_Request]) -> Optional[torch.Tensor]:
+    """[n_images] bool of the batch's images (in row order): which are video frames; None when none is."""
+    if all(r.frames is None for r in with_images):
+        return None
+    return torch.cat([r.frames if r.frames is not None else torch.zeros(r.pixels.shape[0], dtype=torch.bool)
+                      for r in with_images])
+
+
 def _decode_batch(model, requests: list[_Request], s: _Settings, seeds: list[int],
                   streams: list[TextStream]) -> Iterator[tuple[int, str]]:
     """Decode one batch; yields (row, text delta). Every row's deltas join to its answer (before stripping)."""
@@ -233,11 +256,12 @@ def _decode_batch(model, requests: list[_Request], s: _Settings, seeds: list[int
     image_rows = [row for row, r in enumerate(requests) if r.pixels is not None for _ in range(r.pixels.shape[0])]
     images = torch.cat([r.pixels for r in with_images]).to(device) if with_images else None
     sizes = torch.cat([r.sizes for r in with_images]) if with_images and with_images[0].sizes is not None else None
+    frames = _batch_frames(with_images)
     if s.use_cache:
         decoder = CachedDecoder(model.model, images, image_rows, tokens.shape[1] + s.max_new_tokens,
-                                compile_steps=s.compile_decode, image_sizes=sizes)
+                                compile_steps=s.compile_decode, image_sizes=sizes, video_frames=frames)
     else:
-        decoder = RecomputeDecoder(model.model, images, image_rows, image_sizes=sizes)
+        decoder = RecomputeDecoder(model.model, images, image_rows, image_sizes=sizes, video_frames=frames)
     generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
     seen = torch.zeros(len(requests), vocab, dtype=torch.bool, device=device)  # for the repetition penalty
     seen[valid.nonzero()[:, 0], tokens[valid].clamp(max=vocab - 1)] = True

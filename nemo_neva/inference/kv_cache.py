@@ -25,16 +25,19 @@ from nemo_neva.inference.compiled_step import compiled_language_model
 
 class _Decoder:
     def __init__(self, module, images: Optional[torch.Tensor], image_rows: list[int],
-                 image_sizes: Optional[torch.Tensor] = None):
+                 image_sizes: Optional[torch.Tensor] = None, video_frames: Optional[torch.Tensor] = None):
         self.module = module  # NevaModule
         self.images = images  # [n_img, 3, H, W] in row order ([n_img, max_tiles, 3, t, t] tiled), or None
         self.image_rows = image_rows  # row index of each image (a row may have several)
-        self.image_sizes = image_sizes  # [n_img, 2] original (height, width), tiled models only
+        # per image, beside `images`: [n_img, 2] original (height, width) of a tiled model's images, and
+        # [n_img] bool video-frame flags (model.mm_cfg.video.pool); absent when None
+        self.per_image = {k: v for k, v in (("image_sizes", image_sizes), ("video_frames", video_frames))
+                          if v is not None}
 
     def _forward(self, tokens, position_ids, mask, images, context=None):
-        sizes = self.image_sizes if images is not None else None
+        extra = self.per_image if images is not None else {}
         return self.module(tokens, position_ids, attention_mask=mask, images=images, inference_context=context,
-                           runtime_gather_output=True, image_sizes=sizes)
+                           runtime_gather_output=True, **extra)
 
     def _keep_images(self, rows: torch.Tensor):
         if self.images is None:
@@ -45,16 +48,15 @@ class _Decoder:
         kept = [(new, i) for new, old in enumerate(rows) for i in where.get(int(old), [])]
         self.image_rows = [new for new, _ in kept]
         self.images = self.images[[i for _, i in kept]] if kept else None
-        if self.image_sizes is not None:
-            self.image_sizes = self.image_sizes[[i for _, i in kept]] if kept else None
+        self.per_image = {k: v[[i for _, i in kept]] for k, v in self.per_image.items()} if kept else {}
 
 
 class CachedDecoder(_Decoder):
     """Prefill once, then one token per step through megatron-core's static KV cache."""
 
     def __init__(self, module, images, image_rows, max_sequence_length: int, compile_steps: bool = False,
-                 image_sizes: Optional[torch.Tensor] = None):
-        super().__init__(module, images, image_rows, image_sizes)
+                 image_sizes: Optional[torch.Tensor] = None, video_frames: Optional[torch.Tensor] = None):
+        super().__init__(module, images, image_rows, image_sizes, video_frames)
         self.max_sequence_length = max_sequence_length
         self.compiled = compiled_language_model(module) if compile_steps else None
         self.context = None

@@ -75,7 +75,7 @@ class NevaDataMixin:
             template=data_cfg.get("conv_template", "plain"),
             image_aspect_ratio=self.image_aspect_ratio,
             seq_length=data_cfg.get("seq_length") or self.cfg.encoder_seq_length,
-            num_image_tokens=self.tokens_per_image,
+            num_image_tokens=self.tokens_per_image, num_frame_tokens=self.tokens_per_frame,
             strict=data_cfg.get("strict", False),
             max_images_per_sample=data_cfg.get("max_images_per_sample", DEFAULT_MAX_IMAGES),
             video_folder=resolve_path(data_cfg.get("video_folder")),

@@ -81,6 +81,7 @@ class MegatronNevaModel(NevaRestoreMixin, NevaStepMixin, NevaDataMixin, ModelPT)
             cfg, restore_dir, getattr(self._lm_source, "tokenizer", None))
         self.vision_config = vision_config
         self.tiling = self._build_tiling(cfg, vision_config)
+        self.frame_pool = self._build_frame_pool(cfg, vision_config)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids("<image>")
         if self.image_token_id is None or self.image_token_id == self.tokenizer.unk_token_id:
             raise ValueError("the tokenizer has no '<image>' token; add it as a special token")
@@ -166,7 +167,20 @@ class MegatronNevaModel(NevaRestoreMixin, NevaStepMixin, NevaDataMixin, ModelPT)
                                 venc.get("drop_cls", True)).to(self.dtype_)
             projector = build_projector(cfg.mm_cfg.mm_mlp_adapter_type, tower.hidden_size, cfg.hidden_size)
             projector.to(self.dtype_)
-        return NevaModule(tconfig, gpt, tower, projector, self.image_token_id, venc.get("freeze", True), self.tiling)
+        return NevaModule(tconfig, gpt, tower, projector, self.image_token_id, venc.get("freeze", True), self.tiling,
+                          self.frame_pool)
+
+    def _build_frame_pool(self, cfg, vision_config):
+        """`model.mm_cfg.video.pool` as a `nemo_neva.modules.frame_pool.FramePool`, or None when off."""
+        from nemo_neva.modules.frame_pool import frame_pool_from_cfg
+        from nemo_neva.modules.vision import tower_features
+
+        pool = frame_pool_from_cfg(cfg.mm_cfg, tower_features(vision_config,
+                                                              cfg.mm_cfg.vision_encoder.get("drop_cls", True)))
+        if pool is not None and self.tiling is not None:
+            raise ValueError("model.mm_cfg.video.pool does not apply with model.mm_cfg.image_tiling (video samples "
+                             "are not supported with tiling): set one of them")
+        return pool
 
     def _build_tiling(self, cfg, vision_config):
         """`model.mm_cfg.image_tiling` (anyres) as a `nemo_neva.modules.tiling.Tiling`, or None when off."""
@@ -246,6 +260,12 @@ class MegatronNevaModel(NevaRestoreMixin, NevaStepMixin, NevaDataMixin, ModelPT)
         """Placeholder tokens of one image (of one tile, for a tiled model: see `image_token_count`)."""
         return tokens_per_image(self.vision_config, self.cfg.mm_cfg.vision_encoder.get("drop_cls", True),
                                 self.cfg.mm_cfg.mm_mlp_adapter_type)
+
+    @property
+    def tokens_per_frame(self) -> int:
+        """Placeholder tokens of one video frame: pooled by `model.mm_cfg.video.pool`, else an image's."""
+        return tokens_per_image(self.vision_config, self.cfg.mm_cfg.vision_encoder.get("drop_cls", True),
+                                self.cfg.mm_cfg.mm_mlp_adapter_type, getattr(self, "frame_pool", None))
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()

@@ -53,6 +53,7 @@ class NevaStepMixin:
             batch["tokens"], batch["position_ids"], attention_mask=batch.get("attention_mask"),
             images=batch.get("images"), labels=batch["labels"], num_images=batch.get("num_images"),
             packed_seq_params=batch.get("packed_seq_params"), image_sizes=batch.get("image_sizes"),
+            video_frames=batch.get("video_frames"),
         )
         return mt.masked_mean_loss(per_token, batch["loss_mask"]), batch["loss_mask"].sum()
 
@@ -61,7 +62,8 @@ class NevaStepMixin:
         mb = self._packed_layout(next(data_iterator))
         output = model(mb["tokens"], mb["position_ids"], attention_mask=mb.get("attention_mask"),
                        images=mb.get("images"), labels=mb["labels"], num_images=mb.get("num_images"),
-                       packed_seq_params=mb.get("packed_seq_params"), image_sizes=mb.get("image_sizes"))
+                       packed_seq_params=mb.get("packed_seq_params"), image_sizes=mb.get("image_sizes"),
+                       video_frames=mb.get("video_frames"))
 
         def loss_func(per_token):
             # megatron-core's per-token path (config.calculate_per_token_loss, set with the DDP): the sum and

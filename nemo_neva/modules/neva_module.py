@@ -10,6 +10,10 @@ original (height, width) in `image_sizes`; its tiles run through the tower in on
 image's, and `anyres.pack_image` makes its `tiling.tokens(h, w)` embeddings (a learned `image_newline`
 closes each feature row). Images of one batch may then differ in token count: the checks below compare each
 sample's placeholders with the sum of its own images' counts.
+
+With `frame_pool` (`model.mm_cfg.video.pool`, `nemo_neva.modules.frame_pool`) the images flagged in
+`video_frames` [n] (video frames) have their tower features pooled before the projector and cost
+`tokens_per_frame` placeholders each; the other images are not pooled.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ class ImageTokenMismatch(ValueError):
 
 class NevaModule(MegatronModule):
     def __init__(self, config, language_model, vision_tower=None, projector=None, image_token_id: int = -1,
-                 freeze_vision: bool = True, tiling=None):
+                 freeze_vision: bool = True, tiling=None, frame_pool=None):
         super().__init__(config=config)
         self.model_type = ModelType.encoder_or_decoder  # read by megatron-core's schedules
         self.language_model = language_model
@@ -39,6 +43,7 @@ class NevaModule(MegatronModule):
         self.freeze_vision = freeze_vision
         self._pending = None
         self.tiling = tiling
+        self.frame_pool = frame_pool
         if self.pre_process:
             if vision_tower is None or projector is None:
                 raise ValueError("the first pipeline stage needs the vision tower and projector")
@@ -53,6 +58,15 @@ class NevaModule(MegatronModule):
         from nemo_neva.modules.projector import output_tokens
 
         return output_tokens(self.projector, self.vision_tower.tokens_per_image)
+
+    @property
+    def tokens_per_frame(self) -> int:
+        """Placeholder tokens of one video frame: pooled with `frame_pool`, else an image's."""
+        from nemo_neva.modules.projector import output_tokens
+
+        if self.frame_pool is None:
+            return self.tokens_per_image
+        return output_tokens(self.projector, self.frame_pool.tokens(self.vision_tower.tokens_per_image))
 
     # megatron-core's finalize_model_grads finds the module by `pre_process` and then asks it for the
     # embeddings it syncs across pipeline stages: answer for the wrapped GPTModel.
@@ -70,15 +84,31 @@ class NevaModule(MegatronModule):
     def set_input_tensor(self, input_tensor):
         self.language_model.set_input_tensor(input_tensor)
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """[N,3,H,W] -> [N, tokens_per_image, llm_hidden]."""
+    def _tower(self, images: torch.Tensor) -> torch.Tensor:
         if self.freeze_vision:
             with torch.no_grad():
-                feats = self.vision_tower(images)
-        else:
-            feats = self.vision_tower(images)
-        proj_dtype = next(self.projector.parameters()).dtype
-        return self.projector(feats.to(proj_dtype))
+                return self.vision_tower(images)
+        return self.vision_tower(images)
+
+    def _project(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.projector(feats.to(next(self.projector.parameters()).dtype))
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """[N,3,H,W] -> [N, tokens_per_image, llm_hidden]."""
+        return self._project(self._tower(images))
+
+    def encode_media(self, images: torch.Tensor, video_frames: Optional[torch.Tensor]) -> torch.Tensor:
+        """[N,3,H,W] images and video frames (`video_frames` [N] bool) -> [sum of their counts, llm_hidden]
+        in image order: one tower pass; the frames' features pooled (`frame_pool`) before the projector."""
+        hidden = self.language_model.config.hidden_size
+        frames = _frame_flags(video_frames, images.shape[0]) if self.frame_pool is not None else None
+        if frames is None or not bool(frames.any()):
+            return self.encode_images(images).reshape(-1, hidden)
+        feats = self._tower(images)
+        pooled = self._project(self.frame_pool(feats[frames]))
+        plain = self._project(feats[~frames]) if not bool(frames.all()) else None
+        pooled_it, plain_it = iter(pooled), iter(plain if plain is not None else [])
+        return torch.cat([next(pooled_it) if f else next(plain_it) for f in frames.tolist()])
 
     def _splice_hook(self, module, args, output):
         if self._pending is None:
@@ -95,14 +125,19 @@ class NevaModule(MegatronModule):
             full, keep = full[start:start + chunk], keep[start:start + chunk]
         return output * keep + full
 
-    def image_token_counts(self, images: Optional[torch.Tensor], image_sizes=None) -> list[int]:
+    def image_token_counts(self, images: Optional[torch.Tensor], image_sizes=None, video_frames=None) -> list[int]:
         """Placeholder tokens of each image of the batch, in order (checks the layout first)."""
         n = 0 if images is None else images.shape[0]
+        frames = _frame_flags(video_frames, n)
         if self.tiling is None:
             if images is not None and images.dim() != 4:
                 raise ImageTokenMismatch(f"images must be [n, 3, H, W] pixel values, got shape {tuple(images.shape)}"
                                          " (tiled [n, tiles, 3, H, W] images need model.mm_cfg.image_tiling)")
-            return [self.tokens_per_image] * n
+            if frames is None:
+                return [self.tokens_per_image] * n
+            return [self.tokens_per_frame if f else self.tokens_per_image for f in frames.tolist()]
+        if frames is not None and bool(frames.any()):
+            raise ImageTokenMismatch("video frames with model.mm_cfg.image_tiling are not supported")
         if n == 0:
             return []
         want = (self.tiling.max_tiles, 3, self.tiling.tile, self.tiling.tile)
@@ -126,20 +161,20 @@ class NevaModule(MegatronModule):
         return pack_images(feats, sizes, self.tiling, self.image_newline)
 
     def _image_mask_and_features(self, tokens: torch.Tensor, images: Optional[torch.Tensor],
-                                 num_images: Optional[torch.Tensor] = None, image_sizes=None):
+                                 num_images: Optional[torch.Tensor] = None, image_sizes=None, video_frames=None):
         mask = tokens == self.image_token_id
-        counts = self.image_token_counts(images, image_sizes)
-        per_image = f"{self.tokens_per_image} tokens per image" if self.tiling is None else "tokens by image size"
+        counts = self.image_token_counts(images, image_sizes, video_frames)
+        per_image = "tokens by image size" if self.tiling is not None else f"{self.tokens_per_image} tokens per image"
+        if self.frame_pool is not None:
+            per_image += f" ({self.tokens_per_frame} per pooled video frame)"
         if num_images is not None:
             num_images = num_images.to("cpu")
-            if self.tiling is None:
-                expected = num_images * self.tokens_per_image
-            else:  # each sample's own images' counts (images are in sample order)
-                if int(num_images.sum()) != len(counts):
-                    raise ImageTokenMismatch(f"num_images adds up to {int(num_images.sum())} but {len(counts)} "
-                                             "image(s) were given")
-                ends = torch.cumsum(torch.tensor([0] + counts, dtype=torch.long), 0)[torch.cumsum(num_images, 0)]
-                expected = ends - torch.cat([ends.new_zeros(1), ends[:-1]])
+            if int(num_images.sum()) != len(counts):
+                raise ImageTokenMismatch(f"num_images adds up to {int(num_images.sum())} but {len(counts)} "
+                                         "image(s) were given")
+            # each sample's own images' counts (images are in sample order)
+            ends = torch.cumsum(torch.tensor([0] + counts, dtype=torch.long), 0)[torch.cumsum(num_images, 0)]
+            expected = ends - torch.cat([ends.new_zeros(1), ends[:-1]])
             per_sample = mask.sum(dim=1).to("cpu")
             bad = (per_sample != expected).nonzero().flatten()
             if bad.numel():
@@ -159,16 +194,16 @@ class NevaModule(MegatronModule):
             return None
         if self.tiling is not None:
             return mask, self.encode_tiled(images, image_sizes)
-        feats = self.encode_images(images).reshape(-1, self.language_model.config.hidden_size)
-        return mask, feats
+        return mask, self.encode_media(images, video_frames)
 
     def forward(self, tokens, position_ids, attention_mask=None, images=None, labels=None,
                 inference_context=None, runtime_gather_output=None, num_images=None, packed_seq_params=None,
-                image_sizes=None):
+                image_sizes=None, video_frames=None):
         """Logits [b, s, vocab/tp] (or per-token loss [b, s] when labels are given). `image_sizes` [n, 2]:
-        each image's original (height, width), for a tiled model only."""
+        each image's original (height, width), for a tiled model only; `video_frames` [n] bool: which images
+        are video frames (pooled with `frame_pool`; None: none are)."""
         if self.pre_process:
-            self._pending = self._image_mask_and_features(tokens, images, num_images, image_sizes)
+            self._pending = self._image_mask_and_features(tokens, images, num_images, image_sizes, video_frames)
             input_ids = tokens.masked_fill(tokens == self.image_token_id, 0)
         else:
             input_ids = tokens
@@ -184,3 +219,13 @@ class NevaModule(MegatronModule):
             )
         finally:
             self._pending = None
+
+
+def _frame_flags(video_frames, n: int) -> Optional[torch.Tensor]:
+    """`video_frames` as a [n] bool CPU tensor (None stays None), its length checked."""
+    if video_frames is None:
+        return None
+    flags = torch.as_tensor(video_frames).to("cpu", torch.bool).reshape(-1)
+    if flags.numel() != n:
+        raise ImageTokenMismatch(f"video_frames has {flags.numel()} entries for {n} image(s)")
+    return flags

@@ -51,17 +51,25 @@ def load_vision_config(from_pretrained: Optional[str], model_type: str, override
     return _TOWERS[model_type][0](**(overrides or {}))
 
 
-def tokens_per_image(config, drop_cls: bool = True, projector: str = "linear") -> int:
+def tower_features(config, drop_cls: bool = True) -> int:
+    """Features the tower gives per image: its patches, + the CLS token where it has one and keeps it."""
+    keeps_cls = _TOWERS[_tower_kind(config)][3] and not drop_cls
+    return (config.image_size // config.patch_size) ** 2 + (1 if keeps_cls else 0)
+
+
+def tokens_per_image(config, drop_cls: bool = True, projector: str = "linear", frame_pool=None) -> int:
     """Image placeholder tokens one image becomes (known on every pipeline stage, tower or not):
-    the tower's patch (+ CLS) features, as many as the projector `projector` turns them into."""
+    the tower's patch (+ CLS) features, as many as the projector `projector` turns them into. With a
+    `frame_pool` (`nemo_neva.modules.frame_pool`): the tokens of one pooled video frame."""
     from nemo_neva.modules.projector import projected_tokens
 
-    has_cls = _TOWERS[_tower_kind(config)][3]
-    keeps_cls = has_cls and not drop_cls
+    patches = (config.image_size // config.patch_size) ** 2
+    keeps_cls = tower_features(config, drop_cls) > patches
     if keeps_cls and projector == "mlp_downsample":
         raise ValueError("mm_mlp_adapter_type=mlp_downsample merges a square patch grid and cannot keep the CLS "
                          "token; set model.mm_cfg.vision_encoder.drop_cls=true")
-    patches = (config.image_size // config.patch_size) ** 2
+    if frame_pool is not None:
+        return projected_tokens(projector, frame_pool.tokens(tower_features(config, drop_cls)))
     return projected_tokens(projector, patches) + (1 if keeps_cls else 0)
 
 

@@ -181,9 +181,10 @@ def masked_loss_sum(per_token: torch.Tensor, loss_mask: torch.Tensor) -> tuple[t
     return (per_token.float() * mask.float()).sum(), loss_mask.detach().sum().round().to(torch.int)
 
 
-# Batch keys with one entry per image (in sample order), not per sample: `images`, and `image_sizes` [n, 2]
-# (original height, width) of a tiled model's images (model.mm_cfg.image_tiling).
-PER_IMAGE = ("images", "image_sizes")
+# Batch keys with one entry per image (in sample order), not per sample: `images`, `image_sizes` [n, 2]
+# (original height, width) of a tiled model's images (model.mm_cfg.image_tiling) and `video_frames` [n]
+# (which images are video frames, model.mm_cfg.video.pool).
+PER_IMAGE = ("images", "image_sizes", "video_frames")
 
 
 def pad_to_microbatches(batch: dict, micro_batch_size: int) -> dict:
