@@ -13,11 +13,12 @@ in the order given (the prompt's <image> tags, or none: the images lead); images
 zero-padded to the largest height and width and their sizes sent as input_media_sizes [1, N, 2]. Greedy unless
 --temperature > 0 and --top-k != 1. Exit status 1 with the server's message when the request is refused.
 
---video: Triton takes no video input; a video is its sampled frames sent as images. The frames are sampled
-here with nemo_neva's `open_video` (PyAV; --num-frames / --sampling should be the model's
-`model.data.video` settings) and the prompt's `<video>` tag (or a leading one) becomes one `<image>` tag per
-frame, back to back, so the answer is the one `generate` gives for that video. The server's
-`limits.max_images` must allow the frames (and any --image).
+--video: Triton has no video tensor; a video travels as its sampled frames in `input_media` slots. The frames
+are sampled here with nemo_neva's `open_video` (PyAV; --num-frames / --sampling must be the model's
+`model.data.video` settings: the server takes `num_frames` slots per `<video>` tag and refuses another count)
+and stand at the prompt's `<video>` tag (or a leading one), which the prompt keeps, so the server answers for
+that video (its frames pooled where the model pools them) as `generate` does. The server's `limits.max_videos`
+must allow it.
 """
 import argparse
 import re
@@ -78,8 +79,8 @@ def _steerlm(spec: "str | None") -> dict:
 
 
 def video_media(prompt: str, images: list, video_path: str, num_frames: int, sampling: str) -> "tuple[str, list]":
-    """(prompt, images) with the video's sampled frames standing at its `<video>` tag (a leading one when the
-    prompt has none), as `<image>` tags back to back; `images` (one per `<image>` tag, or leading) keep their
+    """(prompt, media slots): the prompt with its `<video>` tag (a leading one when it has none) and the video's
+    sampled frames in the slots at that tag's place; `images` (one per `<image>` tag, or leading) keep their
     places. A bad video: SystemExit with open_video's one-line reason."""
     from nemo_neva.data.constants import IMAGE_TOKEN, VIDEO_TOKEN
     from nemo_neva.data.video_io import VideoError, VideoSettings, open_video
@@ -94,10 +95,9 @@ def video_media(prompt: str, images: list, video_path: str, num_frames: int, sam
         prompt = f"{VIDEO_TOKEN}\n{prompt}"
     if images and IMAGE_TOKEN not in prompt:  # the images lead, as the server would place them
         prompt = "\n".join([IMAGE_TOKEN] * len(images) + [prompt])
-    before, after = prompt.split(VIDEO_TOKEN)
-    k = before.count(IMAGE_TOKEN)
+    k = prompt.split(VIDEO_TOKEN)[0].count(IMAGE_TOKEN)
     frames = [np.asarray(f, dtype=np.uint8) for f in video.frames]
-    return before + IMAGE_TOKEN * len(frames) + after, images[:k] + frames + images[k:]
+    return prompt, images[:k] + frames + images[k:]
 
 
 def load_image(path: str) -> np.ndarray:

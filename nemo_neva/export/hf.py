@@ -17,6 +17,7 @@ read when the caller says it trusts it. A .nemo whose LM came from a HF causal L
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional
 
@@ -31,6 +32,8 @@ from nemo_neva.export.hf_layout import (  # noqa: F401  (the API, and what the T
 from nemo_neva.pretrained import hf_lm
 from nemo_neva.pretrained.hf_lm import pack_qkv, unpack_qkv  # noqa: F401  (also used by the TRT-LLM export)
 from nemo_neva.pretrained.weights import UnsupportedCheckpoint
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------ .nemo -> HF
@@ -146,6 +149,9 @@ def export_neva_to_hf(model, output_dir: str, dtype: Optional[str] = None) -> st
     from safetensors.torch import save_file
 
     config, vocab_size, drop_cls = hf_config_from_neva(model)
+    if getattr(model, "frame_pool", None) is not None:
+        log.warning("model.mm_cfg.video.pool: Hugging Face LLaVA takes images only; the exported model has no video "
+                    "input (frames given to it as images would not be pooled)")
     dtype = dtype or (model.cfg.get("hf") or {}).get("dtype") or "float32"
     if dtype not in _EXPORT_DTYPES:
         raise UnsupportedCheckpoint(f"export dtype {dtype!r}; supported: {sorted(_EXPORT_DTYPES)}")

@@ -36,7 +36,8 @@ class ImagePart(BaseModel):
 class VideoURL(BaseModel):
     url: str = Field(description="an inline video, `data:video/<type>;base64,<data>` (mp4/mov, Matroska/WebM or "
                                  "AVI); remote URLs and local paths are refused. The server samples the model's "
-                                 "`model.data.video.num_frames` frames from it, each costing an image's tokens")
+                                 "`model.data.video.num_frames` frames from it, each costing an image's tokens "
+                                 "(fewer with `model.mm_cfg.video.pool`)")
 
 
 class VideoPart(BaseModel):

@@ -22,7 +22,9 @@ whose clients send numpy's default integer, INT64), so `query_multimodal`-style 
     -> outputs          BYTES  [1]  the answer (UTF-8)
 
 `input_text` may place the images itself with one `<image>` tag per image; without tags they lead the question,
-one per line, as in training. Every row of every request is checked before any generation (the same limits and
+one per line, as in training. A `<video>` tag (PyTorch backend; at most `limits.max_videos`) takes the next
+`model.data.video.num_frames` slots of `input_media` as one video's sampled frames, so the model sees a video
+(its frames pooled with `model.mm_cfg.video.pool`) and not separate images. Every row of every request is checked before any generation (the same limits and
 ranges as the HTTP server, `limits.py` / `images.py`); a bad one raises `InvalidInput` naming the input.
 Triton's dynamic batcher hands over several requests at once; rows with the same decoding settings run through
 one batched `generate`, so a batched answer is the one the request would get alone (greedy, or with the same
@@ -31,13 +33,15 @@ one batched `generate`, so a batched answer is the one the request would get alo
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from nemo_neva.data.constants import IMAGE_TOKEN
+from nemo_neva.data.constants import IMAGE_TOKEN, VIDEO_TOKEN
+from nemo_neva.data.video_io import Video
 from nemo_neva.data.conversation import STEERLM_INFERENCE_DEFAULTS, ConversationError, get_template, parse_attributes
 from nemo_neva.inference.prompting import build_prompt
 from nemo_neva.serving.errors import RequestError
@@ -110,7 +114,7 @@ class Sampling:
 @dataclass
 class Row:
     prompt: str
-    images: list  # RGB PIL images, one per <image> tag of `prompt`, in order
+    images: list  # RGB PIL images and `Video`s, one per <image> / <video> tag of `prompt`, in order
     sampling: Sampling
 
 
@@ -122,9 +126,13 @@ class TorchBackend:
     def __init__(self, model, template: str):
         from nemo_neva.serving.worker import serving_stops
 
+        from nemo_neva.data.video_io import video_settings_of
+
         self.model = model.eval()
         self.context = int(model.cfg.encoder_seq_length)
         self.stop_ids, self.stop_strings = serving_stops(model, template)
+        # frames a `<video>` tag of input_text takes from input_media: the model's model.data.video.num_frames
+        self.num_frames = video_settings_of(model.cfg).num_frames
 
     def prompt_tokens(self, prompt: str, images) -> int:
         """`images`: the prompt's images (a list, as `generate` takes them) or their count."""
@@ -208,12 +216,51 @@ class NevaTritonModel:
                 if not (1 <= h <= height and 1 <= w <= width):
                     raise RequestError(f"image {k}: size ({h}, {w}) does not fit its {height} x {width} slot "
                                        "(each of height, width in 1..the slot's)", "input_media_sizes")
-        if len(hw) > self.limits.max_images:
+        frames = getattr(self.backend, "num_frames", 0) if self.limits.max_videos else 0
+        most = self.limits.max_images + self.limits.max_videos * frames
+        if len(hw) > most:  # more slots than any prompt may fill: refused before converting them
+            if not frames:
+                self._check_images(len(hw))
+            raise RequestError(f"{len(hw)} input_media slots in one prompt; this server takes at most {most} "
+                               f"(limits.max_images images + limits.max_videos videos of {frames} frames)",
+                               "input_media", code="too_many_images")
+        return [image_from_array(media[row, k, :h, :w], self.limits, "input_media") for k, (h, w) in enumerate(hw)]
+
+    def _check_images(self, n: int) -> None:
+        if n > self.limits.max_images:
             what = ("this server takes text-only prompts (limits.max_images=0)" if self.limits.max_images == 0
                     else f"this server takes at most {self.limits.max_images} per prompt (limits.max_images)")
-            raise RequestError(f"{len(hw)} image{'s' * (len(hw) != 1)} in one prompt; {what}", "input_media",
+            raise RequestError(f"{n} image{'s' * (n != 1)} in one prompt; {what}", "input_media",
                                code="too_many_images")
-        return [image_from_array(media[row, k, :h, :w], self.limits, "input_media") for k, (h, w) in enumerate(hw)]
+
+    def _place_media(self, question: str, images: list) -> tuple[str, list]:
+        """(question, media as `generate` takes them): without `<video>` tags, the images (`_place_images`);
+        each `<video>` tag takes the next `backend.num_frames` input_media slots as one video's frames."""
+        n_videos = question.count(VIDEO_TOKEN)
+        if n_videos == 0:
+            self._check_images(len(images))
+            return self._place_images(question, len(images)), images
+        frames = getattr(self.backend, "num_frames", None)
+        if frames is None:
+            raise RequestError(f"the {self.backend.name} backend takes no {VIDEO_TOKEN} tag: send a video's frames as "
+                               f"images, one {IMAGE_TOKEN} tag each", "input_text")
+        if n_videos > self.limits.max_videos:
+            raise RequestError(f"{n_videos} {VIDEO_TOKEN} tags in one prompt; this server takes at most "
+                               f"{self.limits.max_videos} (limits.max_videos)", "input_text", code="too_many_videos")
+        tags = re.findall(f"{re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)}", question)
+        self._check_images(len(tags) - n_videos)
+        need = len(tags) - n_videos + n_videos * frames
+        if need != len(images):
+            raise RequestError(f"input_text has {len(tags) - n_videos} {IMAGE_TOKEN} and {n_videos} {VIDEO_TOKEN} "
+                               f"tag(s), which take {need} input_media slots ({frames} frames per video, the model's "
+                               f"model.data.video.num_frames); got {len(images)}", "input_media")
+        media, rest = [], iter(images)
+        for tag in tags:
+            if tag == IMAGE_TOKEN:
+                media.append(next(rest))
+            else:
+                media.append(Video([next(rest) for _ in range(frames)], list(range(frames)), frames))
+        return question, media
 
     def _place_images(self, question: str, n_images: int) -> str:
         """The question with one `<image>` tag per image: the client's tags, or leading ones (LLaVA layout)."""
@@ -281,11 +328,11 @@ class NevaTritonModel:
         for r in range(n_rows):
             try:
                 question = self._question(data, r)
-                images = self._images(data, r, n_rows)
-                question = self._place_images(question, len(images))
+                question, images = self._place_media(question, self._images(data, r, n_rows))
                 sampling, max_out = self._sampling(data, r, n_rows)
                 attributes = self._attributes(data, r, n_rows)
-                prompt = build_prompt(self.template, question, bool(images), steerlm=attributes)
+                prompt = build_prompt(self.template, question, IMAGE_TOKEN in question, steerlm=attributes,
+                                      has_video=VIDEO_TOKEN in question)
                 n_prompt = self.backend.prompt_tokens(prompt, images)  # a tiled model counts by image size
                 max_new = token_budget(n_prompt, self.backend.context, max_out, self.limits.max_tokens,
                                        "input_text", "max_output_len")

@@ -29,6 +29,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 TEMPLATE = "nv_steerlm"
 MODEL = "neva"
 LIMITS = {"max_tokens": 10, "max_image_pixels": 4096, "max_text_chars": 400, "max_images": 2}
+FRAMES = 3  # the served model's model.data.video.num_frames
 QUEUE_DELAY_MS = 300  # long enough that concurrent test requests meet in Triton's dynamic batcher
 DTYPES = {"max_output_len": ("INT64", np.int64), "top_k": ("INT64", np.int64), "num_beams": ("INT64", np.int64),
           "batch_size": ("INT64", np.int64), "random_seed": ("INT64", np.int64), "top_p": ("FP32", np.float32),
@@ -62,7 +63,9 @@ def served(tmp_path_factory):
     folder = tmp_path_factory.mktemp("triton")
     path = str(folder / "tiny-neva.nemo")
     torch.manual_seed(0)
-    model = MegatronNevaModel(tiny_model_cfg(encoder_seq_length=192))
+    # video frames pooled 2x2 (model.mm_cfg.video.pool): a <video> tag takes FRAMES slots, each 4 tokens
+    model = MegatronNevaModel(tiny_model_cfg(encoder_seq_length=192, **{"mm_cfg.video.pool": "2x2",
+                                                                        "data.video.num_frames": FRAMES}))
     model.save_to(path)
     model.eval()
     ports = _ports()
@@ -224,13 +227,14 @@ def test_two_images_answer_equals_generate_and_the_query_script_pads_different_s
 
 
 def test_the_query_script_sends_a_video_as_its_frames_and_the_answer_is_generate_of_the_video(served, tmp_path):
-    """Triton has no video input: `--video` samples the frames with open_video and sends them as images at the
-    video's place, so the answer equals `generate` given the `Video` itself."""
+    """Triton has no video tensor: `--video` samples the frames with open_video and sends them in input_media
+    slots at the prompt's `<video>` tag, which the server turns back into a video (its frames pooled 2x2, as the
+    model pools them), so the answer equals `generate` given the `Video` itself."""
     pytest.importorskip("av")
     from nemo_neva.data.video_io import VideoSettings, open_video
     from nemo_neva.data.video_writer import write_video
 
-    n = LIMITS["max_images"]  # frames are images to the server: as many as its limit allows
+    n = FRAMES  # more than max_images: frames count against max_videos, not max_images
     write_video(tmp_path / "clip.mp4", [pixels(40 + k) for k in range(7)])
     video = open_video(tmp_path / "clip.mp4", VideoSettings(n))
     ids, strings = serving_stops(served.model, TEMPLATE)
@@ -243,7 +247,8 @@ def test_the_query_script_sends_a_video_as_its_frames_and_the_answer_is_generate
     assert expected and proc.stdout == expected + "\n"
     proc = subprocess.run([*script, "--num-frames", str(n + 1)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and proc.stdout == ""
-    assert f"{n + 1} images in one prompt; this server takes at most {n} per prompt" in proc.stderr
+    assert (f"input_text has 0 <image> and 1 <video> tag(s), which take {n} input_media slots ({n} frames per "
+            f"video, the model's model.data.video.num_frames); got {n + 1}") in proc.stderr
 
 
 def test_more_images_than_the_limit_are_refused_with_the_count(served):
