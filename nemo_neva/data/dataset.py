@@ -62,11 +62,12 @@ class NevaDataset(Dataset):
                  prescan_images: bool = True, max_image_bytes: int = DEFAULT_MAX_BYTES,
                  max_image_pixels: int = DEFAULT_MAX_PIXELS, max_images_per_sample: int = DEFAULT_MAX_IMAGES,
                  tiling=None, video_folder: str | None = None, video_settings: VideoSettings = VideoSettings(),
-                 video_limits: VideoLimits = VideoLimits(), num_frame_tokens: int | None = None):
+                 video_limits: VideoLimits = VideoLimits(), num_frame_tokens: int | None = None,
+                 max_image_tokens: int | None = None):
         self.tiling = tiling  # anyres (modules/tiling.py): image_processor is then the model's `pixel_processor`
         self._init_encoding(tokenizer, image_processor, template, image_aspect_ratio, seq_length,
                             num_image_tokens, strict, steerlm_defaults, system_prompt, max_images_per_sample,
-                            video_settings, num_frame_tokens)
+                            video_settings, num_frame_tokens, max_image_tokens)
         self.images = ImageSource(image_folder, max_image_bytes, max_image_pixels) if image_folder else None
         # null: videos live beside the images; opened on the first video (a tar folder is indexed only then)
         self._video_args = (video_folder or image_folder, video_settings, video_limits)
@@ -106,9 +107,14 @@ class NevaDataset(Dataset):
     def _init_encoding(self, tokenizer, image_processor, template, image_aspect_ratio, seq_length,
                        num_image_tokens, strict, steerlm_defaults, system_prompt,
                        max_images_per_sample=DEFAULT_MAX_IMAGES, video_settings=VideoSettings(),
-                       num_frame_tokens=None) -> None:
+                       num_frame_tokens=None, max_image_tokens=None) -> None:
         """The state `encode` / `_turns` / `_skip` read (shared with the streaming shard reader).
-        `num_frame_tokens`: placeholders per video frame (model.mm_cfg.video.pool); None: an image's."""
+        `num_frame_tokens`: placeholders per video frame (model.mm_cfg.video.pool); None: an image's.
+        `max_image_tokens`: most image placeholders (images, tiles and frames together) one sample may hold;
+        None: only the sequence length bounds them."""
+        if max_image_tokens is not None and (isinstance(max_image_tokens, bool) or int(max_image_tokens) < 1):
+            raise ValueError(f"model.data.max_image_tokens_per_sample must be >= 1 or null, got {max_image_tokens!r}")
+        self.max_image_tokens = None if max_image_tokens is None else int(max_image_tokens)
         if num_image_tokens < 1:
             raise ValueError("num_image_tokens must be >= 1")
         if num_frame_tokens is not None and num_frame_tokens < 1:
@@ -241,6 +247,10 @@ class NevaDataset(Dataset):
             else:
                 ids.append(tok)
                 labels.append(tok if train else IGNORE_INDEX)
+        placeholders = ids.count(self.image_token_id)
+        if self.max_image_tokens is not None and placeholders > self.max_image_tokens:
+            raise SampleError("too_many_image_tokens", f"{placeholders} image placeholder tokens > "
+                                                       f"max_image_tokens_per_sample {self.max_image_tokens}")
         truncated = len(ids) > self.seq_length
         if truncated:
             if image_end > self.seq_length:

@@ -78,6 +78,7 @@ class NevaDataMixin:
             num_image_tokens=self.tokens_per_image, num_frame_tokens=self.tokens_per_frame,
             strict=data_cfg.get("strict", False),
             max_images_per_sample=data_cfg.get("max_images_per_sample", DEFAULT_MAX_IMAGES),
+            max_image_tokens=data_cfg.get("max_image_tokens_per_sample"),
             video_folder=resolve_path(data_cfg.get("video_folder")),
             video_settings=video_settings, video_limits=video_limits,
         )

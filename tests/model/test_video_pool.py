@@ -212,3 +212,15 @@ def test_pool_survives_save_and_restore_and_is_refused_with_tiling(setup, tmp_pa
     bad = tiny_model_cfg(**{"mm_cfg.video.pool": "2x2", "mm_cfg.image_tiling.enabled": True})
     with pytest.raises(ValueError, match="model.mm_cfg.video.pool does not apply with model.mm_cfg.image_tiling"):
         MegatronNevaModel(bad)
+
+
+def test_max_image_tokens_per_sample_is_a_counted_skip_naming_the_count(setup):
+    model, cfg, _, _ = setup
+    cfg = cfg.copy()
+    cfg.data.max_image_tokens_per_sample = 16  # "image" (16) fits; "video" (3 x 4 = 12) fits; "both" (28) does not
+    ds = model.build_dataset(cfg.data)
+    assert dict(ds.skip_counts) == {"too_many_image_tokens": 1}
+    assert [r["id"] for r in ds.records] == ["video", "image", "text"]
+    cfg.data.max_image_tokens_per_sample = 0
+    with pytest.raises(ValueError, match="max_image_tokens_per_sample must be >= 1 or null, got 0"):
+        model.build_dataset(cfg.data)
