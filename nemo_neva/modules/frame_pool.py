@@ -60,7 +60,7 @@ def frame_pool_from_cfg(mm_cfg, patch_tokens: int) -> Optional[FramePool]:
     match = re.fullmatch(r"(\d+)x(\d+)", str(spec).strip())
     if not match or match.group(1) != match.group(2) or int(match.group(1)) < 2:
         raise ValueError(f"model.mm_cfg.video.pool={spec!r}: expected 'NxN' with N >= 2 (e.g. '2x2'), or null")
-    mode = video.get("pool_mode", "average")
+    mode = video.get("pool_mode") or "average"
     if mode not in MODES:
         raise ValueError(f"model.mm_cfg.video.pool_mode={mode!r}: expected one of {MODES}")
     pool = FramePool(int(match.group(1)), mode)

@@ -209,6 +209,17 @@ def test_pool_survives_save_and_restore_and_is_refused_with_tiling(setup, tmp_pa
     model.save_to(path)
     restored = MegatronNevaModel.restore_from(path)
     assert restored.frame_pool == FramePool(2) and restored.tokens_per_frame == 4
+    # finetuning (conf/neva_finetune.yaml): its null video keys keep the .nemo's pooling; NxN switches it on
+    from omegaconf import OmegaConf
+
+    from nemo_neva.models.finetune_config import finetune_config
+
+    keep = OmegaConf.create({"mm_cfg": {"video": {"pool": None, "pool_mode": None}}})
+    assert finetune_config(path, keep).mm_cfg.video == {"pool": "2x2", "pool_mode": "average"}
+    plain = str(tmp_path / "plain.nemo")
+    MegatronNevaModel(tiny_model_cfg()).save_to(plain)
+    on = OmegaConf.create({"mm_cfg": {"video": {"pool": "3x3", "pool_mode": "max"}}})
+    assert finetune_config(plain, on).mm_cfg.video == {"pool": "3x3", "pool_mode": "max"}
     bad = tiny_model_cfg(**{"mm_cfg.video.pool": "2x2", "mm_cfg.image_tiling.enabled": True})
     with pytest.raises(ValueError, match="model.mm_cfg.video.pool does not apply with model.mm_cfg.image_tiling"):
         MegatronNevaModel(bad)
