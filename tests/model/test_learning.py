@@ -100,9 +100,9 @@ LEARN_FINETUNE_RANKS = 2
 # CI variant, two-image and motion tasks: a third short run (see _media_stage and the docstring).
 MEDIA_SEED = 11
 # Unpooled frames. With model.mm_cfg.video.pool=2x2 switched on for this run (each frame's 4x4 grid of layer-0
-# features averaged to 2x2), one run measured motion 0.47, colour_in_image 0.66, more_shapes 0.60 (2026-12-03):
-# 600 steps do not teach pooled 2-frame motion to this tiny model, so pooling is proven by its oracle tests
-# (tests/model/test_video_pool.py), not here.
+# features averaged to 2x2), one run measured motion 0.47, colour_in_image 0.66, more_shapes 0.60 (2026-12-03, on
+# a base that scored colour 0.63 / shape 0.77 / overall 0.74): 600 steps did not teach pooled 2-frame motion to
+# this tiny model, so pooling is proven by its oracle tests (tests/model/test_video_pool.py), not here.
 MEDIA_CI = dict(steps=600, n_pairs=450, n_videos=150, n_pair_eval=300, n_video_eval=60, frames=2)
 MEDIA_CI_BARS = {"more_shapes": 0.6, "colour_in_image": 0.6, "motion": 0.75}
 # CI single-image scoring set: 60 shipped questions hold ~15 shape questions, where one answer moves the score by
