@@ -1,14 +1,15 @@
 """Parameter-efficient finetuning (`model.peft.*`): LoRA on the LM, base weights and vision frozen.
 
-A PEFT `.nemo` holds only the adapter and projector weights. Its config names the full `.nemo` it was
-trained from (`peft.base_nemo_path`) with that file's SHA-256 (`peft.base_nemo_sha256`), recorded when
-training started from it. Restoring a PEFT `.nemo` loads the base's weights first (after checking the
+A PEFT `.nemo` holds only the adapter and projector weights (with a tiled model's `image_newline`). Its
+config names the full `.nemo` it was trained from (`peft.base_nemo_path`) with that file's SHA-256
+(`peft.base_nemo_sha256`), recorded when training started from it. Restoring a PEFT `.nemo` loads the base's weights first (after checking the
 checksum and the archive, as for any untrusted `.nemo`), then the adapters and projector on top.
 `scripts/merge_lora.py` folds the adapters into the base weights and writes a full `.nemo`.
 
     model.peft.peft_scheme        lora | null (no PEFT)
     model.peft.lora.{rank,alpha,dropout,target_modules}
-    model.peft.train_projector    the projector learns too (true) or stays as in the base (false)
+    model.peft.train_projector    the projector (and a tiled model's image_newline, as LLaVA-NeXT trains it with
+                                  the projector) learns too (true) or stays as in the base (false)
 """
 from __future__ import annotations
 

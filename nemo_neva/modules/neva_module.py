@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
@@ -114,10 +114,16 @@ class NevaModule(MegatronModule):
         if self._pending is None:
             return output
         mask, feats = self._pending  # mask [b,s] bool, feats [n, h]
+        sp = getattr(module, "reduce_scatter_embeddings", False)
+        if sp:
+            # This rank keeps only its sequence slice, so its backward reaches only that slice's features: an
+            # all-reduce of their gradient over TP (identity forward) gives every rank the whole batch's
+            # gradient for the replicated projector / image_newline / tower, as without SP.
+            feats = tensor_parallel.copy_to_tensor_model_parallel_region(feats)
         full = torch.zeros(*mask.shape, feats.shape[-1], dtype=output.dtype, device=output.device)
         full[mask] = feats.to(output.dtype)
         keep = (~mask).unsqueeze(-1).to(output.dtype)
-        if getattr(module, "reduce_scatter_embeddings", False):
+        if sp:
             # Output is already [s/tp, b, h] for this sequence-parallel rank: take the same slice.
             full, keep = full.transpose(0, 1), keep.transpose(0, 1)
             chunk = output.shape[0]

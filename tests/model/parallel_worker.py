@@ -20,7 +20,7 @@ def main():
     from megatron.core import parallel_state as ps
 
     from nemo_neva.training.megatron_step import MegatronOptimizerAdapter  # noqa: F401  (import check)
-    from nemo_neva.training.megatron_step import split_microbatches
+    from nemo_neva.training.megatron_step import PER_IMAGE, split_microbatches
     from tests.model.helpers import TILED_SIZES, batch_for, restore_at_layout, tiled_batch_for
 
     ap = argparse.ArgumentParser()
@@ -57,6 +57,8 @@ def main():
                          images_per_row=per_row)
         per_rank = model.cfg.global_batch_size // dp
         batch = split_microbatches(full, per_rank)[dp_rank]  # images (and tiled sizes) follow their rows
+        if not ps.is_pipeline_first_stage():  # only the first stage encodes images: later ones must not need them
+            batch = {k: v for k, v in batch.items() if k not in PER_IMAGE}
         losses.append(float(model.train_on_batch(batch, opt)))
     model.save_to(os.path.join(args.out, "trained.nemo"))
     if dist.get_rank() == 0:
