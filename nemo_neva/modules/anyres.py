@@ -37,3 +37,10 @@ def pack_images(features: torch.Tensor, sizes: Sequence[Sequence[int]], tiling, 
     tiles = [tiling.tiles(int(h), int(w)) for h, w in sizes]
     parts = torch.split(features, tiles)
     return torch.cat([pack_image(p, s, tiling, newline) for p, s in zip(parts, sizes)])
+
+
+def image_tiles(pixels: torch.Tensor, sizes: Sequence[Sequence[int]], tiling) -> torch.Tensor:
+    """Preprocessed images [n, max_tiles, 3, t, t] -> their own tiles (the zero tiles after them dropped), in image
+    order: [sum of tiling.tiles, 3, t, t], what the tower sees."""
+    tiles = [tiling.tiles(int(h), int(w)) for h, w in sizes]
+    return torch.cat([pixels[i, :t] for i, t in enumerate(tiles)])

@@ -159,11 +159,10 @@ class NevaModule(MegatronModule):
     def encode_tiled(self, images: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
         """[n, max_tiles, 3, t, t] + sizes [n, 2] -> [sum of tiling.tokens, llm_hidden]: every image's own tiles
         through the tower in one batch, then base + unpadded grid + newlines per image."""
-        from nemo_neva.modules.anyres import pack_images
+        from nemo_neva.modules.anyres import image_tiles, pack_images
 
         sizes = image_sizes.tolist()
-        tiles = [self.tiling.tiles(int(h), int(w)) for h, w in sizes]
-        feats = self.encode_images(torch.cat([images[i, :t] for i, t in enumerate(tiles)]))
+        feats = self.encode_images(image_tiles(images, sizes, self.tiling))
         return pack_images(feats, sizes, self.tiling, self.image_newline)
 
     def _image_mask_and_features(self, tokens: torch.Tensor, images: Optional[torch.Tensor],

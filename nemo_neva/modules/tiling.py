@@ -95,6 +95,13 @@ class Tiling:
         top, bottom, left, right = self.window(height, width)
         return self.base_tokens + (bottom - top) * (right - left + 1)
 
+    @property
+    def max_tokens(self) -> int:
+        """The most placeholder tokens any image can take (sizes a TensorRT-LLM prompt table): an image of a
+        pinpoint's own size fits that grid exactly, nothing is unpadded, and every other image keeps at most
+        the whole grid of the pinpoint it is fitted to."""
+        return max(self.tokens(h, w) for h, w in self.pinpoints)
+
 
 def check_size(height, width) -> None:
     if int(height) < 1 or int(width) < 1:
