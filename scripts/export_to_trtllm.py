@@ -4,7 +4,9 @@
         [--fp8 [--calib-data LLAVA.json --calib-image-folder DIR]] [--build]
 
 --build also builds the engines where TensorRT-LLM / TensorRT are installed, and says what it skipped
-elsewhere (exit status 0). See docs/TRTLLM.md for the folder layout and the prompt-table contract.
+elsewhere (exit status 0). A tiled model (model.mm_cfg.image_tiling) exports too: the prompt table is sized for
+its largest grid, the vision engine's batch for every tile. See docs/TRTLLM.md for the folder layout and the
+prompt-table contract.
 """
 import argparse
 import os
@@ -31,7 +33,9 @@ def main(argv=None):
     ap.add_argument("--calib-samples", type=int, default=16, help="--fp8: calibration samples")
     ap.add_argument("--build", action="store_true", help="also build the TensorRT engines (needs TensorRT-LLM)")
     ap.add_argument("--max-batch-size", type=int, default=1, help="--build: engine batch size")
-    ap.add_argument("--max-input-len", type=int, default=1024, help="--build: prompt tokens incl. image tokens")
+    ap.add_argument("--max-input-len", type=int, default=None,
+                    help="--build: prompt tokens incl. image tokens (default 1024; a tiled model: room for "
+                         "--max-images-per-request images of its largest grid + 512 text tokens, if more)")
     ap.add_argument("--max-output-len", type=int, default=256, help="--build: generated tokens")
     ap.add_argument("--max-images-per-request", type=int, default=1, help="--build: sizes the prompt table")
     args = ap.parse_args(argv)

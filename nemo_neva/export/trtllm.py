@@ -3,13 +3,22 @@
 Output folder:
   llm/config.json, llm/rank{N}.safetensors   TensorRT-LLM unified checkpoint (trtllm-build --checkpoint_dir llm)
   vision/vision_encoder.onnx                  pixel values [B,3,H,W] -> image features [B, tokens, hidden]
-  vision/preprocessor_config.json             the HF image processor that makes those pixel values
+                                              (a tiled model: B tiles -> each tile's features)
+  vision/preprocessor_config.json             the HF image processor that makes those pixel values (the model's
+                                              `pixel_processor`: for a tiled model LlavaNextImageProcessor with
+                                              the model's grid pinpoints)
+  vision/image_newline.safetensors            tiled models only: the learned row-end embedding `image_newline`
   tokenizer/                                  the HF tokenizer
   nemo_neva_export.json                       image token id, tokens per image, vocab size, prompt template,
                                               stop markers: what a runtime needs to build the prompt table;
                                               image_aspect_ratio (+ pad colour): how pixel values are made
                                               from an image with vision/'s processor, as in training
-                                              (`export_pixels` / nemo_neva.data.image_io.preprocess)
+                                              (`export_pixels` / nemo_neva.data.image_io.preprocess);
+                                              `image_tiling` (tiled models): grid_pinpoints, tile, side, max_tiles,
+                                              the newline's path: how a request's tiles become its prompt table
+                                              (nemo_neva.export.trtllm_prompt.tiled_prompt_table), where an image
+                                              takes `Tiling.tokens(h, w)` rows (`tokens_per_image` is null) and
+                                              `max_tokens_per_image` sizes the engine's table
   engines/llm, engines/vision.engine          only with --build, where TensorRT-LLM / TensorRT are installed
 """
 from __future__ import annotations
@@ -26,11 +35,13 @@ from nemo_neva.export import trtllm_fp8 as fp8
 from nemo_neva.export.hf import UnsupportedCheckpoint
 from nemo_neva.export.onnx_vision import INPUT, OUTPUT, export_vision_onnx
 from nemo_neva.export.trtllm_layout import DTYPES, neva_to_trtllm, split_for_rank, trtllm_config
+from nemo_neva.export.trtllm_prompt import NEWLINE_KEY, export_tiling
 
 log = logging.getLogger(__name__)
 
 LLM_DIR, VISION_DIR, TOKENIZER_DIR = "llm", "vision", "tokenizer"
 VISION_ONNX = "vision_encoder.onnx"
+NEWLINE_FILE = "image_newline.safetensors"
 META_FILE = "nemo_neva_export.json"
 
 
@@ -60,9 +71,25 @@ def _image_meta(model) -> dict:
             "image_input_size": list(target_size(model.image_processor))}
 
 
+def _tiling_meta(model, vision_dir: str) -> dict:
+    """Tiled models: the geometry a runtime packs tile features with, and the newline written beside the ONNX."""
+    tiling = getattr(model, "tiling", None)
+    if tiling is None:
+        return {"tokens_per_image": int(model.tokens_per_image), "max_tokens_per_image": int(model.tokens_per_image),
+                "image_tiling": None}
+    newline = model.model.image_newline.detach().float().contiguous()
+    save_file({NEWLINE_KEY: newline}, os.path.join(vision_dir, NEWLINE_FILE), metadata={"format": "pt"})
+    return {"tokens_per_image": None,  # by image size: Tiling.tokens(h, w)
+            "max_tokens_per_image": tiling.max_tokens,
+            "image_tiling": {"grid_pinpoints": [list(p) for p in tiling.pinpoints], "tile": tiling.tile,
+                             "side": tiling.side, "tokens_per_tile": tiling.base_tokens, "max_tiles": tiling.max_tiles,
+                             "image_newline": f"{VISION_DIR}/{NEWLINE_FILE}"}}
+
+
 def export_pixels(export_dir: str, image, meta: Optional[dict] = None) -> torch.Tensor:
     """Pixel values [1,3,H,W] for a PIL image, from the export folder alone (its processor + recorded
-    aspect-ratio mode): what the .nemo model's `preprocess_images` gives, i.e. what it was trained on."""
+    aspect-ratio mode): what the .nemo model's `preprocess_images` gives, i.e. what it was trained on.
+    A tiled export gives [1, max_tiles, 3, tile, tile] (`anyres.image_tiles` keeps the image's own)."""
     from transformers import AutoImageProcessor
 
     from nemo_neva.data.image_io import preprocess
@@ -74,7 +101,7 @@ def export_pixels(export_dir: str, image, meta: Optional[dict] = None) -> torch.
         raise ValueError(f"{export_dir}: {META_FILE} does not record image_aspect_ratio (an export from before it "
                          "was recorded); export the .nemo again")
     processor = AutoImageProcessor.from_pretrained(os.path.join(export_dir, meta["image_processor"]))
-    return preprocess(image, processor, meta["image_aspect_ratio"]).unsqueeze(0)
+    return preprocess(image, processor, meta["image_aspect_ratio"], export_tiling(meta)).unsqueeze(0)
 
 
 def write_llm_checkpoint(model, llm_dir: str, tp_size: int = 1, dtype: str = "bfloat16",
@@ -110,9 +137,6 @@ def export_neva_to_trtllm(model, output_dir: str, tp_size: int = 1, dtype: str =
     """Write the whole export folder; `fp8_calib` = (data_path, image_folder) turns on FP8. Returns the meta."""
     if dtype not in DTYPES:
         raise UnsupportedCheckpoint(f"dtype {dtype!r}; supported: {sorted(DTYPES)}")
-    if getattr(model, "tiling", None) is not None:
-        raise UnsupportedCheckpoint("a tiled model (model.mm_cfg.image_tiling) cannot be exported to TensorRT-LLM "
-                                    "yet: the prompt table is built for a fixed tokens_per_image")
     trtllm_config(model.cfg, export_vocab_size(model), dtype, tp_size)  # refuse before any work
     act_amax = None
     if fp8_calib is not None:
@@ -122,12 +146,12 @@ def export_neva_to_trtllm(model, output_dir: str, tp_size: int = 1, dtype: str =
     config = write_llm_checkpoint(model, os.path.join(output_dir, LLM_DIR), tp_size, dtype, act_amax)
     vision_dir = os.path.join(output_dir, VISION_DIR)
     export_vision_onnx(model, os.path.join(vision_dir, VISION_ONNX))
-    model.image_processor.save_pretrained(vision_dir)
+    model.pixel_processor.save_pretrained(vision_dir)
     model.tokenizer.save_pretrained(os.path.join(output_dir, TOKENIZER_DIR))
     meta = {
         "format_version": 1,
         "image_token_id": int(model.image_token_id),
-        "tokens_per_image": int(model.tokens_per_image),
+        **_tiling_meta(model, vision_dir),
         "vocab_size": config["vocab_size"],
         "hidden_size": config["hidden_size"],
         "image_size": int(model.vision_config.image_size),

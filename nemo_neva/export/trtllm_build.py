@@ -1,8 +1,10 @@
 """Build the TensorRT engines from an export folder, where TensorRT-LLM / TensorRT are installed.
 
 LLM: `trtllm-build` (or `python -m tensorrt_llm.commands.build`) on llm/, with the prompt embedding table
-sized for max_batch_size x max_images_per_request x tokens_per_image rows.
-Vision: the ONNX graph through the TensorRT Python API (or `trtexec`), with a batch optimisation profile.
+sized for max_batch_size x max_images_per_request x max_tokens_per_image rows (a tiled model: the count of an
+image filling its largest grid).
+Vision: the ONNX graph through the TensorRT Python API (or `trtexec`), with a batch optimisation profile for
+max_batch_size x max_images_per_request images (a tiled model: x max_tiles tiles each).
 Whatever cannot be built here is reported as skipped, with the reason; nothing is faked.
 """
 from __future__ import annotations
@@ -12,10 +14,13 @@ import os
 import shutil
 import subprocess
 import sys
+from typing import Optional
 
-from nemo_neva.export.trtllm_prompt import max_prompt_embedding_table_size
+from nemo_neva.export.trtllm_prompt import max_prompt_embedding_table_size, max_tokens_per_image
 
 ENGINES_DIR = "engines"
+DEFAULT_MAX_INPUT_LEN = 1024
+TEXT_ROOM = 512  # prompt text beside the images, in the default --max-input-len of a tiled model
 
 
 def _have(module: str) -> bool:
@@ -25,9 +30,22 @@ def _have(module: str) -> bool:
         return False
 
 
+def default_max_input_len(meta: dict, max_images_per_request: int) -> int:
+    """1024, or for a tiled model room for max_images_per_request images of the largest grid + TEXT_ROOM tokens."""
+    if not meta.get("image_tiling"):
+        return DEFAULT_MAX_INPUT_LEN
+    return max(DEFAULT_MAX_INPUT_LEN, max_images_per_request * max_tokens_per_image(meta) + TEXT_ROOM)
+
+
+def vision_batch(meta: dict, max_batch_size: int, max_images_per_request: int) -> int:
+    """Vision-engine inputs of one engine call at most: images, or for a tiled model their tiles."""
+    tiles = int(meta["image_tiling"]["max_tiles"]) if meta.get("image_tiling") else 1
+    return max_batch_size * max_images_per_request * tiles
+
+
 def llm_build_command(export_dir: str, meta: dict, max_batch_size: int, max_input_len: int, max_output_len: int,
                       max_images_per_request: int) -> list[str]:
-    table = max_prompt_embedding_table_size(max_batch_size, max_images_per_request, meta["tokens_per_image"])
+    table = max_prompt_embedding_table_size(max_batch_size, max_images_per_request, max_tokens_per_image(meta))
     exe = shutil.which("trtllm-build")
     base = [exe] if exe else [sys.executable, "-m", "tensorrt_llm.commands.build"]
     return base + [
@@ -82,9 +100,11 @@ def _vision_with_trtexec(onnx_path: str, engine_path: str, image_size: int, max_
     subprocess.run(cmd, check=True)
 
 
-def build_engines(export_dir: str, meta: dict, max_batch_size: int = 1, max_input_len: int = 1024,
+def build_engines(export_dir: str, meta: dict, max_batch_size: int = 1, max_input_len: Optional[int] = None,
                   max_output_len: int = 256, max_images_per_request: int = 1) -> tuple[list[str], list[str]]:
-    """(built, skipped) descriptions."""
+    """(built, skipped) descriptions; `max_input_len` None: `default_max_input_len`."""
+    if max_input_len is None:
+        max_input_len = default_max_input_len(meta, max_images_per_request)
     built, skipped = [], []
     os.makedirs(os.path.join(export_dir, ENGINES_DIR), exist_ok=True)
     if shutil.which("trtllm-build") or _have("tensorrt_llm"):
@@ -93,21 +113,21 @@ def build_engines(export_dir: str, meta: dict, max_batch_size: int = 1, max_inpu
         subprocess.run(cmd, check=True)
         built.append(f"LLM engine: {os.path.join(export_dir, ENGINES_DIR, 'llm')}")
     else:
-        rows = max_prompt_embedding_table_size(max_batch_size, max_images_per_request, meta["tokens_per_image"])
+        rows = max_prompt_embedding_table_size(max_batch_size, max_images_per_request, max_tokens_per_image(meta))
         skipped.append("LLM engine: neither `trtllm-build` on PATH nor the tensorrt_llm package is available; "
                        f"build it later with: trtllm-build --checkpoint_dir "
                        f"{os.path.join(export_dir, meta['llm_checkpoint'])} --max_prompt_embedding_table_size {rows}")
     onnx_path = os.path.join(export_dir, meta["vision_onnx"])
     engine_path = os.path.join(export_dir, ENGINES_DIR, "vision.engine")
-    max_images = max_batch_size * max_images_per_request
+    max_inputs = vision_batch(meta, max_batch_size, max_images_per_request)
     if _have("tensorrt"):
-        _vision_with_tensorrt(onnx_path, engine_path, meta["image_size"], max_images, meta["dtype"])
+        _vision_with_tensorrt(onnx_path, engine_path, meta["image_size"], max_inputs, meta["dtype"])
         built.append(f"vision engine: {engine_path}")
     elif shutil.which("trtexec"):
-        _vision_with_trtexec(onnx_path, engine_path, meta["image_size"], max_images, meta["dtype"],
+        _vision_with_trtexec(onnx_path, engine_path, meta["image_size"], max_inputs, meta["dtype"],
                              meta["vision_input"])
         built.append(f"vision engine: {engine_path}")
     else:
         skipped.append("vision engine: neither the tensorrt package nor `trtexec` is available; build it later "
-                       f"from {onnx_path} (input `{meta['vision_input']}`, dynamic batch 1..{max_images})")
+                       f"from {onnx_path} (input `{meta['vision_input']}`, dynamic batch 1..{max_inputs})")
     return built, skipped

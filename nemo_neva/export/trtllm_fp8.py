@@ -79,7 +79,8 @@ def _linear_inputs(module) -> dict[str, torch.nn.Module]:
 
 @torch.no_grad()
 def calibrate_activation_amax(model, batches: Iterable[dict]) -> dict[str, torch.Tensor]:
-    """amax(|input|) of every quantized linear over `batches` (dicts with tokens, position_ids, images)."""
+    """amax(|input|) of every quantized linear over `batches` (dicts with tokens, position_ids, images; a tiled
+    model's also image_sizes)."""
     amax: dict[str, torch.Tensor] = {}
     hooks = []
 
@@ -97,7 +98,7 @@ def calibrate_activation_amax(model, batches: Iterable[dict]) -> dict[str, torch
     try:
         for batch in batches:
             model.model(batch["tokens"], batch["position_ids"], images=batch.get("images"),
-                        num_images=batch.get("num_images"))
+                        num_images=batch.get("num_images"), image_sizes=batch.get("image_sizes"))
             n += 1
     finally:
         for h in hooks:

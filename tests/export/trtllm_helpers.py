@@ -6,10 +6,13 @@ from tests.model.helpers import llama_overrides, tiny_model_cfg
 KINDS = {"gpt": {}, "llama": llama_overrides()}  # llama: RoPE, RMSNorm, SwiGLU, no bias, 4 heads / 2 KV heads
 
 
-def tiny_neva(kind: str, seed: int = 0):
+TILED = {"mm_cfg.image_tiling.enabled": True, "encoder_seq_length": 512}  # anyres, room for several tiled images
+
+
+def tiny_neva(kind: str, seed: int = 0, **overrides):
     from nemo_neva import MegatronNevaModel
 
-    model = MegatronNevaModel(tiny_model_cfg(**KINDS[kind])).eval()
+    model = MegatronNevaModel(tiny_model_cfg(**KINDS[kind], **overrides)).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # norm gains, biases included: a swapped or dropped tensor must show in the logits
         for p in model.parameters():
@@ -34,3 +37,29 @@ def model_logits(model, ids, pixels):
     with torch.no_grad():
         out = model.model(ids, pos, images=pixels, runtime_gather_output=True)
     return out[..., :len(model.tokenizer)]
+
+
+def random_image(h, w, seed):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy())
+
+
+class OnnxVision:
+    """The exported vision/vision_encoder.onnx on onnxruntime (an engine we did not write), as a callable:
+    pixel values [n, 3, t, t] -> features [n, tokens, hidden]."""
+
+    def __init__(self, export_dir, meta):
+        import os
+
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(os.path.join(export_dir, meta["vision_onnx"]),
+                                            providers=["CPUExecutionProvider"])
+        self.input, self.calls = meta["vision_input"], []
+
+    def __call__(self, pixels):
+        self.calls.append(tuple(pixels.shape))
+        (out,) = self.session.run(None, {self.input: pixels.float().numpy()})
+        return torch.from_numpy(out)

@@ -112,3 +112,37 @@ def forward(cfg, ranks, input_ids, prompt_table=None):
     x = _norm(cfg, ranks[0], "transformer.ln_f", x)
     logits = torch.cat([F.linear(x, t["lm_head.weight"].float()) for t in ranks], -1)
     return logits[..., : cfg["vocab_size"]]
+
+
+class ReferenceRunner:
+    """Stands in for tensorrt_llm.runtime.ModelRunner (the Python session TrtllmBackend drives) on CPU: greedy
+    decoding of the checkpoint files with `forward` above (no KV cache: every step recomputes the sequence);
+    fake ids address the batch's one prompt table. Records each call's new tokens and the smallest gap between
+    the best and second-best logit seen (how far greedy is from a tie)."""
+
+    def __init__(self, folder, max_batch_size=2, max_input_len=400, max_seq_len=512):
+        self.config, self.ranks = load_checkpoint(folder)
+        self.max_batch_size, self.max_input_len, self.max_seq_len = max_batch_size, max_input_len, max_seq_len
+        self.calls, self.min_gap = [], float("inf")
+
+    def generate(self, batch_input_ids, max_new_tokens, end_id, pad_id, prompt_table=None, top_k=1, **kw):
+        if top_k != 1:
+            raise NotImplementedError("the reference runner decodes greedily only")
+        table = None if prompt_table is None else prompt_table[0]
+        outs, new = [], []
+        for ids in batch_input_ids:
+            seq = ids.long().tolist()
+            for _ in range(max_new_tokens):
+                logits = forward(self.config, self.ranks, torch.tensor([seq]), table)[0, -1]
+                top2 = logits.topk(2).values
+                self.min_gap = min(self.min_gap, float(top2[0] - top2[1]))
+                seq.append(int(logits.argmax()))
+                if seq[-1] == end_id:
+                    break
+            outs.append(seq)
+            new.append(seq[ids.numel():])
+        self.calls.append({"rows": len(batch_input_ids), "new_tokens": new,
+                           "table_rows": 0 if table is None else table.shape[0]})
+        width = max(len(o) for o in outs)
+        output_ids = torch.tensor([[o + [pad_id] * (width - len(o))] for o in outs])
+        return {"output_ids": output_ids, "sequence_lengths": torch.tensor([[len(o)] for o in outs])}
