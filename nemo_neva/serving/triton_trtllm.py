@@ -5,6 +5,9 @@ It reads only the export folder of `scripts/export_to_trtllm.py --build` (nemo_n
 vision/ image processor, engines/llm, engines/vision.engine): no .nemo, no PyTorch model. The request contract
 (inputs, checks, batching) is `NevaTritonModel`'s, as with the PyTorch backend. Where TensorRT-LLM or TensorRT
 is not installed it is refused at start-up with a clear message. See docs/TRTLLM.md for the prompt table.
+Pixels are made as the .nemo model makes them (the export's processor and image_aspect_ratio). A tiled export
+(anyres) sizes each prompt by its images' sizes (`Tiling.tokens`), runs every image's own tiles through the vision
+engine and packs them with vision/image_newline.safetensors (`trtllm_prompt.tiled_prompt_table`).
 
 Not runnable on the CPU machines of this project; `scripts/trtllm_gpu_check.sh` drives it on a GPU.
 """
@@ -78,9 +81,17 @@ class VisionEngine:
 class TrtllmBackend:
     name = "tensorrt-llm"
 
-    def __init__(self, export_dir: str, meta: dict, tokenizer, processor, vision: VisionEngine, runner):
+    def __init__(self, export_dir: str, meta: dict, tokenizer, processor, vision: VisionEngine, runner,
+                 image_newline: Optional[torch.Tensor] = None):
+        from nemo_neva.data.image_io import check_aspect_ratio
+        from nemo_neva.export.trtllm_prompt import export_tiling
+
         self.export_dir, self.meta = export_dir, meta
         self.tokenizer, self.processor, self.vision, self.runner = tokenizer, processor, vision, runner
+        self.aspect_ratio = check_aspect_ratio(meta.get("image_aspect_ratio"))
+        self.tiling, self.image_newline = export_tiling(meta), image_newline
+        if self.tiling is not None and image_newline is None:
+            raise ValueError(f"{export_dir}: a tiled export (image_tiling in {META_FILE}) needs its image_newline")
         self.template = meta["conv_template"]
         self.stop_ids = [int(i) for i in meta["stop_token_ids"]] or [int(tokenizer.eos_token_id)]
         self.stop_strings = list(meta.get("stop_strings") or [])
@@ -88,9 +99,10 @@ class TrtllmBackend:
         self.max_batch_size = int(getattr(runner, "max_batch_size", 1) or 1)
         self.max_input_len = getattr(runner, "max_input_len", None)
         self.context = int(getattr(runner, "max_seq_len", None) or getattr(runner, "max_sequence_length"))
-        # what nemo_neva.inference.generate.encode_prompt reads from a model
+        # what nemo_neva.inference.generate.encode_prompt reads from a model (a tiled one: tiling, image_token_count)
         self._encoder = types.SimpleNamespace(tokenizer=tokenizer, image_token_id=int(meta["image_token_id"]),
-                                              tokens_per_image=int(meta["tokens_per_image"]))
+                                              tokens_per_image=meta["tokens_per_image"], tiling=self.tiling,
+                                              image_token_count=self._image_token_count)
 
     @classmethod
     def from_export_dir(cls, export_dir: str) -> "TrtllmBackend":
@@ -104,13 +116,31 @@ class TrtllmBackend:
         with open(meta_path) as f:
             meta = json.load(f)
         from tensorrt_llm.runtime import ModelRunner
-        from transformers import AutoImageProcessor, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(os.path.join(export_dir, meta.get("tokenizer", "tokenizer")))
-        processor = AutoImageProcessor.from_pretrained(os.path.join(export_dir, meta["image_processor"]))
         vision = VisionEngine(os.path.join(engines, "vision.engine"), meta["vision_input"], meta["vision_output"])
         runner = ModelRunner.from_dir(os.path.join(engines, "llm"))
-        return cls(export_dir, meta, tokenizer, processor, vision, runner)
+        return cls.from_files(export_dir, vision, runner)
+
+    @classmethod
+    def from_files(cls, export_dir: str, vision, runner) -> "TrtllmBackend":
+        """The export folder's meta, tokenizer, image processor (and a tiled export's image_newline) around the
+        given engines: `vision` (pixel values -> features) and `runner` (ModelRunner's `generate`)."""
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        from nemo_neva.export.trtllm_prompt import load_image_newline
+
+        with open(os.path.join(export_dir, META_FILE)) as f:
+            meta = json.load(f)
+        tokenizer = AutoTokenizer.from_pretrained(os.path.join(export_dir, meta.get("tokenizer", "tokenizer")))
+        processor = AutoImageProcessor.from_pretrained(os.path.join(export_dir, meta["image_processor"]))
+        newline = load_image_newline(export_dir, meta) if meta.get("image_tiling") else None
+        return cls(export_dir, meta, tokenizer, processor, vision, runner, newline)
+
+    def _image_token_count(self, image) -> int:
+        """A tiled export's placeholder count of one PIL image: `Tiling.tokens` of its (height, width)."""
+        from nemo_neva.modules.tiling import image_size_of
+
+        return self.tiling.tokens(*image_size_of(image))
 
     # ------------------------------------------------------------------------------------------ contract
     def _ids(self, prompt: str, images) -> torch.Tensor:
@@ -135,16 +165,28 @@ class TrtllmBackend:
             out += self._generate(images[start:end], prompts[start:end], s)
         return out
 
+    def _prompt_table(self, images: list) -> torch.Tensor:
+        """PIL images (the batch's, row by row, each row's in tag order) -> their prompt-table rows, in order."""
+        from nemo_neva.data.image_io import preprocess
+        from nemo_neva.export.trtllm_prompt import image_tiles, prompt_table, tiled_prompt_table
+        from nemo_neva.modules.tiling import image_size_of
+
+        pixels = preprocess(images, self.processor, self.aspect_ratio, self.tiling)
+        if self.tiling is None:
+            return prompt_table(self.vision(pixels))  # features [n_images, tokens_per_image, hidden]
+        sizes = [image_size_of(im) for im in images]
+        feats = self.vision(image_tiles(pixels, sizes, self.tiling))  # every image's own tiles, in order
+        return tiled_prompt_table(feats, sizes, self.tiling, self.image_newline)
+
     def _generate(self, images: list, prompts: list[str], s) -> list[str]:
-        from nemo_neva.export.trtllm_prompt import fake_prompt_ids, prompt_table
+        from nemo_neva.export.trtllm_prompt import fake_prompt_ids
 
         images = [list(im) if im else [] for im in images]
-        rows = [self._ids(p, len(im)) for p, im in zip(prompts, images)]
+        rows = [self._ids(p, im) for p, im in zip(prompts, images)]
         table, tasks = None, None
         flat = [im for row_images in images for im in row_images]  # row by row, each row's in tag order
         if flat:
-            pixels = self.processor(images=flat, return_tensors="pt")["pixel_values"]
-            feats = self.vision(pixels)  # [n_images, tokens_per_image, hidden], in that order
+            table = self._prompt_table(flat)
             # The Python session takes one table for the whole batch: row b's fake ids continue after the
             # image positions of the rows before it (nemo_neva.export.trtllm_prompt).
             offset = 0
@@ -153,7 +195,7 @@ class TrtllmBackend:
                 n_img = int((rows[b] == self._encoder.image_token_id).sum())
                 rows[b] = torch.where(fake >= self.vocab_size, fake + offset, fake)
                 offset += n_img
-            table = prompt_table(feats).unsqueeze(0)
+            table = table.unsqueeze(0)
             tasks = ",".join("0" for _ in rows)
         greedy = s.temperature == 0.0
         seed = s.seed if s.seed is not None else int(torch.randint(0, 2 ** 62, (1,)))

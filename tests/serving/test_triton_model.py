@@ -237,7 +237,8 @@ def test_tensorrt_llm_backend_feeds_each_row_its_image_through_the_prompt_table(
     vocab = export_vocab_size(model)
     ids, strings = serving_stops(model, TEMPLATE)
     meta = {"conv_template": TEMPLATE, "stop_token_ids": sorted(ids), "stop_strings": strings, "vocab_size": vocab,
-            "image_token_id": model.image_token_id, "tokens_per_image": model.tokens_per_image}
+            "image_token_id": model.image_token_id, "tokens_per_image": model.tokens_per_image,
+            "image_aspect_ratio": model.image_aspect_ratio}
     questions = [("What is it?", pixels(1)), ("Say something.", None), ("Describe the image.", pixels(2))]
     cases = []
     for q, img in questions:

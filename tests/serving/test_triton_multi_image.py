@@ -140,15 +140,16 @@ def test_tensorrt_llm_backend_addresses_every_image_of_a_row_in_the_prompt_table
     vocab = export_vocab_size(model)
     ids, strings = serving_stops(model, TEMPLATE)
     meta = {"conv_template": TEMPLATE, "stop_token_ids": sorted(ids), "stop_strings": strings, "vocab_size": vocab,
-            "image_token_id": model.image_token_id, "tokens_per_image": model.tokens_per_image}
-    rows = [("Which has more shapes?", [pixels(1), pixels(2)]), ("What is it?", [pixels(3)])]
+            "image_token_id": model.image_token_id, "tokens_per_image": model.tokens_per_image,
+            "image_aspect_ratio": model.image_aspect_ratio}
+    # a non-square image too: pixels are the model's preprocessing (image_aspect_ratio), not the bare processor's
+    rows = [("Which has more shapes?", [pixels(1), pixels(2)]), ("What is it?", [pixels(3, 24, 40)])]
     cases = []
     for q, arrays in rows:
         pils = [Image.fromarray(a) for a in arrays]
         prompt = build_prompt(TEMPLATE, "\n".join([IMAGE_TOKEN] * len(pils) + [q]), True)
         with torch.no_grad():
-            feats = model.model.encode_images(model.image_processor(images=pils, return_tensors="pt")
-                                              ["pixel_values"]).flatten(0, 1)  # [images * tokens, hidden]
+            feats = model.model.encode_images(model.preprocess_images(pils)).flatten(0, 1)  # [images * tokens, hidden]
         tokens = generate_tokens(model, [pils], [prompt], max_new_tokens=6, stop_token_ids=sorted(ids),
                                  stop_strings=strings)[0]
         cases.append(dict(ids=encode_prompt(model, prompt, len(pils)), feats=feats, tokens=tokens))
