@@ -5,13 +5,18 @@
 #   NEMO=... DTYPE=float16 IMAGE=my.png QUESTION="What colour is the shape?" PYTHON=.venv/bin/python scripts/trtllm_gpu_check.sh
 #
 # 1. scripts/export_to_trtllm.py --build: TensorRT-LLM checkpoint + vision ONNX, then the LLM engine (prompt table
-#    sized for the image tokens) and the vision engine. Fails if either build was skipped.
+#    sized for MAX_IMAGES images of the most image tokens) and the vision engine. Fails if either build was skipped.
 # 2. python -m nemo_neva.export.trtllm_check: vision-engine features vs the .nemo's encode_images, first-step
 #    logits and greedy text of the LLM engine (image features fed through the prompt table) vs the .nemo model.
+#    A tiled (anyres, model.mm_cfg.image_tiling) .nemo is checked on two images of different sizes (IMAGE and
+#    its top half): every tile through the vision engine, the table packed with the exported image_newline.
 # 3. Through Triton: examples/neva_triton.py trt_engine_dir=OUT on free loopback ports; scripts/query_triton.py
-#    over HTTP and gRPC, and MAX_BATCH concurrent copies of the request (one dynamic batch, one prompt table for
-#    the batch), must all print the engine's greedy text of step 2; a refused request must leave the server up;
-#    SIGTERM must stop it with no tritonserver left. SKIP_TRITON=1 skips this step.
+#    with step 2's images over HTTP and gRPC, and MAX_BATCH concurrent copies of the request (one dynamic batch,
+#    one prompt table for the batch), must all print the engine's greedy text of step 2; a refused request must
+#    leave the server up; SIGTERM must stop it with no tritonserver left. SKIP_TRITON=1 skips this step.
+# Not run in this repository (no GPU / TensorRT-LLM on its machines): the tiled path is covered there by CPU tests
+# of the same code with onnxruntime and a reference forward (tests/export/test_trtllm_tiling.py,
+# tests/serving/test_triton_trtllm_tiling.py).
 # Default NEMO: the model `make demo` writes (nemo_experiments/neva_finetune/neva_finetune.nemo).
 set -euo pipefail
 
@@ -20,6 +25,7 @@ PY=${PYTHON:-python}
 NEMO=${NEMO:-nemo_experiments/neva_finetune/neva_finetune.nemo}
 DTYPE=${DTYPE:-bfloat16}
 MAX_BATCH=${MAX_BATCH:-2}
+MAX_IMAGES=${MAX_IMAGES:-2}  # per request: a tiled model's check sends two
 IMAGE=${IMAGE:-data/shapes_demo/images/eval_00000.png}
 QUESTION=${QUESTION:-What is in the image?}
 MAX_NEW=16   # nemo_neva.export.trtllm_check's --max-new-tokens default
@@ -34,12 +40,13 @@ die() { echo "trtllm_gpu_check.sh: FAIL: $*" >&2; exit 1; }
 
 echo "== export + build into $OUT"
 "$PY" scripts/export_to_trtllm.py --nemo-path "$NEMO" --output-dir "$OUT" --dtype "$DTYPE" --build \
-    --max-batch-size "$MAX_BATCH" | tee "$OUT/export.log" || die "export/build failed (see above)"
+    --max-batch-size "$MAX_BATCH" --max-images-per-request "$MAX_IMAGES" | tee "$OUT/export.log" \
+    || die "export/build failed (see above)"
 if grep -q '^skipped' "$OUT/export.log"; then die "an engine build was skipped (see $OUT/export.log)"; fi
 
 echo "== engines vs .nemo"
 "$PY" -m nemo_neva.export.trtllm_check --nemo-path "$NEMO" --export-dir "$OUT" --image "$IMAGE" \
-    --question "$QUESTION" --max-new-tokens "$MAX_NEW" | tee "$OUT/check.log" \
+    --question "$QUESTION" --max-new-tokens "$MAX_NEW" --images-out "$OUT/check_images" | tee "$OUT/check.log" \
     || die "engine outputs differ from the .nemo (see above)"
 
 if [ -n "${SKIP_TRITON:-}" ]; then
@@ -73,7 +80,10 @@ for _ in $(seq 600); do
 done
 grep -q '^serving model' "$OUT/triton.log" || die "the Triton server did not start in 10 minutes ($OUT/triton.log)"
 
-QUERY=("$PY" scripts/query_triton.py --image "$IMAGE" --prompt "$QUESTION" --max-output-len "$MAX_NEW")
+IMAGE_ARGS=()  # step 2's images, in its order: the Triton answer must be that request's
+for f in "$OUT"/check_images/image_*.png; do IMAGE_ARGS+=(--image "$f"); done
+[ "${#IMAGE_ARGS[@]}" -gt 0 ] || die "trtllm_check wrote no images to $OUT/check_images"
+QUERY=("$PY" scripts/query_triton.py "${IMAGE_ARGS[@]}" --prompt "$QUESTION" --max-output-len "$MAX_NEW")
 GOT=$("${QUERY[@]}" --url "127.0.0.1:$HTTP_PORT") || die "HTTP query failed"
 [ "$GOT" = "$EXPECTED" ] || die "Triton over HTTP answered '$GOT', the engine '$EXPECTED'"
 GOT=$("${QUERY[@]}" --protocol grpc --url "127.0.0.1:$GRPC_PORT") || die "gRPC query failed"

@@ -134,3 +134,32 @@ def test_fp8_calibration_runs_tiled_samples_with_their_image_sizes(exported):
     amax = fp8.calibrate_activation_amax(model, batches)
     want = {f"transformer.layers.{i}.{n}" for i in range(model.cfg.num_layers) for n in fp8.QUANTIZED}
     assert set(amax) == want and all(float(v) > 0 for v in amax.values())
+
+
+@pytest.mark.parametrize("tiled", [True, False])
+def test_the_gpu_check_inputs_on_cpu(exported, tiled, tmp_path):
+    """scripts/trtllm_gpu_check.sh's steps 1-2 (`trtllm_check.engine_inputs`) with onnxruntime for the vision engine,
+    and the reference forward of the rank files for the LLM engine: what it compares must agree here. A tiled
+    export is checked on two images of different sizes."""
+    from PIL import Image
+
+    from nemo_neva.export.trtllm_check import engine_inputs
+    from tests.export import trtllm_reference as ref
+    from tests.model.helpers import ROOT
+
+    model, out, meta = exported
+    if not tiled:
+        model = tiny_neva("llama", seed=7)
+        out = str(tmp_path / "plain")
+        meta = export_neva_to_trtllm(model, out, dtype="float32")
+    image = Image.open(os.path.join(ROOT, "data", "shapes_demo", "images", "eval_00000.png")).convert("RGB")
+    got = engine_inputs(model, out, meta, image, "What is in the image?", OnnxVision(out, meta))
+    assert len(got["images"]) == (2 if tiled else 1) and got["vis_err"] < 1e-5  # as TOL above
+    if tiled:
+        assert got["images"][0].size != got["images"][1].size
+        assert got["vision_inputs"] == sum(model.tiling.tiles(im.height, im.width) for im in got["images"])
+    cfg, ranks = ref.load_checkpoint(os.path.join(out, "llm"))
+    logits = ref.forward(cfg, ranks, got["fake"].unsqueeze(0), got["table"])[0, -1]
+    # The rank files alone match the model within 2e-5 (test_trtllm_script.py); the ONNX features' ~1e-6
+    # through the LM adds little: 5e-5. A table row out of place moves these O(1) logits by > 1e-2.
+    torch.testing.assert_close(logits, got["ref_logits"], atol=5e-5, rtol=0)
