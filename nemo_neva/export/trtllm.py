@@ -138,6 +138,9 @@ def export_neva_to_trtllm(model, output_dir: str, tp_size: int = 1, dtype: str =
     if dtype not in DTYPES:
         raise UnsupportedCheckpoint(f"dtype {dtype!r}; supported: {sorted(DTYPES)}")
     trtllm_config(model.cfg, export_vocab_size(model), dtype, tp_size)  # refuse before any work
+    if getattr(model, "frame_pool", None) is not None:
+        log.warning("model.mm_cfg.video.pool: the TensorRT-LLM export takes images only (its vision engine does not "
+                    "pool); video frames sent to it as images would cost and get an image's unpooled tokens")
     act_amax = None
     if fp8_calib is not None:
         data_path, image_folder = fp8_calib

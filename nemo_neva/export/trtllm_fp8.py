@@ -98,7 +98,8 @@ def calibrate_activation_amax(model, batches: Iterable[dict]) -> dict[str, torch
     try:
         for batch in batches:
             model.model(batch["tokens"], batch["position_ids"], images=batch.get("images"),
-                        num_images=batch.get("num_images"), image_sizes=batch.get("image_sizes"))
+                        num_images=batch.get("num_images"), image_sizes=batch.get("image_sizes"),
+                        video_frames=batch.get("video_frames"))
             n += 1
     finally:
         for h in hooks:
