@@ -13,6 +13,7 @@ import copy
 import logging
 import re
 from collections import Counter
+from contextlib import contextmanager
 from typing import Mapping, Sequence, Union
 
 import torch
@@ -22,6 +23,7 @@ from nemo_neva.data.constants import IGNORE_INDEX, IMAGE_TOKEN, VIDEO_TOKEN
 from nemo_neva.data.conversation import ConversationError, render
 from nemo_neva.data.image_io import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, ImageSource,
                                      preprocess)
+from nemo_neva.data.media_members import MemberImages, MemberVideos
 from nemo_neva.data.records import iter_records
 from nemo_neva.data.tokenizer import encode_segments
 from nemo_neva.data.video_io import VideoError, VideoSettings
@@ -53,7 +55,6 @@ class NevaDataset(Dataset):
     """
 
     tiling = None  # a `nemo_neva.modules.tiling.Tiling` (model.mm_cfg.image_tiling): placeholders by image size
-    accepts_video = True  # streamed encoders (tar shards, Energon) refuse "video" records: video_unsupported
 
     def __init__(self, data_path: Union[str, Sequence[str]], image_folder: str | None, tokenizer,
                  image_processor, template: str = "plain", image_aspect_ratio: str = "square",
@@ -186,9 +187,6 @@ class NevaDataset(Dataset):
         if videos and self.tiling is not None:
             raise SampleError("video_unsupported", "video samples with model.mm_cfg.image_tiling are not supported "
                                                    "(frames are not tiled)")
-        if videos and not self.accepts_video:
-            raise SampleError("video_unsupported", "tar shards and Energon samples do not carry videos; use a "
-                                                   "JSON/JSONL data_path with model.data.video_folder")
         turns = copy.deepcopy(rec["conversations"])
         texts = [t for t in turns if isinstance(t, dict) and isinstance(t.get("value"), str)]
         for k, t in enumerate(turns):
@@ -275,15 +273,20 @@ class NevaDataset(Dataset):
 
     def __getitem__(self, idx: int):
         rec = self.records[idx]
+        return self.record_item(rec, rec["id"])
+
+    def record_item(self, rec, sid: str):
+        """The item of one record (every data path's: JSON here, tar shards and Energon through
+        StreamedRecordEncoder), or None with the skip counted."""
         try:
             ids, labels, images, _ = self.encode(rec)
             loaded = [(isinstance(item, VideoRef), self._load(item)) for item in images]
             pil = [frame for _, frames in loaded for frame in frames]
             pixels = self.pixels(pil)
         except _ERRORS as e:
-            self._skip(rec["id"], e)
+            self._skip(sid, e)
             return None
-        item = make_item(ids, labels, pixels, rec["id"])
+        item = make_item(ids, labels, pixels, sid)
         if any(is_video for is_video, _ in loaded):  # which images are video frames (the model may pool them)
             item["video_frames"] = torch.tensor([v for v, frames in loaded for _ in frames], dtype=torch.bool)
         if pil and self.tiling is not None:  # tiled images' original (height, width): the collator's `image_sizes`
@@ -323,19 +326,47 @@ def make_item(ids, labels, pixels, sid) -> dict:
 
 
 class StreamedRecordEncoder(NevaDataset):
-    """NevaDataset's per-record encoding and skip bookkeeping (templates, tokenizer, placeholders, image limits)
-    without an annotation file: for records that stream in (tar shards, Energon samples). Subclasses add the
-    `item` that turns one streamed sample into a dataset item."""
-
-    accepts_video = False
+    """NevaDataset's per-record encoding, item building and skip bookkeeping (templates, tokenizer, placeholders,
+    image and video limits, tiling) without an annotation file: for records that stream in with their media
+    (tar shards, Energon samples). Subclasses add the `item` that turns one streamed sample into a dataset item
+    through `streamed_item`."""
 
     def __init__(self, tokenizer, image_processor, template, image_aspect_ratio, seq_length, num_image_tokens,
                  strict, steerlm_defaults=None, system_prompt=None, max_image_bytes=DEFAULT_MAX_BYTES,
-                 max_image_pixels=DEFAULT_MAX_PIXELS, max_images_per_sample=DEFAULT_MAX_IMAGES):
+                 max_image_pixels=DEFAULT_MAX_PIXELS, max_images_per_sample=DEFAULT_MAX_IMAGES, tiling=None,
+                 video_settings: VideoSettings = VideoSettings(), video_limits: VideoLimits = VideoLimits(),
+                 num_frame_tokens: int | None = None, max_image_tokens: int | None = None):
         self._init_encoding(tokenizer, image_processor, template, image_aspect_ratio, seq_length,
-                            num_image_tokens, strict, steerlm_defaults, system_prompt, max_images_per_sample)
+                            num_image_tokens, strict, steerlm_defaults, system_prompt, max_images_per_sample,
+                            video_settings, num_frame_tokens, max_image_tokens)
+        self.tiling = tiling  # image_processor is then the model's `pixel_processor`, as for NevaDataset
         self.max_image_bytes, self.max_image_pixels = max_image_bytes, max_image_pixels
-        self.images = None
+        self.video_limits = video_limits
+        self.images = self.videos = None  # set to one sample's own media while it is encoded
         self.truncated = 0
         self._logged: set = set()
         self.records, self.lengths, self.total = [], [], 0
+
+    @contextmanager
+    def sample_media(self, rec, images: Sequence = (), videos: Sequence = ()):
+        """Within: the record's image and video names (record order) read `images` / `videos` (in that order:
+        bytes, or PIL images / tensors from Energon's decoders) within the configured limits. A record whose
+        names are not path lists raises its SampleError (bad_record) on entering."""
+        named = rec if isinstance(rec, dict) else {}  # not a record: encode says bad_record
+        try:
+            self.images = MemberImages(record_paths(named, "image"), images, self.max_image_bytes,
+                                       self.max_image_pixels)
+            self.videos = MemberVideos(record_paths(named, "video"), videos, self.video_settings,
+                                       self.video_limits)
+            yield
+        finally:
+            self.images = self.videos = None
+
+    def streamed_item(self, rec, sid: str, images: Sequence = (), videos: Sequence = ()):
+        """`record_item` of a streamed record with its own media, or None (counted in skip_counts)."""
+        try:
+            with self.sample_media(rec, images, videos):
+                return self.record_item(rec, sid)
+        except _ERRORS as e:  # from sample_media: record_item counts its own
+            self._skip(sid, e)
+            return None

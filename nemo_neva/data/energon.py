@@ -15,12 +15,14 @@ NevaCollator / PackedCollator build the batch.
   VQASample (stage 2)         -> context str + answers list: one turn with the best answer;
                                  context list + answers list: a multi-turn conversation (NeMo 2's convention)
   any sample with a `conversations` list (a LLaVA record) -> used as is
+  LlavaSample (energon_sample.py)  -> its LLaVA record with its images' and videos' bytes (video datasets)
   `image` a list (several images)  -> one per `<image>` tag of the user turns, in order (NevaDataset's rules)
 
-Images are handed to us undecoded (`NevaSampleDecoder` decodes text and JSON only), so the pixel limit is
-checked before a decoder allocates anything. A bad sample is counted under its reason (as elsewhere:
-`batch["skips"]`, summed over ranks by skip_tally.py) and skipped: Energon fills the batch with the next
-sample, so every row is real. `model.data.strict=true` makes it an error instead.
+Images and videos are handed to us undecoded (`NevaSampleDecoder` decodes text and JSON only), so the pixel and
+frame limits (`model.data.video.*` for videos) are checked before a decoder allocates anything. With
+`model.mm_cfg.image_tiling`, an image's placeholder count comes from its header (`Tiling.tokens`). A bad
+sample is counted under its reason (as elsewhere: `batch["skips"]`, summed over ranks by skip_tally.py) and
+skipped: Energon fills the batch with the next sample, so every row is real. `model.data.strict=true` makes it an error instead.
 
 Ranks: one Energon loader per data-parallel rank (WorkerConfig rank / world size / group = the DP group);
 tensor- and pipeline-parallel ranks of one DP rank build the same loader and so read the same batches.
@@ -237,12 +239,20 @@ class EnergonSource:
 
 
 def build_source(data_cfg, path: str, *, tokenizer, image_processor, seq_length: int, num_image_tokens: int,
-                 seed: int, dp_rank: int, dp_size: int, dp_group=None, split_part: str = "train") -> EnergonSource:
-    """EnergonSource from the model's `data` config (the keys the other data paths read, same meaning)."""
+                 seed: int, dp_rank: int, dp_size: int, dp_group=None, split_part: str = "train",
+                 tiling=None, num_frame_tokens=None) -> EnergonSource:
+    """EnergonSource from the model's `data` config (the keys the other data paths read, same meaning;
+    `video.*` for video samples). With `tiling`, `image_processor` is the model's `pixel_processor`."""
+    from nemo_neva.data.video_samples import video_options_of
+
     strict = bool(data_cfg.get("strict", False))
+    video_settings, video_limits = video_options_of(data_cfg)
     encoder = _SampleEncoder(tokenizer, image_processor, data_cfg.get("conv_template", "plain"),
                              data_cfg.get("image_aspect_ratio", "square"), seq_length, num_image_tokens, strict,
-                             max_images_per_sample=data_cfg.get("max_images_per_sample", DEFAULT_MAX_IMAGES))
+                             max_images_per_sample=data_cfg.get("max_images_per_sample", DEFAULT_MAX_IMAGES),
+                             tiling=tiling, video_settings=video_settings, video_limits=video_limits,
+                             num_frame_tokens=num_frame_tokens,
+                             max_image_tokens=data_cfg.get("max_image_tokens_per_sample"))
     packed = seq_length if data_cfg.get("packed_sequence", False) else None
     return EnergonSource(path, encoder, tokenizer.pad_token_id, seed, dp_rank, dp_size, dp_group,
                          num_workers=data_cfg.get("num_workers", 0), shuffle_buffer=data_cfg.get("shuffle_buffer", 1000),

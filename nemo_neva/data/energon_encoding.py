@@ -1,20 +1,18 @@
 """Energon samples -> nemo_neva items: the task encoder of nemo_neva/data/energon.py (see its docstring).
 
 Hand-written because the mapping is ours: Energon's typed samples become LLaVA records, which NevaDataset's
-encoding (templates, tokeniser, placeholders, label masks) and image_io's limits turn into the rows every other
-nemo_neva data path produces. Images arrive undecoded (`make_decoder`), so the pixel limit is checked first.
+encoding (templates, tokeniser, placeholders, label masks) and item building (image_io's and video_io's limits,
+tiling) turn into the rows every other nemo_neva data path produces. Media arrive undecoded (`make_decoder`), so
+the pixel and frame limits are checked first.
 """
 from __future__ import annotations
 
 import json
 from typing import Mapping, Optional
 
-import torch
-
 from nemo_neva.data.collate import NevaCollator
 from nemo_neva.data.constants import IMAGE_TOKEN
-from nemo_neva.data.dataset import _ERRORS, SampleError, StreamedRecordEncoder, make_item
-from nemo_neva.data.image_io import ImageError, _decode
+from nemo_neva.data.dataset import _ERRORS, SampleError, StreamedRecordEncoder
 from nemo_neva.data.packing import PackedCollator, first_fit_decreasing
 
 _TEXT_EXTS = ("txt", "text", "transcript")
@@ -92,24 +90,32 @@ def _best_answer(answers, weights) -> str:
     return _text(answers[0])
 
 
-def sample_to_record(sample) -> tuple[dict, list]:
-    """(LLaVA record, images) for an Energon sample. `image` may hold one image or a list of them (several
-    images, in `<image>` tag order: what scripts/convert_llava_to_energon.py writes for multi-image records).
-    The record's `image` holds names for messages only; the images themselves (bytes, PIL images or CHW
-    tensors) are returned beside it."""
+def _listed(value) -> list:
+    return [v for v in value if v is not None] if isinstance(value, (list, tuple)) else \
+        ([] if value is None else [value])
+
+
+def sample_to_record(sample) -> tuple[dict, list, list]:
+    """(LLaVA record, images, videos) for an Energon sample. `image` may hold one image or a list of them
+    (several images, in `<image>` tag order: what scripts/convert_llava_to_energon.py writes for multi-image
+    records); a `LlavaSample` (energon_sample.py) carries the record itself with its images' and videos' bytes.
+    The record's "image" / "video" hold the names its media are found by (messages name them); the media
+    themselves (bytes, PIL images or CHW tensors; videos: bytes) are returned beside it, in the names' order."""
     key = str(getattr(sample, "__key__", "") or "")
-    image = getattr(sample, "image", None)
+    record = getattr(sample, "record", None)
+    if isinstance(record, Mapping):  # LlavaSample: the record as the JSON path reads it
+        return dict(record, id=key or record.get("id", "")), _listed(sample.images), _listed(sample.videos)
+    image, video = getattr(sample, "image", None), getattr(sample, "video", None)
     conversations = getattr(sample, "conversations", None)
     if isinstance(sample, Mapping):  # a plain dict sample (e.g. from a cooker)
         conversations, image = sample.get("conversations"), sample.get("image", image)
-        key = str(sample.get("__key__", key))
-    images = [im for im in image if im is not None] if isinstance(image, (list, tuple)) else \
-        ([] if image is None else [image])
+        video, key = sample.get("video", video), str(sample.get("__key__", key))
+    images, videos = _listed(image), _listed(video)
     if conversations is not None:
         turns = conversations
     elif hasattr(sample, "caption"):  # CaptioningSample
         turns = [{"from": "human", "value": IMAGE_TOKEN}, {"from": "gpt", "value": _text(sample.caption)}]
-    elif hasattr(sample, "context"):  # VQASample
+    elif hasattr(sample, "context"):  # VQASample, VidQASample (its video undecoded: bytes)
         context, answers = sample.context, sample.answers
         if answers is None or (isinstance(answers, (list, tuple)) and not answers):
             raise SampleError("no_trainable_tokens", "VQA sample without an answer")
@@ -131,56 +137,29 @@ def sample_to_record(sample) -> tuple[dict, list]:
     system = getattr(sample, "system", None)
     if isinstance(system, str):
         rec["system"] = system
-    name = key or "image"
-    if len(images) == 1:
-        rec["image"] = name
-    elif images:
-        rec["image"] = [f"{name}[{i}]" for i in range(len(images))]
-    return rec, images
-
-
-def _to_pil(image, name: str, max_bytes: int, max_pixels: int):
-    from PIL import Image
-
-    if isinstance(image, (bytes, bytearray)):
-        if len(image) > max_bytes:
-            raise ImageError("too_large", f"{name!r}: {len(image)} bytes > {max_bytes}")
-        return _decode(bytes(image), name, max_pixels, header_only=False)
-    if isinstance(image, Image.Image):
-        if image.width * image.height > max_pixels:
-            raise ImageError("too_many_pixels", f"{name!r}: {image.width}x{image.height} > {max_pixels} pixels")
-        return image.convert("RGB")
-    if isinstance(image, torch.Tensor):  # Energon's default decoder: CHW float in [0, 1] (or uint8)
-        t = image.detach().cpu()
-        if t.ndim != 3 or t.shape[0] not in (1, 3, 4):
-            raise ImageError("decode_failed", f"{name!r}: image tensor of shape {tuple(t.shape)}")
-        if t.shape[1] * t.shape[2] > max_pixels:
-            raise ImageError("too_many_pixels", f"{name!r}: {t.shape[2]}x{t.shape[1]} > {max_pixels} pixels")
-        if t.is_floating_point():
-            t = (t.clamp(0, 1) * 255).round()
-        arr = t.to(torch.uint8).permute(1, 2, 0).numpy()
-        return Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr[:, :, :3]).convert("RGB")
-    raise ImageError("decode_failed", f"{name!r}: unsupported image value {type(image).__name__}")
+    name = key or "sample"
+    for field, media in (("image", images), ("video", videos)):
+        if len(media) == 1:
+            rec[field] = name
+        elif media:
+            rec[field] = [f"{name}[{i}]" for i in range(len(media))]
+    return rec, images, videos
 
 
 class _SampleEncoder(StreamedRecordEncoder):
-    """NevaDataset's encoding and skip bookkeeping (templates, tokeniser, placeholders, limits), without
+    """NevaDataset's encoding and skip bookkeeping (templates, tokeniser, placeholders, limits, tiling), without
     an annotation file: the records come from Energon samples."""
 
     def item(self, sample) -> Optional[dict]:
         """The nemo_neva item of one Energon sample, or None (counted in skip_counts)."""
         sid = str(getattr(sample, "__key__", "?"))
         try:
-            rec, images = sample_to_record(sample)
+            rec, images, videos = sample_to_record(sample)
             sid = rec["id"] or sid
-            ids, labels, names, truncated = self.encode(rec)
-            self.truncated += truncated
-            pixels = self.pixels([_to_pil(image, name, self.max_image_bytes, self.max_image_pixels)
-                                  for image, name in zip(images, names)])
         except _ERRORS as e:
             self._skip(sid, e)
             return None
-        return make_item(ids, labels, pixels, sid)
+        return self.streamed_item(rec, sid, images, videos)
 
 
 def make_task_encoder(encoder: _SampleEncoder, pad_id: int, packed_seq_length: Optional[int] = None):

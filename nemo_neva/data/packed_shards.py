@@ -2,8 +2,8 @@
 
 The epoch's global sample sequence of ShardedNevaDataset (same seed/epoch order) is cut into windows of
 `window` consecutive samples. For each window, every data-parallel rank reads the samples' JSON (not
-their images), tokenizes them, and packs the lengths with first-fit-decreasing -- the same bins on
-every rank, because the inputs are the same. Row r of the window goes to rank r % dp, and the window is
+their images; with tiling their image members too, for the placeholder counts), tokenizes them, and packs
+the lengths with first-fit-decreasing -- the same bins on every rank, because the inputs are the same. Row r of the window goes to rank r % dp, and the window is
 topped up with empty rows to a multiple of dp, so every rank gets the same number of rows per window
 and hence of batches per epoch (unequal counts would hang data-parallel collectives). A rank then reads
 and decodes the images of its own rows only. Windows go round-robin to DataLoader workers.
@@ -34,8 +34,9 @@ from typing import Iterator
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from nemo_neva.data.dataset import _ERRORS, SampleError
+from nemo_neva.data.dataset import _ERRORS
 from nemo_neva.data.packing import first_fit_decreasing
+from nemo_neva.data.shard_encoding import parse_record
 from nemo_neva.data.shards import ShardedNevaDataset, _iter_shard
 
 
@@ -100,13 +101,14 @@ class PackedShardDataset(IterableDataset):
         wanted: dict[int, set] = {}
         for s, fi in samples:
             wanted.setdefault(s, set()).add(fi)
-        texts = _read(ds.shards, wanted, only={"json"})
+        # the lengths need the text only; a tiled image's placeholder count also needs its header
+        texts = _read(ds.shards, wanted, only=None if enc.tiling is not None else {"json"})
         lengths, kept = [], []
         for (s, fi), pos in zip(samples, positions):
             fallback, rec = f"{os.path.basename(ds.shards[s][0])}:{fi}", None
             try:
-                rec = _parse(texts[(s, fi)], fallback)
-                ids = enc.encode(rec)[0]
+                rec = parse_record(texts[(s, fi)], fallback)
+                ids = enc.encode_fields(rec, texts[(s, fi)])[0]
             except _ERRORS as e:
                 if enc.strict or pos % ds.dp_size == ds.dp_rank:  # each bad sample counted by one rank
                     enc._skip(str(rec.get("id", fallback)) if isinstance(rec, dict) else fallback, e)
@@ -128,14 +130,6 @@ class PackedShardDataset(IterableDataset):
                 row.window_done = w
             yield row
 
-
-def _parse(fields, fallback):
-    import json
-
-    try:
-        return json.loads(fields["json"].decode("utf-8"))
-    except (KeyError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SampleError("malformed_json", f"{fallback}: {e}") from e
 
 
 class PackedShardLoader(DataLoader):

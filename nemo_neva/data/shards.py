@@ -1,10 +1,11 @@
-"""Sharded streaming data: LLaVA records + image bytes in webdataset-style tar shards.
+"""Sharded streaming data: LLaVA records + image and video bytes in webdataset-style tar shards.
 
 Layout (written by scripts/convert_llava_to_shards.py): `shard-000000.tar`, ... each holding, per
-sample, `<key>.json` (the LLaVA record, `id` filled in) and its image files' bytes (already validated):
-`<key>.<ext>` for a sample's only image, `<key>.<i>.<ext>` (i = 0, 1, ... in tag order) for several; members
-of one sample adjacent. `index.json` lists the shards with
-their sample counts, so the length of an epoch is known without reading the shards. The shards are
+sample, `<key>.json` (the LLaVA record, `id` filled in) and its image and video files' bytes (already
+validated): `<key>.<ext>` for a sample's only image, `<key>.<i>.<ext>` (i = 0, 1, ... in tag order) for
+several, videos likewise (`mp4`, `mkv`, `avi`; see shard_encoding.py); members of one sample adjacent.
+`index.json` lists the shards with their sample counts, so the length of an epoch is known without reading
+the shards. The shards are
 plain tar files in webdataset's naming convention, so `webdataset.WebDataset` can read them too.
 
 Reading uses `tarfile` rather than webdataset's pipeline because the order has to be exact, not just
@@ -33,6 +34,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from nemo_neva.data.dataset import DEFAULT_MAX_IMAGES
 from nemo_neva.data.image_io import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from nemo_neva.data.shard_encoding import ShardRecordEncoder
+from nemo_neva.data.video_io import VideoSettings
+from nemo_neva.data.video_samples import VideoLimits
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +187,7 @@ class ShardedNevaDataset(IterableDataset):
     `batch_size`: the DataLoader's batch size (ShardedLoader sets it); batches are dealt to workers
     round-robin. `drop_remainder`: cut each epoch to a multiple of dp_size * batch_size, so every rank
     runs the same number of full batches (training); otherwise every sample is served (evaluation).
-    A sample whose text or image fails NevaDataset's checks is served as None (the collators turn it
+    A sample whose text, image or video fails NevaDataset's checks is served as None (the collators turn it
     into an empty row), so every rank still gets the same number of rows.
 
     Position: `state_dict()` -> {"epoch", "consumed", "seed", "total"}, `consumed` counting samples of
@@ -201,7 +204,9 @@ class ShardedNevaDataset(IterableDataset):
                  max_image_pixels: int = DEFAULT_MAX_PIXELS, dp_rank: int = 0, dp_size: int = 1,
                  seed: int = 1234, shuffle: bool = True, shuffle_buffer: int = 1000,
                  drop_remainder: bool = False, batch_size: int = 1,
-                 max_images_per_sample: int = DEFAULT_MAX_IMAGES):
+                 max_images_per_sample: int = DEFAULT_MAX_IMAGES, tiling=None,
+                 video_settings: VideoSettings = VideoSettings(), video_limits: VideoLimits = VideoLimits(),
+                 num_frame_tokens: int | None = None, max_image_tokens: int | None = None):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
         self.shards = resolve_shards(shards)
@@ -209,8 +214,10 @@ class ShardedNevaDataset(IterableDataset):
         if self.total == 0:
             raise ValueError(f"no samples in shards {shards!r}")
         self.encoder = ShardRecordEncoder(tokenizer, image_processor, template, image_aspect_ratio, seq_length,
-                                      num_image_tokens, strict, steerlm_defaults, system_prompt,
-                                      max_image_bytes, max_image_pixels, max_images_per_sample)
+                                          num_image_tokens, strict, steerlm_defaults, system_prompt,
+                                          max_image_bytes, max_image_pixels, max_images_per_sample, tiling=tiling,
+                                          video_settings=video_settings, video_limits=video_limits,
+                                          num_frame_tokens=num_frame_tokens, max_image_tokens=max_image_tokens)
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         self.shuffle, self.shuffle_buffer, self.drop_remainder = shuffle, shuffle_buffer, drop_remainder
         self.batch_size = batch_size

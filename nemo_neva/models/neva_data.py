@@ -54,9 +54,9 @@ class NevaDataMixin:
         if isinstance(paths, str) and "{" in paths:  # a shard pattern: resolve its folder
             paths = os.path.join(resolve_path(os.path.dirname(paths)) or "", os.path.basename(paths))
         if is_shard_spec(paths):  # tar shards from scripts/convert_llava_to_shards.py: streamed
-            self._refuse_tiling("tar shards")
             return ShardedNevaDataset(
-                paths, self.tokenizer, self.image_processor,
+                paths, self.tokenizer, self.pixel_processor, tiling=self.tiling,
+                video_settings=video_settings, video_limits=video_limits,
                 template=data_cfg.get("conv_template", "plain"),
                 image_aspect_ratio=self.image_aspect_ratio,
                 seq_length=data_cfg.get("seq_length") or self.cfg.encoder_seq_length,
@@ -65,6 +65,8 @@ class NevaDataMixin:
                 dp_size=parallel_state.get_data_parallel_world_size(), seed=self.cfg.get("seed", 1234),
                 shuffle_buffer=data_cfg.get("shuffle_buffer", 1000),
                 max_images_per_sample=data_cfg.get("max_images_per_sample", DEFAULT_MAX_IMAGES),
+                num_frame_tokens=self.tokens_per_frame,
+                max_image_tokens=data_cfg.get("max_image_tokens_per_sample"),
             )
         return NevaDataset(
             data_path=paths,
@@ -83,16 +85,11 @@ class NevaDataMixin:
             video_settings=video_settings, video_limits=video_limits,
         )
 
-    def _refuse_tiling(self, what: str) -> None:
-        if self.tiling is not None:
-            raise ValueError(f"model.mm_cfg.image_tiling is supported with LLaVA JSON data (model.data.data_path "
-                             f"*.json + image_folder), not yet with {what}")
-
     def _energon_source(self, data_cfg, path, validation=False):
         from nemo_neva.data.energon import build_source
 
-        self._refuse_tiling("Energon datasets")
-        return build_source(data_cfg, path, tokenizer=self.tokenizer, image_processor=self.image_processor,
+        return build_source(data_cfg, path, tokenizer=self.tokenizer, image_processor=self.pixel_processor,
+                            tiling=self.tiling, num_frame_tokens=self.tokens_per_frame,
                             seq_length=data_cfg.get("seq_length") or self.cfg.encoder_seq_length,
                             num_image_tokens=self.tokens_per_image, seed=self.cfg.get("seed", 1234),
                             dp_rank=parallel_state.get_data_parallel_rank(),

@@ -83,12 +83,12 @@ def test_sample_to_record_maps_energon_sample_types():
     from megatron.energon import CaptioningSample, VQASample
 
     common = dict(__key__="k", __restore_key__=(), __subflavors__={}, __sources__=())
-    rec, img = sample_to_record(CaptioningSample(**common, image=b"png", caption="a red square"))
+    rec, img, _ = sample_to_record(CaptioningSample(**common, image=b"png", caption="a red square"))
     assert rec["conversations"] == conv("<image>", "a red square") and img == [b"png"] and rec["image"] == "k"
-    rec, _ = sample_to_record(VQASample(**common, image=b"x", context=["<image>\nq1", "q2"], answers=["a1", "a2"]))
+    rec, _, _ = sample_to_record(VQASample(**common, image=b"x", context=["<image>\nq1", "q2"], answers=["a1", "a2"]))
     assert rec["conversations"] == conv("<image>\nq1", "a1", "q2", "a2")
-    rec, _ = sample_to_record(VQASample(**common, image=None, context="what?", answers=["no", "yes"],
-                                        answer_weights=torch.tensor([0.2, 0.8])))
+    rec, _, _ = sample_to_record(VQASample(**common, image=None, context="what?", answers=["no", "yes"],
+                                           answer_weights=torch.tensor([0.2, 0.8])))
     assert rec["conversations"] == conv("what?", "yes") and "image" not in rec
 
 

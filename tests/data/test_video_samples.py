@@ -1,7 +1,7 @@
 """"video" training samples (data/dataset.py + data/video_samples.py): a `<video>` tag becomes num_frames
 placeholder runs, the item's images are exactly open_video's frames through the HF processor, mixed images and
-videos keep tag order, bad videos are counted `video_<reason>` skips (strict: an error), streamed encoders and
-the shard converter refuse video records. The videos are written here with PyAV (lossless)."""
+videos keep tag order, bad videos are counted `video_<reason>` skips (strict: an error). Tar shards and Energon:
+test_streamed_media.py. The videos are written here with PyAV (lossless)."""
 import logging
 import os
 
@@ -167,19 +167,6 @@ def test_video_too_long_for_the_sequence_is_skipped_unread(tmp_path, media, tok,
     assert full.lengths[0] < run_end  # the text-only sample fits where the frames do not
     ds = make([good, rec], tmp_path, media, tok, proc, seq_length=run_end - 1, prescan_images=False)
     assert dict(ds.skip_counts) == {"image_does_not_fit": 1}  # from the lengths alone: nothing decoded
-
-
-def test_streamed_encoders_and_shard_converter_refuse_videos(tmp_path, media, tok, proc):
-    from nemo_neva.data.shard_encoding import ShardRecordEncoder
-    from nemo_neva.data.shard_writer import convert_to_shards
-
-    rec = {"id": "v", "video": "a.mp4", "conversations": conv("<video>", "x")}
-    enc = ShardRecordEncoder(tok, proc, "vicuna_v1", "square", 128, P, strict=False)
-    with pytest.raises(SampleError, match="video_unsupported"):
-        enc.encode(rec)
-    src = write_json(tmp_path / "v.json", [rec, {"id": "t", "conversations": conv("hi", "x")}])
-    index = convert_to_shards(src, str(media), str(tmp_path / "shards"))
-    assert index["skipped"] == {"video_unsupported": 1} and index["total"] == 1
 
 
 def test_packed_rows_keep_each_videos_frames_in_its_segment(tmp_path, media, tok, proc):

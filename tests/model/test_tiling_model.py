@@ -4,6 +4,7 @@ the LLaVA JSON dataset, the collator, micro-batch splitting and packed rows. Ora
 themselves are checked against transformers in tests/data/test_tiling.py and tests/export/test_llava_next.py."""
 import itertools
 import json
+import os
 
 import pytest
 import torch
@@ -161,3 +162,33 @@ def test_a_sample_with_two_tiled_images_of_different_sizes(model, json_data, tmp
     assert batch["num_images"].tolist() == [2] and batch["image_sizes"].tolist() == it["image_sizes"].tolist()
     loss, tokens = model.loss_from_batch(batch)
     assert torch.isfinite(loss) and tokens > 0
+
+
+def test_tar_shards_and_energon_give_the_json_batch(model, json_data, tmp_path):
+    """The model's data setup streams tiled images from tar shards and Energon (once refused): the same records
+    give the JSON path's batch (placeholder counts, pixels, image_sizes) and loss."""
+    pytest.importorskip("megatron.energon")
+    from omegaconf import OmegaConf
+
+    from nemo_neva.data.energon import EnergonSource
+    from nemo_neva.data.shards import ShardedNevaDataset
+    from scripts.convert_llava_to_energon import convert
+
+    out = str(tmp_path / "energon")  # Energon's folder is also a shard folder (convert_to_shards wrote it)
+    convert(str(json_data / "data.json"), str(json_data / "images"), out, samples_per_shard=10, workers=1)
+    cfg = OmegaConf.merge(OmegaConf.to_container(model.cfg.data),
+                          {"conv_template": "plain", "image_folder": str(json_data / "images"),
+                           "energon_val_split": "train", "shuffle_buffer": 1})
+    ref = model.build_dataset(cfg, str(json_data / "data.json"))
+    pos = {r["id"]: k for k, r in enumerate(ref.records)}
+    shards, energon = model.build_dataset(cfg, os.path.join(out, "index.json")), model.build_dataset(cfg, out)
+    assert isinstance(shards, ShardedNevaDataset) and isinstance(energon, EnergonSource)
+    collate = NevaCollator(model.tokenizer.pad_token_id)
+    shards.shuffle = False
+    for got in (collate(list(shards)), next(iter(energon.loader(batch_size=3, training=False)))):
+        want = collate([ref[pos[i]] for i in got["ids"]])
+        for key in ("tokens", "labels", "loss_mask", "num_images", "images", "image_sizes"):
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
+        with torch.no_grad():  # same inputs, same kernels: the same loss, bit for bit
+            torch.testing.assert_close(model.loss_from_batch(got)[0], model.loss_from_batch(want)[0], rtol=0,
+                                       atol=0)
