@@ -37,9 +37,10 @@ log = logging.getLogger("nemo_neva.serving")
 BACKLOG = 2048  # listen queue: a burst of clients waits to be accepted instead of being reset
 GRACEFUL_SHUTDOWN_S = 5
 SERVER_HEADER = "nemo-neva"
-PAGE_FILES = {"chat.js": "text/javascript; charset=utf-8", "chat.css": "text/css; charset=utf-8"}
-# The page loads nothing from anywhere but this server.
-PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+PAGE_FILES = {"chat.js": "text/javascript; charset=utf-8", "attach.js": "text/javascript; charset=utf-8",
+              "chat.css": "text/css; charset=utf-8"}
+# The page loads nothing from anywhere but this server (attached images and videos are data: URLs).
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; media-src data:; "
             "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 

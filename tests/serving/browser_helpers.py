@@ -55,9 +55,19 @@ class ChatPage:
         self.log = page.get_by_role("log")
         page.wait_for_function("document.getElementById('temperature').value !== ''")  # /config applied
 
-    def attach(self, path):
-        self.page.get_by_label("Image", exact=True).set_input_files(path)
-        self.page.locator("#preview").wait_for(state="visible")
+    def attach(self, path, picker="Image"):
+        """Pick the file at `path` with the "Image" or "Video" picker; returns once it is listed to send."""
+        self.page.get_by_label(picker, exact=True).set_input_files(path)
+        self.attachments().filter(has_text=os.path.basename(path)).wait_for()
+
+    def attachments(self):
+        return self.page.get_by_role("list", name="Attachments").get_by_role("listitem")
+
+    def attach_alert(self) -> str:
+        """The composer's message about an attachment it refused (or a request it would not send)."""
+        alert = self.page.locator("#attach-alert")
+        alert.wait_for()
+        return alert.text_content()
 
     def ask(self, text) -> None:
         self.page.get_by_label("Message", exact=True).fill(text)

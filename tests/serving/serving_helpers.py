@@ -1,14 +1,16 @@
-"""Pieces shared by the serving tests: served-model handle, images as data: URLs."""
+"""Pieces shared by the serving tests: served-model handle, images as data: URLs, small video files."""
 import base64
 import contextlib
 import io
 import threading
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 
 from nemo_neva import MegatronNevaModel
+from nemo_neva.data.video_writer import write_video
 
 TEMPLATE = "nv_steerlm"
 LIMITS = {"max_tokens": 12, "max_body_bytes": 300_000, "max_image_bytes": 60_000, "max_image_pixels": 1_000_000,
@@ -39,6 +41,29 @@ def coloured(seed: int) -> Image.Image:
     arr = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
     return Image.fromarray(arr, "RGB")
 
+
+def moving_square(n, size=32):
+    """`n` frames of a red square moving left to right on light grey."""
+    frames = []
+    for i in range(n):
+        a = np.full((size, size, 3), 245, np.uint8)
+        x = round(i * (size - 8) / max(n - 1, 1))
+        a[12:20, x:x + 8] = (220, 30, 30)
+        frames.append(Image.fromarray(a))
+    return frames
+
+
+def noise_frames(n, size=48, seed=0):
+    """`n` frames of uniform noise: incompressible, so a losslessly coded file is about n * size * size * 3 bytes."""
+    g = torch.Generator().manual_seed(seed)
+    return [Image.fromarray((torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()) for _ in range(n)]
+
+
+def video_bytes(tmp_path, frames, name="clip.mp4") -> bytes:
+    """`frames` written losslessly as the mp4 `tmp_path / name`; its bytes."""
+    path = tmp_path / name
+    write_video(path, frames)
+    return path.read_bytes()
 
 
 @contextlib.contextmanager

@@ -4,21 +4,19 @@ model's own `model.data.video` frames, and the answer is `generate` called direc
 `open_video` makes of the same file (greedy, exact string). Bad videos are one-line 400s with a reason code."""
 import base64
 
-import numpy as np
 import openai
 import pytest
 import torch
-from PIL import Image
 
 from nemo_neva import MegatronNevaModel
 from nemo_neva.data.conversation import STEERLM_INFERENCE_DEFAULTS, render_prompt
 from nemo_neva.data.video_io import open_video, sample_indices, video_settings_of
-from nemo_neva.data.video_writer import write_video
 from nemo_neva.inference.generate import encode_prompt
 from nemo_neva.serving.limits import ServerLimits
 from nemo_neva.serving.worker import serving_stops
 from tests.model.helpers import tiny_model_cfg
-from tests.serving.serving_helpers import TEMPLATE, coloured, png_data_url, running_server
+from tests.serving.serving_helpers import (TEMPLATE, coloured, moving_square, noise_frames, png_data_url,
+                                          running_server, video_bytes)
 
 pytest.importorskip("av")
 NUM_FRAMES = 3  # the model's model.data.video.num_frames: 3 x 16 placeholders keep the prompt short
@@ -29,22 +27,6 @@ MAX_VIDEO_BYTES = 20_000  # server.max_video_bytes: above the smooth clip's size
 MAX_VIDEO_PIXELS = 32 * 32 * 8
 LIMITS = dict(max_tokens=10, max_body_bytes=300_000, max_image_bytes=60_000, max_videos=1,
               max_video_frames=MAX_FRAMES, max_video_bytes=MAX_VIDEO_BYTES, max_video_pixels=MAX_VIDEO_PIXELS)
-
-
-def moving_square(n, size=32):
-    frames = []
-    for i in range(n):
-        a = np.full((size, size, 3), 245, np.uint8)
-        x = round(i * (size - 8) / max(n - 1, 1))
-        a[12:20, x:x + 8] = (220, 30, 30)
-        frames.append(Image.fromarray(a))
-    return frames
-
-
-def video_bytes(tmp_path, frames, name="clip.mp4") -> bytes:
-    path = tmp_path / name
-    write_video(path, frames)
-    return path.read_bytes()
 
 
 def video_part(data: bytes, mime="video/mp4"):
@@ -136,9 +118,7 @@ def test_too_many_frames_too_large_and_too_many_pixels_are_refused(server, tmp_p
     body = refusal(server, [{"role": "user", "content": [text("Look:"), video_part(long_clip)]}])
     assert body["code"] == "video_too_many_frames" and body["param"] == "messages[0].content[1]"
     assert body["message"] == f"video refused: more than {MAX_FRAMES} frames"
-    g = torch.Generator().manual_seed(0)
-    noise = [Image.fromarray((torch.rand(48, 48, 3, generator=g) * 255).to(torch.uint8).numpy()) for _ in range(8)]
-    big = video_bytes(tmp_path, noise, "noise.mp4")
+    big = video_bytes(tmp_path, noise_frames(8), "noise.mp4")
     assert len(big) > MAX_VIDEO_BYTES  # incompressible frames, losslessly coded
     body = refusal(server, [{"role": "user", "content": [video_part(big)]}])
     assert body["code"] == "video_too_large"  # from the base64 length, before decoding

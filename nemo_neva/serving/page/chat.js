@@ -1,21 +1,23 @@
 // The chat page: a client of this server's OpenAI-compatible API (POST /v1/chat/completions, streamed as
 // server-sent events), with the defaults and limits from GET /config. Nothing is fetched from elsewhere.
-"use strict";
+import {Attachments, KINDS, formatBytes, mediaElement} from "/page/attach.js";
 
 const $ = (id) => document.getElementById(id);
 const ui = {
   log: $("conversation"), empty: $("empty-note"), form: $("composer"), message: $("message"),
   send: $("send"), stop: $("stop"), status: $("status"), newChat: $("new-chat"), model: $("model-name"),
-  image: $("image"), imageNote: $("image-note"), drop: $("drop-zone"), preview: $("preview"),
-  previewImg: $("preview-img"), previewCaption: $("preview-caption"), removeImage: $("remove-image"),
   temperature: $("temperature"), topP: $("top-p"), maxTokens: $("max-tokens"), seed: $("seed"),
   reset: $("reset-settings"), steerlm: $("steerlm"), sliders: $("steerlm-sliders"),
 };
 
 let config = null;          // GET /config
 let history = [];           // the messages the server accepted (user and assistant turns)
-let pendingImage = null;    // {url, name, size} for the next user message
 let controller = null;      // AbortController of the request in flight
+const attachments = new Attachments(
+  {list: $("attachments"), note: $("attach-note"), alert: $("attach-alert"), drop: $("drop-zone"),
+   pickers: {image: $("image"), video: $("video")}},
+  (kind) => history.reduce((n, m) => n + (Array.isArray(m.content)
+    ? m.content.filter((p) => p.type === KINDS[kind].part).length : 0), 0));
 
 // ------------------------------------------------------------------------------------------------ setup
 async function init() {
@@ -35,7 +37,8 @@ async function init() {
   ui.maxTokens.title = `Empty: as many as the server's cap (${config.limits.max_tokens}) and the context allow`;
   if (config.steerlm) buildSliders(config.steerlm);
   resetSettings();
-  updateImagePicker();
+  attachments.limits = config.limits;
+  attachments.refreshPickers();
   ui.message.focus();
 }
 
@@ -81,59 +84,7 @@ function wire() {
   ui.stop.addEventListener("click", () => controller && controller.abort());
   ui.newChat.addEventListener("click", newChat);
   ui.reset.addEventListener("click", resetSettings);
-  ui.image.addEventListener("change", () => { if (ui.image.files[0]) takeImage(ui.image.files[0]); });
-  ui.removeImage.addEventListener("click", clearImage);
-  for (const type of ["dragenter", "dragover"]) {
-    document.addEventListener(type, (e) => { e.preventDefault(); ui.drop.classList.add("dragging"); });
-  }
-  document.addEventListener("dragleave", (e) => { if (!e.relatedTarget) ui.drop.classList.remove("dragging"); });
-  document.addEventListener("drop", (e) => {
-    e.preventDefault();
-    ui.drop.classList.remove("dragging");
-    const file = [...(e.dataTransfer?.files || [])].find((f) => f.type.startsWith("image/"));
-    if (file) takeImage(file);
-  });
-  document.addEventListener("paste", (e) => {
-    const file = [...(e.clipboardData?.files || [])].find((f) => f.type.startsWith("image/"));
-    if (file) { e.preventDefault(); takeImage(file); }
-  });
-}
-
-// ------------------------------------------------------------------------------------------------ image
-function imagesInHistory() {
-  return history.reduce((n, m) => n + (Array.isArray(m.content)
-    ? m.content.filter((p) => p.type === "image_url").length : 0), 0);
-}
-
-function updateImagePicker() {
-  const full = config && imagesInHistory() >= config.limits.max_images;
-  ui.image.disabled = !!full;
-  ui.imageNote.textContent = !config ? "" : config.limits.max_images === 0 ? "this server takes text only"
-    : full ? `this conversation has its ${config.limits.max_images} image(s); New chat for more`
-    : "or drop / paste one here";
-}
-
-function takeImage(file) {
-  if (ui.image.disabled) {
-    setStatus("This conversation already has all the images the server takes; start a New chat for more.");
-    return;
-  }
-  const reader = new FileReader();
-  reader.onload = () => {
-    pendingImage = {url: reader.result, name: file.name || "pasted image", size: file.size};
-    ui.previewImg.src = reader.result;
-    ui.previewCaption.textContent = `${pendingImage.name}, ${formatBytes(file.size)}`;
-    ui.preview.hidden = false;
-  };
-  reader.onerror = () => showError("Could not read the image file: " + (reader.error?.message || "unknown error"));
-  reader.readAsDataURL(file);
-}
-
-function clearImage() {
-  pendingImage = null;
-  ui.image.value = "";
-  ui.previewImg.removeAttribute("src");
-  ui.preview.hidden = true;
+  attachments.wire();
 }
 
 // ------------------------------------------------------------------------------------------------ chat
@@ -155,19 +106,27 @@ function requestBody(messages) {
 async function send() {
   if (!config || controller) return;
   const text = ui.message.value.trim();
-  if (!text && !pendingImage) { setStatus("Type a message or add an image."); return; }
-  const content = [];
-  // The image part first: the server places an image where its part stands, and "<image>\n{question}" is the
-  // layout NeVA is trained and prompted with.
-  if (pendingImage) content.push({type: "image_url", image_url: {url: pendingImage.url}});
+  if (!text && !attachments.items.length) { setStatus("Type a message or add an image or a video."); return; }
+  if (attachments.reading) { setStatus("Still reading the attachment; send again in a moment."); return; }
+  // The attachments first, in the order they came: the server places each where its part stands, and
+  // "<image>\n{question}" is the layout NeVA is trained and prompted with.
+  const content = attachments.parts();
   if (text) content.push({type: "text", text});
   const userMsg = {role: "user", content};
-  const userBubble = addBubble("user", text, pendingImage && pendingImage.url);
+  const body = JSON.stringify(requestBody([...history, userMsg]));
+  const size = new TextEncoder().encode(body).length;
+  if (size > config.limits.max_body_bytes) {  // the whole conversation goes with every request
+    attachments.refuse(`This request would be ${formatBytes(size)} with the conversation so far; this server ` +
+                       `takes up to ${formatBytes(config.limits.max_body_bytes)} (server.max_body_bytes). ` +
+                       "Remove an attachment or start a New chat.");
+    return;
+  }
+  attachments.refuse("");
+  const sent = attachments.take();
+  const userBubble = addBubble("user", text, sent);
   const answer = addBubble("assistant", "");
   answer.el.classList.add("streaming");
-  const sentImage = pendingImage;
   ui.message.value = "";
-  clearImage();
   busy(true);
   const started = performance.now();
   let reply = "", usage = null, finish = null, failure = null;
@@ -175,7 +134,7 @@ async function send() {
   try {
     const resp = await fetch("/v1/chat/completions", {
       method: "POST", headers: {"Content-Type": "application/json"}, signal: controller.signal,
-      body: JSON.stringify(requestBody([...history, userMsg])),
+      body,
     });
     if (!resp.ok) throw new Error(await errorText(resp));
     for await (const event of serverEvents(resp)) {
@@ -205,20 +164,13 @@ async function send() {
     showError(failure);
     // Nothing of this turn joins the history: put it back in the composer to edit and resend.
     ui.message.value = text;
-    if (sentImage) restoreImage(sentImage);
+    attachments.restore(sent);
   } else {
     history.push(userMsg, {role: "assistant", content: reply});
     answer.usage.textContent = usageText(usage, seconds, finish);
   }
-  updateImagePicker();
+  attachments.refreshPickers();
   ui.message.focus();
-}
-
-function restoreImage(img) {
-  pendingImage = img;
-  ui.previewImg.src = img.url;
-  ui.previewCaption.textContent = `${img.name}, ${formatBytes(img.size)}`;
-  ui.preview.hidden = false;
 }
 
 async function* serverEvents(resp) {
@@ -247,14 +199,13 @@ function newChat() {
   ui.log.replaceChildren(ui.empty);
   ui.empty.hidden = false;
   ui.message.value = "";
-  clearImage();
+  attachments.clear();
   setStatus("");
-  updateImagePicker();
   ui.message.focus();
 }
 
 // ------------------------------------------------------------------------------------------------ view
-function addBubble(role, text, imageUrl) {
+function addBubble(role, text, media = []) {
   ui.empty.hidden = true;
   const el = document.createElement("div");
   el.className = "msg " + role;
@@ -262,11 +213,8 @@ function addBubble(role, text, imageUrl) {
   who.className = "who";
   who.textContent = role === "user" ? "You" : "Assistant";
   el.append(who);
-  if (imageUrl) {
-    const img = document.createElement("img");
-    img.src = imageUrl;
-    img.alt = "Image sent";
-    el.append(img);
+  for (const item of media) {
+    el.append(mediaElement(item, item.kind === "image" ? "Image sent" : `Video sent: ${item.name}`));
   }
   const body = document.createElement("div");
   body.className = "text";
@@ -318,6 +266,5 @@ function busy(on) {
 
 function setStatus(text) { ui.status.textContent = text; }
 function scrollDown() { ui.log.scrollTop = ui.log.scrollHeight; }
-function formatBytes(n) { return n < 1024 ? `${n} B` : n < 1048576 ? `${(n / 1024).toFixed(1)} KB` : `${(n / 1048576).toFixed(1)} MB`; }
 
 init();
