@@ -38,6 +38,10 @@ def _recorded_run(tmp_path, monkeypatch, exp, data, log, kill):
     return _run([cmd[0], RECORD, *cmd[1:]], tmp_path, expect_killed=kill)
 
 
+# slow (82 s in CI): the Energon loader's saved position is exact in the default suite
+# (tests/data/test_energon.py::test_loader_state_roundtrip_continues_exactly), and a killed save is resumed there
+# for JSON and packed tar-shard data (tests/launch/test_resume.py)
+@pytest.mark.slow
 def test_energon_run_killed_mid_save_trains_the_batches_of_an_uninterrupted_run(tmp_path, monkeypatch):
     data = _energon_data(tmp_path)
     ref_exp, exp = tmp_path / "uninterrupted", tmp_path / "killed"
