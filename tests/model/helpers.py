@@ -115,3 +115,35 @@ def tiled_batch_for(model, sizes_per_row, seq, seed=0):
         "image_sizes": torch.tensor(flat, dtype=torch.long).reshape(-1, 2) if flat else None,
         "num_images": torch.tensor([len(s) for s in sizes_per_row], dtype=torch.long),
     }
+
+
+def video_model(folder, both_question: str, frames: int, **overrides):
+    """(model, cfg) of the tiny model whose `model.data` reads four records written to `folder`: a video
+    (clip.mp4, 6 random 32x32 frames), an image, text only, and an image + the video asked `both_question`
+    (its tags set their order); `frames` sampled per video, `overrides` on the config."""
+    import json
+
+    import numpy as np
+
+    from nemo_neva import MegatronNevaModel
+    from nemo_neva.data.video_writer import write_video
+
+    def conv(*pairs):
+        return [{"from": "human" if i % 2 == 0 else "gpt", "value": v} for i, v in enumerate(pairs)]
+
+    rng = np.random.default_rng(0)
+    write_video(folder / "clip.mp4", [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(6)])
+    records = [
+        {"id": "video", "video": "clip.mp4", "conversations": conv("<video>\nWhich way?", "left to right")},
+        {"id": "image", "image": "train_00000.png", "conversations": conv("<image>\nColour?", "red")},
+        {"id": "text", "conversations": conv("Say hi.", "hi there")},
+        {"id": "both", "image": "train_00001.png", "video": "clip.mp4", "conversations": conv(both_question, "no")},
+    ]
+    (folder / "v.json").write_text(json.dumps(records))
+    cfg = tiny_model_cfg(**{"mm_cfg.llm.freeze": False, "encoder_seq_length": 128, "data.conv_template": "vicuna_v1",
+                            "data.data_path": str(folder / "v.json"),
+                            "data.image_folder": os.path.join(ROOT, "data", "shapes_demo", "images"),
+                            "data.video_folder": str(folder), "data.video.num_frames": frames,
+                            "global_batch_size": 4, "micro_batch_size": 2, "optim.sched": None, **overrides})
+    torch.manual_seed(0)
+    return MegatronNevaModel(cfg), cfg

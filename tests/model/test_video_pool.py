@@ -4,10 +4,7 @@ Oracle: transformers' own `LlavaNextVideoPooler` (LLaVA-NeXT-Video's spatial poo
 Then the tiny model: a frame costs the pooled count in the data, the network, packing, the micro-batch split
 and generation, images in the same sample keep their full count, and the pooled features are the tower's
 features pooled then projected (the splice puts exactly them at the frames' placeholders)."""
-import json
-import os
 
-import numpy as np
 import pytest
 import torch
 from transformers import CLIPVisionConfig, LlavaNextVideoConfig, LlamaConfig
@@ -17,13 +14,11 @@ from nemo_neva import MegatronNevaModel
 from nemo_neva.data.collate import NevaCollator
 from nemo_neva.data.packing import PackedCollator
 from nemo_neva.data.video_io import Video
-from nemo_neva.data.video_writer import write_video
 from nemo_neva.modules.frame_pool import FramePool, frame_pool_from_cfg
 from nemo_neva.training.megatron_step import split_microbatches
-from tests.model.helpers import ROOT, tiny_model_cfg
+from tests.model.helpers import tiny_model_cfg, video_model
 
 av = pytest.importorskip("av")
-IMAGES = os.path.join(ROOT, "data", "shapes_demo", "images")
 FRAMES = 3
 # one sample's loss computed alone vs in a batch / packed row: fp32 sums over different row layouts differ in
 # the last bits only (measured <= 3e-7 relative); 1e-5 leaves room for other CPUs' reduction orders
@@ -60,30 +55,10 @@ def test_pool_mode_and_cls_are_checked():
     assert frame_pool_from_cfg({"video": {"pool": None}}, 16) is None and frame_pool_from_cfg({}, 16) is None
 
 
-def _conv(*pairs):
-    return [{"from": "human" if i % 2 == 0 else "gpt", "value": v} for i, v in enumerate(pairs)]
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pool")
-    rng = np.random.default_rng(0)
-    write_video(tmp / "clip.mp4", [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(6)])
-    records = [
-        {"id": "video", "video": "clip.mp4", "conversations": _conv("<video>\nWhich way?", "left to right")},
-        {"id": "image", "image": "train_00000.png", "conversations": _conv("<image>\nColour?", "red")},
-        {"id": "text", "conversations": _conv("Say hi.", "hi there")},
-        {"id": "both", "image": "train_00001.png", "video": "clip.mp4",
-         "conversations": _conv("<image> then <video>: same?", "no")},
-    ]
-    (tmp / "v.json").write_text(json.dumps(records))
-    cfg = tiny_model_cfg(**{"mm_cfg.llm.freeze": False, "encoder_seq_length": 128, "data.conv_template": "vicuna_v1",
-                            "data.data_path": str(tmp / "v.json"), "data.image_folder": IMAGES,
-                            "data.video_folder": str(tmp), "data.video.num_frames": FRAMES,
-                            "mm_cfg.video.pool": "2x2", "global_batch_size": 4, "micro_batch_size": 2,
-                            "optim.sched": None})
-    torch.manual_seed(0)
-    model = MegatronNevaModel(cfg)
+    model, cfg = video_model(tmp, "<image> then <video>: same?", FRAMES, **{"mm_cfg.video.pool": "2x2"})
     ds = model.build_dataset(cfg.data)
     return model, cfg, [ds[i] for i in range(len(ds))], tmp
 
