@@ -84,7 +84,7 @@ class NevaCollator:
 
 
 def item_frames(item: dict, n: int) -> torch.Tensor:
-    """An item's `video_frames` [n] bool (all False when it has none), its length checked."""
+    """An item's (or a collated row's) `video_frames` [n] bool (all False when it has none), its length checked."""
     flags = item.get("video_frames")
     if flags is None:
         return torch.zeros(n, dtype=torch.bool)

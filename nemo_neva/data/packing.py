@@ -10,7 +10,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from nemo_neva.data.collate import NevaCollator, new_skips
+from nemo_neva.data.collate import NevaCollator, item_frames, new_skips
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -116,8 +116,7 @@ class PackedCollator:
                 num_images[r] = batch["num_images"].sum()
                 if batch["images"] is not None:
                     images.append(batch["images"])
-                    n = batch["images"].shape[0]
-                    frames.append(batch.get("video_frames", torch.zeros(n, dtype=torch.bool)))
+                    frames.append(item_frames(batch, batch["images"].shape[0]))
                 if batch.get("image_sizes") is not None:
                     sizes.append(batch["image_sizes"])
         out["attention_mask"] = packed_attention_mask(out["segment_ids"])
