@@ -33,8 +33,10 @@ def test_without_te_the_local_spec_with_sdpa_attention_is_chosen(monkeypatch, pa
     assert layer.submodules.self_attention.submodules.core_attention is layer_specs.SDPACoreAttention
     assert layer.submodules.input_layernorm is layer_specs.TorchNormSP
     assert block.layer_norm is layer_specs.TorchNormSP
-    with pytest.raises(RuntimeError, match="transformer_engine is not importable"):
+    with pytest.raises(RuntimeError, match="transformer_engine is not importable") as err:
         layer_specs.build_decoder_spec(config, transformer_engine=True)
+    # the key the model reads (language_model.build_gpt: cfg.get("transformer_engine")), not a nested one
+    assert str(err.value).startswith("model.transformer_engine=true") and "mm_cfg" not in str(err.value)
 
 
 def test_te_present_but_no_cuda_is_refused(monkeypatch):
