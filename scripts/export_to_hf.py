@@ -24,12 +24,15 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                     help="dtype of the written weights (default: that of the HF checkpoint the .nemo came from, "
                          "else float32)")
+    ap.add_argument("--engine", choices=["vllm", "trtllm"], default=None,
+                    help="also refuse what this engine's LLaVA cannot serve (trtllm: TensorRT-LLM's PyTorch backend, "
+                         "LLaVA-NeXT with a Llama / Mistral LM only; vllm: no GPT-2 LM)")
     args = ap.parse_args(argv)
 
     from nemo_neva.export.hf import UnsupportedCheckpoint, export_nemo_to_hf
 
     try:
-        out = export_nemo_to_hf(args.nemo_path, args.output_dir, args.dtype)
+        out = export_nemo_to_hf(args.nemo_path, args.output_dir, args.dtype, args.engine)
     except (UnsupportedCheckpoint, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -37,6 +37,7 @@ from nemo_neva.export.hf_layout import (  # noqa: F401  (the API, and what the T
     _EXPORT_DTYPES, _VISION_KINDS, LLAMA_FAMILY, _layer_norm_keys, canonical_key, check_hf_config, hub_key,
     lm_table, neva_to_hf_state, nemo_config_from_hf, read_hf_weights)
 from nemo_neva.export.hf_chat import chat_template, stop_token_ids
+from nemo_neva.export.hf_engines import check_engine
 from nemo_neva.export.hf_text import export_family, text_config
 from nemo_neva.pretrained.hf_lm import pack_qkv, unpack_qkv  # noqa: F401  (also used by the TRT-LLM export)
 from nemo_neva.pretrained.weights import UnsupportedCheckpoint
@@ -115,19 +116,22 @@ def _processor(model, drop_cls: bool, tokenizer):
                num_additional_image_tokens=1 if kind == "clip" else 0, image_token="<image>")
 
 
-def export_neva_to_hf(model, output_dir: str, dtype: Optional[str] = None) -> str:
+def export_neva_to_hf(model, output_dir: str, dtype: Optional[str] = None, engine: Optional[str] = None) -> str:
     """Write an HF LLaVA folder (LLaVA-NeXT for a model with `model.mm_cfg.image_tiling`) in the Hub layout the
     engines load (as llava-hf/llava-1.5-7b-hf): config.json, model.safetensors, generation_config.json (the stop
     ids), tokenizer and processor files, and a chat template rendering the model's `data.conv_template`.
 
     `dtype` (float32 | bfloat16 | float16): of the written tensors; default: the dtype of the HF checkpoint
     the .nemo was converted from (so a bf16 checkpoint goes back to bf16 bit for bit), else float32.
+    `engine` (vllm | trtllm): also refuse what that engine's LLaVA cannot serve (hf_engines.py).
     Everything is written into a temporary folder beside `output_dir` and renamed at the end, so a refusal or a
     failure leaves no half-written folder; `output_dir` must not exist or be empty.
     """
     from safetensors.torch import save_file
 
     config, vocab_size, drop_cls = hf_config_from_neva(model)
+    if engine is not None:
+        check_engine(engine, config)
     dtype = dtype or (model.cfg.get("hf") or {}).get("dtype") or "float32"
     if dtype not in _EXPORT_DTYPES:
         raise UnsupportedCheckpoint(f"export dtype {dtype!r}; supported: {sorted(_EXPORT_DTYPES)}")
@@ -174,12 +178,12 @@ def _generation_config(tokenizer, template: str):
                             eos_token_id=stops[0] if len(stops) == 1 else stops)
 
 
-def export_nemo_to_hf(nemo_path: str, output_dir: str, dtype: Optional[str] = None) -> str:
+def export_nemo_to_hf(nemo_path: str, output_dir: str, dtype: Optional[str] = None,
+                      engine: Optional[str] = None) -> str:
     """Restore a .nemo (any TP/PP layout: on one process it is resharded to TP=PP=1) and export it."""
     from nemo_neva import MegatronNevaModel
 
     if not os.path.isfile(nemo_path):
         raise FileNotFoundError(f"{nemo_path}: no such .nemo file")
     model = MegatronNevaModel.restore_from(nemo_path)
-    hf_config_from_neva(model)  # refuse before writing anything
-    return export_neva_to_hf(model, output_dir, dtype)
+    return export_neva_to_hf(model, output_dir, dtype, engine)  # refuses before writing anything

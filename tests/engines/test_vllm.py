@@ -2,8 +2,9 @@
 
 Three tiny random NeVA models (head size 32: vLLM's CPU attention needs >= 32) are exported here, in the project's
 venv: LLaVA with a LLaMA-style LM (one image, two images, a multi-turn conversation; vicuna_v1), LLaVA-NeXT (anyres
-tiling; a non-square image; chatml) and NeVA's own GPT-style LM (LayerNorm, learned positions, GELU, biases),
-which goes out as HF GPT-2 (nvgpt). tests/engines/vllm_driver.py then runs in the vLLM venv (.venv-vllm,
+tiling; a non-square image; chatml) and LLaVA whose LM is a Qwen2 imported with `llm.from_pretrained` (q/k/v
+biases, tied embeddings, its own byte-level tokenizer; chatml). (A GPT-2 LM exports and loads in transformers, but
+vLLM's LLaVA calls `language_model.model`, which its GPT-2 has not: vLLM cannot serve it.) tests/engines/vllm_driver.py then runs in the vLLM venv (.venv-vllm,
 `make install-vllm`): one offline `vllm.LLM` per model decodes the rendered prompts with their images, and
 `vllm serve` answers the same requests as OpenAI chat messages through the exported chat template. The oracle is
 nemo_neva's own `generate` on the .nemo model: the same token ids (every reply runs to max_tokens), and for the
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.vllm
 VENV = os.environ.get("NEVA_VLLM_VENV", os.path.join(ROOT, ".venv-vllm"))
 PYTHON = os.path.join(VENV, "bin", "python")
 MAX_TOKENS = 12
-DRIVER_TIMEOUT_S = 1200  # three models, two engine starts each (~40-60 s apiece on 2 cores) and their decoding
+DRIVER_TIMEOUT_S = 1200  # three models, offline in one process, one server start each (~1-3 min on 2 cores)
 VISION = {"mm_cfg.vision_encoder.config.num_attention_heads": 2}  # CLIP head size 32 as well
 
 
@@ -47,15 +48,18 @@ def _image(path, h, w, seed):
     return path
 
 
-def _models():
+def _models(tmp_path):
+    from tests.pretrained.lm_helpers import make_tiny_lm, neva_cfg
+
     llama = {**llama_overrides(), **VISION, "hidden_size": 128, "ffn_hidden_size": 256, "num_attention_heads": 4,
              "num_query_groups": 2, "encoder_seq_length": 256}
+    qwen2 = str(tmp_path / "qwen2_lm")  # a non-LLaMA family, imported with llm.from_pretrained: q/k/v biases, tied
+    make_tiny_lm("qwen2", qwen2, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
     return {
         "llava": (tiny_model_cfg(**llama, **{"data.conv_template": "vicuna_v1"}), "llama"),
         "next": (tiny_model_cfg(**llama, **{"data.conv_template": "chatml", "mm_cfg.image_tiling.enabled": True}),
                  "llama"),
-        "gpt": (tiny_model_cfg(**VISION, num_attention_heads=2, encoder_seq_length=256,
-                               **{"data.conv_template": "nvgpt"}), "gpt2"),
+        "qwen2": (neva_cfg(qwen2, **VISION, **{"data.conv_template": "chatml"}), "qwen2"),
     }
 
 
@@ -83,9 +87,13 @@ def _conversations(images):
             ([{"from": "human", "value": "<image>\nAnd here?"}],
              [{"role": "user", "content": [img(a), text("And here?")]}], [a]),
         ],
-        "gpt": [
+        "qwen2": [
             ([{"from": "human", "value": "<image>\nWhat colour is the shape?"}],
              [{"role": "user", "content": [img(a), text("What colour is the shape?")]}], [a]),
+            ([{"from": "human", "value": "<image>\nDescribe it."}, {"from": "gpt", "value": "A red square."},
+              {"from": "human", "value": "Is it big?"}],
+             [{"role": "user", "content": [img(b), text("Describe it.")]},
+              {"role": "assistant", "content": "A red square."}, {"role": "user", "content": "Is it big?"}], [b]),
         ],
     }
 
@@ -96,7 +104,7 @@ def test_vllm_serves_the_export_with_generates_tokens(tmp_path):
               _image(str(tmp_path / "wide.png"), 40, 90, 3)]  # non-square: LLaVA-NeXT picks a 1x2 grid
     conversations = _conversations(images)
     spec, expected = {"models": [], "serve": list(conversations)}, {}
-    for name, (cfg, family) in _models().items():
+    for name, (cfg, family) in _models(tmp_path).items():
         torch.manual_seed(0)
         model = MegatronNevaModel(cfg).eval()
         folder = str(tmp_path / name)

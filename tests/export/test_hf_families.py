@@ -115,7 +115,7 @@ def test_nevas_gpt_style_goes_out_as_gpt2(activation, hf_name, tmp_path):
     ({"position_embedding_type": "rope"}, "position_embedding_type='rope' (HF GPT-2 needs 'learned_absolute')"),
     ({"activation": "geglu"}, "activation='geglu'"),
     ({"num_query_groups": 2}, "num_query_groups=2 (HF GPT-2 has no grouped-query attention)"),
-])
+], ids=["rope", "geglu", "gqa"])
 def test_an_lm_no_family_expresses_is_refused_naming_the_field(overrides, named, tmp_path):
     model = MegatronNevaModel(tiny_model_cfg(**overrides))
     out = tmp_path / "hf"
@@ -150,3 +150,29 @@ def test_a_failed_write_leaves_no_folder_and_a_full_folder_is_not_overwritten(tm
     with pytest.raises(FileExistsError, match="not an empty folder"):
         export_neva_to_hf(model, str(tmp_path / "taken"))
     assert os.listdir(tmp_path / "taken") == ["notes.txt"]
+
+
+@pytest.mark.parametrize("engine,overrides,named", [
+    ("vllm", {}, "vLLM cannot serve this model: a GPT-2 language model"),
+    ("trtllm", {"llama": True}, "TensorRT-LLM (PyTorch backend) cannot serve this model: plain LLaVA"),
+    ("trtllm", {"llama": True, "mm_cfg.vision_encoder.vision_select_layer": -1, "mm_cfg.image_tiling.enabled": True},
+     "vision_feature_layer=-1"),
+], ids=["vllm_gpt2", "trtllm_plain_llava", "trtllm_select_layer"])
+def test_an_export_for_an_engine_refuses_what_that_engine_cannot_serve(engine, overrides, named, tmp_path):
+    from tests.model.helpers import llama_overrides
+
+    overrides = dict(overrides)
+    lm = llama_overrides() if overrides.pop("llama", False) else {}  # else the demo's GPT style: GPT-2
+    model = MegatronNevaModel(tiny_model_cfg(**lm, **overrides))
+    with pytest.raises(UnsupportedCheckpoint, match=named.replace("(", r"\(").replace(")", r"\)")):
+        export_neva_to_hf(model, str(tmp_path / "hf"), engine=engine)
+    assert os.listdir(tmp_path) == []
+    export_neva_to_hf(model, str(tmp_path / "any"))  # without an engine: transformers loads it
+
+
+def test_a_tiled_llama_model_exports_for_tensorrt_llm(tmp_path):
+    from tests.model.helpers import llama_overrides
+
+    model = MegatronNevaModel(tiny_model_cfg(**llama_overrides(), **{"mm_cfg.image_tiling.enabled": True}))
+    out = export_neva_to_hf(model, str(tmp_path / "hf"), engine="trtllm")
+    assert json.load(open(os.path.join(out, "config.json")))["architectures"] == ["LlavaNextForConditionalGeneration"]
