@@ -5,7 +5,8 @@ An LM imported with `model.mm_cfg.llm.from_pretrained` goes back to its own fami
   llama  RMSNorm (plain gamma), RoPE (full rotary), SwiGLU, no biases          (GQA, tied or not)
   gpt2   LayerNorm (plain gamma), learned absolute positions, GELU (erf: "gelu"; tanh: "gelu_new"), biases on
          every linear and norm, as many query groups as heads, head size hidden / heads   (tied or not)
-Anything else is refused with every field that differs from the nearest of the two.
+Anything else is refused with every field that differs from the nearest of the two. (Which engines serve which
+family: hf_engines.py; vLLM's LLaVA cannot run a GPT-2 LM.)
 """
 from __future__ import annotations
 
