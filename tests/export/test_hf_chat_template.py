@@ -22,7 +22,8 @@ TURNS = [{"from": "human", "value": "<image>\nWhat is in it?"}, {"from": "gpt", 
          {"from": "human", "value": "<image>\nAnd in this one, left of the {x}?"}]
 MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in it?"}]},
             {"role": "assistant", "content": "A red square."},
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And in this one, left of the {x}?"}]}]
+            {"role": "user", "content": [{"type": "image"},
+                                         {"type": "text", "text": "And in this one, left of the {x}?"}]}]
 
 
 @pytest.fixture(scope="module")

@@ -53,7 +53,8 @@ def test_imported_lm_exports_tensor_for_tensor_in_its_own_family(case, tmp_path)
     model.save_to(nemo)
     out = export_nemo_to_hf(nemo, str(tmp_path / "hf"))
 
-    exported, source = load_file(os.path.join(out, "model.safetensors")), load_file(os.path.join(src, "model.safetensors"))
+    exported = load_file(os.path.join(out, "model.safetensors"))
+    source = load_file(os.path.join(src, "model.safetensors"))
     vocab = hf.config.vocab_size
     for key, value in source.items():
         ours = exported[_hub_name(family, key)]
