@@ -68,8 +68,7 @@ def test_pretrained_lm_is_the_checkpoint_and_the_rest_is_initialised(llama):
     # sampling error of ~1 %), not zeros or leftover memory
     first, second = model.model.projector[0], model.model.projector[2]
     for linear in (first, second):
-        w = linear.weight
-        w = w.detach()
+        w = linear.weight.detach()
         assert torch.isfinite(w).all() and w.abs().max() <= 1 / math.sqrt(w.shape[1]) + 1e-7
         assert abs(float(w.std()) / _linear_std(w.shape[1]) - 1) < 0.10
 
