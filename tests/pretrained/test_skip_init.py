@@ -40,11 +40,16 @@ def test_megatron_core_draws_no_random_numbers_when_the_lm_is_loaded():
     assert parallel_state.model_parallel_is_initialized()
     config = build_transformer_config(cfg, torch.float32)
     before = torch.get_rng_state()
-    build_gpt(cfg, config, 512, True, True, initialize=False)
+    skipped = build_gpt(cfg, config, 512, True, True, initialize=False)
     assert torch.equal(torch.get_rng_state(), before)
     assert config.perform_initialization  # modules built later with this config (LoRA, merges) initialise
-    build_gpt(cfg, config, 512, True, True)
+    initialised = build_gpt(cfg, config, 512, True, True)
     assert not torch.equal(torch.get_rng_state(), before)
+    # the tensor-parallel marks DDP, the grad norm and the loaders read are the ones megatron-core's init sets
+    marks = lambda gpt: {n: tuple(getattr(p, a, None) for a in ("tensor_model_parallel", "partition_dim",  # noqa
+                                                                 "partition_stride")) for n, p in gpt.named_parameters()}
+    assert marks(skipped) == marks(initialised)
+    assert marks(skipped)["decoder.layers.0.mlp.linear_fc1.weight"] == (True, 0, 2)  # SwiGLU: [gate; up] per rank
 
 
 def test_pretrained_lm_is_the_checkpoint_and_the_rest_is_initialised(llama):
