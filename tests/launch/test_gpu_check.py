@@ -77,7 +77,7 @@ def test_recorded_wheel_folder_is_complete_small_and_installable_on_312():
     listing = report.read_listing(os.path.join(ROOT, "scripts", "gpu_wheels.listing"))
     assert report.wheel_problems(listing) == []
     assert report.requirement_problems(listing, _requirements()) == []
-    assert sum(size for _, size in listing) < 16 * 2**20  # measured 13.7 MiB: far from the 64 MiB limit
+    assert sum(size for _, size in listing) < 32 * 2**20  # measured 13.7 MiB; half the 64 MiB limit at most
 
 
 @pytest.mark.parametrize("extra, problem", [
