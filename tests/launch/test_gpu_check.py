@@ -101,7 +101,8 @@ def test_missing_wheels_are_named():
 # ------------------------------------------------------------------------------------------- the dry run
 @pytest.mark.slow
 def test_dry_run_passes_on_cpu(tmp_path):
-    """The whole check on CPU with tiny sizes in this environment (~2 min on 2 idle cores, 8 under load)."""
+    """The whole check on CPU with tiny sizes in this environment (6-8 min on 2 cores at a load of ~50; not yet
+    timed on an idle machine)."""
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHON": sys.executable}
     proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), "--dry-run", "--out",
                            str(tmp_path)], capture_output=True, text=True, timeout=1800, env=env)
