@@ -92,3 +92,9 @@ install-vllm: $(VLLM_VENV)/.installed
 
 test-vllm: install $(VLLM_VENV)/.installed
 	NEVA_VLLM_VENV=$(abspath $(VLLM_VENV)) OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -s -m vllm tests/engines
+
+# The wheels scripts/gpu_check.sh --wheels DIR installs on a bare Python 3.12 + torch GPU host (needs the index).
+WHEELS ?= gpu_wheels
+.PHONY: gpu-wheels
+gpu-wheels:
+	scripts/gpu_wheels.sh $(WHEELS)
