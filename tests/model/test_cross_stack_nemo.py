@@ -14,10 +14,10 @@ import torch
 from tests.model.cross_stack_worker import read, write
 from tests.model.helpers import ROOT
 
-# Weights must arrive bit for bit. Logits: the two stacks run different torch builds (2.13 CPU wheel vs the
-# registry's 2.14 CUDA wheel on the CPU), whose fp32 matmul / SDPA kernels may sum in another order; across
-# tiny-model logits of magnitude ~1 that moves the last few ulps (measured: see the assertion's atol).
-LOGIT_ATOL = 1e-5
+# Weights must arrive bit for bit, and so must the logits: both stacks run torch's x86 CPU fp32 kernels on the
+# same weights and inputs (torch 2.13 CPU wheel vs the 2.14 CUDA wheel on the CPU), and the logits were measured
+# bitwise equal in both directions. A torch that changes its CPU reduction order would need a few-ulp atol here.
+LOGIT_ATOL = 0.0
 
 
 def _other_python():
