@@ -83,7 +83,9 @@ real-lm: install
 # The current GPU stack (README, "Supported stack"): Python 3.12 + megatron-core 0.19.x, with the registry's
 # torch for 3.12 (a CUDA build, ~5.4 GB; it runs on the CPU here). Every other package at its constraints.txt
 # version (the same set resolves on 3.12); torch's CUDA wheels come at the versions torch pins.
-PY312 ?= $(or $(shell command -v python3.12 2>/dev/null),/root/.pyenv/versions/3.12.1/bin/python)
+# The first of these that really is a 3.12 (a pyenv shim named python3.12 may refuse to run).
+PY312 ?= $(shell for p in python3.12 /root/.pyenv/versions/3.12.1/bin/python; do \
+	$$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo $$p; break; }; done)
 CURRENT_VENV ?= .venv-current
 CURRENT_BIN := $(CURRENT_VENV)/bin
 CURRENT_PINS := torch==2.14.1 megatron-core==0.19.2
@@ -95,6 +97,7 @@ CURRENT_TESTS := tests/model tests/parallel tests/pretrained tests/inference tes
 	tests/security/test_nemo_archive.py tests/security/test_dist_checkpoint.py
 CURRENT_SKIP := not two_stage_recipe and not stage1_alone and not tp2-gpt and not reshard_tp1_tp2_gpt
 $(CURRENT_VENV)/.installed: setup.py $(CONSTRAINTS)
+	@test -n "$(PY312)" || { echo "no Python 3.12 found: make install-current PY312=/path/to/python3.12"; exit 1; }
 	$(PY312) -m venv $(CURRENT_VENV)
 	grep -v -E '^(torch|megatron-core)==' $(CONSTRAINTS) > $(CURRENT_VENV)/constraints.txt
 	$(CURRENT_BIN)/pip install -q $(CURRENT_PINS)
