@@ -10,7 +10,8 @@ setup(
     # torch is installed first, pinned to the CPU wheel, by the Makefile; never let this pull a CUDA build.
     install_requires=[
         "torch>=2.4",
-        "megatron-core>=0.16.1",
+        # exactly the tested range (nemo_neva/compat/mcore_range.py refuses others at import)
+        "megatron-core>=0.16.1,<0.20",
         "nemo_toolkit[core,common-only]>=3.0,<4",
         "transformers>=5,<6",
         "lightning>=2.4,<2.5",

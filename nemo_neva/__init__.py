@@ -3,7 +3,11 @@
 Importing the package registers its namespace with NeMo's config-target allow-list, so NeMo's generic
 `ModelPT.restore_from` can rebuild a `MegatronNevaModel` from a `.nemo`.
 """
-from nemo_neva.registration import register_with_nemo
+from nemo_neva.compat.mcore_range import check_megatron_core
+
+check_megatron_core()  # one line naming the fix, before anything imports megatron-core
+
+from nemo_neva.registration import register_with_nemo  # noqa: E402
 
 register_with_nemo()
 

@@ -1,8 +1,9 @@
-"""The one place where megatron-core 0.16.1 is taught to run without CUDA.
+"""The one place where megatron-core (0.16.1 - 0.19.x) is taught to run without CUDA.
 
 megatron-core assumes CUDA in a few known spots (see shared DESIGN notes): rotary embeddings and
 schedules call `torch.cuda.current_device()`, the checkpoint writer calls `torch.cuda.synchronize()`,
 pipeline schedules / p2p build tensors with `device="cuda"`, and the RNG tracker uses CUDA generators.
+0.19 adds `torch.cuda.current_stream()` in DDP's gradient sync.
 Everything here is a no-op when CUDA is available, so the GPU path runs megatron-core untouched.
 """
 from __future__ import annotations
@@ -32,6 +33,9 @@ def install() -> None:
     # there is none: an empty state (its restore is a queued no-op without CUDA). The CPU generator and
     # the model-parallel tracker states are saved/restored by megatron-core as usual.
     torch.cuda.random.get_rng_state = lambda device="cuda": torch.empty(0, dtype=torch.uint8)
+    # megatron-core 0.19's DDP grad sync waits on the current stream for CUDA-graph events: the CPU has one
+    # stream, whose waits torch.cpu.Stream answers as no-ops.
+    torch.cuda.current_stream = lambda device=None: torch.cpu.current_stream()
     _INSTALLED = True
 
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from nemo_neva.compat.mcore_range import check_megatron_core
 from nemo_neva.modules.layer_specs import build_decoder_spec
 from nemo_neva.modules.precision import fp8_transformer_config_kwargs, recompute_transformer_config_kwargs
 
@@ -161,6 +162,7 @@ def build_gpt(cfg, config: TransformerConfig, vocab_size: int, pre_process: bool
     """The GPTModel of `cfg`. `initialize=False` skips megatron-core's random initialisation (weights and biases
     are allocated, not drawn): only for callers that overwrite every parameter right after (a pretrained LM, a
     .nemo restore, the HF converters), whose loaders refuse to leave one unset. Norm gains are still ones."""
+    check_megatron_core()  # also for callers that import nemo_neva.modules alone
     spec = build_decoder_spec(config, cfg.get("transformer_engine", False))
     config.perform_initialization = initialize
     try:

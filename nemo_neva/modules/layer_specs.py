@@ -1,8 +1,9 @@
 """Layer specs for the megatron-core GPT decoder.
 
 GPU with Transformer Engine -> TE spec (fused attention, FP8 capable).
-Otherwise -> megatron-core's local spec with `SDPACoreAttention` as core attention, because
-megatron-core's own `DotProductAttention` allocates its score buffer on `torch.cuda.current_device()`.
+Otherwise -> megatron-core's local layout built through `NevaLocalSpecProvider` (a `LocalSpecProvider`),
+with `SDPACoreAttention` as core attention, because megatron-core's own `DotProductAttention` allocates its
+score buffer on `torch.cuda.current_device()`.
 """
 from __future__ import annotations
 
@@ -12,11 +13,17 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.backends import LocalSpecProvider
+from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_backend
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from nemo_neva.modules.rotated_kv_attention import RotatedKVCacheSelfAttention
 from nemo_neva.modules.row_linear import RowParallelLinearOwnGroup
@@ -192,20 +199,59 @@ def use_transformer_engine(requested: bool) -> bool:
     return True
 
 
+class NevaLocalSpecProvider(LocalSpecProvider):
+    """megatron-core's local backend with the modules this project runs on CPU (and on GPU without TE).
+
+    Plugged in where megatron-core picks modules (its `BackendSpecProvider` extension point), so the MLP
+    spec comes from megatron-core's own builder in whatever form that version uses (a `ModuleSpec` in
+    0.16, a `functools.partial` in 0.19) and no spec is edited after it was built.
+    """
+
+    def row_parallel_linear(self) -> type:
+        return RowParallelLinearOwnGroup  # no group look-up per call
+
+    def core_attention(self) -> type:
+        return SDPACoreAttention
+
+    def layer_norm(self, rms_norm: bool = False, for_qk: bool = False, has_residual: bool = False):
+        if for_qk:  # q/k norms stay megatron-core's own (no sequence-parallel partial sums there)
+            return super().layer_norm(rms_norm=rms_norm, for_qk=True)
+        return TorchNormSP
+
+
+def local_layer_spec(normalization: str, qk_layernorm: bool = False) -> ModuleSpec:
+    """One decoder layer from `NevaLocalSpecProvider`, laid out as megatron-core's local GPT layer (same
+    submodule names, same sharded-key map, so checkpoints match), with `RotatedKVCacheSelfAttention`."""
+    backend = NevaLocalSpecProvider()
+    rms = normalization == "RMSNorm"
+    norm = backend.layer_norm(rms_norm=rms)
+    qk_norm = backend.layer_norm(rms_norm=rms, for_qk=True) if qk_layernorm else IdentityOp
+    attention = ModuleSpec(
+        module=RotatedKVCacheSelfAttention,  # RoPE once per key in generation
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=backend.column_parallel_linear(), core_attention=backend.core_attention(),
+            linear_proj=backend.row_parallel_linear(), q_layernorm=qk_norm, k_layernorm=qk_norm),
+    )
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm, self_attention=attention, self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=norm, mlp=get_mlp_module_spec_for_backend(backend=backend),
+            mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map={"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                                         "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"},
+        ),
+    )
+
+
 def build_layer_spec(normalization: str, transformer_engine: bool, qk_layernorm: bool = False):
     """Return the ModuleSpec for one decoder layer."""
     if use_transformer_engine(transformer_engine):
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
-    spec = get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm)
-    spec.submodules.self_attention.module = RotatedKVCacheSelfAttention  # RoPE once per key in generation
-    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
-    spec.submodules.self_attention.submodules.linear_proj = RowParallelLinearOwnGroup  # no group look-up per call
-    spec.submodules.mlp.submodules.linear_fc2 = RowParallelLinearOwnGroup
-    spec.submodules.input_layernorm = TorchNormSP
-    spec.submodules.pre_mlp_layernorm = TorchNormSP
-    return spec
+    return local_layer_spec(normalization, qk_layernorm=qk_layernorm)
 
 
 def build_decoder_spec(config: TransformerConfig, transformer_engine: bool, qk_layernorm: bool = False, vp_stage=None):

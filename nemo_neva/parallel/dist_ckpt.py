@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
@@ -38,6 +39,27 @@ def save_sharded(sharded_state_dict: dict, ckpt_dir: str) -> None:
     with cuda_free():
         dist_checkpointing.save(sharded_state_dict, ckpt_dir)
     _barrier()
+    _write_common_file(ckpt_dir)
+    _barrier()
+
+
+def _write_common_file(ckpt_dir: str) -> None:
+    """Also keep the common (non-tensor) state in `common.pt`, where megatron-core 0.16.1 reads it.
+
+    megatron-core 0.19 stores it inside the torch_dist files instead (a `common_state` object; it still
+    reads a `common.pt` first when there is one), and 0.16.1 fails on a checkpoint without the file. The dict
+    is read back with megatron-core's own reader, so both versions load the same common state.
+    """
+    from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME
+
+    path = os.path.join(ckpt_dir, COMMON_STATE_FNAME)
+    if dist.get_rank() != 0 or os.path.exists(path):
+        return
+    from megatron.core.dist_checkpointing.serialization import load_common_state_dict
+
+    with cuda_free():
+        common = load_common_state_dict(ckpt_dir)
+    torch.save(common, path)
 
 
 def load_sharded(sharded_state_dict: dict, ckpt_dir: str) -> dict:
