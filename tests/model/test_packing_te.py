@@ -6,6 +6,7 @@ import torch
 
 from nemo_neva.modules import layer_specs
 
+# not optional: a GPU test (scripts/gpu_smoke.sh runs it)
 pytestmark = pytest.mark.skipif(not (layer_specs.HAVE_TE and torch.cuda.is_available()),
                                 reason="needs a CUDA GPU and transformer_engine")
 

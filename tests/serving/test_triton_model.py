@@ -188,6 +188,7 @@ def test_settings_and_environment_checks(tmp_path):
 def test_trt_engine_dir_is_refused_clearly_without_tensorrt_llm(tmp_path):
     try:
         import tensorrt_llm  # noqa: F401
+        # not optional: this test is for machines *without* TensorRT-LLM
         pytest.skip("TensorRT-LLM is installed here: scripts/trtllm_gpu_check.sh covers the engine path")
     except ImportError:
         pass
