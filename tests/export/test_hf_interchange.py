@@ -157,4 +157,6 @@ def test_bf16_checkpoint_goes_back_to_bf16_bit_for_bit(tmp_path):
     for key in a:
         assert b[key].dtype == torch.bfloat16 and torch.equal(a[key], b[key]), key
     assert json.load(open(os.path.join(out, "config.json")))["dtype"] == "bfloat16"
-    assert _hf_model(out) is not None
+    ids, pixels = probe_inputs(model.image_token_id, len(model.tokenizer))  # the export runs as the .nemo does
+    torch.testing.assert_close(hf_logits(_hf_model(out), ids, pixels), neva_logits(model, ids, pixels),
+                               rtol=0, atol=ATOL)

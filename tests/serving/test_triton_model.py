@@ -162,13 +162,20 @@ def test_bad_text_and_images():
 
 
 def test_a_bad_request_in_a_dynamic_batch_is_named_and_its_trace_stays_in_the_log():
+    """PyTriton (pytriton/proxy/inference.py) logs `traceback.format_exc()` in its except block and sends the client
+    `format_exception(None, e, e.__traceback__)`: the same two calls here."""
     m = NevaTritonModel(FakeBackend(), TEMPLATE, LIMITS)
-    with pytest.raises(InvalidInput) as info:
+    try:
         m([request("fine"), request("bad", temperature=5.0), request("fine too")])
-    text = "".join(traceback.format_exception(None, info.value, info.value.__traceback__))
-    assert text.startswith("nemo_neva.serving.triton_model.InvalidInput: request 2 of 3: input 'temperature'")
-    assert "File " not in text  # what PyTriton sends the client: no frames, no paths
-    assert info.tb is not None  # the interpreter still has the traceback for the server log
+        pytest.fail("the bad request was not refused")
+    except InvalidInput as e:
+        server_log = traceback.format_exc()
+        client = "".join(traceback.format_exception(None, e, e.__traceback__))
+    assert client.startswith("nemo_neva.serving.triton_model.InvalidInput: request 2 of 3: input 'temperature'")
+    assert "File " not in client  # what PyTriton sends the client: no frames, no paths
+    assert server_log.startswith("Traceback (most recent call last):")  # the server log keeps the frames
+    assert 'triton_model.py", line' in server_log and "in __call__" in server_log, server_log
+    assert server_log.rstrip().endswith(client.rstrip())
 
 
 def test_settings_and_environment_checks(tmp_path):

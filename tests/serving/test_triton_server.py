@@ -343,6 +343,12 @@ def test_the_query_script_shows_the_reason(served):
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.strip() == ("error: input 'temperature': temperature=-1.0 is out of range: it must be in "
                                    "[0.0, 2.0]")
+    # ... while the server's own log keeps the whole trace, down to the frame in our model that refused it
+    # (PyTriton logs it as a warning; tritonserver's Python stub logs only its own frame for it)
+    trace = (r"Traceback \(most recent call last\):\n(?:  .*\n)*"
+             r"  File \"[^\"]*nemo_neva/serving/triton_model\.py\", line \d+, in __call__\n(?:  .*\n)*"
+             r"nemo_neva\.serving\.triton_model\.InvalidInput: input 'temperature': temperature=-1\.0 is out of range")
+    assert re.search(trace, served.log()), served.log()[-6000:]
 
 
 def test_zz_sigterm_shuts_down_cleanly_leaving_no_process(served):
