@@ -86,7 +86,7 @@ def test_same_settings_share_one_generate_and_greedy_ignores_sampling_knobs():
     # the three greedy rows decode together; the sampled one alone
     assert sorted(n for n, _ in backend.calls) == [1, 3]
     sampled = next(s for n, s in backend.calls if n == 1)
-    assert (sampled.temperature, sampled.top_k, sampled.seed) == (pytest.approx(0.9), 5, 3)
+    assert (sampled.temperature, sampled.top_k, sampled.seed) == (pytest.approx(0.9), 5, 3)  # 0.9 came as float32
     # NeMo 1's client defaults (top_k=1, top_p=0, temperature=1): greedy
     m([request("e", batch_size=1, top_k=1, top_p=0.0, temperature=1.0, repetition_penalty=1.0, num_beams=1)])
     assert backend.calls[-1][1].greedy and backend.calls[-1][1].top_p == 1.0
@@ -274,7 +274,7 @@ def test_tensorrt_llm_backend_feeds_each_row_its_image_through_the_prompt_table(
     assert [c["rows"] for c in runner.calls] == [2, 1]  # the engine's max batch size
     assert runner.calls[0]["tasks"] == "0,0" and runner.calls[0]["top_k"] == 1 and runner.calls[0]["top_p"] == 0.0
     m([request("Say something.", temperature=0.8, top_k=5, top_p=0.9, random_seed=4, max_output_len=6)])
-    last = runner.calls[-1]
+    last = runner.calls[-1]  # temperature and top_p arrive as float32: approx
     assert (last["temperature"], last["top_k"], last["top_p"], last["random_seed"]) == (pytest.approx(0.8), 5,
                                                                                          pytest.approx(0.9), 4)
     with pytest.raises(InvalidInput, match="input 'input_text': the prompt is .* engine was built for at most 150"):
