@@ -184,6 +184,8 @@ def test_recompute_gives_the_same_loss_and_grads(style):
             handle.remove()
         if rc["activations_checkpoint_granularity"] == "full":
             assert len(calls) == 2, f"{name}: layer 0 ran {len(calls)}x; full recompute should re-run it once"
+        # recompute re-runs the same fp32 ops on the same inputs: measured 0.0 (loss and every gradient); the
+        # small bounds only admit a backend that reorders a recomputed kernel
         torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-6, msg=name)
         assert grads.keys() == ref_grads.keys(), name
         for key in grads:
