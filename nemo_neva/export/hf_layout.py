@@ -191,9 +191,25 @@ def _layer_norm_keys(neva_keys, i: int) -> tuple[str, str]:
 
 
 def lm_table(cfg):
-    """The LM tensor table of a NeVA config, under LLaVA's keys (the HF layout of the LM it came from)."""
-    layout = hf_lm.LAYOUTS.get((cfg.get("hf") or {}).get("text_model_type") or "llama", "llama")
-    return hf_lm.lm_table(cfg, layout, prefix=_LM, lm_head=_LM_HEAD)
+    """The LM tensor table of a NeVA config, under LLaVA's keys (the HF layout of the family it is written in)."""
+    from nemo_neva.export.hf_text import export_family
+
+    return hf_lm.lm_table(cfg, hf_lm.LAYOUTS[export_family(cfg)], prefix=_LM, lm_head=_LM_HEAD)
+
+
+_HUB_VISION = "vision_tower.vision_model."
+_HUB_GPT2_LM = "language_model."
+
+
+def hub_key(key: str, family: str) -> str:
+    """Canonical key -> the Hub layout the engines load (llava-hf/llava-1.5-7b-hf): the vision tower under
+    `vision_model.`; a GPT-2 LM's base-model tensors straight under `language_model.` (transformers maps that
+    prefix onto its `model.language_model`, vLLM's GPT-2 onto its `transformer.`; neither takes the other's)."""
+    if key.startswith(_VISION):
+        return _HUB_VISION + key[len(_VISION):]
+    if family == "gpt2" and key.startswith(_LM):
+        return _HUB_GPT2_LM + key[len(_LM):]
+    return key
 
 
 def neva_to_hf_state(state: dict, cfg, vocab_size: int) -> dict[str, torch.Tensor]:

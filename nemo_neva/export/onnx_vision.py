@@ -8,10 +8,13 @@ metadata (`metadata_props`) records how the model's images become that input, as
 """
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
 from torch import nn
+
+from nemo_neva.export.placement import on_module
 
 INPUT, OUTPUT = "input", "output"
 MIN_OPSET = 17
@@ -51,26 +54,22 @@ def _add_metadata(path: str, props: dict) -> None:
 
 
 def export_vision_onnx(model, path: str, opset: int = MIN_OPSET) -> str:
-    """Export `model.model.vision_tower` + projector (fp32) to `path`."""
+    """Export `model.model.vision_tower` + projector (an fp32 copy, on the model's device) to `path`."""
     if opset < MIN_OPSET:
         raise ValueError(f"opset {opset} < {MIN_OPSET}")
     module = model.model
     if module.vision_tower is None:
         raise ValueError("this model rank holds no vision tower (not the first pipeline stage)")
-    encoder = VisionEncoder(module.vision_tower, module.projector).float().eval()
-    hf_model = module.vision_tower.model
-    previous = hf_model.config._attn_implementation
+    # an fp32 copy: the model itself keeps its dtype (a bf16 model stays bf16 for what runs after the export)
+    encoder = copy.deepcopy(VisionEncoder(module.vision_tower, module.projector)).float().eval()
     # Eager attention traces to plain MatMul/Softmax, which every ONNX runtime and TensorRT parses.
-    hf_model.set_attn_implementation("eager")
+    encoder.tower.model.set_attn_implementation("eager")
     size = image_size(model.vision_config)
-    example = torch.zeros(2, 3, size, size)
+    example = on_module(torch.zeros(2, 3, size, size), encoder)  # the encoder's device (CUDA after restore_from)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    try:
-        with torch.no_grad():
-            torch.onnx.export(encoder, (example,), path, dynamo=False, opset_version=opset,
-                              input_names=[INPUT], output_names=[OUTPUT],
-                              dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}, do_constant_folding=True)
-    finally:
-        hf_model.set_attn_implementation(previous)
+    with torch.no_grad():
+        torch.onnx.export(encoder, (example,), path, dynamo=False, opset_version=opset,
+                          input_names=[INPUT], output_names=[OUTPUT],
+                          dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}, do_constant_folding=True)
     _add_metadata(path, preprocessing_metadata(model))
     return path

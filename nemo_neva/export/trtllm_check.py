@@ -61,6 +61,7 @@ def engine_inputs(model, export_dir: str, meta: dict, image, question: str, visi
     values -> features, the TensorRT engine here, onnxruntime in the CPU tests) against the .nemo's, the prompt
     table, the fake ids and the .nemo's last-position logits. Raises CheckFailed for an export of another model."""
     from nemo_neva.data.constants import IMAGE_TOKEN
+    from nemo_neva.export.placement import on_module
     from nemo_neva.export.trtllm import export_pixels
     from nemo_neva.export.trtllm_prompt import (export_tiling, fake_prompt_ids, image_tiles, load_image_newline,
                                                 prompt_table, tiled_prompt_table)
@@ -78,8 +79,9 @@ def engine_inputs(model, export_dir: str, meta: dict, image, question: str, visi
                           f"{' tiled' if model.tiling else ''} (different pixel values): export this .nemo again")
     sizes = [image_size_of(im) for im in images]
     vision_input = pixels if tiling is None else image_tiles(pixels, sizes, tiling)  # a tiled image: its own tiles
-    with torch.no_grad():
-        ref_feats = model.model.encode_images(vision_input)
+    tower, module = model.model.vision_tower, model.model
+    with torch.no_grad():  # the reference inputs on the model's device, pixels in its vision tower's dtype
+        ref_feats = module.encode_images(on_module(vision_input, tower)).float().cpu()
     feats = vision(vision_input).float().cpu()
     vis_err = float((feats - ref_feats).abs().max() / ref_feats.abs().max())
     table = prompt_table(feats) if tiling is None else \
@@ -90,10 +92,11 @@ def engine_inputs(model, export_dir: str, meta: dict, image, question: str, visi
     n_placeholders = int((ids == meta["image_token_id"]).sum())
     if n_placeholders != table.shape[0]:
         raise CheckFailed(f"{n_placeholders} image placeholders but {table.shape[0]} prompt-table rows")
-    image_sizes = None if tiling is None else torch.tensor(sizes, dtype=torch.long)
+    image_sizes = None if tiling is None else on_module(torch.tensor(sizes, dtype=torch.long), module)
     with torch.no_grad():
-        ref_logits = model.model(ids.unsqueeze(0), torch.arange(ids.numel()).unsqueeze(0), images=pixels,
-                                 image_sizes=image_sizes, runtime_gather_output=True)[0, -1, : meta["vocab_size"]]
+        ref_logits = module(on_module(ids.unsqueeze(0), module), on_module(torch.arange(ids.numel()).unsqueeze(0),
+                            module), images=on_module(pixels, tower), image_sizes=image_sizes,
+                            runtime_gather_output=True)[0, -1, : meta["vocab_size"]].float().cpu()
     return {"images": images, "prompt": prompt, "ids": ids, "vision_inputs": vision_input.shape[0],
             "vis_err": vis_err, "table": table, "ref_logits": ref_logits,
             "fake": fake_prompt_ids(ids.unsqueeze(0), meta["image_token_id"], meta["vocab_size"])[0]}

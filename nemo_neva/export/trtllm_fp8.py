@@ -15,6 +15,8 @@ from typing import Iterable
 
 import torch
 
+from nemo_neva.export.placement import on_module
+
 log = logging.getLogger(__name__)
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -97,6 +99,9 @@ def calibrate_activation_amax(model, batches: Iterable[dict]) -> dict[str, torch
     n = 0
     try:
         for batch in batches:
+            # the collator's host tensors on the model's device; pixel values in the vision tower's dtype
+            batch = on_module(batch, model.model.vision_tower if model.model.vision_tower is not None
+                              else model.model)
             model.model(batch["tokens"], batch["position_ids"], images=batch.get("images"),
                         num_images=batch.get("num_images"), image_sizes=batch.get("image_sizes"),
                         video_frames=batch.get("video_frames"))
@@ -107,6 +112,7 @@ def calibrate_activation_amax(model, batches: Iterable[dict]) -> dict[str, torch
         model.train(was_training)
     if n == 0:
         raise ValueError("FP8 calibration got no usable samples")
+    amax = {name: value.cpu() for name, value in amax.items()}  # the weights they scale are on the host
     for name in list(amax):
         if name.endswith("mlp.fc"):
             amax[name[: -len("fc")] + "gate"] = amax[name]

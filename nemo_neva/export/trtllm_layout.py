@@ -55,9 +55,13 @@ def architecture_for(cfg) -> str:
     if norm == "RMSNorm" and act == "swiglu":
         if pos != "rope" or bias or float(cfg.get("rotary_percentage", 1.0)) != 1.0:
             raise UnsupportedCheckpoint("RMSNorm + SwiGLU exports as LlamaForCausalLM, which needs "
-                                        "position_embedding_type=rope, rotary_percentage=1.0 and bias=false")
+                                        "position_embedding_type=rope, rotary_percentage=1.0 and bias=false "
+                                        "(qkv_bias=true is fine)")
         return LLAMA
     if norm == "LayerNorm" and act == "gelu":
+        if cfg.get("rope_scaling"):
+            raise UnsupportedCheckpoint("rope_scaling on a LayerNorm + GELU model: TensorRT-LLM export writes RoPE "
+                                        "scaling for LlamaForCausalLM only; export without rope_scaling")
         return GPT
     raise UnsupportedCheckpoint(f"normalization={norm!r} with activation={act!r}: TensorRT-LLM export supports "
                                 "RMSNorm+swiglu (LLaMA) and LayerNorm+gelu (GPT)")
@@ -93,13 +97,33 @@ def trtllm_config(cfg, vocab_size: int, dtype: str, tp_size: int, quant_algo: Op
         "quantization": {"quant_algo": quant_algo, "kv_cache_quant_algo": kv_cache_quant_algo},
     }
     if arch == LLAMA:
-        out.update(hidden_act="silu", rotary_base=float(cfg.get("rotary_base", 10000)), rotary_scaling=None,
-                   mlp_bias=False, attn_bias=False, tie_word_embeddings=False)
+        # attn_bias: TensorRT-LLM's LLaMA attention then has a qkv bias *and* a dense bias (Qwen2 has only the
+        # first; neva_to_trtllm writes the dense one as zeros)
+        out.update(hidden_act="silu", rotary_base=float(cfg.get("rotary_base", 10000)),
+                   rotary_scaling=rotary_scaling(cfg), mlp_bias=False, attn_bias=bool(cfg.get("qkv_bias", False)),
+                   tie_word_embeddings=False)
     else:
         out.update(hidden_act="gelu", bias=bool(cfg.get("bias", True)),
                    rotary_pct=float(cfg.get("rotary_percentage", 1.0)),
                    rotary_base=float(cfg.get("rotary_base", 10000)))
     return out
+
+
+def rotary_scaling(cfg) -> Optional[dict]:
+    """`model.rope_scaling` as TensorRT-LLM's `rotary_scaling` (Hugging Face's rope_scaling form, which its LLaMA
+    attention reads: `type`, `factor`, and for llama3 the low/high frequency factors and original context)."""
+    scaling = cfg.get("rope_scaling")
+    if not scaling:
+        return None
+    kind = scaling.get("type")
+    if kind == "linear":
+        return {"type": "linear", "factor": float(scaling["factor"])}
+    if kind == "llama3":
+        return {"type": "llama3", "factor": float(scaling["factor"]),
+                "low_freq_factor": float(scaling.get("low_freq_factor", 1.0)),
+                "high_freq_factor": float(scaling.get("high_freq_factor", 4.0)),
+                "original_max_position_embeddings": int(scaling.get("original_max_position_embeddings", 8192))}
+    raise UnsupportedCheckpoint(f"rope_scaling.type={kind!r}: TensorRT-LLM export supports linear and llama3")
 
 
 def check_tp(heads: int, kv_heads: int, tp: int) -> None:
@@ -145,6 +169,9 @@ def neva_to_trtllm(state: dict, cfg, vocab_size: int) -> dict[str, torch.Tensor]
         if qkv + "bias" in keys:
             parts = unpack_qkv(state[qkv + "bias"].unsqueeze(-1), heads, groups, head_dim)
             out[t + "attention.qkv.bias"] = torch.cat(parts).squeeze(-1)
+            if arch == LLAMA:  # attn_bias=true also gives TensorRT-LLM's LLaMA a dense bias: zero, as Qwen2 has none
+                proj = state[p + "self_attention.linear_proj.weight"]
+                out[t + "attention.dense.bias"] = proj.new_zeros(proj.shape[0])
         for src, dst in (("self_attention.linear_proj.", "attention.dense."), ("mlp.linear_fc2.", "mlp.proj.")):
             out[t + dst + "weight"] = state[p + src + "weight"]
             if p + src + "bias" in keys:

@@ -220,11 +220,17 @@ def _shared_seed(seed: Optional[int]) -> int:
 
 @contextlib.contextmanager
 def _generation_mode(model):
-    """eval(), and sequence parallelism off: a one-token step cannot be split over the sequence."""
+    """eval(), and sequence parallelism off: a one-token step cannot be split over the sequence. An FP8 model's
+    Transformer Engine linears get megatron-core's inference padding (`prepare_model_for_fp8_inference`, once):
+    TE's FP8 GEMMs need token counts in multiples of 8, and a decode step has one token per row."""
     from megatron.core.transformer.utils import set_model_to_sequence_parallel
 
     gpt = model.model.language_model
     was_training, sp = model.training, gpt.config.sequence_parallel
+    if gpt.config.fp8:
+        from megatron.core.fp8_utils import prepare_model_for_fp8_inference
+
+        prepare_model_for_fp8_inference(gpt)
     model.eval()
     if sp:
         set_model_to_sequence_parallel(gpt, False)

@@ -33,6 +33,19 @@ from nemo_neva.modules.vision import VisionTower, build_image_processor, load_vi
 log = logging.getLogger(__name__)
 
 
+def _no_init_weights(skip: bool):
+    """transformers' switch that leaves a new model's weights uninitialised (they are loaded right after);
+    a no-op when `skip` is False or this transformers has no such switch."""
+    import contextlib
+
+    if skip:
+        try:
+            from transformers.initialization import no_init_weights
+
+            return no_init_weights()
+        except ImportError:
+            pass
+    return contextlib.nullcontext()
 
 
 def _precision_dtype(trainer: Optional[Trainer]) -> torch.dtype:
@@ -45,8 +58,11 @@ def _precision_dtype(trainer: Optional[Trainer]) -> torch.dtype:
 class MegatronNevaModel(NevaRestoreMixin, NevaStepMixin, NevaDataMixin, ModelPT):
     """NeVA: HF CLIP/SigLIP tower (frozen) + projector + megatron-core GPTModel."""
 
-    def __init__(self, cfg: DictConfig, trainer: Optional[Trainer] = None):
+    def __init__(self, cfg: DictConfig, trainer: Optional[Trainer] = None, weights_loaded_after: bool = False):
+        """`weights_loaded_after`: the caller overwrites every weight right after (the HF LLaVA converter), so
+        the network skips its random initialisation, as it does for a .nemo restore and a pretrained LM."""
         self._weights_restored = False
+        self._weights_loaded_after = weights_loaded_after
         super().__init__(cfg=cfg, trainer=trainer)
         try:
             self._construct(trainer)
@@ -86,8 +102,12 @@ class MegatronNevaModel(NevaRestoreMixin, NevaStepMixin, NevaDataMixin, ModelPT)
         if self.image_token_id is None or self.image_token_id == self.tokenizer.unk_token_id:
             raise ValueError("the tokenizer has no '<image>' token; add it as a special token")
         self.dtype_ = _precision_dtype(trainer)
+        # A random init that the loading below overwrites is skipped: the LM's when every LM weight is loaded
+        # (.nemo, pretrained LM, converter), the vision tower's when it is loaded too (.nemo, converter).
+        all_loaded = bool(restore_dir) or self._weights_loaded_after
         self.model = self._build_module(cfg, vision_config, from_pretrained=None if restore_dir else
-                                        resolve_path(cfg.mm_cfg.vision_encoder.get("from_pretrained")))
+                                        resolve_path(cfg.mm_cfg.vision_encoder.get("from_pretrained")),
+                                        lm_loaded=all_loaded or self._lm_source is not None, tower_loaded=all_loaded)
         if self._lm_source is not None:  # each rank reads its own shard of the pretrained LM
             self._lm_source.load(self.model.language_model, cfg)
         peft.apply(self.model, cfg)  # LoRA adapters (model.peft.*), before freezing and loading weights
@@ -147,7 +167,8 @@ class MegatronNevaModel(NevaRestoreMixin, NevaStepMixin, NevaDataMixin, ModelPT)
         tokenizer = AutoTokenizer.from_pretrained(tok_path)
         return tokenizer, processor, vision_config
 
-    def _build_module(self, cfg, vision_config, from_pretrained) -> NevaModule:
+    def _build_module(self, cfg, vision_config, from_pretrained, lm_loaded: bool = False,
+                      tower_loaded: bool = False) -> NevaModule:
         tconfig = build_transformer_config(cfg, self.dtype_)
         pre = parallel_state.is_pipeline_first_stage()
         post = parallel_state.is_pipeline_last_stage()
@@ -158,13 +179,15 @@ class MegatronNevaModel(NevaRestoreMixin, NevaStepMixin, NevaDataMixin, ModelPT)
         # megatron-core creates its linear weights in params_dtype but norms and learned positions in fp32;
         # like megatron's Float16Module, keep every LM weight in the training dtype (fp32 masters live in the
         # optimizer).
-        gpt = build_gpt(cfg, tconfig, vocab, pre_process=pre, post_process=post).to(self.dtype_)
+        gpt = build_gpt(cfg, tconfig, vocab, pre_process=pre, post_process=post,
+                        initialize=not lm_loaded).to(self.dtype_)
         tower = projector = None
         venc = cfg.mm_cfg.vision_encoder
         self.tokens_per_image  # noqa: B018  (refuses a projector that cannot take this tower's features)
         if pre:
-            tower = VisionTower(vision_config, from_pretrained, venc.get("vision_select_layer", -2),
-                                venc.get("drop_cls", True)).to(self.dtype_)
+            with _no_init_weights(tower_loaded and not from_pretrained):
+                tower = VisionTower(vision_config, from_pretrained, venc.get("vision_select_layer", -2),
+                                    venc.get("drop_cls", True)).to(self.dtype_)
             projector = build_projector(cfg.mm_cfg.mm_mlp_adapter_type, tower.hidden_size, cfg.hidden_size)
             projector.to(self.dtype_)
         return NevaModule(tconfig, gpt, tower, projector, self.image_token_id, venc.get("freeze", True), self.tiling,

@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from nemo_neva.modules.precision import fp8_format
 from nemo_neva.parallel.optimizer import build_megatron_ddp
 from nemo_neva.parallel.schedule import run_forward_backward
 from nemo_neva.training import megatron_step as mt
@@ -46,9 +47,17 @@ class NevaStepMixin:
                 and cfg.get("pipeline_model_parallel_size", 1) == 1 and not cfg.get("sequence_parallel", False))
         return to_thd(mb, drop_padding=drop)
 
+    def _pad_for_layout(self, batch: dict) -> dict:
+        """The batch lengthened (loss-free padding) to what sequence parallelism and FP8 need
+        (`megatron_step.sequence_multiple`): collated batches are as long as their longest sample."""
+        cfg = self.cfg
+        multiple = mt.sequence_multiple(cfg.get("tensor_model_parallel_size", 1), cfg.get("sequence_parallel", False),
+                                        fp8_format(cfg) is not None)
+        return mt.pad_sequence_to_multiple(batch, multiple, self.tokenizer.pad_token_id or 0)
+
     def loss_from_batch(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Masked mean next-token loss; a batch with no trainable token gives a finite 0."""
-        batch = self._packed_layout(batch)
+        batch = self._packed_layout(self._pad_for_layout(batch))
         per_token = self.model(
             batch["tokens"], batch["position_ids"], attention_mask=batch.get("attention_mask"),
             images=batch.get("images"), labels=batch["labels"], num_images=batch.get("num_images"),
@@ -80,6 +89,7 @@ class NevaStepMixin:
             # outside Lightning's inference mode (DDP hooks the parameters' autograd and allocates grad buffers)
             with torch.inference_mode(False), torch.enable_grad():
                 self._ddp = [build_megatron_ddp(self.model, {"calculate_per_token_loss": True})]
+        batch = self._pad_for_layout(batch)
         microbatches = mt.split_microbatches(batch, self.cfg.micro_batch_size, pad=forward_only)
         seq, mbs = batch["tokens"].shape[1], self.cfg.micro_batch_size
         if self._thd(batch):

@@ -116,6 +116,29 @@ def build_transformer_config(cfg, dtype: torch.dtype) -> TransformerConfig:
     )
 
 
+def mark_tensor_parallel(gpt) -> None:
+    """megatron-core 0.16 marks a parallel layer's weight as tensor-parallel (partition dim, stride) only while
+    initialising it; later releases mark it either way. DDP, the optimizer's grad norm and the loaders read the
+    marks, so weights built without the init get them here as those releases set them (TE layers mark their own)."""
+    from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                                      set_tensor_model_parallel_attributes)
+
+    for name, module in gpt.named_modules():
+        weight = getattr(module, "weight", None)
+        if weight is None or hasattr(weight, "tensor_model_parallel"):
+            continue
+        if isinstance(module, RowParallelLinear):
+            dim = 1
+        elif isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            dim = 0
+        else:
+            continue
+        # the stride megatron-core passes: 2 for a gated MLP's fc1 ([gate; up] interleaved per rank), else 1
+        glu_fc1 = name.endswith("mlp.linear_fc1") and gpt.config.gated_linear_unit
+        stride = getattr(getattr(module, "bias", None), "partition_stride", 2 if glu_fc1 else 1)
+        set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=dim, stride=stride)
+
+
 _ROPE_SCALING = ("llama3", "linear")
 
 
@@ -133,21 +156,32 @@ def rope_scaling_args(cfg) -> dict:
     return {"rope_scaling": True, "rope_scaling_factor": float(scaling["factor"])}
 
 
-def build_gpt(cfg, config: TransformerConfig, vocab_size: int, pre_process: bool, post_process: bool) -> GPTModel:
+def build_gpt(cfg, config: TransformerConfig, vocab_size: int, pre_process: bool, post_process: bool,
+              initialize: bool = True) -> GPTModel:
+    """The GPTModel of `cfg`. `initialize=False` skips megatron-core's random initialisation (weights and biases
+    are allocated, not drawn): only for callers that overwrite every parameter right after (a pretrained LM, a
+    .nemo restore, the HF converters), whose loaders refuse to leave one unset. Norm gains are still ones."""
     spec = build_decoder_spec(config, cfg.get("transformer_engine", False))
-    gpt = GPTModel(
-        config=config,
-        transformer_layer_spec=spec,
-        vocab_size=vocab_size,
-        max_sequence_length=cfg.encoder_seq_length,
-        pre_process=pre_process,
-        post_process=post_process,
-        share_embeddings_and_output_weights=cfg.get("share_embeddings_and_output_weights", False),
-        position_embedding_type=cfg.get("position_embedding_type", "learned_absolute"),
-        rotary_percent=cfg.get("rotary_percentage", 1.0),
-        rotary_base=cfg.get("rotary_base", 10000),
-        **rope_scaling_args(cfg),
-    )
+    config.perform_initialization = initialize
+    try:
+        gpt = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=vocab_size,
+            max_sequence_length=cfg.encoder_seq_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=cfg.get("share_embeddings_and_output_weights", False),
+            position_embedding_type=cfg.get("position_embedding_type", "learned_absolute"),
+            rotary_percent=cfg.get("rotary_percentage", 1.0),
+            rotary_base=cfg.get("rotary_base", 10000),
+            **rope_scaling_args(cfg),
+        )
+    finally:
+        # The config is shared with everything built later (LoRA adapters, a merged layer): they initialise.
+        config.perform_initialization = True
+    if not initialize:
+        mark_tensor_parallel(gpt)
     scaling = cfg.get("rope_scaling") or {}
     if scaling.get("type") == "llama3" and hasattr(gpt, "rotary_pos_emb"):
         # megatron-core 0.16.1's GPTModel fixes low/high_freq_factor = 1/4 and original context 8192 (Llama 3.1);

@@ -184,7 +184,7 @@ def use_transformer_engine(requested: bool) -> bool:
         return False
     if not HAVE_TE:
         raise RuntimeError(
-            "model.mm_cfg.llm.transformer_engine=true but transformer_engine is not importable; "
+            "model.transformer_engine=true but transformer_engine is not importable; "
             "install it (GPU) or set transformer_engine=false"
         )
     if not torch.cuda.is_available():

@@ -6,7 +6,8 @@ Config keys (all under `model.`, commented in conf/neva_pretrain.yaml):
     fp8_recipe: delayed | tensorwise delayed = amax-history scaling (DelayedScaling);
                                      tensorwise = per-tensor current scaling (TE >= 2.2, Float8CurrentScaling)
     fp8_margin, fp8_amax_history_len, fp8_amax_compute_algo (most_recent | max)   -- delayed scaling only
-    fp8_wgrad: true                  false = weight-gradient GEMM in bf16
+    fp8_wgrad: true                  false = weight-gradient GEMM in bf16: Transformer Engine 1.x only, refused
+                                     on TE 2.x (its recipes dropped the override; see fp8_wgrad_problem)
 
 Who applies the FP8 autocast: megatron-core does. In megatron-core 0.16.1 `TransformerBlock.forward`
 enters `megatron.core.fp8_utils.get_fp8_context(config)` itself whenever `config.fp8` is set (one outer
@@ -71,18 +72,83 @@ def fp8_transformer_config_kwargs(cfg, hidden_size: Optional[int] = None,
     margin = int(_get(cfg, "fp8_margin", 0))
     if margin < 0:
         raise ValueError(f"model.fp8_margin={margin} must be >= 0")
-    # TE's FP8 GEMMs need the inner dimensions to be multiples of 16.
-    for name, value in (("hidden_size", hidden_size), ("ffn_hidden_size", ffn_hidden_size)):
-        if value is not None and value % 16:
-            raise ValueError(f"model.fp8 needs model.{name} to be a multiple of 16 (got {value})")
+    wgrad = bool(_get(cfg, "fp8_wgrad", True))
+    problem = fp8_wgrad_problem(wgrad, installed_te_version())
+    if problem:
+        raise ValueError(problem)
+    if hidden_size is not None and ffn_hidden_size is not None:
+        problem = fp8_dims_problem(cfg, hidden_size, ffn_hidden_size)
+        if problem:
+            raise ValueError(problem)
     return {
         "fp8": fmt,
         "fp8_recipe": recipe,
         "fp8_margin": margin,
         "fp8_amax_history_len": history,
         "fp8_amax_compute_algo": algo,
-        "fp8_wgrad": bool(_get(cfg, "fp8_wgrad", True)),
+        "fp8_wgrad": wgrad,
     }
+
+
+def _fp8_gemm_dims(hidden: int, ffn: int, heads: int, groups: int, kv: int, tp: int) -> list:
+    """(name, full size, per-rank divisor, multiple) of every TE GEMM dimension of one layer on a TP rank. TE's
+    FP8 GEMMs assert (`assert_dim_for_fp8_exec`, on the input and the weight) that a matrix's last dim is a
+    multiple of 16 and its rows a multiple of 8: the in-features of every linear and the out-features of
+    the column-parallel QKV (the MLP's fc1 out-features follow from ffn / TP being a multiple of 16)."""
+    return [("hidden_size", hidden, 1, 16),
+            ("ffn_hidden_size", ffn, tp, 16),
+            ("num_attention_heads x kv_channels", heads * kv, tp, 16),
+            ("(num_attention_heads + 2 x num_query_groups) x kv_channels", (heads + 2 * groups) * kv, tp, 8)]
+
+
+def fp8_dims_problem(cfg, hidden: int, ffn: int) -> Optional[str]:
+    """None when every per-rank GEMM dimension FP8 meets takes it; else one line naming the dimension, the
+    sizes of it that work at this TP, and the TP sizes that work with the model as it is."""
+    heads = int(_get(cfg, "num_attention_heads"))
+    groups = int(_get(cfg, "num_query_groups") or heads)
+    kv = int(_get(cfg, "kv_channels") or hidden // heads)
+    tp = int(_get(cfg, "tensor_model_parallel_size", 1))
+
+    def bad(t):
+        return [(n, v, d, m) for n, v, d, m in _fp8_gemm_dims(hidden, ffn, heads, groups, kv, t) if v % (d * m)]
+
+    wrong = bad(tp)
+    if not wrong:
+        return None
+    name, value, div, mult = wrong[0]
+    step = div * mult
+    below, above = value // step * step, (value // step + 1) * step
+    sizes = f"{below} or {above}" if below else f"{above}"
+    tps = [t for t in range(1, heads + 1) if heads % t == 0 and groups % t == 0 and not bad(t)]
+    per_rank = f"{name} / tensor_model_parallel_size = {value}/{tp}" if div > 1 else f"{name} = {value}"
+    return (f"model.fp8 needs {per_rank} to be a multiple of {mult} (Transformer Engine's FP8 GEMMs); "
+            f"sizes that work at tensor_model_parallel_size={tp}: {name} = {sizes}; "
+            f"tensor_model_parallel_size that work for this model: {', '.join(map(str, tps)) or 'none'}")
+
+
+def installed_te_version() -> Optional[str]:
+    """Transformer Engine's installed version from the package metadata (no import, so no CUDA needed), or None."""
+    from importlib import metadata
+
+    for dist in ("transformer_engine", "transformer_engine_torch"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def fp8_wgrad_problem(fp8_wgrad: bool, te_version: Optional[str]) -> Optional[str]:
+    """`model.fp8_wgrad=false` (weight-gradient GEMM in high precision) needs TE 1.x: TE 2.0 removed
+    `DelayedScaling(override_linear_precision=...)`, which megatron-core still passes, and TE's pydantic recipes
+    drop the unknown keyword silently, so on TE 2.x the key would do nothing. One line when that is the case."""
+    if fp8_wgrad or te_version is None:
+        return None
+    major = int(str(te_version).split(".")[0] or 0)
+    if major < 2:
+        return None
+    return (f"model.fp8_wgrad=false has no effect on Transformer Engine {te_version} (TE 2.x recipes have no "
+            "wgrad-precision override): remove it (fp8_wgrad=true), or use Transformer Engine 1.x")
 
 
 def build_fp8_recipe(cfg):
@@ -110,7 +176,8 @@ def build_fp8_recipe(cfg):
         margin=kwargs["fp8_margin"],
         amax_history_len=kwargs["fp8_amax_history_len"],
         amax_compute_algo=kwargs["fp8_amax_compute_algo"],
-        override_linear_precision=(False, False, not kwargs["fp8_wgrad"]),
+        # only TE 1.x reaches here with fp8_wgrad=false (fp8_wgrad_problem refuses it on 2.x)
+        **({} if kwargs["fp8_wgrad"] else {"override_linear_precision": (False, False, True)}),
     )
 
 

@@ -16,19 +16,24 @@ import torch
 
 from nemo_neva.perf import paper_model as perf_model
 
-# Dense (no sparsity) peak TFLOP/s from NVIDIA's datasheets, SXM parts. fp32: plain FP32 (no TF32).
-PEAK_TFLOPS = {
-    "H200": {"fp8": 1979.0, "bf16": 989.0, "fp32": 67.0},
-    "H100": {"fp8": 1979.0, "bf16": 989.0, "fp32": 67.0},
-    "A100": {"bf16": 312.0, "fp32": 19.5},
-}
+# Dense (no sparsity) peak TFLOP/s per GPU from NVIDIA's datasheets, fp32 = plain FP32 (no TF32). Matched on
+# the CUDA device name, most specific first: the H100 comes as SXM ('NVIDIA H100 80GB HBM3'), PCIe ('NVIDIA
+# H100 PCIe') and NVL ('NVIDIA H100 NVL'), with different clocks and so different peaks. (Lightning's
+# `get_available_flops` tells the H100s apart too, but takes a live device and has no fp8 rows.)
+PEAK_TFLOPS = (
+    ("H200", {"fp8": 1979.0, "bf16": 989.0, "fp32": 67.0}),
+    ("H100 PCIE", {"fp8": 1513.0, "bf16": 756.0, "fp32": 51.0}),
+    ("H100 NVL", {"fp8": 1671.0, "bf16": 835.0, "fp32": 60.0}),
+    ("H100", {"fp8": 1979.0, "bf16": 989.0, "fp32": 67.0}),  # SXM (HBM3)
+    ("A100", {"bf16": 312.0, "fp32": 19.5}),
+)
 
 
 def table_peak(device_name: str, precision: str) -> Optional[float]:
     """Peak FLOP/s for a CUDA device name (e.g. 'NVIDIA H100 80GB HBM3') and precision, or None."""
-    for key, peaks in PEAK_TFLOPS.items():
-        if key in device_name.upper() and precision in peaks:
-            return peaks[precision] * 1e12
+    for key, peaks in PEAK_TFLOPS:
+        if key in device_name.upper():
+            return peaks[precision] * 1e12 if precision in peaks else None
     return None
 
 

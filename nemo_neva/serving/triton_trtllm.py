@@ -78,6 +78,20 @@ class VisionEngine:
         return torch.cat(outs)
 
 
+def _refuse_tensor_parallel(export_dir: str, meta: dict) -> None:
+    tp = int(meta.get("tp_size", 1))
+    if tp > 1:  # a TP engine needs one process per rank under MPI; this backend is one process
+        raise ValueError(f"{export_dir}: the engines were built for tp_size={tp}, but this Triton backend runs one "
+                         "process without MPI: export with --tp-size 1 (or serve TP engines with TensorRT-LLM's own "
+                         "Triton backend under mpirun)")
+
+
+def _max_positions(export_dir: str, meta: dict) -> int:
+    """The exported LM's `max_position_embeddings` (its .nemo's encoder_seq_length), from the checkpoint config."""
+    with open(os.path.join(export_dir, meta.get("llm_checkpoint", "llm"), "config.json")) as f:
+        return int(json.load(f)["max_position_embeddings"])
+
+
 class TrtllmBackend:
     name = "tensorrt-llm"
 
@@ -86,6 +100,7 @@ class TrtllmBackend:
         from nemo_neva.data.image_io import check_aspect_ratio
         from nemo_neva.export.trtllm_prompt import export_tiling
 
+        _refuse_tensor_parallel(export_dir, meta)
         self.export_dir, self.meta = export_dir, meta
         self.tokenizer, self.processor, self.vision, self.runner = tokenizer, processor, vision, runner
         self.aspect_ratio = check_aspect_ratio(meta.get("image_aspect_ratio"))
@@ -98,7 +113,9 @@ class TrtllmBackend:
         self.vocab_size = int(meta["vocab_size"])
         self.max_batch_size = int(getattr(runner, "max_batch_size", 1) or 1)
         self.max_input_len = getattr(runner, "max_input_len", None)
-        self.context = int(getattr(runner, "max_seq_len", None) or getattr(runner, "max_sequence_length"))
+        # the engine's max_seq_len, never past the model's positions (a learned table has no rows beyond them)
+        self.context = min(int(getattr(runner, "max_seq_len", None) or getattr(runner, "max_sequence_length")),
+                           _max_positions(export_dir, meta))
         # what nemo_neva.inference.generate.encode_prompt reads from a model (a tiled one: tiling, image_token_count)
         self._encoder = types.SimpleNamespace(tokenizer=tokenizer, image_token_id=int(meta["image_token_id"]),
                                               tokens_per_image=meta["tokens_per_image"], tiling=self.tiling,
@@ -115,6 +132,7 @@ class TrtllmBackend:
                                         "scripts/export_to_trtllm.py --build with both engines built")
         with open(meta_path) as f:
             meta = json.load(f)
+        _refuse_tensor_parallel(export_dir, meta)  # before ModelRunner loads rank 0 of a TP engine alone
         from tensorrt_llm.runtime import ModelRunner
 
         vision = VisionEngine(os.path.join(engines, "vision.engine"), meta["vision_input"], meta["vision_output"])

@@ -208,6 +208,53 @@ def pad_to_microbatches(batch: dict, micro_batch_size: int) -> dict:
     return out
 
 
+def sequence_multiple(tp: int, sequence_parallel: bool, fp8: bool) -> int:
+    """What a batch's length must be a multiple of for the layout. Sequence parallelism splits the sequence
+    evenly over the TP ranks (megatron-core asserts S % TP == 0). Transformer Engine's FP8 GEMMs need every
+    GEMM input's token count to be a multiple of 8 (`assert_dim_for_fp8_exec`); under sequence parallelism a
+    rank's layer-norm + linear input is its S/TP share, so S must then be a multiple of 8 x TP."""
+    sp = sequence_parallel and tp > 1
+    if fp8:
+        return 8 * tp if sp else 8
+    return tp if sp else 1
+
+
+def pad_sequence_to_multiple(batch: dict, multiple: int, pad_id: int = 0) -> dict:
+    """A batch [B, S] lengthened to S' = S rounded up to `multiple` (`sequence_multiple`) at the end of every
+    row: pad tokens with loss_mask 0 and label 0, so the loss, its token count and the gradients do not change
+    (the model is causal, so no real token sees the padding). Positions repeat the row's last one (always in the
+    position table); a packed row's padding is a segment of its own; a dense mask is extended to hide it."""
+    seq = batch["tokens"].shape[1]
+    extra = -seq % multiple
+    if not extra:
+        return batch
+    out = dict(batch)
+
+    def grow(key, fill):
+        v = batch[key]
+        return torch.cat([v, fill.to(v.dtype).to(v.device).expand(v.shape[0], extra)], dim=1)
+
+    out["tokens"] = grow("tokens", torch.tensor([[pad_id]]))
+    out["labels"] = grow("labels", torch.zeros(1, 1))
+    out["loss_mask"] = grow("loss_mask", torch.zeros(1, 1))
+    out["position_ids"] = grow("position_ids", batch["position_ids"][:, -1:])
+    if batch.get("segment_ids") is not None:
+        out["segment_ids"] = grow("segment_ids", batch["segment_ids"][:, -1:] + 1)
+    mask = batch.get("attention_mask")
+    if mask is not None:  # [B, 1, S, S], True = masked: padding keys hidden, a padding query sees itself
+        new = torch.ones(*mask.shape[:2], seq + extra, seq + extra, dtype=mask.dtype, device=mask.device)
+        new[..., :seq, :seq] = mask
+        idx = torch.arange(seq, seq + extra, device=mask.device)
+        new[..., idx, idx] = False
+        out["attention_mask"] = new
+    if batch.get("cu_seqlens") is not None:  # the collator's flattened offsets, recomputed for the new length
+        from nemo_neva.data.packing import cu_seqlens_from_segments
+
+        out["cu_seqlens"] = cu_seqlens_from_segments(out["segment_ids"])
+        out["max_seqlen"] = int(torch.diff(out["cu_seqlens"]).max())
+    return out
+
+
 def split_microbatches(batch: dict, micro_batch_size: int, pad: bool = False) -> list:
     """Split a per-data-parallel-rank batch into micro-batches (images follow their samples). `pad`: fill a
     last partial micro-batch with loss-free rows (`pad_to_microbatches`, evaluation) instead of refusing it."""

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from nemo_neva import MegatronNevaModel
-from nemo_neva.export.hf import convert_hf_to_nemo, export_neva_to_hf, export_nemo_to_hf
+from nemo_neva.export.hf import convert_hf_to_nemo, export_neva_to_hf, export_nemo_to_hf, read_hf_weights
 from tests.export.hf_helpers import (ROOT, TOKENS_PER_IMAGE, hf_logits, make_tiny_llava, neva_logits,
                                      probe_inputs)
 
@@ -89,7 +89,12 @@ def exported(converted):
 
 def test_roundtrip_reproduces_every_tensor(exported):
     src, out = exported
-    a, b = load_file(os.path.join(src, "model.safetensors")), load_file(os.path.join(out, "model.safetensors"))
+    # the export writes the Hub layout (vision tower under vision_model., as llava-hf checkpoints and the engines
+    # have it), transformers 5's save_pretrained another spelling: the same tensors under canonical names
+    raw = load_file(os.path.join(out, "model.safetensors"))
+    assert any(k.startswith("vision_tower.vision_model.") for k in raw)
+    assert not any(k.startswith(("vision_tower.embeddings", "model.")) for k in raw)
+    a, b = read_hf_weights(src), read_hf_weights(out)
     assert sorted(a) == sorted(b)
     for key in a:
         assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
@@ -155,7 +160,7 @@ def test_bf16_checkpoint_goes_back_to_bf16_bit_for_bit(tmp_path):
     assert model.cfg.hf.dtype == "bfloat16"
     out = str(tmp_path / "out")
     export_neva_to_hf(model, out)
-    a, b = load_file(os.path.join(src, "model.safetensors")), load_file(os.path.join(out, "model.safetensors"))
+    a, b = read_hf_weights(src), read_hf_weights(out)
     assert sorted(a) == sorted(b)
     for key in a:
         assert b[key].dtype == torch.bfloat16 and torch.equal(a[key], b[key]), key

@@ -107,14 +107,15 @@ def test_projector_hf_cannot_express_is_refused_on_export(adapter, tmp_path):
     assert not os.path.exists(out)
 
 
-def test_export_script_refuses_a_gpt_style_nemo(tmp_path, capsys):
-    nemo = str(tmp_path / "gpt.nemo")
-    MegatronNevaModel(tiny_model_cfg()).save_to(nemo)  # learned_absolute, LayerNorm, gelu, biases
+def test_export_script_refuses_an_lm_no_family_expresses(tmp_path, capsys):
+    nemo = str(tmp_path / "mixed.nemo")
+    # GPT style (LayerNorm, gelu, biases) but RoPE: neither HF GPT-2 nor HF LLaMA computes it
+    MegatronNevaModel(tiny_model_cfg(position_embedding_type="rope")).save_to(nemo)
     out = str(tmp_path / "hf")
     assert _script("export_to_hf")(["--nemo-path", nemo, "--output-dir", out]) == 2
     err = capsys.readouterr().err
-    assert "position_embedding_type='learned_absolute'" in err and "normalization='LayerNorm'" in err
-    assert not os.path.exists(out)
+    assert "nearest gpt2: position_embedding_type='rope'" in err and len(err.strip().splitlines()) == 1
+    assert sorted(os.listdir(tmp_path)) == ["mixed.nemo"]  # no folder, no partial one
 
 
 def test_siglip_with_default_strategy_is_refused_because_hf_drops_a_real_patch(tmp_path):

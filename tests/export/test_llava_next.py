@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from nemo_neva import MegatronNevaModel
-from nemo_neva.export.hf import convert_hf_to_nemo, export_neva_to_hf
+from nemo_neva.export.hf import convert_hf_to_nemo, export_neva_to_hf, read_hf_weights
 from nemo_neva.inference.generate import encode_prompt, generate_tokens
 from tests.export.hf_helpers import NEXT_PINPOINTS, make_tiny_llava
 
@@ -123,7 +123,8 @@ def test_export_round_trip_is_bit_exact_and_loads_in_transformers(converted, tmp
 
     _, hf_dir, model = converted
     out = export_neva_to_hf(model, str(tmp_path / "back"))
-    src, back = load_file(os.path.join(hf_dir, "model.safetensors")), load_file(os.path.join(out, "model.safetensors"))
+    # canonical names: the export writes the Hub layout (vision_tower.vision_model.*), save_pretrained another spelling
+    src, back = read_hf_weights(hf_dir), read_hf_weights(out)
     assert sorted(src) == sorted(back)
     for key in src:
         assert torch.equal(src[key], back[key]), key
@@ -150,6 +151,6 @@ def test_scripts_convert_and_export_a_llava_next_folder(converted, tmp_path):
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", cmd[0]), *cmd[1:]], capture_output=True,
                               text=True, timeout=600, env=env)
         assert proc.returncode == 0, proc.stderr[-4000:]
-    src, out = load_file(os.path.join(hf_dir, "model.safetensors")), load_file(os.path.join(back, "model.safetensors"))
+    src, out = read_hf_weights(hf_dir), read_hf_weights(back)
     assert sorted(src) == sorted(out) and all(torch.equal(src[k], out[k]) for k in src)
     assert json.load(open(os.path.join(back, "config.json")))["image_grid_pinpoints"] == NEXT_PINPOINTS

@@ -140,3 +140,40 @@ def test_dtype_is_applied(exported, tmp_path):
 def test_unsupported_models_are_refused(overrides, tp, message):
     with pytest.raises(UnsupportedCheckpoint, match=message):
         trtllm_config(tiny_model_cfg(**overrides), 576, "float16", tp)
+
+
+# Qwen2 (q/k/v biases, no other bias) and RoPE scaling imported from HF: TensorRT-LLM's LLaMA must be told
+# (config attn_bias / rotary_scaling), or it drops the biases and rotates with the unscaled frequencies
+LLAMA_VARIANTS = {
+    "qwen2_qkv_bias": {"qkv_bias": True},
+    "rope_llama3": {"rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
+    "rope_linear": {"rope_scaling": {"type": "linear", "factor": 4.0}},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(LLAMA_VARIANTS))
+def test_llama_variants_export_what_tensorrt_llm_needs(variant, tmp_path):
+    """The reference reads attn_bias / rotary_scaling as TensorRT-LLM does; an export that left them at
+    False / None gives logits far off the model's (checked below), so this fails before the exporter wrote them."""
+    model = tiny_neva("llama", **LLAMA_VARIANTS[variant])
+    ids, pixels = image_batch(model)
+    ours = model_logits(model, ids, pixels)
+    with torch.no_grad():
+        table = prompt_table(model.model.encode_images(pixels))
+    for tp in (1, 2):
+        folder = str(tmp_path / f"tp{tp}")
+        write_llm_checkpoint(model, folder, tp_size=tp, dtype="float32")
+        cfg, ranks = ref.load_checkpoint(folder)
+        fake = fake_prompt_ids(ids, model.image_token_id, cfg["vocab_size"], per_request=False)
+        err = (ref.forward(cfg, ranks, fake, table) - ours).abs().max().item()
+        assert err < ATOL["llama"], f"{variant} tp={tp}: max |logit diff| {err}"
+    # the check has teeth: what the exporter wrote before (no bias, no scaling) is far off
+    stale = dict(cfg, attn_bias=False, rotary_scaling=None)
+    assert (ref.forward(stale, ranks, fake, table) - ours).abs().max() > 100 * ATOL["llama"]
+
+
+def test_rope_scaling_on_a_gpt_style_model_is_refused():
+    with pytest.raises(UnsupportedCheckpoint, match="rope_scaling"):
+        trtllm_config(tiny_model_cfg(position_embedding_type="rope", rope_scaling={"type": "linear", "factor": 2.0}),
+                      576, "float16", 1)

@@ -40,9 +40,28 @@ def _norm(cfg, t, prefix, x):
     return F.layer_norm(x, (x.shape[-1],), w, b, cfg["norm_epsilon"])
 
 
-def _rope(x, pos, rot_dim, base):
+def _scaled_inv_freq(inv, scaling):
+    """TensorRT-LLM's `rotary_scaling` (Hugging Face's form): linear divides every frequency by the factor; llama3
+    (Meta's Llama 3.1 rule) keeps wavelengths under original/high_freq_factor, divides those over
+    original/low_freq_factor by the factor and blends the band between."""
+    if not scaling:
+        return inv
+    kind, factor = scaling.get("type", scaling.get("rope_type")), scaling["factor"]
+    if kind == "linear":
+        return inv / factor
+    assert kind == "llama3", kind
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    smooth = (original / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv / factor + smooth * inv
+    out = torch.where(wavelen > original / low, inv / factor, blended)
+    return torch.where(wavelen < original / high, inv, out)
+
+
+def _rope(x, pos, rot_dim, base, scaling=None):
     """GPT-NeoX rotation of the first rot_dim channels: pairs (i, i + rot_dim/2). x [b, h, s, d]."""
-    inv = 1.0 / base ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim)
+    inv = _scaled_inv_freq(1.0 / base ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim), scaling)
     ang = pos.double()[:, None, :, None] * inv  # [b, 1, s, rot/2]
     cos, sin = torch.cat([ang.cos(), ang.cos()], -1).float(), torch.cat([ang.sin(), ang.sin()], -1).float()
     r, keep = x[..., :rot_dim], x[..., rot_dim:]
@@ -71,6 +90,10 @@ def forward(cfg, ranks, input_ids, prompt_table=None):
     heads, kv, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_size"]
     h_loc, kv_loc = heads // tp, max(kv // tp, 1)
     llama = cfg["architecture"] == "LlamaForCausalLM"
+    # TensorRT-LLM's LLaMA builds its attention biases (qkv and dense) only with attn_bias, and then loads them;
+    # without it, bias tensors in the checkpoint are ignored
+    attn_bias = (lambda t, name: _bias(t, name) if cfg.get("attn_bias") else None) if llama else _bias
+    scaling = cfg.get("rotary_scaling")
     rope = cfg["position_embedding_type"] == "rope_gpt_neox"
     rot_dim = int(d * cfg.get("rotary_pct", 1.0))
     pos = torch.arange(s).expand(b, s)
@@ -81,21 +104,23 @@ def forward(cfg, ranks, input_ids, prompt_table=None):
         h = _norm(cfg, ranks[0], p + "input_layernorm", x)
         attn = 0
         for t in ranks:
-            qkv = F.linear(h, _weight(t, p + "attention.qkv"), _bias(t, p + "attention.qkv"))
+            qkv = F.linear(h, _weight(t, p + "attention.qkv"), attn_bias(t, p + "attention.qkv"))
             q, k, v = qkv.split([h_loc * d, kv_loc * d, kv_loc * d], -1)
             q = q.reshape(b, s, h_loc, d).transpose(1, 2)
             k = k.reshape(b, s, kv_loc, d).transpose(1, 2)
             v = v.reshape(b, s, kv_loc, d).transpose(1, 2)
             if rope:
-                q, k = _rope(q, pos, rot_dim, cfg["rotary_base"]), _rope(k, pos, rot_dim, cfg["rotary_base"])
+                q, k = (_rope(y, pos, rot_dim, cfg["rotary_base"], scaling) for y in (q, k))
             k = k.repeat_interleave(h_loc // kv_loc, dim=1)
             v = v.repeat_interleave(h_loc // kv_loc, dim=1)
             scores = (q @ k.transpose(-1, -2)) / math.sqrt(d)
             ctx = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
             ctx = ctx.transpose(1, 2).reshape(b, s, h_loc * d)
             attn = attn + F.linear(ctx, _weight(t, p + "attention.dense"))
-        if _bias(ranks[0], p + "attention.dense") is not None:
-            attn = attn + _bias(ranks[0], p + "attention.dense")
+        if attn_bias(ranks[0], p + "attention.dense") is not None:
+            attn = attn + attn_bias(ranks[0], p + "attention.dense")
+        elif llama and cfg.get("attn_bias"):
+            raise KeyError(p + "attention.dense.bias: attn_bias=true but the checkpoint has none")
         x = x + attn
         h = _norm(cfg, ranks[0], p + "post_layernorm", x)
         mlp = 0

@@ -42,6 +42,16 @@ def test_peak_sources():
     assert mfu.training_precision("bf16-mixed", fp8="hybrid") == "fp8"
 
 
+def test_h100_peak_by_variant():
+    """The H100 variants' names (as torch.cuda.get_device_name reports them) get their own datasheet peaks: a
+    PCIe card is not an SXM one (an SXM peak on a PCIe card would understate its MFU by a quarter)."""
+    assert mfu.table_peak("NVIDIA H100 PCIe", "bf16") == 756e12
+    assert mfu.table_peak("NVIDIA H100 PCIe", "fp8") == 1513e12
+    assert mfu.table_peak("NVIDIA H100 NVL", "bf16") == 835e12
+    assert mfu.table_peak("NVIDIA H100 80GB HBM3", "fp8") == 1979e12  # SXM
+    assert mfu.table_peak("NVIDIA H200", "bf16") == 989e12
+
+
 def test_model_step_flops_match_the_config():
     from nemo_neva import MegatronNevaModel
     from tests.model.helpers import tiny_model_cfg

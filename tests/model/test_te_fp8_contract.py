@@ -34,8 +34,10 @@ def test_without_te_the_local_spec_with_sdpa_attention_is_chosen(monkeypatch, pa
     assert layer.submodules.self_attention.submodules.core_attention is layer_specs.SDPACoreAttention
     assert layer.submodules.input_layernorm is layer_specs.TorchNormSP
     assert block.layer_norm is layer_specs.TorchNormSP
-    with pytest.raises(RuntimeError, match="transformer_engine is not importable"):
+    with pytest.raises(RuntimeError, match="transformer_engine is not importable") as err:
         layer_specs.build_decoder_spec(config, transformer_engine=True)
+    # the key the model reads (language_model.build_gpt: cfg.get("transformer_engine")), not a nested one
+    assert str(err.value).startswith("model.transformer_engine=true") and "mm_cfg" not in str(err.value)
 
 
 def test_te_present_but_no_cuda_is_refused(monkeypatch):
@@ -190,3 +192,41 @@ def test_recompute_gives_the_same_loss_and_grads(style):
         assert grads.keys() == ref_grads.keys(), name
         for key in grads:
             torch.testing.assert_close(grads[key], ref_grads[key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+
+
+# ----------------------------------------------------------------------------- fp8 per-rank GEMM dims, fp8_wgrad
+def test_fp8_per_rank_dims_are_checked_with_the_sizes_that_work():
+    """TE's FP8 GEMMs need every linear's in-features on a rank to be a multiple of 16: ffn_hidden_size=144 is,
+    but its half on each of 2 TP ranks (72) is not (fc2's input)."""
+    cfg = tiny_model_cfg(transformer_engine=True, fp8="hybrid", ffn_hidden_size=144, tensor_model_parallel_size=2)
+    with pytest.raises(ValueError) as err:
+        precision.fp8_transformer_config_kwargs(cfg, cfg.hidden_size, cfg.ffn_hidden_size)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "ffn_hidden_size / tensor_model_parallel_size = 144/2 to be a multiple of 16" in message
+    assert "ffn_hidden_size = 128 or 160" in message and "tensor_model_parallel_size that work for this model: 1" \
+        in message
+    for ffn in (128, 160):  # the sizes named do work
+        ok = tiny_model_cfg(transformer_engine=True, fp8="hybrid", ffn_hidden_size=ffn, tensor_model_parallel_size=2)
+        assert precision.fp8_transformer_config_kwargs(ok, ok.hidden_size, ok.ffn_hidden_size)["fp8"] == "hybrid"
+    # attention: 4 heads x 16 channels over 4 ranks leaves 16 per rank (fine), over 8 is impossible anyway;
+    # kv_channels 12 at TP=2 gives 4 x 12 / 2 = 24 per rank
+    bad_heads = tiny_model_cfg(transformer_engine=True, fp8="hybrid", kv_channels=12, tensor_model_parallel_size=2)
+    with pytest.raises(ValueError, match=r"num_attention_heads x kv_channels / tensor_model_parallel_size = 48/2"):
+        precision.fp8_transformer_config_kwargs(bad_heads, bad_heads.hidden_size, bad_heads.ffn_hidden_size)
+
+
+def test_fp8_wgrad_off_is_refused_on_transformer_engine_2(monkeypatch):
+    """TE 2.x recipes have no `override_linear_precision`: fp8_wgrad=false would do nothing, so it is refused."""
+    assert precision.fp8_wgrad_problem(False, "2.9.0") is not None
+    assert "model.fp8_wgrad=false" in precision.fp8_wgrad_problem(False, "2.11.0+abc")
+    assert precision.fp8_wgrad_problem(False, "1.13.0") is None  # TE 1.x honours it
+    assert precision.fp8_wgrad_problem(True, "2.9.0") is None
+    assert precision.fp8_wgrad_problem(False, None) is None  # no TE: refused elsewhere (needs TE at all)
+    # the config path asks the installed version (only that lookup is patched here: TE is not installed)
+    monkeypatch.setattr(precision, "installed_te_version", lambda: "2.10.0")
+    cfg = tiny_model_cfg(transformer_engine=True, fp8="hybrid", fp8_wgrad=False)
+    with pytest.raises(ValueError, match="fp8_wgrad=false has no effect on Transformer Engine 2.10.0"):
+        precision.fp8_transformer_config_kwargs(cfg, cfg.hidden_size, cfg.ffn_hidden_size)
+    on = tiny_model_cfg(transformer_engine=True, fp8="hybrid")
+    assert precision.fp8_transformer_config_kwargs(on, on.hidden_size, on.ffn_hidden_size)["fp8_wgrad"] is True

