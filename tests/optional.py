@@ -13,10 +13,11 @@ import pytest
 SWITCH = "NEVA_REQUIRE_OPTIONAL"
 
 
-def missing(reason: str, also: tuple = ()):
+def missing(reason: str, also: tuple = (), main_switch: bool = True):
     """Skip for `reason` (also at module level), or fail when NEVA_REQUIRE_OPTIONAL=1 or a switch in `also` is set
-    (NEVA_REQUIRE_BROWSER keeps its own meaning for the chromium tests)."""
-    on = [name for name in (SWITCH, *also) if os.environ.get(name) == "1"]
+    (NEVA_REQUIRE_BROWSER keeps its own meaning for the chromium tests). `main_switch=False`: only the switches in
+    `also` count (the vLLM venv, which `make test-vllm` builds after CI's `make test`)."""
+    on = [name for name in ((SWITCH,) if main_switch else ()) + tuple(also) if os.environ.get(name) == "1"]
     if on:
         pytest.fail(f"{on[0]}=1 but {reason}", pytrace=False)
     pytest.skip(reason, allow_module_level=True)
