@@ -31,7 +31,7 @@ setup(
     extras_require={
         # openai: the client that drives the server tests; schemathesis fuzzes its OpenAPI schema;
         # playwright drives Debian's chromium (/usr/bin/chromium, `make install`) through the chat page.
-        "test": ["pytest", "onnx", "onnxruntime", "openai==3.54.0", "schemathesis>=4.32,<5", "playwright>=1.65,<2"],
+        "test": ["pytest", "onnx", "onnxruntime", "openai==3.54.0", "schemathesis>=4.32,<5", "playwright>=1.65,<2", "peft==0.21.2"],
         # GPU users: transformer-engine / apex are used when importable, never required.
         "gpu": ["transformer-engine[pytorch]"],
         # scripts/launch_neva.py. nemo_run 0.11.1 imports leptonai's v1 API (gone in leptonai 0.47), and

@@ -17,7 +17,7 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     if config.getoption("-m"):
         return
-    skip = pytest.mark.skip(reason="slow: run with `make test-slow` (pytest -m slow)")
+    skip = pytest.mark.skip(reason="slow: run with `make test-slow` (pytest -m slow)")  # not optional: by marker
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)

@@ -210,6 +210,10 @@ class MegatronNevaModel(NevaRestoreMixin, NevaStepMixin, NevaDataMixin, ModelPT)
         from nemo_neva.modules.tiling import tiling_from_cfg
 
         tiling = tiling_from_cfg(cfg.mm_cfg.get("image_tiling"), vision_config, self.tokens_per_image)
+        if tiling is not None and cfg.mm_cfg.get("mm_mlp_adapter_type") == "mlp_downsample":
+            # anyres lays a tile's tokens out row by row; NeMo 1's merge emits them column block by column block
+            raise ValueError("model.mm_cfg.mm_mlp_adapter_type=mlp_downsample (NeMo 1's block order) does not apply "
+                             "with model.mm_cfg.image_tiling: use mlp2x_gelu, or turn tiling off")
         if tiling is not None and self.image_aspect_ratio != "square":
             raise ValueError(f"model.data.image_aspect_ratio={self.image_aspect_ratio!r} does not apply with "
                              "model.mm_cfg.image_tiling (tiles keep the aspect ratio; the base thumbnail is "

@@ -3,6 +3,9 @@
 `mlp_downsample` merges each 2x2 block of neighbouring patches into one token (their 4 feature vectors
 concatenated), so an image costs 4x fewer LM positions; then LayerNorm -> Linear -> GELU -> Linear.
 A grid with an odd side is padded with zero features on the right/bottom edge before merging.
+The order is NeMo 1's (its NeVA `DownSampleBlock`, whose name this is): inside a token the block's patches row by
+row (top-left, top-right, bottom-left, bottom-right), and the tokens block column by block column (all blocks of
+the first two patch columns top to bottom, then the next two columns).
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ SUPPORTED = "linear, mlpNx_gelu (e.g. mlp2x_gelu), mlp_downsample"
 
 
 class PatchMerge2x2(nn.Module):
-    """[n, side*side, c] patch features (row-major grid) -> [n, ceil(side/2)^2, 4c]."""
+    """[n, side*side, c] patch features (row-major grid) -> [n, ceil(side/2)^2, 4c], blocks in NeMo 1's order
+    (column-block major, see the module docstring)."""
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         n, tokens, c = feats.shape
@@ -30,8 +34,8 @@ class PatchMerge2x2(nn.Module):
             grid = F.pad(grid, (0, 0, 0, 1, 0, 1))
             side += 1
         half = side // 2
-        # [n, row-block, 2, col-block, 2, c] -> [n, row-block, col-block, 2 (row), 2 (col), c]
-        blocks = grid.reshape(n, half, 2, half, 2, c).permute(0, 1, 3, 2, 4, 5)
+        # [n, row-block, 2, col-block, 2, c] -> [n, col-block, row-block, 2 (row), 2 (col), c]
+        blocks = grid.reshape(n, half, 2, half, 2, c).permute(0, 3, 1, 2, 4, 5)
         return blocks.reshape(n, half * half, 4 * c)
 
 

@@ -10,7 +10,9 @@ import tarfile
 import pytest
 import torch
 
-pytest.importorskip("megatron.energon")
+from tests.optional import require
+
+require("megatron.energon")
 
 from nemo_neva import MegatronNevaModel  # noqa: E402
 from nemo_neva.data.energon import (EnergonLoader, EnergonSource, from_plain, is_energon_path,  # noqa: E402

@@ -8,7 +8,9 @@ import os
 import pytest
 import torch
 
-pytest.importorskip("megatron.energon")
+from tests.optional import require
+
+require("megatron.energon")
 
 from nemo_neva.checkpoint import training_checkpoint as checkpointing  # noqa: E402
 from scripts.convert_llava_to_energon import convert  # noqa: E402

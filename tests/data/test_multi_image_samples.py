@@ -15,6 +15,7 @@ from nemo_neva.data.constants import IGNORE_INDEX, IMAGE_TOKEN
 from nemo_neva.data.dataset import NevaDataset, SampleError
 from nemo_neva.data.image_io import preprocess
 from nemo_neva.data.packing import PackedCollator
+from tests.optional import require
 
 P = 6  # placeholder tokens per image in these tests
 
@@ -225,7 +226,7 @@ def test_shards_round_trip_a_two_image_record(tmp_path, images, tok, proc):
 
 
 def test_energon_round_trip_a_two_image_record(tmp_path, images, tok, proc):
-    pytest.importorskip("megatron.energon")
+    require("megatron.energon")
     from omegaconf import OmegaConf
 
     from nemo_neva.data.energon import build_source

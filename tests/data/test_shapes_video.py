@@ -5,12 +5,12 @@ import json
 import os
 
 import numpy as np
-import pytest
 
 from nemo_neva.data.shapes import BACKGROUND, MOTION_QUESTION, make_shapes_dataset
 from nemo_neva.data.video_io import VideoSettings, open_video
+from tests.optional import require
 
-pytest.importorskip("av")
+require("av")
 FRAMES = 5
 
 

@@ -13,6 +13,7 @@ from nemo_neva.data.dataset import NevaDataset
 from nemo_neva.data.shards import (ShardedLoader, ShardedNevaDataset, buffer_shuffle_order, expand_braces,
                                    is_shard_spec, resolve_shards)
 from scripts.convert_llava_to_shards import main as convert_main
+from tests.optional import require
 
 DEMO = os.path.join(REPO, "data", "shapes_demo")
 N = 40
@@ -78,7 +79,7 @@ def test_patterns_resolve_like_the_index(demo):
 
 
 def test_webdataset_reads_the_shards(demo):
-    wds = pytest.importorskip("webdataset")
+    wds = require("webdataset")
     _, out = demo
     samples = list(wds.WebDataset(os.path.join(out, "shard-{000000..000003}.tar"), shardshuffle=False))
     assert len(samples) == N and all({"json", "png"} <= set(s) for s in samples)

@@ -22,8 +22,10 @@ from nemo_neva.data.video_io import VideoSettings
 from nemo_neva.data.video_writer import write_video
 from nemo_neva.modules.tiling import Tiling, processor_for
 
-pytest.importorskip("av")
-pytest.importorskip("megatron.energon")
+from tests.optional import require
+
+require("av")
+require("megatron.energon")
 
 from scripts.convert_llava_to_energon import convert  # noqa: E402
 

@@ -14,8 +14,9 @@ from nemo_neva.data.video_io import (Video, VideoError, VideoSettings, expand_me
                                      open_video, sample_indices, video_settings_of)
 from nemo_neva.data.video_writer import write_video
 from tests.model.helpers import ROOT
+from tests.optional import require
 
-av = pytest.importorskip("av")
+av = require("av")
 
 
 def solid_frames(n, h=24, w=40, seed=0):

@@ -17,8 +17,9 @@ from nemo_neva.data.image_io import preprocess
 from nemo_neva.data.video_io import VideoSettings, open_video
 from nemo_neva.data.video_samples import VideoLimits
 from nemo_neva.data.video_writer import write_video
+from tests.optional import require
 
-av = pytest.importorskip("av")
+av = require("av")
 
 P = 5  # placeholder tokens per image / frame in these tests
 F = 3  # frames sampled per video

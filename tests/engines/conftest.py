@@ -8,6 +8,7 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     if config.getoption("-m"):
         return
+    # not optional: by marker (the engine tests' own switch is NEVA_REQUIRE_VLLM, in test_vllm.py)
     skip = pytest.mark.skip(reason="vllm engine: run with `make test-vllm` (pytest -m vllm tests/engines)")
     for item in items:
         if "vllm" in item.keywords:

@@ -14,8 +14,9 @@ from nemo_neva.evaluation import evaluate, read_eval_file
 from nemo_neva.evaluation.run import predict
 from nemo_neva.inference.prompting import build_prompt, stop_markers
 from tests.model.helpers import tiny_model_cfg
+from tests.optional import require
 
-pytest.importorskip("av")
+require("av")
 TEMPLATE = "nvgpt"
 
 

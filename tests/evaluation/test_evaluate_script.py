@@ -55,6 +55,7 @@ def test_evaluate_writes_predictions_and_metrics_and_counts_skips(tiny_nemo, tmp
     assert {p["question_type"] for p in preds} == {"shape", "colour", "position", "exists"}
     overall = metrics["overall"]
     assert overall["n"] == 6
+    # the same per-question scores summed in another order: float rounding only (approx's default 1e-6)
     assert overall["vqa"] == pytest.approx(sum(vqa_accuracy(p["prediction"], p["answers"]) for p in preds) / 6)
     assert overall["exact_match"] == pytest.approx(
         sum(exact_match_vqa(p["prediction"], p["answers"]) for p in preds) / 6)

@@ -29,6 +29,7 @@ def test_vqa_normalisation(raw, expected):
 def test_vqa_accuracy_ten_annotators_leave_one_out():
     refs = ["2"] * 2 + ["3"] * 8
     # "two" matches 2 refs: leaving out one of them (2 of 10 subsets) -> 1/3, else 2/3 -> (2/3 + 16/3) / 10.
+    # approx() here and below: its default 1e-6 relative, for the rounding of these float fractions only
     assert vqa_accuracy("two", refs) == pytest.approx(0.6)
     assert vqa_accuracy("Three.", refs) == pytest.approx(1.0)
     assert vqa_accuracy("four", refs) == 0.0

@@ -39,4 +39,6 @@ def test_onnxruntime_matches_pytorch(exported, batch):
     with torch.no_grad():
         ours = model.model.encode_images(pixels)
     assert theirs.shape == (batch, model.tokens_per_image, model.cfg.hidden_size)
+    # fp32 in both; onnxruntime fuses and reorders (GELU, LayerNorm, attention): measured at most 7.2e-7 on
+    # features up to 1.3, so 1e-5 (+ 1e-5 relative) is ~15x the measured rounding
     torch.testing.assert_close(torch.from_numpy(theirs), ours, atol=1e-5, rtol=1e-5)

@@ -60,7 +60,7 @@ def test_config_fields(exported):
     assert cfg["num_key_value_heads"] == (2 if kind == "llama" else 4)
     assert cfg["intermediate_size"] == model.cfg.ffn_hidden_size
     assert cfg["max_position_embeddings"] == model.cfg.encoder_seq_length
-    assert cfg["norm_epsilon"] == pytest.approx(1e-5)
+    assert cfg["norm_epsilon"] == pytest.approx(1e-5)  # a float through JSON: rounding only
     assert cfg["mapping"] == {"world_size": 2, "tp_size": 2, "pp_size": 1}
     assert cfg["quantization"] == {"quant_algo": None, "kv_cache_quant_algo": None}
     if kind == "llama":

@@ -39,7 +39,7 @@ def test_mixed_lengths_share_a_batch_only_where_the_attention_takes_a_padding_ma
 
 
 def test_fp8_generation_applies_megatron_core_fp8_inference_padding(model, image):
-    if layer_specs.HAVE_TE:
+    if layer_specs.HAVE_TE:  # not optional: this test is for machines *without* TE
         pytest.skip("Transformer Engine present: the padding then runs (scripts/gpu_check.sh covers FP8 on a GPU)")
     gpt = model.model.language_model
     assert gen.generate(model, [image], ["<image>\nHi"], max_new_tokens=2)  # fp8 off: no FP8 preparation

@@ -16,8 +16,9 @@ from nemo_neva.data.video_writer import write_video
 from nemo_neva.inference.prompting import build_prompt, stop_markers
 from tests.inference.test_video_generation import moving_square
 from tests.model.helpers import ROOT, tiny_model_cfg
+from tests.optional import require
 
-pytest.importorskip("av")
+require("av")
 SCRIPT = os.path.join(ROOT, "examples", "neva_generate.py")
 QUESTION = "Which way does it move?"
 TEMPLATE = "vicuna_v1"  # a chat template (the tiny model's own, `plain`, replaces the question by the image)

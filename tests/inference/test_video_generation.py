@@ -12,8 +12,9 @@ from nemo_neva.data.video_io import VideoSettings, open_video, video_settings_of
 from nemo_neva.data.video_writer import write_video
 from nemo_neva.inference.generate import encode_prompt, generate, generate_tokens
 from tests.model.helpers import llama_overrides, tiny_model_cfg
+from tests.optional import require
 
-pytest.importorskip("av")
+require("av")
 NUM_FRAMES = 3
 QUESTION = "Which way does it move?"
 

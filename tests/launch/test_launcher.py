@@ -7,8 +7,9 @@ import sys
 import pytest
 
 from tests.model.helpers import ROOT
+from tests.optional import require
 
-pytest.importorskip("nemo_run")
+require("nemo_run")
 
 LAUNCHER = os.path.join(ROOT, "scripts", "launch_neva.py")
 

@@ -134,11 +134,13 @@ def _compare(reference, resumed):
     assert res_counters == ref_counters
     assert ref_t.keys() == res_t.keys()
     assert any(k.startswith("optimizer.") for k in ref_t), "optimizer state is part of the checkpoint"
+    # bit for bit: the resumed run repeats the same fp32 ops in the same order on the restored state (measured
+    # 0.0 on all 68 tensors and the loss, where 1e-6 was allowed before)
     for k in ref_t:
-        torch.testing.assert_close(res_t[k], ref_t[k], rtol=0, atol=1e-6, msg=k)
+        torch.testing.assert_close(res_t[k], ref_t[k], rtol=0, atol=0, msg=k)
     last = max(ref_loss)
     assert last == max(res_loss)
-    assert abs(ref_loss[last] - res_loss[last]) < 1e-6
+    assert ref_loss[last] == res_loss[last]
 
 
 def _kill_and_resume(tmp_path, extra=(), nproc=1, data=None, script="neva_pretrain"):

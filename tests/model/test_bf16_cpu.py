@@ -37,8 +37,10 @@ def test_bf16_training_keeps_fp32_master_weights_and_tracks_fp32_loss():
 
     (ref_losses, _), (bf16_losses, opt) = _losses(ref), _losses(bf16)
     assert all(torch.isfinite(torch.tensor(bf16_losses)))
+    # bf16 keeps 8 significant bits (rounding 2^-9 ~ 0.2 % per op); measured 1.4e-5 to 1.8e-4 relative over the
+    # 3 steps. 1 % is ~50x that, and below the 1.7 % the loss falls in those steps.
     for a, b in zip(ref_losses, bf16_losses):
-        assert abs(a - b) <= 0.03 * abs(a), (ref_losses, bf16_losses)
+        assert abs(a - b) <= 0.01 * abs(a), (ref_losses, bf16_losses)
     assert ref_losses[-1] < ref_losses[0] and bf16_losses[-1] < bf16_losses[0]
 
     # megatron-core's mixed-precision optimizer steps fp32 copies and writes back bf16 weights.

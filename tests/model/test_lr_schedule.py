@@ -48,7 +48,7 @@ def test_epoch_based_run_decays_over_epochs_times_steps_per_epoch(tmp_path):
     trainer, opt = _fit(_cfg(tmp_path, max_steps=-1, max_epochs=2))
     assert trainer.global_step == 4
     assert opt.scheduler.lr_decay_steps == 4  # 2 epochs x (16 samples / global batch 8), not 1000
-    # the cosine has run its course: the last step's LR is min_lr
+    # the cosine has run its course: the last step's LR is min_lr (cos(pi) in float: approx's default 1e-6)
     assert opt.param_groups[0]["lr"] == pytest.approx(float(trainer.lightning_module.cfg.optim.sched.min_lr))
 
 

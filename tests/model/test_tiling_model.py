@@ -17,6 +17,7 @@ from nemo_neva.data.packing import PackedCollator
 from nemo_neva.modules.neva_module import ImageTokenMismatch
 from nemo_neva.training.megatron_step import pad_to_microbatches, split_microbatches
 from tests.model.helpers import TILED_SIZES, llama_overrides, tiled_batch_for, tiny_model_cfg
+from tests.optional import require
 
 SEQ = 512
 # Same weights and kernels, only the batch around a row differs: CPU matmul / SDPA may then sum in another
@@ -167,7 +168,7 @@ def test_a_sample_with_two_tiled_images_of_different_sizes(model, json_data, tmp
 def test_tar_shards_and_energon_give_the_json_batch(model, json_data, tmp_path):
     """The model's data setup streams tiled images from tar shards and Energon (once refused): the same records
     give the JSON path's batch (placeholder counts, pixels, image_sizes) and loss."""
-    pytest.importorskip("megatron.energon")
+    require("megatron.energon")
     from omegaconf import OmegaConf
 
     from nemo_neva.data.energon import EnergonSource

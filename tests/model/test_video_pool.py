@@ -17,8 +17,9 @@ from nemo_neva.data.video_io import Video
 from nemo_neva.modules.frame_pool import FramePool, frame_pool_from_cfg
 from nemo_neva.training.megatron_step import split_microbatches
 from tests.model.helpers import tiny_model_cfg, video_model
+from tests.optional import require
 
-av = pytest.importorskip("av")
+av = require("av")
 FRAMES = 3
 # one sample's loss computed alone vs in a batch / packed row: fp32 sums over different row layouts differ in
 # the last bits only (measured <= 3e-7 relative); 1e-5 leaves room for other CPUs' reduction orders

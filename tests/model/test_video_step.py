@@ -7,8 +7,9 @@ import torch
 
 from nemo_neva.data.collate import NevaCollator
 from tests.model.helpers import video_model
+from tests.optional import require
 
-av = pytest.importorskip("av")
+av = require("av")
 FRAMES = 3
 
 

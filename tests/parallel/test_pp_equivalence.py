@@ -63,6 +63,8 @@ def test_pp2_matches_pp1(tmp_path, style):
     assert results[0]["pp_losses"] == []  # losses live on the last stage only
     r = results[1]
     assert len(r["pp_losses"]) == len(r["ref_losses"]) == NMICRO
+    # fp32; PP=2 runs the same layers, split over 2 processes: measured 0.0 for losses (packed too) and <= 7.5e-9
+    # for gradients (up to 0.3); the bounds admit another summation order of the gradient buffers only
     torch.testing.assert_close(torch.stack(r["pp_losses"]), torch.stack(r["ref_losses"]), rtol=1e-6, atol=1e-6)
     # packed THD micro-batches through the same schedules (per-segment attention on each stage)
     assert len(r["pp_thd"]) == len(r["ref_thd"]) == NMICRO

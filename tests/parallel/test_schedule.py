@@ -50,5 +50,7 @@ def _schedule(rank, world_size):
 def test_run_forward_backward_matches_plain_pytorch(tmp_path):
     (r,) = U.run_ranks(_schedule, 1, str(tmp_path / "res"))
     torch.testing.assert_close(r["fwd"], r["expected"], rtol=0, atol=0)
+    # fp32, the same ops with megatron-core's DDP buffers around them: measured 0.0 for the losses and <= 7.5e-9 for
+    # the gradients (up to 0.3); the bounds only admit another reduction order (grad buckets summed in other groups)
     torch.testing.assert_close(r["train"], r["expected"], rtol=1e-6, atol=1e-6)
     U.assert_dicts_close(r["grads"], r["ref"], rtol=1e-5, atol=1e-7)

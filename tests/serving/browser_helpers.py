@@ -10,7 +10,7 @@ import sys
 import time
 import urllib.request
 
-import pytest
+from tests.optional import missing
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -21,7 +21,8 @@ ANSWER_TIMEOUT_MS = 120_000  # a generation on 2 shared CPU cores; the tiny mode
 
 
 def browser_or_skip():
-    """Skip with the reason when chromium or playwright is missing, unless NEVA_REQUIRE_BROWSER=1 (CI): then fail."""
+    """Skip with the reason when chromium or playwright is missing, unless NEVA_REQUIRE_BROWSER=1 or
+    NEVA_REQUIRE_OPTIONAL=1 (CI sets both): then fail."""
     reason = None
     if not os.access(CHROMIUM, os.X_OK):
         reason = f"{CHROMIUM} is missing (`apt-get install chromium`, done by `make install`)"
@@ -31,9 +32,7 @@ def browser_or_skip():
         except ImportError:
             reason = "the playwright package is missing (`pip install -e .[test]`)"
     if reason:
-        if os.environ.get("NEVA_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"NEVA_REQUIRE_BROWSER=1 but {reason}")
-        pytest.skip(reason)
+        missing(reason, also=("NEVA_REQUIRE_BROWSER",))
 
 
 def launch(playwright):

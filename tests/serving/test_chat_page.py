@@ -18,6 +18,7 @@ from nemo_neva.data.video_writer import write_video
 from nemo_neva.inference.generate import encode_prompt
 from nemo_neva.serving.worker import serving_stops
 from tests.model.helpers import tiny_model_cfg
+from tests.optional import require
 from tests.serving.browser_helpers import DEMO_IMAGE, ChatPage, browser_or_skip, launch
 from tests.serving.serving_helpers import (LIMITS, TEMPLATE, moving_square, noise_frames, running_server,
                                           video_bytes)
@@ -153,7 +154,7 @@ VIDEO_LIMITS = {**LIMITS, "max_videos": 1, "max_video_bytes": 20_000, "max_video
 
 @pytest.fixture(scope="module")
 def video_server():
-    pytest.importorskip("av")
+    require("av")
     torch.manual_seed(3)
     model = MegatronNevaModel(tiny_model_cfg(encoder_seq_length=192, **{"data.video.num_frames": NUM_FRAMES}))
     with running_server(model.eval(), **VIDEO_LIMITS) as url:

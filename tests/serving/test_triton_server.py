@@ -21,9 +21,10 @@ from nemo_neva.inference.prompting import build_prompt
 from nemo_neva.parallel.init import free_port
 from nemo_neva.serving.worker import serving_stops
 from tests.model.helpers import ROOT, tiny_model_cfg
+from tests.optional import require
 
-tritonclient_http = pytest.importorskip("tritonclient.http")
-tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
+tritonclient_http = require("tritonclient.http")
+tritonclient_grpc = require("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 TEMPLATE = "nv_steerlm"
@@ -230,7 +231,7 @@ def test_the_query_script_sends_a_video_as_its_frames_and_the_answer_is_generate
     """Triton has no video tensor: `--video` samples the frames with open_video and sends them in input_media
     slots at the prompt's `<video>` tag, which the server turns back into a video (its frames pooled 2x2, as the
     model pools them), so the answer equals `generate` given the `Video` itself."""
-    pytest.importorskip("av")
+    require("av")
     from nemo_neva.data.video_io import VideoSettings, open_video
     from nemo_neva.data.video_writer import write_video
 
@@ -342,6 +343,12 @@ def test_the_query_script_shows_the_reason(served):
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.strip() == ("error: input 'temperature': temperature=-1.0 is out of range: it must be in "
                                    "[0.0, 2.0]")
+    # ... while the server's own log keeps the whole trace, down to the frame in our model that refused it
+    # (PyTriton logs it as a warning; tritonserver's Python stub logs only its own frame for it)
+    trace = (r"Traceback \(most recent call last\):\n(?:  .*\n)*"
+             r"  File \"[^\"]*nemo_neva/serving/triton_model\.py\", line \d+, in __call__\n(?:  .*\n)*"
+             r"nemo_neva\.serving\.triton_model\.InvalidInput: input 'temperature': temperature=-1\.0 is out of range")
+    assert re.search(trace, served.log()), served.log()[-6000:]
 
 
 def test_zz_sigterm_shuts_down_cleanly_leaving_no_process(served):

@@ -15,10 +15,11 @@ from nemo_neva.inference.generate import encode_prompt
 from nemo_neva.serving.limits import ServerLimits
 from nemo_neva.serving.worker import serving_stops
 from tests.model.helpers import tiny_model_cfg
+from tests.optional import require
 from tests.serving.serving_helpers import (TEMPLATE, coloured, moving_square, noise_frames, png_data_url,
                                           running_server, video_bytes)
 
-pytest.importorskip("av")
+require("av")
 NUM_FRAMES = 3  # the model's model.data.video.num_frames: 3 x 16 placeholders keep the prompt short
 MAX_FRAMES = 12  # server.max_video_frames: the 10-frame clip passes, a 20-frame one does not
 MAX_VIDEO_BYTES = 20_000  # server.max_video_bytes: above the smooth clip's size, below the noise clip's (asserted)

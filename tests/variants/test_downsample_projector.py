@@ -12,19 +12,44 @@ from tests.variants.variant_helpers import assert_nemo_roundtrip, train_steps, v
 DOWNSAMPLE = {"mm_cfg.mm_mlp_adapter_type": "mlp_downsample", "mm_cfg.llm.freeze": False}
 
 
-def test_patch_merge_concatenates_each_2x2_block():
-    # 4x4 grid, feature = patch index: block (0,0) holds patches 0,1,4,5 in row-major order.
+def nemo1_merge(feats):
+    """NeMo 1's DownSampleBlock order, re-stated patch by patch: the grid (row-major patches) zero-padded to an
+    even side on the right / bottom; token t = (column block j, row block i) with t = j * blocks + i, holding the
+    patches (2i, 2j), (2i, 2j+1), (2i+1, 2j), (2i+1, 2j+1) concatenated."""
+    n, tokens, c = feats.shape
+    side = round(tokens ** 0.5)
+    even = side + side % 2
+    grid = torch.zeros(n, even, even, c, dtype=feats.dtype)
+    grid[:, :side, :side] = feats.reshape(n, side, side, c)
+    blocks = even // 2
+    out = []
+    for j in range(blocks):
+        for i in range(blocks):
+            out.append(torch.cat([grid[:, 2 * i, 2 * j], grid[:, 2 * i, 2 * j + 1],
+                                  grid[:, 2 * i + 1, 2 * j], grid[:, 2 * i + 1, 2 * j + 1]], dim=-1))
+    return torch.stack(out, dim=1)
+
+
+def test_patch_merge_concatenates_each_2x2_block_in_nemo1_order():
+    # 4x4 grid, feature = patch index: block (0,0) holds patches 0,1,4,5; the blocks go down the first two
+    # columns first (NeMo 1's DownSampleBlock, checked side by side on this grid).
     feats = torch.arange(16.0).reshape(1, 16, 1)
     merged = PatchMerge2x2()(feats)
     assert merged.shape == (1, 4, 4)
-    assert merged[0].tolist() == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
+    assert merged[0].tolist() == [[0, 1, 4, 5], [8, 9, 12, 13], [2, 3, 6, 7], [10, 11, 14, 15]]
 
 
 def test_odd_grid_is_zero_padded():
     feats = torch.arange(1.0, 10.0).reshape(1, 9, 1)  # 3x3 grid
     merged = PatchMerge2x2()(feats)
     assert merged.shape == (1, 4, 4)
-    assert merged[0].tolist() == [[1, 2, 4, 5], [3, 0, 6, 0], [7, 8, 0, 0], [9, 0, 0, 0]]
+    assert merged[0].tolist() == [[1, 2, 4, 5], [7, 8, 0, 0], [3, 0, 6, 0], [9, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("side", [2, 3, 4, 5, 6, 24])
+def test_patch_merge_equals_the_nemo1_restatement(side):
+    feats = torch.randn(2, side * side, 3, generator=torch.Generator().manual_seed(side))
+    assert torch.equal(PatchMerge2x2()(feats), nemo1_merge(feats))  # a pure permutation: bit for bit
 
 
 def test_non_square_grid_is_refused():
@@ -57,6 +82,12 @@ def test_odd_grid_model_and_cls_refusal():
     assert torch.isfinite(logits).all()
     with pytest.raises(ValueError, match="drop_cls=true"):
         MegatronNevaModel(tiny_model_cfg(**DOWNSAMPLE, **{"mm_cfg.vision_encoder.drop_cls": False}))
+
+
+def test_tiling_is_refused_naming_both_settings():
+    """anyres unpads and ends rows of each tile's grid row by row; NeMo 1's merge orders blocks by column."""
+    with pytest.raises(ValueError, match="mlp_downsample.*image_tiling"):
+        MegatronNevaModel(tiny_model_cfg(**DOWNSAMPLE, **{"mm_cfg.image_tiling.enabled": True}))
 
 
 def test_trains_roundtrips_and_refuses_hf_export(tmp_path):

@@ -16,7 +16,8 @@ from nemo_neva.modules.lora import LoraLinear
 from nemo_neva.parallel.init import free_port
 from tests.export.hf_helpers import hf_logits, neva_logits, probe_inputs
 from tests.model.helpers import ROOT
-from tests.variants.lora_cases import base_cfg, lora_logits, lora_train, peft_cfg, randomise_adapters
+from tests.optional import require
+from tests.variants.lora_cases import LORA, base_cfg, lora_logits, lora_train, peft_cfg, randomise_adapters
 
 WORKER = os.path.join(ROOT, "tests", "variants", "lora_tp_worker.py")
 
@@ -41,7 +42,7 @@ def saved(tmp_path_factory):
 def test_zero_b_keeps_base_logits_and_wraps_every_target(saved):
     _, base_logits, step0, adapted = saved
     assert torch.equal(step0, base_logits)  # B = 0: an untrained adapter changes nothing
-    assert not torch.allclose(adapted, base_logits, atol=1e-4)  # ... and a trained one does
+    assert not torch.allclose(adapted, base_logits, atol=1e-4)  # ... and a trained one does (by up to 0.41)
 
 
 def test_only_adapters_and_projector_learn(saved):
@@ -98,6 +99,84 @@ def test_restore_refuses_a_different_or_missing_base(saved, tmp_path):
         MegatronNevaModel.restore_from(str(root / "peft.nemo"), override_config_path=cfg)
 
 
+def test_every_adapter_adds_alpha_over_rank_b_a_x_to_its_base(saved):
+    """y = W x + (alpha / r) B A x, computed here from the raw tensors, alpha and r taken from the config."""
+    model = MegatronNevaModel.restore_from(str(saved[0] / "peft.nemo")).eval()
+    scale = LORA["lora"]["alpha"] / LORA["lora"]["rank"]
+    layers = [m for m in model.model.language_model.modules() if isinstance(m, LoraLinear)]
+    g = torch.Generator().manual_seed(3)
+    for layer in layers:
+        w, a, b = layer.base.weight, layer.lora_a, layer.lora_b
+        assert layer.base.bias is None  # the LLaMA-style base config: no linear biases
+        x = torch.randn(5, 2, w.shape[1], generator=g)  # [s, b, in], megatron's layout
+        with torch.no_grad():
+            out, bias = layer(x)
+            want = x @ w.T + scale * ((x @ a.T) @ b.T)
+        assert bias is None
+        # fp32; measured 0.0 here (the same matmul kernels). The bound leaves room for a BLAS that groups the
+        # 64-128-term dot products differently: fp32 rounding ~1e-7 relative per product, outputs below 1
+        torch.testing.assert_close(out, want, rtol=0, atol=5e-6)
+    assert len(layers) == 8
+
+
+def _peft_lora(module, a, b):
+    module.lora_A["default"].weight.copy_(a)
+    module.lora_B["default"].weight.copy_(b)
+
+
+def test_logits_and_merged_weights_equal_hugging_face_peft_on_the_exported_base(saved, tmp_path):
+    """The base .nemo exported to HF, wrapped by Hugging Face PEFT (LoRA, same rank and alpha) and given our
+    adapters (linear_qkv's B split into q / k / v rows per query group, linear_fc1's into gate / up; A shared):
+    PEFT's logits equal the PEFT .nemo's, and PEFT's merge_and_unload weights equal our merged HF export's."""
+    peft = require("peft")
+    from transformers import LlavaForConditionalGeneration
+
+    from scripts.merge_lora import main as merge_main
+
+    root = saved[0]
+    base = MegatronNevaModel.restore_from(str(root / "base.nemo"))
+    hf = LlavaForConditionalGeneration.from_pretrained(export_neva_to_hf(base, str(tmp_path / "hf")),
+                                                       dtype=torch.float32).eval()
+    lora = LORA["lora"]
+    hf = peft.get_peft_model(hf, peft.LoraConfig(
+        r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=0.0,
+        target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"))
+    ours = MegatronNevaModel.restore_from(str(root / "peft.nemo")).eval()
+    heads, groups, hidden = ours.cfg.num_attention_heads, ours.cfg.num_query_groups, ours.cfg.hidden_size
+    per_group, dim, ffn = heads // groups, hidden // heads, ours.cfg.ffn_hidden_size
+    hf_layers = hf.get_base_model().model.language_model.layers
+    with torch.no_grad():
+        for layer, theirs in zip(ours.model.language_model.decoder.layers, hf_layers, strict=True):
+            qkv, fc1 = layer.self_attention.linear_qkv, layer.mlp.linear_fc1
+            rows = qkv.lora_b.reshape(groups, (per_group + 2) * dim, -1)  # per group: [q heads, k, v]
+            _peft_lora(theirs.self_attn.q_proj, qkv.lora_a, rows[:, :per_group * dim].flatten(0, 1))
+            _peft_lora(theirs.self_attn.k_proj, qkv.lora_a, rows[:, per_group * dim:-dim].flatten(0, 1))
+            _peft_lora(theirs.self_attn.v_proj, qkv.lora_a, rows[:, -dim:].flatten(0, 1))
+            _peft_lora(theirs.self_attn.o_proj, layer.self_attention.linear_proj.lora_a,
+                       layer.self_attention.linear_proj.lora_b)
+            _peft_lora(theirs.mlp.gate_proj, fc1.lora_a, fc1.lora_b[:ffn])  # SwiGLU: [gate; up]
+            _peft_lora(theirs.mlp.up_proj, fc1.lora_a, fc1.lora_b[ffn:])
+            _peft_lora(theirs.mlp.down_proj, layer.mlp.linear_fc2.lora_a, layer.mlp.linear_fc2.lora_b)
+    ids, pixels = probe_inputs(base.image_token_id, len(base.tokenizer))
+    peft_logits = hf_logits(hf, ids, pixels)
+    with hf.disable_adapter():
+        assert not torch.allclose(hf_logits(hf, ids, pixels), peft_logits, atol=1e-3)  # PEFT's adapters are live
+    # fp32 on both sides; measured 0.0 here. Fused qkv / fc1 matmuls here, separate projections there: another
+    # BLAS may round them differently (~1e-7 relative per matmul, 2 layers, logits below 1): 2e-5 covers that
+    torch.testing.assert_close(peft_logits, neva_logits(ours, ids, pixels), rtol=0, atol=2e-5)
+    merged_path = str(tmp_path / "merged.nemo")
+    assert merge_main(["--peft-nemo", str(root / "peft.nemo"), "--output-path", merged_path]) == 0
+    exported = LlavaForConditionalGeneration.from_pretrained(
+        export_neva_to_hf(MegatronNevaModel.restore_from(merged_path), str(tmp_path / "merged_hf")),
+        dtype=torch.float32).state_dict()
+    theirs = hf.merge_and_unload().state_dict()
+    assert exported.keys() == theirs.keys()
+    for key, value in exported.items():
+        # W + (alpha / r) B A in fp32 by both (rank-4 products, weights below 1): measured 0.0; 1e-6 allows
+        # another summation order of the 4 terms
+        torch.testing.assert_close(value, theirs[key], rtol=0, atol=1e-6, msg=key)
+
+
 GENERIC = r"""
 import sys, torch
 import nemo_neva
@@ -151,10 +230,14 @@ def test_merge_script_gives_identical_logits_and_exports_to_hf(saved, tmp_path, 
     merged = MegatronNevaModel.restore_from(merged_path)
     assert merged.cfg.get("peft") is None
     assert not any(isinstance(m, LoraLinear) for m in merged.modules())
+    # W + s B A folded in fp32 rounds once per weight, unlike the separate W x + s B (A x): measured 2.4e-7 on
+    # logits up to 0.8; 2e-5 is ~100x that and far below what a mis-scaled adapter moves (4e-1, test above)
     torch.testing.assert_close(lora_logits(merged), adapted, rtol=0, atol=2e-5)
     out = export_neva_to_hf(merged, str(tmp_path / "hf"))
     hf = LlavaForConditionalGeneration.from_pretrained(out).eval()
     ids, pixels = probe_inputs(merged.image_token_id, len(merged.tokenizer))
+    # the merge's rounding (above) plus transformers' kernels (ATOL of tests/export/test_hf_interchange.py):
+    # measured 2.1e-7
     torch.testing.assert_close(hf_logits(hf, ids, pixels), neva_logits(peft_model, ids, pixels), rtol=0, atol=1e-4)
     with pytest.raises(SystemExit) as exit_:
         merge_main(["--peft-nemo", merged_path, "--output-path", str(tmp_path / "again.nemo")])
@@ -192,6 +275,9 @@ def test_two_ranks_lora_match_one(saved, tmp_path, layout):
     ref_losses = lora_train(ref, 2)
     ref.save_to(str(tmp_path / "ref.nemo"))
     losses, logits = _torchrun(str(tmp_path / "tp2"), str(root / "peft.nemo"), *layout)
+    # fp32; TP=2 splits each matmul and all-reduces the partial sums (another summation order). Measured at TP=2:
+    # logits 1.8e-7 (of up to 0.8), losses 9.5e-7 (~6.5), trained adapters 4.9e-7 after 2 Adam steps; the bounds
+    # are 20-50x that, while a wrongly split A or B moves logits by ~1e-1
     if "--pp" not in layout:
         torch.testing.assert_close(logits, adapted, rtol=0, atol=1e-5)
     assert losses == pytest.approx(ref_losses, abs=2e-5)
