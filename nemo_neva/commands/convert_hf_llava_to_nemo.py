@@ -1,7 +1,7 @@
 """Convert a local Hugging Face LLaVA checkpoint (LlavaForConditionalGeneration, or LlavaNextForConditionalGeneration:
 model_type llava_next -> model.mm_cfg.image_tiling with its image_grid_pinpoints and image_newline) into a NeVA .nemo.
 
-    python scripts/convert_hf_llava_to_nemo.py --input-dir HF_DIR --output-path OUT.nemo [--trust-pickle]
+    neva-convert-hf --input-dir HF_DIR --output-path OUT.nemo [--trust-pickle]
 """
 from nemo_neva.cli import quiet_logs
 

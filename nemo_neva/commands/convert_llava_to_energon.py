@@ -1,6 +1,6 @@
 """Convert LLaVA JSON/JSONL + an image folder (or uncompressed .tar) into a Megatron-Energon dataset.
 
-    python scripts/convert_llava_to_energon.py --data-path llava.json --image-folder IMAGES \
+    neva-convert-energon --data-path llava.json --image-folder IMAGES \
         --output-dir ENERGON --samples-per-shard 1000 [--sample-type auto|captioning|vqa|llava] \
         [--split-ratio 1,0,0] [--video-folder VIDEOS]
 

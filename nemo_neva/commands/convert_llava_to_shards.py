@@ -1,6 +1,6 @@
 """Convert LLaVA JSON/JSONL + an image folder (or uncompressed .tar) into tar shards for streaming.
 
-    python scripts/convert_llava_to_shards.py --data-path llava.json --image-folder IMAGES \
+    neva-convert-shards --data-path llava.json --image-folder IMAGES \
         --output-dir SHARDS --samples-per-shard 1000
 
 Writes SHARDS/shard-000000.tar ... (per sample `<key>.json` = the record, `<key>.<ext>` = its image

@@ -1,6 +1,6 @@
 """Export a NeVA .nemo (any TP/PP layout) as a Hugging Face LLaVA folder.
 
-    python scripts/export_to_hf.py --nemo-path IN.nemo --output-dir HF_DIR
+    neva-export-hf --nemo-path IN.nemo --output-dir HF_DIR
 
 The folder loads with `LlavaForConditionalGeneration.from_pretrained` (a tiled model, model.mm_cfg.image_tiling:
 `LlavaNextForConditionalGeneration`) and `AutoProcessor.from_pretrained`.

@@ -1,6 +1,6 @@
 """Export a NeVA .nemo for TensorRT-LLM: LLM checkpoint (config.json + rank{N}.safetensors), vision ONNX.
 
-    python scripts/export_to_trtllm.py --nemo-path IN.nemo --output-dir OUT [--tp-size 2] [--dtype bfloat16]
+    neva-export-trtllm --nemo-path IN.nemo --output-dir OUT [--tp-size 2] [--dtype bfloat16]
         [--fp8 [--calib-data LLAVA.json --calib-image-folder DIR]] [--build]
 
 --build also builds the engines where TensorRT-LLM / TensorRT are installed, and says what it skipped

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Paper model: per-GPU memory and expected tokens/s of NeVA training for a parallel layout.
 
-    python scripts/memory_model.py                                  # the recommended layouts table
-    python scripts/memory_model.py --models 22B --tp 8 --pp 1 --dp 4 --seq-length 4096 --recompute selective
-    python scripts/memory_model.py --models 43B --tp 8 --pp 2 --dp 2 --precision fp8 --mfu 0.35
+    neva-memory-model                                  # the recommended layouts table
+    neva-memory-model --models 22B --tp 8 --pp 1 --dp 4 --seq-length 4096 --recompute selective
+    neva-memory-model --models 43B --tp 8 --pp 2 --dp 2 --precision fp8 --mfu 0.35
 
 Formulas: nemo_neva/perf/paper_model.py, explained in docs/PARALLELISM.md. Estimates, not measurements.
 """

@@ -1,6 +1,6 @@
 """Fold the LoRA adapters of a PEFT .nemo into its base weights and write a full .nemo.
 
-    python scripts/merge_lora.py --peft-nemo PEFT.nemo --output-path MERGED.nemo [--base-nemo BASE.nemo]
+    neva-merge-lora --peft-nemo PEFT.nemo --output-path MERGED.nemo [--base-nemo BASE.nemo]
 
 The base .nemo named inside the PEFT .nemo (checked against its SHA-256) is loaded first, then the adapters
 and projector; W += (alpha / rank) * B A for every adapted layer. The result is a plain NeVA .nemo (no

@@ -1,6 +1,6 @@
 """Score a .nemo NeVA model on an evaluation JSONL with greedy decoding.
 
-    python examples/neva_evaluate.py neva_model_file=M.nemo eval_file=eval.jsonl output_dir=OUT \
+    neva-evaluate neva_model_file=M.nemo eval_file=eval.jsonl output_dir=OUT \
         [metrics=[vqa,exact_match,yes_no]] [max_new_tokens=16] [image_folder=DIR] [video_folder=DIR] [limit=N]
 
 Writes OUT/predictions.jsonl (one line per answered question) and OUT/metrics.json (VQA accuracy, exact

@@ -1,6 +1,6 @@
 """Stage 2: start from a stage-1 .nemo, unfreeze the LM, train on instruction data, write a new .nemo.
 
-    python examples/neva_finetune.py model.restore_from_path=PATH.nemo [hydra overrides]
+    neva-finetune model.restore_from_path=PATH.nemo [hydra overrides]
 """
 from nemo_neva.cli import quiet_logs
 

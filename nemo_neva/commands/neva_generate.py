@@ -1,11 +1,11 @@
 """Answer questions about images with a .nemo NeVA model.
 
-    python examples/neva_generate.py neva_model_file=M.nemo image_path=img.png prompt="What colour is it?"
-    python examples/neva_generate.py neva_model_file=M.nemo video_path=clip.mp4 prompt="Which way does it move?"
-    python examples/neva_generate.py neva_model_file=M.nemo prompts_file=in.jsonl output_file=out.jsonl
+    neva-generate neva_model_file=M.nemo image_path=img.png prompt="What colour is it?"
+    neva-generate neva_model_file=M.nemo video_path=clip.mp4 prompt="Which way does it move?"
+    neva-generate neva_model_file=M.nemo prompts_file=in.jsonl output_file=out.jsonl
 
 Only answers go to stdout (one line per answer; logs, NeMo's included, go to stderr), so
-`answer=$(python examples/neva_generate.py ...)` is the answer.
+`answer=$(neva-generate ...)` is the answer.
 
 prompts_file lines: {"image": "relative/to/the/jsonl.png", "prompt": "..."} ("image" optional; or "video":
 a video file, whose frames are sampled as video.num_frames / video.sampling, default: the model's). The output

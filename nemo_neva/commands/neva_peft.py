@@ -1,8 +1,8 @@
 """PEFT (LoRA): start from a stage-1/2 .nemo, train LoRA adapters on the frozen LM (+ the projector), and write
 a PEFT .nemo that holds only the adapters + projector and a checksummed reference to the starting .nemo.
 
-    python examples/neva_peft.py model.restore_from_path=PATH.nemo [model.peft.lora.rank=16 ...]
-    python scripts/merge_lora.py --peft-nemo OUT.nemo --output-path MERGED.nemo   # a full .nemo again
+    neva-peft model.restore_from_path=PATH.nemo [model.peft.lora.rank=16 ...]
+    neva-merge-lora --peft-nemo OUT.nemo --output-path MERGED.nemo   # a full .nemo again
 """
 from nemo_neva.cli import quiet_logs
 

@@ -1,6 +1,6 @@
 """Stage 1: train the projector on image-caption pairs (LM and vision frozen), write a .nemo.
 
-    python examples/neva_pretrain.py [hydra overrides, e.g. trainer.max_steps=3 exp_manager.exp_dir=/tmp/x]
+    neva-pretrain [hydra overrides, e.g. trainer.max_steps=3 exp_manager.exp_dir=/tmp/x]
 """
 from nemo_neva.cli import quiet_logs
 

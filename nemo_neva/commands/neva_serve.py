@@ -1,6 +1,6 @@
 """Serve a .nemo NeVA model over an OpenAI-compatible HTTP API, with a chat page at `/`.
 
-    python examples/neva_serve.py neva_model_file=M.nemo server.port=8000
+    neva-serve neva_model_file=M.nemo server.port=8000
     curl http://127.0.0.1:8000/v1/models      # or open http://127.0.0.1:8000/ in a browser
 """
 from nemo_neva.cli import quiet_logs
@@ -15,7 +15,11 @@ from nemo.core.config import hydra_runner
 from nemo_neva import MegatronNevaModel
 from nemo_neva.cli import CONF_DIR, user_errors
 from nemo_neva.data.conversation import get_template
-from nemo_neva.serving import ServerLimits, build_server
+
+try:
+    from nemo_neva.serving import ServerLimits, build_server
+except ModuleNotFoundError as err:  # fastapi / uvicorn: the `serve` extra
+    raise SystemExit(f"error: neva-serve needs {err.name}: pip install \"nemo_neva[serve]\"") from None
 
 
 @hydra_runner(config_path=CONF_DIR, config_name="neva_serve")

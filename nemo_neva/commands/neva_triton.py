@@ -1,9 +1,9 @@
 """Serve a .nemo NeVA model through Triton Inference Server (PyTriton), with NeMo 1's multimodal inputs.
 
-    python examples/neva_triton.py neva_model_file=M.nemo triton.model_name=neva triton.http_port=8000 \
+    neva-triton neva_model_file=M.nemo triton.model_name=neva triton.http_port=8000 \
         triton.grpc_port=8001 triton.metrics_port=8002
-    python scripts/query_triton.py --url 127.0.0.1:8000 --model neva --image cat.png --prompt "What is this?"
-    python scripts/query_triton.py --image a.png --image b.png --prompt "Which has more shapes?"   # N = 2
+    neva-query-triton --url 127.0.0.1:8000 --model neva --image cat.png --prompt "What is this?"
+    neva-query-triton --image a.png --image b.png --prompt "Which has more shapes?"   # N = 2
 
 Runs until SIGINT/SIGTERM, then shuts Triton down cleanly. GPU: `trt_engine_dir=EXPORT` (the folder of
 scripts/export_to_trtllm.py --build) serves the TensorRT engines instead; needs TensorRT-LLM.

@@ -1,9 +1,9 @@
 """Ask a NeVA served through Triton (examples/neva_triton.py) one question about its images; prints the answer.
 
-    python scripts/query_triton.py --url 127.0.0.1:8000 --model neva --image cat.png --prompt "What is this?"
-    python scripts/query_triton.py --image a.png --image b.png --prompt "First <image>, then <image>: same cat?"
-    python scripts/query_triton.py --video clip.mp4 --num-frames 8 --prompt "<video>\nWhich way does it move?"
-    python scripts/query_triton.py --protocol grpc --url 127.0.0.1:8001 --image cat.png --prompt "..." \
+    neva-query-triton --url 127.0.0.1:8000 --model neva --image cat.png --prompt "What is this?"
+    neva-query-triton --image a.png --image b.png --prompt "First <image>, then <image>: same cat?"
+    neva-query-triton --video clip.mp4 --num-frames 8 --prompt "<video>\nWhich way does it move?"
+    neva-query-triton --protocol grpc --url 127.0.0.1:8001 --image cat.png --prompt "..." \
         --temperature 0.7 --top-k 50 --top-p 0.9 --seed 3 --max-output-len 64
 
 The request is the one NeMo 1's `query_multimodal` sends (input_text, input_media [1, 1, H, W, 3] RGB, INT64
