@@ -31,7 +31,9 @@ $(VENV)/.torch: | $(BIN)/python
 	elif $(BIN)/pip install -q --no-index --no-deps "torch==$(TORCH_VERSION)" 2>/dev/null; then \
 		echo "torch $(TORCH_VERSION) from a local wheel"; $(BIN)/pip install -q "torch==$(TORCH_VERSION)"; \
 	else \
-		$(BIN)/pip install -q --retries 2 --timeout 30 "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
+		$(BIN)/pip install -q --retries 2 --timeout 30 "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX) || \
+		{ echo "error: no torch $(TORCH_VERSION) CPU build (local wheels: none; $(TORCH_CPU_INDEX): unreachable)." \
+			"Install a torch >= 2.4 into $(VENV) yourself (README, Install) and run make again."; exit 1; }; \
 	fi
 	touch $@
 
