@@ -16,7 +16,10 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 LOCAL_WHEELS ?= $(PIP_FIND_LINKS)
 
 .PHONY: install install-core browser demo test test-slow learn lock check-deps real-lm
+# NeMo unpacks a .nemo with tarfile's extraction filters (Python >= 3.10.12 / 3.11.4; Debian 12's 3.11.2 has none).
 $(BIN)/python:
+	@$(PY) -c "import tarfile; tarfile.data_filter" 2>/dev/null || { echo "error: $(PY) ($$($(PY) -V 2>&1)) has no" \
+		"tarfile extraction filters, which NeMo needs to read a .nemo: use Python >= 3.10.12 or >= 3.11.4 (make PY=...)"; exit 1; }
 	$(PY) -m venv $(VENV)
 
 $(UV): | $(BIN)/python
