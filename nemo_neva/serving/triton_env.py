@@ -77,11 +77,10 @@ def prepare(stub_env: Optional[str] = None) -> dict:
     try:
         version = importlib.metadata.version("nvidia-pytriton")
     except importlib.metadata.PackageNotFoundError:
-        raise TritonEnvError("nvidia-pytriton is not installed: `make install`, or pip install --no-deps "
-                             f"nvidia-pytriton=={PYTRITON_VERSION} (see the Makefile for its pinned dependencies)")
+        raise TritonEnvError("nvidia-pytriton is not installed: pip install \"nemo_neva[triton]\" (or `make install`)")
     if version != PYTRITON_VERSION:
         raise TritonEnvError(f"nvidia-pytriton {version} is installed; this server is written for "
-                             f"{PYTRITON_VERSION} (pip install --no-deps nvidia-pytriton=={PYTRITON_VERSION})")
+                             f"{PYTRITON_VERSION} (pip install \"nemo_neva[triton]\")")
     libdir = libpython_dir()
     paths = [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
     if libdir not in paths:

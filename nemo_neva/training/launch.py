@@ -1,8 +1,8 @@
 """NeMo-Run front end: one training command, run under torchrun on this machine (LocalExecutor) or as a
 Slurm batch job (SlurmExecutor, one torchrun per node inside the container), built from the same options.
 
-Kept free of torch/NeMo imports (only nemo_run): scripts/launch_neva.py loads this file directly, so
-launching does not pay for importing the training stack.
+Kept free of torch/NeMo imports (only nemo_run; `import nemo_neva` is lazy), so launching (`neva-launch`) does
+not pay for importing the training stack.
 
 The training script is the unchanged example (`examples/neva_pretrain.py` / `neva_finetune.py`) with the
 user's hydra overrides; `trainer.devices` / `trainer.num_nodes` are set from the launch so that the
@@ -79,6 +79,9 @@ def build_task(args: argparse.Namespace, repo_dir: Optional[str] = None):
     import nemo_run as run
 
     script = os.path.join(repo_dir or ROOT, "examples", SCRIPTS[args.script])
+    if repo_dir is None and not os.path.isfile(script):  # an installed package, no checkout: the command module
+        script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "commands",
+                              SCRIPTS[args.script])
     return run.Script(path=script, entrypoint="python", args=training_args(args))
 
 

@@ -30,11 +30,10 @@ def test_inside_range_accepted(found):
 
 
 def test_package_metadata_states_the_same_bounds():
-    """setup.py (or pyproject.toml) declares exactly the range the import check enforces."""
-    texts = [open(os.path.join(ROOT, f)).read() for f in ("setup.py", "pyproject.toml")
-             if os.path.exists(os.path.join(ROOT, f))]
-    bounds = [m for t in texts for m in re.findall(r"megatron-core\s*([<>=!~][^\"']*)", t)]
-    assert bounds, "no megatron-core requirement found in setup.py / pyproject.toml"
+    """pyproject.toml declares exactly the range the import check enforces."""
+    text = open(os.path.join(ROOT, "pyproject.toml")).read()
+    bounds = re.findall(r"megatron-core\s*([<>=!~][^\"']*)", text)
+    assert bounds, "no megatron-core requirement found in pyproject.toml"
     assert all(b.replace(" ", "") == f">={MIN_VERSION},<{MAX_VERSION}" for b in bounds), bounds
 
 

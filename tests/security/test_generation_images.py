@@ -106,5 +106,5 @@ def test_neva_generate_example_uses_the_guarded_loader():
 
     from tests.model.helpers import ROOT
 
-    src = open(os.path.join(ROOT, "examples", "neva_generate.py")).read()
+    src = open(os.path.join(ROOT, "nemo_neva", "commands", "neva_generate.py")).read()  # examples/ wraps it
     assert "open_user_image(" in src and "Image.open(" not in src

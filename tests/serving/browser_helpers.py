@@ -25,7 +25,7 @@ def browser_or_skip():
     NEVA_REQUIRE_OPTIONAL=1 (CI sets both): then fail."""
     reason = None
     if not os.access(CHROMIUM, os.X_OK):
-        reason = f"{CHROMIUM} is missing (`apt-get install chromium`, done by `make install`)"
+        reason = f"{CHROMIUM} is missing (as root: `apt-get install chromium`; `make test` does it when run as root)"
     else:
         try:
             import playwright.sync_api  # noqa: F401

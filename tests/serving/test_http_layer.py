@@ -179,6 +179,21 @@ def test_connection_that_sends_no_complete_head_is_closed_after_the_timeout(serv
         assert _get(url + "/health")[0] == 200
 
 
+def test_a_kept_alive_connection_whose_next_head_stalls_is_closed_after_the_timeout(served):
+    # uvicorn's keep-alive timer stops at the first byte of the next request: this clock must take over
+    with running_server(served.model, request_timeout_s=1.5) as url:
+        s = socket.create_connection(("127.0.0.1", _port(url)), timeout=10)
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = s.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200"), first
+        s.sendall(b"GET /health HTTP/1.1\r\nHo")  # the second head never ends
+        start = time.monotonic()
+        while s.recv(65536):
+            pass
+        assert time.monotonic() - start < 5
+        s.close()
+
+
 def test_a_stream_whose_client_leaves_stops_its_generation(served, caplog):
     caplog.set_level(logging.INFO, logger="nemo_neva.serving")
     request = {**HI, "max_tokens": 100, "messages": [{"role": "user", "content": "Tell me a long story."}]}
