@@ -60,6 +60,7 @@ QUIET = ("from nemo_neva.cli import quiet_logs\n"
          "import megatron.core.optimizer, megatron.core.models.backends\n")
 
 
+# not optional: with TE installed there are no notices to fold, nothing is missing
 @pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is not None, reason="TE installed: no notices")
 def test_default_log_shows_the_te_apex_notices_as_one_line_and_verbose_shows_them(tmp_path):
     quiet = _python(QUIET, tmp_path, NEVA_VERBOSE="", _NEVA_NOTED="")

@@ -25,6 +25,7 @@ def _other_python():
     if not other:
         if os.environ.get("NEVA_REQUIRE_OTHER_STACK") == "1":
             pytest.fail("NEVA_REQUIRE_OTHER_STACK=1 but NEVA_OTHER_PYTHON is unset: run `make install-current`")
+        # not optional: its own switch (NEVA_REQUIRE_OTHER_STACK, set by .ci/run for make test-current) fails above
         pytest.skip("NEVA_OTHER_PYTHON unset (the other stack's python; `make test` / `make test-current` set it)")
     if not os.access(other, os.X_OK):
         pytest.fail(f"NEVA_OTHER_PYTHON={other} is not an executable interpreter")

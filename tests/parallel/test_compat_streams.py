@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mp_utils as U  # noqa: E402
 
+# not optional: the CPU answers are switched off where CUDA exists
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the compat answers exist only without CUDA")
 
 
