@@ -20,7 +20,8 @@ appended to exclude_modules), `export/convert_hf_config.py` (config.json's quant
 `export/unified_export_hf.py` (weight_scale / input_scale names beside the weight); vLLM's
 `model_executor/layers/quantization/modelopt.py` (`ModelOptFp8Config`: reads hf_quant_config.json's
 "quantization.quant_algo" == "FP8"; `ModelOptFp8LinearMethod`: float8_e4m3fn [out, in] weight, per-tensor float32
-weight_scale and input_scale, q/k/v (gate/up) scales fused by taking their max and requantizing).
+weight_scale and input_scale, q/k/v (gate/up) scales fused by taking their max and requantizing) and
+`model_executor/parameter.py` (`PerTensorScaleParameter` loads a 0-dim scale as well as a [1] one).
 ModelOpt itself is not used: it quantizes a transformers model (mtq.quantize, then export_hf_checkpoint); its
 FP8 fake-quant has an eager CPU path, so it may run on CPU, but it is no dependency of this project. The scales
 here come from our own calibration (export/fp8.py: forward pre-hooks on the megatron-core linears of the .nemo

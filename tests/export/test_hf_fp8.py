@@ -187,3 +187,23 @@ def test_cli_refuses_fp8_without_calibration_data(tmp_path, capsys):
     assert exit_.value.code == 2
     assert "--fp8 needs --calib-data" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_refuses_a_gpt2_lm(tmp_path):
+    model = tiny_neva("gpt")  # NeVA's GPT-style LM exports as HF GPT-2 (Conv1D [in, out] weights)
+    with pytest.raises(UnsupportedCheckpoint, match="'gpt2'; FP8 export supports llama"):
+        export_neva_to_hf_fp8(model, str(tmp_path / "out"), CALIB, IMAGES, calib_samples=1)
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_writes_the_fp8_folder_from_a_nemo(tmp_path):
+    from nemo_neva.commands.export_to_hf import main
+
+    nemo = str(tmp_path / "m.nemo")
+    tiny_neva("llama").save_to(nemo)
+    out = tmp_path / "out"
+    assert main(["--nemo-path", nemo, "--output-dir", str(out), "--fp8", "--calib-data", CALIB,
+                 "--calib-images", IMAGES, "--calib-samples", "2"]) == 0
+    assert _json(str(out), "hf_quant_config.json")["quantization"]["quant_algo"] == "FP8"
+    t = load_file(os.path.join(out, "model.safetensors"))
+    assert t["language_model.model.layers.0.mlp.down_proj.weight"].dtype == torch.float8_e4m3fn
