@@ -8,6 +8,12 @@ conversation template; generation_config.json with its stop ids) also loads with
 `LlavaForConditionalGeneration.from_pretrained` (a tiled model, model.mm_cfg.image_tiling:
 `LlavaNextForConditionalGeneration`) and `AutoProcessor.from_pretrained`. HF_DIR must be new or empty; a refusal
 writes nothing.
+
+    neva-export-hf --nemo-path IN.nemo --output-dir HF_DIR --fp8 --calib-data train.json --calib-images IMAGES
+
+writes the LM's linears in FP8 (per-tensor scales, activation scales calibrated on your samples) in NVIDIA
+ModelOpt's format (hf_quant_config.json), which TensorRT-LLM's PyTorch backend and vLLM load on FP8 GPUs
+(Ada / Hopper and newer); vision tower, projector and lm_head stay in --dtype (default bfloat16 with --fp8).
 """
 from nemo_neva.cli import quiet_logs
 
@@ -28,12 +34,28 @@ def main(argv=None):
     ap.add_argument("--engine", choices=["vllm", "trtllm"], default=None,
                     help="also refuse what this engine's LLaVA cannot serve (trtllm: TensorRT-LLM's PyTorch backend, "
                          "LLaVA-NeXT with a Llama / Mistral LM only; vllm: no GPT-2 LM)")
+    ap.add_argument("--fp8", action="store_true",
+                    help="FP8 (E4M3) LM linears in ModelOpt's format; needs --calib-data")
+    ap.add_argument("--calib-data", default=None, help="LLaVA-format JSON whose samples calibrate the FP8 "
+                                                       "activation scales (your training / eval data)")
+    ap.add_argument("--calib-images", default=None, help="image folder of --calib-data")
+    ap.add_argument("--calib-samples", type=int, default=16, help="calibration samples (default 16)")
     args = ap.parse_args(argv)
+    if args.fp8 and not args.calib_data:
+        ap.error("--fp8 needs --calib-data (a LLaVA-format JSON of samples like the ones you will serve)")
+    if not args.fp8 and (args.calib_data or args.calib_images):
+        ap.error("--calib-data / --calib-images only calibrate an FP8 export: add --fp8")
+    if args.calib_samples < 1:
+        ap.error("--calib-samples must be at least 1")
 
-    from nemo_neva.export.hf import UnsupportedCheckpoint, export_nemo_to_hf
+    from nemo_neva.export.hf import UnsupportedCheckpoint, export_nemo_to_hf, export_nemo_to_hf_fp8
 
     try:
-        out = export_nemo_to_hf(args.nemo_path, args.output_dir, args.dtype, args.engine)
+        if args.fp8:
+            out = export_nemo_to_hf_fp8(args.nemo_path, args.output_dir, args.calib_data, args.calib_images,
+                                        args.calib_samples, args.dtype, args.engine)
+        else:
+            out = export_nemo_to_hf(args.nemo_path, args.output_dir, args.dtype, args.engine)
     except (UnsupportedCheckpoint, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

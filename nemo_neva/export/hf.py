@@ -38,6 +38,7 @@ from nemo_neva.export.hf_layout import (  # noqa: F401  (the API, and what the T
     lm_table, neva_to_hf_state, nemo_config_from_hf, read_hf_weights)
 from nemo_neva.export.hf_chat import chat_template, stop_token_ids
 from nemo_neva.export.hf_engines import check_engine
+from nemo_neva.export.hf_fp8 import check_fp8_exportable, fp8_tensors, write_quant_config
 from nemo_neva.export.hf_text import export_family, text_config
 from nemo_neva.pretrained.hf_lm import pack_qkv, unpack_qkv  # noqa: F401  (also used by the TRT-LLM export)
 from nemo_neva.pretrained.weights import UnsupportedCheckpoint
@@ -116,7 +117,8 @@ def _processor(model, drop_cls: bool, tokenizer):
                num_additional_image_tokens=1 if kind == "clip" else 0, image_token="<image>")
 
 
-def export_neva_to_hf(model, output_dir: str, dtype: Optional[str] = None, engine: Optional[str] = None) -> str:
+def export_neva_to_hf(model, output_dir: str, dtype: Optional[str] = None, engine: Optional[str] = None,
+                      fp8_amax: Optional[dict] = None) -> str:
     """Write an HF LLaVA folder (LLaVA-NeXT for a model with `model.mm_cfg.image_tiling`) in the Hub layout the
     engines load (as llava-hf/llava-1.5-7b-hf): config.json, model.safetensors, generation_config.json (the stop
     ids), tokenizer and processor files, and a chat template rendering the model's `data.conv_template`.
@@ -124,6 +126,8 @@ def export_neva_to_hf(model, output_dir: str, dtype: Optional[str] = None, engin
     `dtype` (float32 | bfloat16 | float16): of the written tensors; default: the dtype of the HF checkpoint
     the .nemo was converted from (so a bf16 checkpoint goes back to bf16 bit for bit), else float32.
     `engine` (vllm | trtllm): also refuse what that engine's LLaVA cannot serve (hf_engines.py).
+    `fp8_amax`: calibrated LM linear input ranges (hf_fp8.calibrate): write those linears in FP8, ModelOpt's
+    format (hf_fp8.py); use `export_neva_to_hf_fp8`, which calibrates.
     Everything is written into a temporary folder beside `output_dir` and renamed at the end, so a refusal or a
     failure leaves no half-written folder; `output_dir` must not exist or be empty.
     """
@@ -142,8 +146,10 @@ def export_neva_to_hf(model, output_dir: str, dtype: Optional[str] = None, engin
     family = export_family(model.cfg)
     state = {k: v for k, v in model.model.state_dict().items()
              if torch.is_tensor(v) and not k.endswith("_extra_state")}
-    tensors = {hub_key(k, family): v.to(_EXPORT_DTYPES[dtype])
-               for k, v in neva_to_hf_state(state, model.cfg, vocab_size).items()}
+    hub = {hub_key(k, family): v for k, v in neva_to_hf_state(state, model.cfg, vocab_size).items()}
+    tensors = {k: v.to(_EXPORT_DTYPES[dtype]) for k, v in hub.items()}
+    if fp8_amax is not None:
+        tensors.update(fp8_tensors(hub, fp8_amax))  # quantized from the unrounded weights
     if family == "gpt2" and "language_model.lm_head.weight" not in tensors:  # tied: see hf_config_from_neva
         tensors["language_model.lm_head.weight"] = tensors["language_model.wte.weight"].clone()
     template = (model.cfg.get("data") or {}).get("conv_template") or "plain"
@@ -161,6 +167,8 @@ def export_neva_to_hf(model, output_dir: str, dtype: Optional[str] = None, engin
             processor.tokenizer.chat_template = jinja
             processor.chat_template = jinja
         processor.save_pretrained(tmp)
+        if fp8_amax is not None:
+            write_quant_config(tmp)
         if os.path.isdir(output_dir):
             os.rmdir(output_dir)  # empty (checked above)
         os.rename(tmp, output_dir)
@@ -187,3 +195,41 @@ def export_nemo_to_hf(nemo_path: str, output_dir: str, dtype: Optional[str] = No
         raise FileNotFoundError(f"{nemo_path}: no such .nemo file")
     model = MegatronNevaModel.restore_from(nemo_path)
     return export_neva_to_hf(model, output_dir, dtype, engine)  # refuses before writing anything
+
+
+def export_neva_to_hf_fp8(model, output_dir: str, calib_data: str, calib_images: Optional[str] = None,
+                          calib_samples: int = 16, dtype: Optional[str] = None, engine: Optional[str] = None) -> str:
+    """The export with the LM's linears in FP8 (hf_fp8.py), activation scales calibrated on `calib_samples`
+    samples of the LLaVA-format JSON `calib_data` (images under `calib_images`). Unquantized tensors: `dtype`,
+    default bfloat16. Refuses (writing nothing) before calibrating what FP8 or HF cannot express."""
+    from nemo_neva.export.fp8 import calibration_batches
+    from nemo_neva.export.hf_fp8 import calibrate
+
+    dtype = dtype or "bfloat16"
+    config, _, _ = hf_config_from_neva(model)  # the LM / projector / tower refusals first
+    if engine is not None:
+        check_engine(engine, config)
+    check_fp8_exportable(model, export_family(model.cfg), dtype)
+    if not calib_data or not os.path.isfile(calib_data):
+        raise FileNotFoundError(f"FP8 calibration data {calib_data!r}: no such LLaVA-format JSON file")
+    if calib_images is not None and not os.path.isdir(calib_images):
+        raise FileNotFoundError(f"FP8 calibration images {calib_images!r}: no such folder")
+    out = os.path.abspath(output_dir)
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise FileExistsError(f"{out} exists and is not an empty folder; export into a new one")
+    amax = calibrate(model, calibration_batches(model, calib_data, calib_images, calib_samples))
+    return export_neva_to_hf(model, output_dir, dtype, engine, fp8_amax=amax)
+
+
+def export_nemo_to_hf_fp8(nemo_path: str, output_dir: str, calib_data: str, calib_images: Optional[str] = None,
+                          calib_samples: int = 16, dtype: Optional[str] = None,
+                          engine: Optional[str] = None) -> str:
+    """Restore a .nemo and write its FP8 export (export_neva_to_hf_fp8)."""
+    from nemo_neva import MegatronNevaModel
+
+    if not os.path.isfile(nemo_path):
+        raise FileNotFoundError(f"{nemo_path}: no such .nemo file")
+    if not calib_data or not os.path.isfile(calib_data):  # before the (slow) restore
+        raise FileNotFoundError(f"FP8 calibration data {calib_data!r}: no such LLaVA-format JSON file")
+    model = MegatronNevaModel.restore_from(nemo_path)
+    return export_neva_to_hf_fp8(model, output_dir, calib_data, calib_images, calib_samples, dtype, engine)

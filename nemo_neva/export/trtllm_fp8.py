@@ -10,18 +10,14 @@ mlp.proj; lm_head and embeddings stay in the high-precision dtype, TensorRT-LLM'
 """
 from __future__ import annotations
 
-import logging
 from typing import Iterable
 
 import torch
 
-from nemo_neva.export.placement import on_module
+from nemo_neva.export.fp8 import FP8_MAX, decoder_linears, record_input_amax, scale_of, to_fp8  # noqa: F401 (FP8_MAX: API)
+from nemo_neva.export.fp8 import calibration_batches  # noqa: F401  (the API the TRT-LLM export and tests use)
 
-log = logging.getLogger(__name__)
-
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
 QUANTIZED = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")
-_MIN_SCALE = 1.0 / (FP8_MAX * 512.0)  # keeps an all-zero tensor from dividing by zero
 
 
 def quantized_prefixes(full: dict) -> list[str]:
@@ -31,21 +27,19 @@ def quantized_prefixes(full: dict) -> list[str]:
 
 def weight_scales(full: dict) -> dict[str, torch.Tensor]:
     """Per-tensor weight scaling factor of every quantized linear (from the full TP=1 tensors)."""
-    return {p: (full[p + ".weight"].float().abs().amax() / FP8_MAX).clamp(min=_MIN_SCALE).reshape(1)
-            for p in quantized_prefixes(full)}
+    return {p: scale_of(full[p + ".weight"].abs().amax()).reshape(1) for p in quantized_prefixes(full)}
 
 
 def quantize_rank(tensors: dict, w_scales: dict, act_amax: dict) -> dict[str, torch.Tensor]:
     """A rank's high-precision tensors -> FP8 weights plus their scaling factors (other tensors unchanged)."""
     out = dict(tensors)
     for prefix, scale in w_scales.items():
-        w = out[prefix + ".weight"].float()
-        out[prefix + ".weight"] = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).contiguous()
+        out[prefix + ".weight"] = to_fp8(out[prefix + ".weight"], scale)
         out[prefix + ".weights_scaling_factor"] = scale.clone().float()
         amax = act_amax.get(prefix)
         if amax is None:
             raise ValueError(f"no calibrated activation range for {prefix}")
-        out[prefix + ".activation_scaling_factor"] = (amax / FP8_MAX).clamp(min=_MIN_SCALE).reshape(1).float()
+        out[prefix + ".activation_scaling_factor"] = scale_of(amax).reshape(1)
     return out
 
 
@@ -63,83 +57,19 @@ def dequantize(tensors: dict) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------- calibration
+_TRTLLM_NAMES = {"qkv": "attention.qkv", "proj": "attention.dense", "fc1": "mlp.fc", "fc2": "mlp.proj"}
+
+
 def _linear_inputs(module) -> dict[str, torch.nn.Module]:
     """TensorRT-LLM linear prefix -> the megatron-core module whose *input* is that linear's input."""
-    found = {}
-    for i, layer in enumerate(module.language_model.decoder.layers):
-        qkv = layer.self_attention.linear_qkv
-        if hasattr(qkv, "layer_norm_weight"):
-            raise ValueError("FP8 calibration needs the separate layer norms of the local layer spec; this model "
-                             "uses Transformer Engine's fused LayerNorm+Linear (model.transformer_engine=true)")
-        t = f"transformer.layers.{i}."
-        found[t + "attention.qkv"] = qkv
-        found[t + "attention.dense"] = layer.self_attention.linear_proj
-        found[t + "mlp.fc"] = layer.mlp.linear_fc1  # fc and gate read the same input
-        found[t + "mlp.proj"] = layer.mlp.linear_fc2
-    return found
+    return {f"transformer.layers.{i}.{_TRTLLM_NAMES[kind]}": mod for (i, kind), mod in decoder_linears(module).items()}
 
 
-@torch.no_grad()
 def calibrate_activation_amax(model, batches: Iterable[dict]) -> dict[str, torch.Tensor]:
     """amax(|input|) of every quantized linear over `batches` (dicts with tokens, position_ids, images; a tiled
-    model's also image_sizes)."""
-    amax: dict[str, torch.Tensor] = {}
-    hooks = []
-
-    def record(name):
-        def hook(_module, args):
-            value = args[0].detach().float().abs().amax()
-            amax[name] = torch.maximum(amax[name], value) if name in amax else value
-        return hook
-
-    for name, mod in _linear_inputs(model.model).items():
-        hooks.append(mod.register_forward_pre_hook(record(name)))
-    was_training = model.training
-    model.eval()
-    n = 0
-    try:
-        for batch in batches:
-            # the collator's host tensors on the model's device; pixel values in the vision tower's dtype
-            batch = on_module(batch, model.model.vision_tower if model.model.vision_tower is not None
-                              else model.model)
-            model.model(batch["tokens"], batch["position_ids"], images=batch.get("images"),
-                        num_images=batch.get("num_images"), image_sizes=batch.get("image_sizes"),
-                        video_frames=batch.get("video_frames"))
-            n += 1
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    if n == 0:
-        raise ValueError("FP8 calibration got no usable samples")
-    amax = {name: value.cpu() for name, value in amax.items()}  # the weights they scale are on the host
+    model's also image_sizes); mlp.gate reads mlp.fc's input."""
+    amax = record_input_amax(model, _linear_inputs(model.model), batches)
     for name in list(amax):
         if name.endswith("mlp.fc"):
             amax[name[: -len("fc")] + "gate"] = amax[name]
-    log.info("FP8 calibration: %d samples", n)
     return amax
-
-
-def calibration_batches(model, data_path: str, image_folder, num_samples: int):
-    """Samples of a LLaVA-format JSON (+ image folder), encoded exactly as training encodes them."""
-    from omegaconf import OmegaConf, open_dict
-
-    from nemo_neva.data.collate import NevaCollator
-
-    data_cfg = OmegaConf.create(OmegaConf.to_container(model.cfg.data, resolve=True)) if model.cfg.get("data") \
-        else OmegaConf.create({})
-    with open_dict(data_cfg):
-        data_cfg.data_path = data_path
-        data_cfg.image_folder = image_folder
-        data_cfg.strict = False
-    dataset = model.build_dataset(data_cfg, data_path)
-    collate = NevaCollator(pad_id=model.tokenizer.pad_token_id)
-    taken = 0
-    for idx in range(len(dataset)):
-        if taken >= num_samples:
-            return
-        item = dataset[idx]
-        if item is None:
-            continue
-        taken += 1
-        yield collate([item])
