@@ -21,6 +21,19 @@ from nemo_neva.serving.triton_trtllm import require_tensorrt_llm
 from nemo_neva.serving.worker import serving_stops
 from tests.model.helpers import ROOT, llama_overrides, tiny_model_cfg
 
+
+def llm_export_dir(tmp_path, model, vocab) -> str:
+    """An export folder holding what TrtllmBackend reads besides the engines: the LLM checkpoint's config.json, as
+    the TensorRT-LLM export writes it (the backend caps its context at its max_position_embeddings)."""
+    import json
+
+    from nemo_neva.export.trtllm_layout import trtllm_config
+
+    os.makedirs(tmp_path / "llm", exist_ok=True)
+    with open(tmp_path / "llm" / "config.json", "w") as f:
+        json.dump(trtllm_config(model.cfg, vocab, "float32", 1), f)
+    return str(tmp_path)
+
 TEMPLATE = "nv_steerlm"
 LIMITS = ServerLimits(max_tokens=8, max_image_pixels=4096, max_text_chars=300, max_images=2)
 
@@ -234,7 +247,7 @@ class FakeRunner:
         return {"output_ids": output_ids, "sequence_lengths": torch.tensor([[len(o)] for o in outs])}
 
 
-def test_tensorrt_llm_backend_feeds_each_row_its_image_through_the_prompt_table(model):
+def test_tensorrt_llm_backend_feeds_each_row_its_image_through_the_prompt_table(model, tmp_path):
     """The GPU backend's glue on CPU: fake ids and one prompt table per batch, chunking by the engine's batch
     size, greedy/sampling arguments, stop handling; the engines themselves run in trtllm_gpu_check.sh."""
     from nemo_neva.export.trtllm import export_vocab_size
@@ -266,7 +279,7 @@ def test_tensorrt_llm_backend_feeds_each_row_its_image_through_the_prompt_table(
             return model.model.encode_images(px)
 
     runner = FakeRunner(model, vocab, cases)
-    backend = TrtllmBackend("unused", meta, model.tokenizer, model.image_processor, vision, runner)
+    backend = TrtllmBackend(llm_export_dir(tmp_path, model, vocab), meta, model.tokenizer, model.image_processor, vision, runner)
     m = NevaTritonModel(backend, TEMPLATE, LIMITS)
     out = m([request(q, img, max_output_len=6) for q, img in questions])
     expected = [model.tokenizer.decode(c["tokens"], skip_special_tokens=True).strip() for c in cases]

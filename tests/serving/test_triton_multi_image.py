@@ -14,7 +14,7 @@ from nemo_neva.serving.limits import ServerLimits
 from nemo_neva.serving.triton_model import InvalidInput, NevaTritonModel, TorchBackend
 from nemo_neva.serving.worker import serving_stops
 from tests.model.helpers import tiny_model_cfg
-from tests.serving.test_triton_model import FakeBackend, pixels
+from tests.serving.test_triton_model import FakeBackend, llm_export_dir, pixels
 
 TEMPLATE = "nv_steerlm"
 LIMITS = ServerLimits(max_tokens=8, max_image_pixels=4096, max_text_chars=300, max_images=2)
@@ -129,7 +129,7 @@ def test_a_text_only_server_refuses_any_image():
         m([request("hi", np.zeros((1, 8, 8, 3), np.uint8))])
 
 
-def test_tensorrt_llm_backend_addresses_every_image_of_a_row_in_the_prompt_table(model):
+def test_tensorrt_llm_backend_addresses_every_image_of_a_row_in_the_prompt_table(model, tmp_path):
     """The GPU backend's glue on CPU (test_triton_model.FakeRunner stands in for the engine and checks that each
     row's fake ids address its own images' features, in tag order, in the batch's one prompt table)."""
     from nemo_neva.export.trtllm import export_vocab_size
@@ -159,7 +159,7 @@ def test_tensorrt_llm_backend_addresses_every_image_of_a_row_in_the_prompt_table
             return model.model.encode_images(px)
 
     runner = FakeRunner(model, vocab, cases)
-    m = NevaTritonModel(TrtllmBackend("unused", meta, model.tokenizer, model.image_processor, vision, runner),
+    m = NevaTritonModel(TrtllmBackend(llm_export_dir(tmp_path, model, vocab), meta, model.tokenizer, model.image_processor, vision, runner),
                         TEMPLATE, LIMITS)
     out = m([request(q, np.stack(arrays), max_output_len=6) for q, arrays in rows])
     assert runner.calls[0]["rows"] == 2  # both rows in one engine call, so one table holds all three images
