@@ -8,7 +8,7 @@
     curl -X POST localhost:8000/v2/models/tensorrt_llm/generate \\
         -d '{"text_input": "...", "sampling_param_max_tokens": 64}'
 
-REPO/tensorrt_llm/config.pbtxt and 1/model.yaml follow the backend's template (nemo_neva/serving/triton_llmapi.py);
+REPO/tensorrt_llm/config.pbtxt and 1/model.yaml follow the backend's template (nemo_neva/export/triton_llmapi_repo.py);
 the backend's model.py / helpers.py come from TensorRT-LLM (--backend-dir, or copy them into REPO/tensorrt_llm/1
 yourself). The model takes text prompts only; images: `trtllm-serve HF_DIR` (OpenAI API with image_url).
 """
@@ -31,7 +31,7 @@ def main(argv=None):
     if args.max_batch_size < 1:
         ap.error("--max-batch-size must be at least 1")
 
-    from nemo_neva.serving.triton_llmapi import RepoError, write_triton_repo
+    from nemo_neva.export.triton_llmapi_repo import RepoError, write_triton_repo
 
     try:
         out = write_triton_repo(args.hf_dir, args.repo_dir, args.tp_size, args.max_batch_size, args.streaming,

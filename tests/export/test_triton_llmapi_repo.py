@@ -10,8 +10,9 @@ import yaml
 
 from nemo_neva.commands.make_triton_repo import main
 from nemo_neva.export.hf import export_neva_to_hf
-from nemo_neva.serving.triton_llmapi import RepoError, write_triton_repo
+from nemo_neva.export.triton_llmapi_repo import RepoError, write_triton_repo
 from tests.export.trtllm_helpers import tiny_neva
+from tests.optional import require
 
 # the template's inputs (name: (data type, optional)) and outputs, as documented
 TEMPLATE_INPUTS = {"text_input": ("TYPE_STRING", False), "streaming": ("TYPE_BOOL", True),
@@ -36,7 +37,7 @@ def export(tmp_path_factory):
 
 def _parse_pbtxt(path):
     from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
+    model_config_pb2 = require("tritonclient.grpc.model_config_pb2")  # the triton extra
 
     with open(path) as f:
         return text_format.Parse(f.read(), model_config_pb2.ModelConfig())
@@ -45,7 +46,7 @@ def _parse_pbtxt(path):
 def test_repository_matches_the_llmapi_template(export, tmp_path):
     repo = write_triton_repo(export, str(tmp_path / "repo"))
     cfg = _parse_pbtxt(os.path.join(repo, "tensorrt_llm", "config.pbtxt"))
-    from tritonclient.grpc import model_config_pb2 as pb
+    pb = require("tritonclient.grpc.model_config_pb2")
 
     assert cfg.name == "tensorrt_llm" and cfg.backend == "python"
     assert [(g.count, g.kind) for g in cfg.instance_group] == [(1, pb.ModelInstanceGroup.KIND_CPU)]
