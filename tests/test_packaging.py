@@ -25,24 +25,17 @@ def test_importing_the_package_and_the_paper_model_loads_no_torch_or_nemo(tmp_pa
     assert proc.stdout.strip() == "[]"
 
 
-def test_namespace_is_registered_when_nemo_loads_after_the_package(tmp_path):
-    code = ("import nemo_neva\n"
-            "from nemo.core.classes import common\n"
-            "print(common.ALLOWED_TARGET_PREFIXES.count('nemo_neva.models.'))\n"
-            "print(nemo_neva.MegatronNevaModel.__name__)\n")
-    proc = _python(code, tmp_path)
+@pytest.mark.parametrize("nemo_first", [False, True], ids=["nemo_loads_after", "nemo_loaded_first"])
+def test_namespace_is_registered_once_whichever_loads_first(tmp_path, nemo_first):
+    steps = ["import nemo_neva", "from nemo.core.classes import common"]
+    if nemo_first:
+        steps = steps[::-1]
+        steps.insert(1, "assert 'nemo_neva.models.' not in common.ALLOWED_TARGET_PREFIXES")
+    steps += ["print(common.ALLOWED_TARGET_PREFIXES.count('nemo_neva.models.'))",
+              "print(nemo_neva.MegatronNevaModel.__name__)"]
+    proc = _python("\n".join(steps) + "\n", tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["1", "MegatronNevaModel"]
-
-
-def test_namespace_is_registered_when_nemo_was_loaded_first(tmp_path):
-    code = ("from nemo.core.classes import common\n"
-            "assert 'nemo_neva.models.' not in common.ALLOWED_TARGET_PREFIXES\n"
-            "import nemo_neva\n"
-            "print(common.ALLOWED_TARGET_PREFIXES.count('nemo_neva.models.'))\n")
-    proc = _python(code, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split() == ["1"]
 
 
 def test_configs_and_demo_data_ship_inside_the_package(tmp_path, monkeypatch):

@@ -27,6 +27,7 @@ import logging
 import os
 import sys
 
+from nemo_neva.commands.conversion import add_source_args, data_source, written_report
 
 SAMPLE_LOADER = '''# Written by nemo_neva's scripts/convert_llava_to_energon.py: a LLaVA record (<key>.json) and its image
 # bytes (<key>.<ext>, or <key>.<i>.<ext> for image i of several: then `image` is their list, in tag order;
@@ -155,27 +156,17 @@ def convert(data_path, image_folder, output_dir, samples_per_shard=1000, sample_
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data-path", required=True, nargs="+", help="LLaVA JSON or JSONL file(s)")
-    ap.add_argument("--image-folder", default=None, help="image folder or uncompressed .tar")
-    ap.add_argument("--output-dir", required=True, help="empty (or new) folder for the Energon dataset")
-    ap.add_argument("--samples-per-shard", type=int, default=1000)
-    ap.add_argument("--video-folder", default=None, help="video folder or uncompressed .tar (default: the "
-                                                             "image folder)")
+    add_source_args(ap, "empty (or new) folder for the Energon dataset")
     ap.add_argument("--sample-type", choices=("auto", "captioning", "vqa", "llava"), default="auto",
                     help="captioning: CaptioningSample (stage 1); vqa: VQASample, multi-turn (stage 2); llava: "
                          "nemo_neva's LlavaSample, the record with its images and videos (needed for videos); "
                          "auto: llava if a record has a video, else captioning if every record is one exchange "
                          "with an image, else vqa")
     ap.add_argument("--split-ratio", default="1,0,0", help="train,val,test shares of the shards (default 1,0,0)")
-    ap.add_argument("--header-only", action="store_true",
-                    help="check image headers and video packets only instead of decoding every image and "
-                         "each video's sampled frames (faster)")
-    ap.add_argument("--max-image-bytes", type=int, default=None)
-    ap.add_argument("--max-image-pixels", type=int, default=None)
     ap.add_argument("--workers", type=int, default=4, help="processes `energon prepare` indexes shards with")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    data = args.data_path if len(args.data_path) > 1 else args.data_path[0]
+    data = data_source(args)
     try:
         index = convert(data, args.image_folder, args.output_dir, args.samples_per_shard, args.sample_type,
                         args.split_ratio, full_decode=not args.header_only, max_image_bytes=args.max_image_bytes,
@@ -184,11 +175,7 @@ def main(argv=None):
     except (FileExistsError, FileNotFoundError, ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    left_out = sum(index["skipped"].values())
-    reasons = ", ".join(f"{k}={v}" for k, v in index["skipped"].items()) or "none"
-    print(f"wrote an Energon dataset of {index['total']} {index['sample_type']}s in {len(index['shards'])} shards "
-          f"to {args.output_dir}; left out {left_out} of {index['records']} records ({reasons})"
-          + (f"; see {os.path.join(args.output_dir, 'rejected.jsonl')}" if left_out else ""))
+    print(written_report(f"an Energon dataset of {index['total']} {index['sample_type']}s", index, args.output_dir))
     return 0
 
 
