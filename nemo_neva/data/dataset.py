@@ -40,7 +40,7 @@ class SampleError(ValueError):
         self.reason, self.detail, self.sample_id = reason, detail, sample_id
 
 
-_ERRORS = (SampleError, ConversationError, ImageError)
+SAMPLE_ERRORS = (SampleError, ConversationError, ImageError)
 
 # model.data.max_images_per_sample's default (conf/neva_*.yaml): more images than this -> `too_many_images`
 DEFAULT_MAX_IMAGES = 8
@@ -91,7 +91,7 @@ class NevaDataset(Dataset):
                             self._videos().check(item.path)
                         else:
                             self._images().check(item)
-            except _ERRORS as e:
+            except SAMPLE_ERRORS as e:
                 self._skip(str(sid), e)
                 continue
             rec = dict(rec, id=str(sid))
@@ -283,7 +283,7 @@ class NevaDataset(Dataset):
             loaded = [(isinstance(item, VideoRef), self._load(item)) for item in images]
             pil = [frame for _, frames in loaded for frame in frames]
             pixels = self.pixels(pil)
-        except _ERRORS as e:
+        except SAMPLE_ERRORS as e:
             self._skip(sid, e)
             return None
         item = make_item(ids, labels, pixels, sid)
@@ -367,6 +367,6 @@ class StreamedRecordEncoder(NevaDataset):
         try:
             with self.sample_media(rec, images, videos):
                 return self.record_item(rec, sid)
-        except _ERRORS as e:  # from sample_media: record_item counts its own
+        except SAMPLE_ERRORS as e:  # from sample_media: record_item counts its own
             self._skip(sid, e)
             return None

@@ -44,7 +44,7 @@ from typing import Mapping, Optional
 import torch
 
 from nemo_neva.data.dataset import DEFAULT_MAX_IMAGES
-from nemo_neva.data.energon_encoding import _SampleEncoder, _require_energon, make_task_encoder, sample_to_record
+from nemo_neva.data.energon_encoding import EnergonSampleEncoder, require_energon, make_task_encoder, sample_to_record
 from nemo_neva.data.energon_state import from_plain, to_plain
 
 log = logging.getLogger(__name__)
@@ -178,11 +178,11 @@ class EnergonSource:
     prescan_skips: Counter = Counter()  # Energon samples are checked while streaming
     energon_source = True  # the model's _loader asks for this loader
 
-    def __init__(self, path: str, encoder: _SampleEncoder, pad_id: int, seed: int, dp_rank: int, dp_size: int,
+    def __init__(self, path: str, encoder: EnergonSampleEncoder, pad_id: int, seed: int, dp_rank: int, dp_size: int,
                  dp_group=None, num_workers: int = 0, shuffle_buffer: int = 1000,
                  max_samples_per_sequence: Optional[int] = 100, packed_seq_length: Optional[int] = None,
                  pack_buffer: int = 1000, split_part: str = "train", strict: bool = False):
-        _require_energon()
+        require_energon()
         self.path, self.encoder, self.pad_id, self.seed = path, encoder, pad_id, int(seed)
         self.dp_rank, self.dp_size, self.dp_group = int(dp_rank), int(dp_size), dp_group
         self.num_workers, self.shuffle_buffer = int(num_workers), int(shuffle_buffer)
@@ -247,7 +247,7 @@ def build_source(data_cfg, path: str, *, tokenizer, image_processor, seq_length:
 
     strict = bool(data_cfg.get("strict", False))
     video_settings, video_limits = video_options_of(data_cfg)
-    encoder = _SampleEncoder(tokenizer, image_processor, data_cfg.get("conv_template", "plain"),
+    encoder = EnergonSampleEncoder(tokenizer, image_processor, data_cfg.get("conv_template", "plain"),
                              data_cfg.get("image_aspect_ratio", "square"), seq_length, num_image_tokens, strict,
                              max_images_per_sample=data_cfg.get("max_images_per_sample", DEFAULT_MAX_IMAGES),
                              tiling=tiling, video_settings=video_settings, video_limits=video_limits,

@@ -34,10 +34,10 @@ from typing import Iterator
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from nemo_neva.data.dataset import _ERRORS
+from nemo_neva.data.dataset import SAMPLE_ERRORS
 from nemo_neva.data.packing import first_fit_decreasing
 from nemo_neva.data.shard_encoding import parse_record
-from nemo_neva.data.shards import ShardedNevaDataset, _iter_shard
+from nemo_neva.data.shards import ShardedNevaDataset, iter_shard
 
 
 class PackedRow(list):
@@ -51,7 +51,7 @@ def _read(shards, wanted: dict[int, set], only: set | None) -> dict[tuple[int, i
     """{(shard, file index): fields} for the wanted samples of each shard."""
     out = {}
     for s, indices in wanted.items():
-        reader, found = _iter_shard(shards[s][0], indices, only), 0
+        reader, found = iter_shard(shards[s][0], indices, only), 0
         try:
             for fi, fields in reader:
                 if fields is not None:
@@ -109,7 +109,7 @@ class PackedShardDataset(IterableDataset):
             try:
                 rec = parse_record(texts[(s, fi)], fallback)
                 ids = enc.encode_fields(rec, texts[(s, fi)])[0]
-            except _ERRORS as e:
+            except SAMPLE_ERRORS as e:
                 if enc.strict or pos % ds.dp_size == ds.dp_rank:  # each bad sample counted by one rank
                     enc._skip(str(rec.get("id", fallback)) if isinstance(rec, dict) else fallback, e)
                 continue

@@ -148,7 +148,7 @@ def _member_index(path: str) -> list[list[tarfile.TarInfo]]:
     return samples
 
 
-def _iter_shard(path: str, wanted, only: set | None = None) -> Iterator[tuple[int, dict]]:
+def iter_shard(path: str, wanted, only: set | None = None) -> Iterator[tuple[int, dict]]:
     """(sample index in file order, {field: bytes}) for the `wanted` samples, in file order; `only`: the
     fields to read. Ends early if the shard holds fewer samples than asked for (callers report it)."""
     index = _member_index(path)
@@ -310,7 +310,7 @@ class ShardedNevaDataset(IterableDataset):
                 continue
             loaded: dict[int, dict] = {}
             left = Counter(mine)  # a blend's run may draw the same sample twice
-            reader = _iter_shard(path, set(mine))
+            reader = iter_shard(path, set(mine))
             for fi in mine:
                 while fi not in loaded:
                     got = next(reader, None)

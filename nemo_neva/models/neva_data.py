@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from nemo_neva.cli import resolve_path
 from nemo_neva.training import megatron_step as mt
 
-log = logging.getLogger("nemo_neva.models.neva_model")
+log = logging.getLogger(__name__)
 
 
 class NevaDataMixin:
