@@ -31,11 +31,8 @@ from typing import Iterator, Mapping, Sequence, Union
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from nemo_neva.data.dataset import DEFAULT_MAX_IMAGES
-from nemo_neva.data.image_io import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from nemo_neva.data.settings import DatasetSettings, RecordEncoding
 from nemo_neva.data.shard_encoding import ShardRecordEncoder
-from nemo_neva.data.video_io import VideoSettings
-from nemo_neva.data.video_samples import VideoLimits
 
 log = logging.getLogger(__name__)
 
@@ -197,29 +194,18 @@ class ShardedNevaDataset(IterableDataset):
     already handed out completely, moves to the next epoch; `len()` is the whole epoch's (per rank).
     """
 
-    def __init__(self, shards: Union[str, Sequence[str]], tokenizer, image_processor, template: str = "plain",
-                 image_aspect_ratio: str = "square", seq_length: int = 2048, num_image_tokens: int = 576,
-                 strict: bool = False, steerlm_defaults: Mapping[str, int] | None = None,
-                 system_prompt: str | None = None, max_image_bytes: int = DEFAULT_MAX_BYTES,
-                 max_image_pixels: int = DEFAULT_MAX_PIXELS, dp_rank: int = 0, dp_size: int = 1,
-                 seed: int = 1234, shuffle: bool = True, shuffle_buffer: int = 1000,
-                 drop_remainder: bool = False, batch_size: int = 1,
-                 max_images_per_sample: int = DEFAULT_MAX_IMAGES, tiling=None,
-                 video_settings: VideoSettings = VideoSettings(), video_limits: VideoLimits = VideoLimits(),
-                 num_frame_tokens: int | None = None, max_image_tokens: int | None = None):
+    def __init__(self, shards: Union[str, Sequence[str]], encoding: RecordEncoding,
+                 settings: DatasetSettings = DatasetSettings(), dp_rank: int = 0, dp_size: int = 1,
+                 shuffle: bool = True, drop_remainder: bool = False, batch_size: int = 1):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
         self.shards = resolve_shards(shards)
         self.total = sum(n for _, n in self.shards)
         if self.total == 0:
             raise ValueError(f"no samples in shards {shards!r}")
-        self.encoder = ShardRecordEncoder(tokenizer, image_processor, template, image_aspect_ratio, seq_length,
-                                          num_image_tokens, strict, steerlm_defaults, system_prompt,
-                                          max_image_bytes, max_image_pixels, max_images_per_sample, tiling=tiling,
-                                          video_settings=video_settings, video_limits=video_limits,
-                                          num_frame_tokens=num_frame_tokens, max_image_tokens=max_image_tokens)
-        self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
-        self.shuffle, self.shuffle_buffer, self.drop_remainder = shuffle, shuffle_buffer, drop_remainder
+        self.encoder = ShardRecordEncoder(encoding, settings)
+        self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, settings.seed
+        self.shuffle, self.shuffle_buffer, self.drop_remainder = shuffle, settings.shuffle_buffer, drop_remainder
         self.batch_size = batch_size
         self.epoch, self._start, self._local = 0, 0, 0  # _local: this rank's samples taken since _start
 
