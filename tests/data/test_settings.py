@@ -6,18 +6,18 @@ import pytest
 from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
-from neva_data_helpers import REPO, conv, write_json
+from neva_data_helpers import conv, write_json
 from nemo_neva.data.dataset import NevaDataset, StreamedRecordEncoder
 from nemo_neva.data.settings import DatasetSettings, RecordEncoding, dataset_settings, seed_of, seq_length_of
+from tests.shipped_configs import shipped_config
 
-CONF = os.path.join(REPO, "nemo_neva", "conf")
 # model.data keys that are not settings: which records (paths), how they are rendered (RecordEncoding) and
 # model.data.video (read into DatasetSettings.video_settings / video_limits)
 READ_ELSEWHERE = {"data_path", "validation_data_path", "conv_template", "image_aspect_ratio", "video"}
 
 
 def pretrain_model_cfg():
-    return OmegaConf.load(os.path.join(CONF, "neva_pretrain.yaml")).model
+    return shipped_config("neva_pretrain").model
 
 
 def test_shipped_pretrain_data_block_becomes_its_settings():
@@ -35,8 +35,8 @@ def test_shipped_pretrain_data_block_becomes_its_settings():
 def test_every_shipped_data_key_is_read():
     """No key of the shipped model.data that no code reads: each is a settings field or read elsewhere."""
     names = {f.name for f in dataclasses.fields(DatasetSettings)} | {"max_image_tokens_per_sample"}
-    for conf in ("neva_pretrain.yaml", "neva_finetune.yaml", "neva_peft.yaml"):
-        data = OmegaConf.load(os.path.join(CONF, conf)).model.data
+    for conf in ("neva_pretrain", "neva_finetune", "neva_peft"):
+        data = shipped_config(conf).model.data
         assert set(data) - names - READ_ELSEWHERE == set(), conf
 
 
