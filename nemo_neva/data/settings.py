@@ -84,8 +84,9 @@ class DatasetSettings:
             raise ValueError(f"model.data.seq_length must be >= 1, got {self.seq_length}")
 
 
-# config key -> field, where they differ; the keys read elsewhere (paths, templates, video) are not settings
+# model.data key -> field, where the names differ
 _RENAMED = {"max_image_tokens_per_sample": "max_image_tokens"}
+# fields not read by their name from model.data: worked out below, or set by callers (tests, tools)
 _NOT_FROM_CONFIG = {"seq_length", "seed", "image_folder", "video_folder", "video_settings", "video_limits",
                     "prescan_images", "steerlm_defaults", "system_prompt"}
 

@@ -178,7 +178,8 @@ def buffer_shuffle_order(n: int, buffer: int, rng: random.Random) -> list[int]:
 
 
 class ShardedNevaDataset(IterableDataset):
-    """Streams NevaDataset items from tar shards; see the module docstring for the order.
+    """Streams NevaDataset items from tar shards; see the module docstring for the order. `encoding` /
+    `settings`: as NevaDataset's (data/settings.py); `settings.seed` and `shuffle_buffer` fix the order.
 
     `dp_rank`/`dp_size`: this rank's place among data-parallel ranks (megatron-core parallel_state).
     `batch_size`: the DataLoader's batch size (ShardedLoader sets it); batches are dealt to workers
