@@ -145,7 +145,7 @@ class PackedShardLoader(DataLoader):
 
     def _state(self, epoch: int, consumed: int) -> dict:
         ds = self.dataset.sharded
-        if consumed >= ds._epoch_len():  # an epoch handed out completely: the next one's start
+        if consumed >= ds.epoch_len():  # an epoch handed out completely: the next one's start
             epoch, consumed = epoch + 1, 0
         return {"epoch": int(epoch), "consumed": int(consumed), "seed": ds.seed, "total": ds.total}
 
@@ -159,13 +159,13 @@ class PackedShardLoader(DataLoader):
             done.update(batch.get("windows_done", ()))
             while prefix in done:
                 prefix += 1
-            ds._start, ds._local = min(prefix * packed.window, ds._epoch_len()), 0
+            ds._start, ds._local = min(prefix * packed.window, ds.epoch_len()), 0
             self._handed.append((ds.epoch, ds._start))
             yield batch
         if self._handed:  # the pass's last batch, once trained, completes the epoch
-            self._handed[-1] = (ds.epoch, ds._epoch_len())
+            self._handed[-1] = (ds.epoch, ds.epoch_len())
         else:
-            self._trained = self._state(ds.epoch, ds._epoch_len())
+            self._trained = self._state(ds.epoch, ds.epoch_len())
         ds._end_epoch()
 
     def mark_trained(self) -> None:

@@ -211,7 +211,8 @@ class ShardedNevaDataset(IterableDataset):
         self.epoch, self._start, self._local = 0, 0, 0  # _local: this rank's samples taken since _start
 
     # ------------------------------------------------------------------ position
-    def _epoch_len(self) -> int:
+    def epoch_len(self) -> int:
+        """Samples of one epoch's global sequence (with drop_remainder: whole global batches of it)."""
         if not self.drop_remainder:
             return self.total
         step = self.dp_size * self.batch_size
@@ -219,7 +220,7 @@ class ShardedNevaDataset(IterableDataset):
 
     @property
     def consumed(self) -> int:
-        return min(self._start + self._local * self.dp_size, self._epoch_len())
+        return min(self._start + self._local * self.dp_size, self.epoch_len())
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self._start, self._local = int(epoch), 0, 0
@@ -232,8 +233,8 @@ class ShardedNevaDataset(IterableDataset):
             raise ValueError(f"data state {dict(state)} was saved for other shards or another seed "
                              f"(now total={self.total}, seed={self.seed})")
         consumed = int(state["consumed"])
-        if not 0 <= consumed <= self._epoch_len():
-            raise ValueError(f"consumed={consumed} outside the epoch (0..{self._epoch_len()})")
+        if not 0 <= consumed <= self.epoch_len():
+            raise ValueError(f"consumed={consumed} outside the epoch (0..{self.epoch_len()})")
         self.epoch, self._start, self._local = int(state["epoch"]), consumed, 0
 
     def _advance(self, n: int) -> None:
@@ -245,17 +246,17 @@ class ShardedNevaDataset(IterableDataset):
     def _roll_over(self) -> None:
         """Start the next epoch if this one has been handed out completely. A trainer that stops at the
         loader's length never exhausts the pass, so the epoch cannot end only on exhaustion."""
-        if self._epoch_len() == 0:  # an empty epoch would make a trainer loop without training
+        if self.epoch_len() == 0:  # an empty epoch would make a trainer loop without training
             raise ValueError(f"{self.total} samples are fewer than one global batch "
                              f"({self.dp_size} ranks x {self.batch_size})")
-        if self.consumed >= self._epoch_len():
+        if self.consumed >= self.epoch_len():
             self._end_epoch()
 
     def __len__(self) -> int:
         """Samples this rank gets in a whole epoch, whatever part of it is consumed: like
         DistributedSampler's length, a constant the trainer reads once; after a mid-epoch resume the
         pass yields only what is left, and the trainer's restored batch count makes up the rest."""
-        left = self._epoch_len() - self.dp_rank
+        left = self.epoch_len() - self.dp_rank
         return max(0, -(-left // self.dp_size))
 
     # ------------------------------------------------------------------ order
@@ -282,7 +283,7 @@ class ShardedNevaDataset(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         self._roll_over()
-        start, end, dp, bs = self.consumed, self._epoch_len(), self.dp_size, max(self.batch_size, 1)
+        start, end, dp, bs = self.consumed, self.epoch_len(), self.dp_size, max(self.batch_size, 1)
         self._start, self._local = start, 0
         pos = 0  # global position of the next sample of the epoch's sequence
         for s, perm in self.epoch_order():  # runs of one shard (a whole shard here; shorter in a blend)
