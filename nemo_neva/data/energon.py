@@ -177,7 +177,7 @@ class EnergonSource:
     """What `build_dataset` returns for an Energon path: the settings; `loader()` builds Energon's datasets."""
 
     prescan_skips: Counter = Counter()  # Energon samples are checked while streaming
-    energon_source = True  # the model's _loader asks for this loader
+    energon_source = True  # the model's data_loader asks for this loader
 
     def __init__(self, path: str, encoder: EnergonSampleEncoder, dp_rank: int, dp_size: int, dp_group=None,
                  split_part: str = "train"):

@@ -62,8 +62,9 @@ class NevaDataMixin:
                              "(convert the JSON files with scripts/convert_llava_to_shards.py)")
         return BlendedNevaDataset(sources, weights, seed=settings.seed, names=[str(p) for p in paths])
 
-    def _loader(self, dataset, data_cfg, shuffle):
-        """Each data-parallel rank loads global_batch_size / dp rows per step (its micro-batches).
+    def data_loader(self, dataset, data_cfg, shuffle):
+        """The loader of a `build_dataset` dataset: training (`shuffle`: resumable, whole batches) or evaluation
+        (every sample once). Each data-parallel rank loads global_batch_size / dp rows per step (its micro-batches).
 
         With `data.packed_sequence`, a row holds several samples (first-fit-decreasing to seq_length),
         isolated by THD cu_seqlens in the attention (`_thd`), with positions restarting per sample.
@@ -127,14 +128,14 @@ class NevaDataMixin:
         from nemo_neva.data.skip_tally import SkipTally
 
         self._train_ds = self.build_dataset(train_data_config)
-        self._train_dl = self._loader(self._train_ds, train_data_config, shuffle=True)
+        self._train_dl = self.data_loader(self._train_ds, train_data_config, shuffle=True)
         self._skip_tally = SkipTally(getattr(self._train_ds, "prescan_skips", None))
         if train_data_config.get("validation_data_path"):
             self.setup_validation_data(train_data_config)
 
     def setup_validation_data(self, val_data_config):
         self._validation_ds = self.build_dataset(val_data_config, val_data_config.validation_data_path)
-        self._validation_dl = self._loader(self._validation_ds, val_data_config, shuffle=False)
+        self._validation_dl = self.data_loader(self._validation_ds, val_data_config, shuffle=False)
 
     def _log_data_skips(self, batch, bs: int) -> None:
         """`data_skipped`: samples skipped so far (before training + while loading, every DP rank's
