@@ -83,7 +83,7 @@ def fast_forward(loader, consumed: int) -> tuple[int, int]:
     if isinstance(ds, PackedShardDataset):  # its rows are not samples: global_step cannot place it
         raise ValueError(NO_PACKED_POSITION)
     if isinstance(ds, ShardedNevaDataset):
-        epoch, offset = divmod(consumed, ds._epoch_len())
+        epoch, offset = divmod(consumed, ds.epoch_len())
         ds.load_state_dict({"epoch": epoch, "consumed": offset, "seed": ds.seed, "total": ds.total})
         return epoch, offset
     sampler = loader.sampler

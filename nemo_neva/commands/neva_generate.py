@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 from nemo_neva import MegatronNevaModel
 from nemo_neva.cli import CONF_DIR, user_errors
 from nemo_neva.data.image_io import open_user_image
-from nemo_neva.data.video_io import expand_media, open_video, video_settings_of
+from nemo_neva.data.video_io import open_video, video_settings_of
 from nemo_neva.inference.generate import encode_prompt, validate_sampling
 from nemo_neva.inference.prompting import build_prompt, stop_markers
 from nemo_neva.inference.prompts_file import PromptRequest, Skipped, read_prompts_file

@@ -1,6 +1,6 @@
 """The one place where megatron-core (0.16.1 - 0.19.x) is taught to run without CUDA.
 
-megatron-core assumes CUDA in a few known spots (see shared DESIGN notes): rotary embeddings and
+megatron-core assumes CUDA in a few known spots: rotary embeddings and
 schedules call `torch.cuda.current_device()`, the checkpoint writer calls `torch.cuda.synchronize()`,
 pipeline schedules / p2p build tensors with `device="cuda"`, and the RNG tracker uses CUDA generators.
 0.19 adds `torch.cuda.current_stream()` in DDP's gradient sync.

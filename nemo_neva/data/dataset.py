@@ -14,20 +14,20 @@ import logging
 import re
 from collections import Counter
 from contextlib import contextmanager
-from typing import Mapping, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 from torch.utils.data import Dataset
 
 from nemo_neva.data.constants import IGNORE_INDEX, IMAGE_TOKEN, VIDEO_TOKEN
 from nemo_neva.data.conversation import ConversationError, render
-from nemo_neva.data.image_io import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, ImageSource,
-                                     preprocess)
+from nemo_neva.data.image_io import ImageError, ImageSource, preprocess
 from nemo_neva.data.media_members import MemberImages, MemberVideos
 from nemo_neva.data.records import iter_records
 from nemo_neva.data.tokenizer import encode_segments
-from nemo_neva.data.video_io import VideoError, VideoSettings
-from nemo_neva.data.video_samples import VideoLimits, VideoRef, VideoSource
+from nemo_neva.data.settings import DatasetSettings, RecordEncoding
+from nemo_neva.data.video_io import VideoError
+from nemo_neva.data.video_samples import VideoRef, VideoSource
 
 log = logging.getLogger(__name__)
 
@@ -40,101 +40,44 @@ class SampleError(ValueError):
         self.reason, self.detail, self.sample_id = reason, detail, sample_id
 
 
-_ERRORS = (SampleError, ConversationError, ImageError)
-
-# model.data.max_images_per_sample's default (conf/neva_*.yaml): more images than this -> `too_many_images`
-DEFAULT_MAX_IMAGES = 8
+SAMPLE_ERRORS = (SampleError, ConversationError, ImageError)  # what a skipped sample raises
 
 
-class NevaDataset(Dataset):
-    """Parsing, rendering, tokenization and image header checks run at construction, so bad samples
-    are counted before training. Image decoding runs in __getitem__; an image that fails there makes
-    the item None (the collator drops it and reports `num_dropped`). Skips counted inside DataLoader
-    workers land in the worker's copy of `skip_counts`; the collators carry them to the main process
-    (`take_new_skips`, see collate.py), where the model sums them over data-parallel ranks.
-    """
+class RecordEncoder:
+    """One record -> its item, the part every data path shares: media tags, template, tokenization, placeholder
+    runs, labels, truncation, the media loaded within the limits and preprocessed; a bad sample is counted by
+    reason in `skip_counts` (or raised with `strict`). `encoding` says how records become ids and pixels,
+    `settings` the limits (data/settings.py). NevaDataset (a JSON/JSONL file) and StreamedRecordEncoder (tar
+    shards, Energon samples) are the two kinds; they differ in where a record's media are read from
+    (`self.images` / `self.videos`)."""
 
     tiling = None  # a `nemo_neva.modules.tiling.Tiling` (model.mm_cfg.image_tiling): placeholders by image size
 
-    def __init__(self, data_path: Union[str, Sequence[str]], image_folder: str | None, tokenizer,
-                 image_processor, template: str = "plain", image_aspect_ratio: str = "square",
-                 seq_length: int = 2048, num_image_tokens: int = 576, strict: bool = False,
-                 steerlm_defaults: Mapping[str, int] | None = None, system_prompt: str | None = None,
-                 prescan_images: bool = True, max_image_bytes: int = DEFAULT_MAX_BYTES,
-                 max_image_pixels: int = DEFAULT_MAX_PIXELS, max_images_per_sample: int = DEFAULT_MAX_IMAGES,
-                 tiling=None, video_folder: str | None = None, video_settings: VideoSettings = VideoSettings(),
-                 video_limits: VideoLimits = VideoLimits(), num_frame_tokens: int | None = None,
-                 max_image_tokens: int | None = None):
-        self.tiling = tiling  # anyres (modules/tiling.py): image_processor is then the model's `pixel_processor`
-        self._init_encoding(tokenizer, image_processor, template, image_aspect_ratio, seq_length,
-                            num_image_tokens, strict, steerlm_defaults, system_prompt, max_images_per_sample,
-                            video_settings, num_frame_tokens, max_image_tokens)
-        self.images = ImageSource(image_folder, max_image_bytes, max_image_pixels) if image_folder else None
-        # null: videos live beside the images; opened on the first video (a tar folder is indexed only then)
-        self._video_args = (video_folder or image_folder, video_settings, video_limits)
-        self.videos = None
+    def __init__(self, encoding: RecordEncoding, settings: DatasetSettings = DatasetSettings()):
+        self.encoding, self.settings = encoding, settings
+        self.tiling = encoding.tiling  # anyres (modules/tiling.py)
+        self.tokenizer, self.image_processor = encoding.tokenizer, encoding.image_processor
+        self.template, self.image_aspect_ratio = encoding.template, encoding.image_aspect_ratio
+        self.num_image_tokens = encoding.num_image_tokens
+        self.num_frame_tokens = encoding.num_image_tokens if encoding.num_frame_tokens is None \
+            else int(encoding.num_frame_tokens)
+        self.seq_length, self.strict = settings.seq_length, settings.strict
+        self.steerlm_defaults, self.system_prompt = settings.steerlm_defaults, settings.system_prompt
+        self.max_images_per_sample = int(settings.max_images_per_sample)
+        self.max_image_tokens = None if settings.max_image_tokens is None else int(settings.max_image_tokens)
+        self.video_settings = settings.video_settings
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if self.image_token_id is None or self.image_token_id == self.tokenizer.unk_token_id:
+            raise ValueError(f"tokenizer has no {IMAGE_TOKEN!r} token")
+        self.images: ImageSource | None = None  # where a record's images / videos are read from
+        self.videos: VideoSource | None = None
+        self.video_root: str | None = None  # the folder `_videos` opens on the first video (None: no videos)
         self.truncated = 0
         self._logged: set = set()
-        self.records: list[dict] = []
-        self.lengths: list[int] = []  # tokens per kept sample, for packing / length grouping
-        total = 0
-        for fallback_id, rec, error in iter_records(data_path):
-            total += 1
-            sid = rec.get("id", fallback_id) if isinstance(rec, dict) else fallback_id
-            try:
-                if error is not None:
-                    raise SampleError("malformed_json", error)
-                ids, _, images, truncated = self.encode(rec)
-                if prescan_images:  # header checks (videos: packets counted, nothing decoded)
-                    for item in images:
-                        if isinstance(item, VideoRef):
-                            self._videos().check(item.path)
-                        else:
-                            self._images().check(item)
-            except _ERRORS as e:
-                self._skip(str(sid), e)
-                continue
-            rec = dict(rec, id=str(sid))
-            self.records.append(rec)
-            self.lengths.append(len(ids))
-            self.truncated += truncated
-        self.total = total
-        self.prescan_skips = Counter(self.skip_counts)  # found before training, in every rank's copy
-        self._reported = Counter(self.skip_counts)
-        if not self.records:
-            raise ValueError(f"no usable samples in {data_path!r}: {self.summary()}")
-
-    # ------------------------------------------------------------------ bookkeeping
-    def _init_encoding(self, tokenizer, image_processor, template, image_aspect_ratio, seq_length,
-                       num_image_tokens, strict, steerlm_defaults, system_prompt,
-                       max_images_per_sample=DEFAULT_MAX_IMAGES, video_settings=VideoSettings(),
-                       num_frame_tokens=None, max_image_tokens=None) -> None:
-        """The state `encode` / `_turns` / `_skip` read (shared with the streaming shard reader).
-        `num_frame_tokens`: placeholders per video frame (model.mm_cfg.video.pool); None: an image's.
-        `max_image_tokens`: most image placeholders (images, tiles and frames together) one sample may hold;
-        None: only the sequence length bounds them."""
-        if max_image_tokens is not None and (isinstance(max_image_tokens, bool) or int(max_image_tokens) < 1):
-            raise ValueError(f"model.data.max_image_tokens_per_sample must be >= 1 or null, got {max_image_tokens!r}")
-        self.max_image_tokens = None if max_image_tokens is None else int(max_image_tokens)
-        if num_image_tokens < 1:
-            raise ValueError("num_image_tokens must be >= 1")
-        if num_frame_tokens is not None and num_frame_tokens < 1:
-            raise ValueError("num_frame_tokens must be >= 1")
-        self.num_frame_tokens = num_image_tokens if num_frame_tokens is None else int(num_frame_tokens)
-        if int(max_images_per_sample) < 1:
-            raise ValueError(f"max_images_per_sample must be >= 1, got {max_images_per_sample}")
-        self.max_images_per_sample = int(max_images_per_sample)
-        self.video_settings = video_settings
-        self.tokenizer, self.image_processor = tokenizer, image_processor
-        self.template, self.image_aspect_ratio = template, image_aspect_ratio
-        self.seq_length, self.num_image_tokens, self.strict = seq_length, num_image_tokens, strict
-        self.steerlm_defaults, self.system_prompt = steerlm_defaults, system_prompt
-        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
-            raise ValueError(f"tokenizer has no {IMAGE_TOKEN!r} token")
         self.skip_counts: Counter = Counter()
         self._reported: Counter = Counter()
 
+    # ------------------------------------------------------------------ bookkeeping
     def _skip(self, sid: str, err: Exception) -> None:
         reason = getattr(err, "reason", "error")
         if isinstance(err, VideoError):
@@ -155,12 +98,6 @@ class NevaDataset(Dataset):
         new = self.skip_counts - self._reported
         self._reported = Counter(self.skip_counts)
         return new
-
-    def summary(self) -> str:
-        skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.skip_counts.items())) or "none"
-        return (f"kept {len(self.records)}/{self.total} samples; skipped: {skipped}; "
-                f"truncated: {self.truncated}")
-
     def _images(self) -> ImageSource:
         if self.images is None:
             raise ImageError("missing", "sample has an image but no image_folder was configured")
@@ -168,10 +105,9 @@ class NevaDataset(Dataset):
 
     def _videos(self) -> VideoSource:
         if self.videos is None:
-            root = getattr(self, "_video_args", (None,))[0]
-            if not root:
+            if not self.video_root:
                 raise VideoError("missing", "sample has a video but no video_folder (or image_folder) was configured")
-            self.videos = VideoSource(*self._video_args)
+            self.videos = VideoSource(self.video_root, self.settings.video_settings, self.settings.video_limits)
         return self.videos
 
     # ------------------------------------------------------------------ text
@@ -267,14 +203,7 @@ class NevaDataset(Dataset):
             return self.num_image_tokens
         return self.tiling.tokens(*self._images().size(image))
 
-    # ------------------------------------------------------------------ Dataset
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, idx: int):
-        rec = self.records[idx]
-        return self.record_item(rec, rec["id"])
-
+    # ------------------------------------------------------------------ items
     def record_item(self, rec, sid: str):
         """The item of one record (every data path's: JSON here, tar shards and Energon through
         StreamedRecordEncoder), or None with the skip counted."""
@@ -283,7 +212,7 @@ class NevaDataset(Dataset):
             loaded = [(isinstance(item, VideoRef), self._load(item)) for item in images]
             pil = [frame for _, frames in loaded for frame in frames]
             pixels = self.pixels(pil)
-        except _ERRORS as e:
+        except SAMPLE_ERRORS as e:
             self._skip(sid, e)
             return None
         item = make_item(ids, labels, pixels, sid)
@@ -306,6 +235,64 @@ class NevaDataset(Dataset):
                             for im in pil_images])
 
 
+class NevaDataset(RecordEncoder, Dataset):
+    """The records of a LLaVA JSON / JSONL file (or a list of them), `settings.image_folder` /
+    `video_folder` holding their media. Parsing, rendering, tokenization and image header checks run at
+    construction, so bad samples are counted before training. Image decoding runs in __getitem__; an image
+    that fails there makes the item None (the collator drops it and reports `num_dropped`). Skips counted
+    inside DataLoader workers land in the worker's copy of `skip_counts`; the collators carry them to the main
+    process (`take_new_skips`, see collate.py), where the model sums them over data-parallel ranks.
+    """
+
+    def __init__(self, data_path: Union[str, Sequence[str]], encoding: RecordEncoding,
+                 settings: DatasetSettings = DatasetSettings()):
+        super().__init__(encoding, settings)
+        folder = settings.image_folder
+        self.images = ImageSource(folder, settings.max_image_bytes, settings.max_image_pixels) if folder else None
+        # null: videos live beside the images; opened on the first video (a tar folder is indexed only then)
+        self.video_root = settings.video_folder or folder
+        self.records: list[dict] = []
+        self.lengths: list[int] = []  # tokens per kept sample, for packing / length grouping
+        total = 0
+        for fallback_id, rec, error in iter_records(data_path):
+            total += 1
+            sid = rec.get("id", fallback_id) if isinstance(rec, dict) else fallback_id
+            try:
+                if error is not None:
+                    raise SampleError("malformed_json", error)
+                ids, _, images, truncated = self.encode(rec)
+                if settings.prescan_images:  # header checks (videos: packets counted, nothing decoded)
+                    for item in images:
+                        if isinstance(item, VideoRef):
+                            self._videos().check(item.path)
+                        else:
+                            self._images().check(item)
+            except SAMPLE_ERRORS as e:
+                self._skip(str(sid), e)
+                continue
+            rec = dict(rec, id=str(sid))
+            self.records.append(rec)
+            self.lengths.append(len(ids))
+            self.truncated += truncated
+        self.total = total
+        self.prescan_skips = Counter(self.skip_counts)  # found before training, in every rank's copy
+        self._reported = Counter(self.skip_counts)
+        if not self.records:
+            raise ValueError(f"no usable samples in {data_path!r}: {self.summary()}")
+
+    def summary(self) -> str:
+        skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.skip_counts.items())) or "none"
+        return (f"kept {len(self.records)}/{self.total} samples; skipped: {skipped}; "
+                f"truncated: {self.truncated}")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, idx: int):
+        rec = self.records[idx]
+        return self.record_item(rec, rec["id"])
+
+
 def record_paths(rec: dict, key: str) -> list[str]:
     """A LLaVA record's media paths under `key` ("image" / "video") in order: absent/None, a path, or a list."""
     value = rec.get(key)
@@ -325,27 +312,10 @@ def make_item(ids, labels, pixels, sid) -> dict:
             "images": pixels, "id": sid}
 
 
-class StreamedRecordEncoder(NevaDataset):
-    """NevaDataset's per-record encoding, item building and skip bookkeeping (templates, tokenizer, placeholders,
-    image and video limits, tiling) without an annotation file: for records that stream in with their media
-    (tar shards, Energon samples). Subclasses add the `item` that turns one streamed sample into a dataset item
-    through `streamed_item`."""
-
-    def __init__(self, tokenizer, image_processor, template, image_aspect_ratio, seq_length, num_image_tokens,
-                 strict, steerlm_defaults=None, system_prompt=None, max_image_bytes=DEFAULT_MAX_BYTES,
-                 max_image_pixels=DEFAULT_MAX_PIXELS, max_images_per_sample=DEFAULT_MAX_IMAGES, tiling=None,
-                 video_settings: VideoSettings = VideoSettings(), video_limits: VideoLimits = VideoLimits(),
-                 num_frame_tokens: int | None = None, max_image_tokens: int | None = None):
-        self._init_encoding(tokenizer, image_processor, template, image_aspect_ratio, seq_length,
-                            num_image_tokens, strict, steerlm_defaults, system_prompt, max_images_per_sample,
-                            video_settings, num_frame_tokens, max_image_tokens)
-        self.tiling = tiling  # image_processor is then the model's `pixel_processor`, as for NevaDataset
-        self.max_image_bytes, self.max_image_pixels = max_image_bytes, max_image_pixels
-        self.video_limits = video_limits
-        self.images = self.videos = None  # set to one sample's own media while it is encoded
-        self.truncated = 0
-        self._logged: set = set()
-        self.records, self.lengths, self.total = [], [], 0
+class StreamedRecordEncoder(RecordEncoder):
+    """RecordEncoder for records that stream in with their media (tar shards, Energon samples): no annotation
+    file, each record's media are its own (`sample_media`). Subclasses add the `item` that turns one streamed
+    sample into a dataset item through `streamed_item`."""
 
     @contextmanager
     def sample_media(self, rec, images: Sequence = (), videos: Sequence = ()):
@@ -354,10 +324,10 @@ class StreamedRecordEncoder(NevaDataset):
         names are not path lists raises its SampleError (bad_record) on entering."""
         named = rec if isinstance(rec, dict) else {}  # not a record: encode says bad_record
         try:
-            self.images = MemberImages(record_paths(named, "image"), images, self.max_image_bytes,
-                                       self.max_image_pixels)
-            self.videos = MemberVideos(record_paths(named, "video"), videos, self.video_settings,
-                                       self.video_limits)
+            self.images = MemberImages(record_paths(named, "image"), images, self.settings.max_image_bytes,
+                                       self.settings.max_image_pixels)
+            self.videos = MemberVideos(record_paths(named, "video"), videos, self.settings.video_settings,
+                                       self.settings.video_limits)
             yield
         finally:
             self.images = self.videos = None
@@ -367,6 +337,6 @@ class StreamedRecordEncoder(NevaDataset):
         try:
             with self.sample_media(rec, images, videos):
                 return self.record_item(rec, sid)
-        except _ERRORS as e:  # from sample_media: record_item counts its own
+        except SAMPLE_ERRORS as e:  # from sample_media: record_item counts its own
             self._skip(sid, e)
             return None

@@ -43,9 +43,10 @@ from typing import Mapping, Optional
 
 import torch
 
-from nemo_neva.data.dataset import DEFAULT_MAX_IMAGES
-from nemo_neva.data.energon_encoding import _SampleEncoder, _require_energon, make_task_encoder, sample_to_record
+from nemo_neva.data.energon_encoding import (EnergonSampleEncoder, make_task_encoder, require_energon,
+                                            sample_to_record)
 from nemo_neva.data.energon_state import from_plain, to_plain
+from nemo_neva.data.settings import DatasetSettings, RecordEncoding
 
 log = logging.getLogger(__name__)
 
@@ -176,19 +177,20 @@ class EnergonSource:
     """What `build_dataset` returns for an Energon path: the settings; `loader()` builds Energon's datasets."""
 
     prescan_skips: Counter = Counter()  # Energon samples are checked while streaming
-    energon_source = True  # the model's _loader asks for this loader
+    energon_source = True  # the model's data_loader asks for this loader
 
-    def __init__(self, path: str, encoder: _SampleEncoder, pad_id: int, seed: int, dp_rank: int, dp_size: int,
-                 dp_group=None, num_workers: int = 0, shuffle_buffer: int = 1000,
-                 max_samples_per_sequence: Optional[int] = 100, packed_seq_length: Optional[int] = None,
-                 pack_buffer: int = 1000, split_part: str = "train", strict: bool = False):
-        _require_energon()
-        self.path, self.encoder, self.pad_id, self.seed = path, encoder, pad_id, int(seed)
+    def __init__(self, path: str, encoder: EnergonSampleEncoder, dp_rank: int, dp_size: int, dp_group=None,
+                 split_part: str = "train"):
+        require_energon()
+        settings = encoder.settings
+        self.path, self.encoder, self.seed = path, encoder, int(settings.seed)
+        self.pad_id = int(encoder.tokenizer.pad_token_id)
         self.dp_rank, self.dp_size, self.dp_group = int(dp_rank), int(dp_size), dp_group
-        self.num_workers, self.shuffle_buffer = int(num_workers), int(shuffle_buffer)
-        self.max_samples_per_sequence = max_samples_per_sequence
-        self.packed_seq_length, self.pack_buffer = packed_seq_length, int(pack_buffer)
-        self.split_part, self.strict = split_part, strict
+        self.num_workers, self.shuffle_buffer = int(settings.num_workers), int(settings.shuffle_buffer)
+        self.max_samples_per_sequence = settings.max_samples_per_sequence
+        self.packed_seq_length = settings.seq_length if settings.packed_sequence else None
+        self.pack_buffer = int(settings.pack_window)
+        self.split_part, self.strict = split_part, bool(settings.strict)
         self.fingerprint: dict = {}
 
     @property
@@ -238,27 +240,12 @@ class EnergonSource:
         return f"Energon dataset {self.path} (split {self.split_part}); skipped in this process: {skipped}"
 
 
-def build_source(data_cfg, path: str, *, tokenizer, image_processor, seq_length: int, num_image_tokens: int,
-                 seed: int, dp_rank: int, dp_size: int, dp_group=None, split_part: str = "train",
-                 tiling=None, num_frame_tokens=None) -> EnergonSource:
-    """EnergonSource from the model's `data` config (the keys the other data paths read, same meaning;
-    `video.*` for video samples). With `tiling`, `image_processor` is the model's `pixel_processor`."""
-    from nemo_neva.data.video_samples import video_options_of
-
-    strict = bool(data_cfg.get("strict", False))
-    video_settings, video_limits = video_options_of(data_cfg)
-    encoder = _SampleEncoder(tokenizer, image_processor, data_cfg.get("conv_template", "plain"),
-                             data_cfg.get("image_aspect_ratio", "square"), seq_length, num_image_tokens, strict,
-                             max_images_per_sample=data_cfg.get("max_images_per_sample", DEFAULT_MAX_IMAGES),
-                             tiling=tiling, video_settings=video_settings, video_limits=video_limits,
-                             num_frame_tokens=num_frame_tokens,
-                             max_image_tokens=data_cfg.get("max_image_tokens_per_sample"))
-    packed = seq_length if data_cfg.get("packed_sequence", False) else None
-    return EnergonSource(path, encoder, tokenizer.pad_token_id, seed, dp_rank, dp_size, dp_group,
-                         num_workers=data_cfg.get("num_workers", 0), shuffle_buffer=data_cfg.get("shuffle_buffer", 1000),
-                         max_samples_per_sequence=data_cfg.get("max_samples_per_sequence", 100),
-                         packed_seq_length=packed, pack_buffer=data_cfg.get("pack_window", 1000),
-                         split_part=split_part, strict=strict)
+def build_source(path: str, encoding: RecordEncoding, settings: DatasetSettings, *, dp_rank: int, dp_size: int,
+                 dp_group=None, split_part: str = "train") -> EnergonSource:
+    """EnergonSource for an Energon dataset folder or metadataset YAML: the same encoding and settings (same
+    meaning) as the other data paths; `split_part`: "train", or validation's `settings.energon_val_split`."""
+    return EnergonSource(path, EnergonSampleEncoder(encoding, settings), dp_rank, dp_size, dp_group,
+                         split_part=split_part)
 
 
 # ---------------------------------------------------------------------------------------- checkpoint glue

@@ -12,13 +12,13 @@ from typing import Mapping, Optional
 
 from nemo_neva.data.collate import NevaCollator
 from nemo_neva.data.constants import IMAGE_TOKEN
-from nemo_neva.data.dataset import _ERRORS, SampleError, StreamedRecordEncoder
+from nemo_neva.data.dataset import SAMPLE_ERRORS, SampleError, StreamedRecordEncoder
 from nemo_neva.data.packing import PackedCollator, first_fit_decreasing
 
 _TEXT_EXTS = ("txt", "text", "transcript")
 
 
-def _require_energon():
+def require_energon():
     try:
         import megatron.energon as energon
     except ImportError as e:  # pragma: no cover - the dev venv installs it (Makefile)
@@ -146,7 +146,7 @@ def sample_to_record(sample) -> tuple[dict, list, list]:
     return rec, images, videos
 
 
-class _SampleEncoder(StreamedRecordEncoder):
+class EnergonSampleEncoder(StreamedRecordEncoder):
     """NevaDataset's encoding and skip bookkeeping (templates, tokeniser, placeholders, limits, tiling), without
     an annotation file: the records come from Energon samples."""
 
@@ -156,15 +156,15 @@ class _SampleEncoder(StreamedRecordEncoder):
         try:
             rec, images, videos = sample_to_record(sample)
             sid = rec["id"] or sid
-        except _ERRORS as e:
+        except SAMPLE_ERRORS as e:
             self._skip(sid, e)
             return None
         return self.streamed_item(rec, sid, images, videos)
 
 
-def make_task_encoder(encoder: _SampleEncoder, pad_id: int, packed_seq_length: Optional[int] = None):
+def make_task_encoder(encoder: EnergonSampleEncoder, pad_id: int, packed_seq_length: Optional[int] = None):
     """Energon TaskEncoder: sample -> nemo_neva item (SkipSample for a bad one) -> [packed rows] -> batch."""
-    energon = _require_energon()
+    energon = require_energon()
     from megatron.energon.task_encoder.base import stateless
 
     class NevaTaskEncoder(energon.DefaultTaskEncoder):

@@ -5,7 +5,7 @@ which counts them twice in a validation loss. `EvalSampler` gives rank r the sam
 fills a rank that runs out with a blank index; `EvalBlanks` turns that index into an empty item (the
 collators make it an all-padding row with loss_mask 0). So the ranks run the same number of validation steps
 (their collectives pair up) and each sample adds its tokens to the loss once. A last batch smaller than the
-others is filled up to whole micro-batches by the model (`megatron_training.pad_to_microbatches`).
+others is filled up to whole micro-batches by the model (`training.megatron_step.pad_to_microbatches`).
 """
 from __future__ import annotations
 

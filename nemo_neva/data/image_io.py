@@ -40,7 +40,7 @@ def _check_relative(rel: str) -> str:
     return _normalise(rel)
 
 
-def _decode(data: Union[bytes, str], name: str, max_pixels: int, header_only: bool):
+def decode_image(data: Union[bytes, str], name: str, max_pixels: int, header_only: bool):
     """Open, check format and pixel count from the header, then decode to RGB (header_only: (height, width))."""
     try:
         with warnings.catch_warnings():
@@ -109,14 +109,14 @@ class ImageSource:
 
     def check(self, rel: str) -> None:
         """Cheap validation (path, bytes, format, pixel count from the header); no pixel decode."""
-        _decode(self._read(rel), rel, self.max_pixels, header_only=True)
+        decode_image(self._read(rel), rel, self.max_pixels, header_only=True)
 
     def size(self, rel: str) -> tuple[int, int]:
         """(height, width) from the header, after the same checks as `check` (a tiled model's token count)."""
-        return _decode(self._read(rel), rel, self.max_pixels, header_only=True)
+        return decode_image(self._read(rel), rel, self.max_pixels, header_only=True)
 
     def load(self, rel: str) -> Image.Image:
-        return _decode(self._read(rel), rel, self.max_pixels, header_only=False)
+        return decode_image(self._read(rel), rel, self.max_pixels, header_only=False)
 
 
 def target_size(processor) -> tuple[int, int]:
@@ -229,7 +229,7 @@ def open_user_image(src, max_bytes: Optional[int] = None, max_pixels: Optional[i
         raise TypeError(f"expected a path, bytes, file object or PIL image, got {type(src).__name__}")
     if len(data) > max_bytes:
         raise ImageError("too_large", f"{name!r}: more than {max_bytes} bytes")
-    return _decode(bytes(data), str(name), max_pixels, header_only=False)
+    return decode_image(bytes(data), str(name), max_pixels, header_only=False)
 
 
 # ------------------------------------------------------------------ Hugging Face processors (export / import)
@@ -247,9 +247,7 @@ def mode_of_hf_processor(processor) -> str:
 def hf_processor_for(processor, aspect_ratio: str):
     """A Hugging Face image processor that by itself makes `preprocess(image, processor, aspect_ratio)`'s
     pixels (for an HF export: transformers users then feed the model what it was trained on)."""
-    import transformers
-
-    from nemo_neva.modules.vision import _PROC_SUFFIX
+    from nemo_neva.modules.vision import hf_image_processor_class
 
     check_aspect_ratio(aspect_ratio)
     if aspect_ratio == "keep" or mode_of_hf_processor(processor) == aspect_ratio:
@@ -258,5 +256,5 @@ def hf_processor_for(processor, aspect_ratio: str):
     if aspect_ratio == "square":
         h, w = target_size(processor)
         return type(processor)(**dict(settings, size={"height": h, "width": w}, do_center_crop=False))
-    llava = getattr(transformers, "LlavaImageProcessor" + _PROC_SUFFIX)  # pad, then the processor's own steps
+    llava = hf_image_processor_class("LlavaImageProcessor")  # pad, then the processor's own steps
     return llava(**dict(settings, do_pad=True))

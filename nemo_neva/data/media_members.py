@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from nemo_neva.data.image_io import ImageError, _decode
+from nemo_neva.data.image_io import ImageError, decode_image
 from nemo_neva.data.video_io import VideoError
 from nemo_neva.data.video_samples import VideoLimits, VideoSource
 
@@ -42,7 +42,7 @@ def _open(value, name: str, max_bytes: int, max_pixels: int, header_only: bool):
     if isinstance(value, (bytes, bytearray, memoryview)):
         if len(value) > max_bytes:
             raise ImageError("too_large", f"{name!r}: {len(value)} bytes > {max_bytes}")
-        return _decode(bytes(value), name, max_pixels, header_only)
+        return decode_image(bytes(value), name, max_pixels, header_only)
     if isinstance(value, Image.Image):
         h, w = value.height, value.width
     elif isinstance(value, torch.Tensor):  # CHW float in [0, 1] (or uint8)

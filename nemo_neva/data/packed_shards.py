@@ -34,10 +34,10 @@ from typing import Iterator
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from nemo_neva.data.dataset import _ERRORS
+from nemo_neva.data.dataset import SAMPLE_ERRORS
 from nemo_neva.data.packing import first_fit_decreasing
 from nemo_neva.data.shard_encoding import parse_record
-from nemo_neva.data.shards import ShardedNevaDataset, _iter_shard
+from nemo_neva.data.shards import ShardedNevaDataset, iter_shard
 
 
 class PackedRow(list):
@@ -51,7 +51,7 @@ def _read(shards, wanted: dict[int, set], only: set | None) -> dict[tuple[int, i
     """{(shard, file index): fields} for the wanted samples of each shard."""
     out = {}
     for s, indices in wanted.items():
-        reader, found = _iter_shard(shards[s][0], indices, only), 0
+        reader, found = iter_shard(shards[s][0], indices, only), 0
         try:
             for fi, fields in reader:
                 if fields is not None:
@@ -109,7 +109,7 @@ class PackedShardDataset(IterableDataset):
             try:
                 rec = parse_record(texts[(s, fi)], fallback)
                 ids = enc.encode_fields(rec, texts[(s, fi)])[0]
-            except _ERRORS as e:
+            except SAMPLE_ERRORS as e:
                 if enc.strict or pos % ds.dp_size == ds.dp_rank:  # each bad sample counted by one rank
                     enc._skip(str(rec.get("id", fallback)) if isinstance(rec, dict) else fallback, e)
                 continue
@@ -145,7 +145,7 @@ class PackedShardLoader(DataLoader):
 
     def _state(self, epoch: int, consumed: int) -> dict:
         ds = self.dataset.sharded
-        if consumed >= ds._epoch_len():  # an epoch handed out completely: the next one's start
+        if consumed >= ds.epoch_len():  # an epoch handed out completely: the next one's start
             epoch, consumed = epoch + 1, 0
         return {"epoch": int(epoch), "consumed": int(consumed), "seed": ds.seed, "total": ds.total}
 
@@ -159,13 +159,13 @@ class PackedShardLoader(DataLoader):
             done.update(batch.get("windows_done", ()))
             while prefix in done:
                 prefix += 1
-            ds._start, ds._local = min(prefix * packed.window, ds._epoch_len()), 0
+            ds._start, ds._local = min(prefix * packed.window, ds.epoch_len()), 0
             self._handed.append((ds.epoch, ds._start))
             yield batch
         if self._handed:  # the pass's last batch, once trained, completes the epoch
-            self._handed[-1] = (ds.epoch, ds._epoch_len())
+            self._handed[-1] = (ds.epoch, ds.epoch_len())
         else:
-            self._trained = self._state(ds.epoch, ds._epoch_len())
+            self._trained = self._state(ds.epoch, ds.epoch_len())
         ds._end_epoch()
 
     def mark_trained(self) -> None:

@@ -9,7 +9,7 @@ import json
 import re
 from typing import Mapping
 
-from nemo_neva.data.dataset import _ERRORS, SampleError, StreamedRecordEncoder
+from nemo_neva.data.dataset import SAMPLE_ERRORS, SampleError, StreamedRecordEncoder
 from nemo_neva.data.image_io import ImageError
 from nemo_neva.data.video_io import VideoError
 
@@ -62,7 +62,7 @@ class ShardRecordEncoder(StreamedRecordEncoder):
             if isinstance(rec, dict):
                 sid = str(rec.get("id", fallback_id))
             images, videos = shard_media(fields, "image"), shard_media(fields, "video")
-        except _ERRORS as e:
+        except SAMPLE_ERRORS as e:
             self._skip(sid, e)
             return None
         return self.streamed_item(rec, sid, images, videos)

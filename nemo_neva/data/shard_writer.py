@@ -15,11 +15,11 @@ from typing import Sequence, Union
 
 from nemo_neva.data.dataset import SampleError, record_paths
 from nemo_neva.data.image_io import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, ImageSource,
-                                     _decode)
+                                     decode_image)
 from nemo_neva.data.records import iter_records
 from nemo_neva.data.shard_encoding import member_ext
 from nemo_neva.data.shards import FORMAT, INDEX_NAME
-from nemo_neva.data.video_io import VideoError, VideoSettings, _sniff, open_video, probe_video
+from nemo_neva.data.video_io import VideoError, VideoSettings, sniff_container, open_video, probe_video
 from nemo_neva.data.video_samples import VideoLimits, VideoSource
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def _image_bytes(images: ImageSource, rel: str, full_decode: bool) -> tuple[byte
     if isinstance(raw, str):
         with open(raw, "rb") as f:
             raw = f.read()
-    _decode(raw, rel, images.max_pixels, header_only=not full_decode)
+    decode_image(raw, rel, images.max_pixels, header_only=not full_decode)
     with Image.open(io.BytesIO(raw), formats=sorted(_PIL_EXT)) as img:
         return raw, _PIL_EXT[img.format]
 
@@ -58,7 +58,7 @@ def _video_bytes(videos: VideoSource, rel: str, full_decode: bool) -> tuple[byte
         with open(raw, "rb") as f:
             raw = f.read()
     (open_video if full_decode else probe_video)(raw, **videos._kw())
-    return raw, _VIDEO_EXT[_sniff(raw[:12])]
+    return raw, _VIDEO_EXT[sniff_container(raw[:12])]
 
 
 def convert_to_shards(data_path: Union[str, Sequence[str]], image_folder: str | None, output_dir: str,

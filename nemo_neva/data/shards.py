@@ -31,11 +31,8 @@ from typing import Iterator, Mapping, Sequence, Union
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from nemo_neva.data.dataset import DEFAULT_MAX_IMAGES
-from nemo_neva.data.image_io import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from nemo_neva.data.settings import DatasetSettings, RecordEncoding
 from nemo_neva.data.shard_encoding import ShardRecordEncoder
-from nemo_neva.data.video_io import VideoSettings
-from nemo_neva.data.video_samples import VideoLimits
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +145,7 @@ def _member_index(path: str) -> list[list[tarfile.TarInfo]]:
     return samples
 
 
-def _iter_shard(path: str, wanted, only: set | None = None) -> Iterator[tuple[int, dict]]:
+def iter_shard(path: str, wanted, only: set | None = None) -> Iterator[tuple[int, dict]]:
     """(sample index in file order, {field: bytes}) for the `wanted` samples, in file order; `only`: the
     fields to read. Ends early if the shard holds fewer samples than asked for (callers report it)."""
     index = _member_index(path)
@@ -181,7 +178,8 @@ def buffer_shuffle_order(n: int, buffer: int, rng: random.Random) -> list[int]:
 
 
 class ShardedNevaDataset(IterableDataset):
-    """Streams NevaDataset items from tar shards; see the module docstring for the order.
+    """Streams NevaDataset items from tar shards; see the module docstring for the order. `encoding` /
+    `settings`: as NevaDataset's (data/settings.py); `settings.seed` and `shuffle_buffer` fix the order.
 
     `dp_rank`/`dp_size`: this rank's place among data-parallel ranks (megatron-core parallel_state).
     `batch_size`: the DataLoader's batch size (ShardedLoader sets it); batches are dealt to workers
@@ -197,34 +195,24 @@ class ShardedNevaDataset(IterableDataset):
     already handed out completely, moves to the next epoch; `len()` is the whole epoch's (per rank).
     """
 
-    def __init__(self, shards: Union[str, Sequence[str]], tokenizer, image_processor, template: str = "plain",
-                 image_aspect_ratio: str = "square", seq_length: int = 2048, num_image_tokens: int = 576,
-                 strict: bool = False, steerlm_defaults: Mapping[str, int] | None = None,
-                 system_prompt: str | None = None, max_image_bytes: int = DEFAULT_MAX_BYTES,
-                 max_image_pixels: int = DEFAULT_MAX_PIXELS, dp_rank: int = 0, dp_size: int = 1,
-                 seed: int = 1234, shuffle: bool = True, shuffle_buffer: int = 1000,
-                 drop_remainder: bool = False, batch_size: int = 1,
-                 max_images_per_sample: int = DEFAULT_MAX_IMAGES, tiling=None,
-                 video_settings: VideoSettings = VideoSettings(), video_limits: VideoLimits = VideoLimits(),
-                 num_frame_tokens: int | None = None, max_image_tokens: int | None = None):
+    def __init__(self, shards: Union[str, Sequence[str]], encoding: RecordEncoding,
+                 settings: DatasetSettings = DatasetSettings(), dp_rank: int = 0, dp_size: int = 1,
+                 shuffle: bool = True, drop_remainder: bool = False, batch_size: int = 1):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
         self.shards = resolve_shards(shards)
         self.total = sum(n for _, n in self.shards)
         if self.total == 0:
             raise ValueError(f"no samples in shards {shards!r}")
-        self.encoder = ShardRecordEncoder(tokenizer, image_processor, template, image_aspect_ratio, seq_length,
-                                          num_image_tokens, strict, steerlm_defaults, system_prompt,
-                                          max_image_bytes, max_image_pixels, max_images_per_sample, tiling=tiling,
-                                          video_settings=video_settings, video_limits=video_limits,
-                                          num_frame_tokens=num_frame_tokens, max_image_tokens=max_image_tokens)
-        self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
-        self.shuffle, self.shuffle_buffer, self.drop_remainder = shuffle, shuffle_buffer, drop_remainder
+        self.encoder = ShardRecordEncoder(encoding, settings)
+        self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, settings.seed
+        self.shuffle, self.shuffle_buffer, self.drop_remainder = shuffle, settings.shuffle_buffer, drop_remainder
         self.batch_size = batch_size
         self.epoch, self._start, self._local = 0, 0, 0  # _local: this rank's samples taken since _start
 
     # ------------------------------------------------------------------ position
-    def _epoch_len(self) -> int:
+    def epoch_len(self) -> int:
+        """Samples of one epoch's global sequence (with drop_remainder: whole global batches of it)."""
         if not self.drop_remainder:
             return self.total
         step = self.dp_size * self.batch_size
@@ -232,7 +220,7 @@ class ShardedNevaDataset(IterableDataset):
 
     @property
     def consumed(self) -> int:
-        return min(self._start + self._local * self.dp_size, self._epoch_len())
+        return min(self._start + self._local * self.dp_size, self.epoch_len())
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self._start, self._local = int(epoch), 0, 0
@@ -245,8 +233,8 @@ class ShardedNevaDataset(IterableDataset):
             raise ValueError(f"data state {dict(state)} was saved for other shards or another seed "
                              f"(now total={self.total}, seed={self.seed})")
         consumed = int(state["consumed"])
-        if not 0 <= consumed <= self._epoch_len():
-            raise ValueError(f"consumed={consumed} outside the epoch (0..{self._epoch_len()})")
+        if not 0 <= consumed <= self.epoch_len():
+            raise ValueError(f"consumed={consumed} outside the epoch (0..{self.epoch_len()})")
         self.epoch, self._start, self._local = int(state["epoch"]), consumed, 0
 
     def _advance(self, n: int) -> None:
@@ -258,17 +246,17 @@ class ShardedNevaDataset(IterableDataset):
     def _roll_over(self) -> None:
         """Start the next epoch if this one has been handed out completely. A trainer that stops at the
         loader's length never exhausts the pass, so the epoch cannot end only on exhaustion."""
-        if self._epoch_len() == 0:  # an empty epoch would make a trainer loop without training
+        if self.epoch_len() == 0:  # an empty epoch would make a trainer loop without training
             raise ValueError(f"{self.total} samples are fewer than one global batch "
                              f"({self.dp_size} ranks x {self.batch_size})")
-        if self.consumed >= self._epoch_len():
+        if self.consumed >= self.epoch_len():
             self._end_epoch()
 
     def __len__(self) -> int:
         """Samples this rank gets in a whole epoch, whatever part of it is consumed: like
         DistributedSampler's length, a constant the trainer reads once; after a mid-epoch resume the
         pass yields only what is left, and the trainer's restored batch count makes up the rest."""
-        left = self._epoch_len() - self.dp_rank
+        left = self.epoch_len() - self.dp_rank
         return max(0, -(-left // self.dp_size))
 
     # ------------------------------------------------------------------ order
@@ -295,7 +283,7 @@ class ShardedNevaDataset(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         self._roll_over()
-        start, end, dp, bs = self.consumed, self._epoch_len(), self.dp_size, max(self.batch_size, 1)
+        start, end, dp, bs = self.consumed, self.epoch_len(), self.dp_size, max(self.batch_size, 1)
         self._start, self._local = start, 0
         pos = 0  # global position of the next sample of the epoch's sequence
         for s, perm in self.epoch_order():  # runs of one shard (a whole shard here; shorter in a blend)
@@ -310,7 +298,7 @@ class ShardedNevaDataset(IterableDataset):
                 continue
             loaded: dict[int, dict] = {}
             left = Counter(mine)  # a blend's run may draw the same sample twice
-            reader = _iter_shard(path, set(mine))
+            reader = iter_shard(path, set(mine))
             for fi in mine:
                 while fi not in loaded:
                     got = next(reader, None)

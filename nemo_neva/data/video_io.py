@@ -124,7 +124,7 @@ def media_in_tag_order(text: str, images, videos) -> list:
     return [next(pending[tag]) for tag in tags]
 
 
-def _sniff(head: bytes) -> Optional[str]:
+def sniff_container(head: bytes) -> Optional[str]:
     if head[4:8] in _MP4_BOXES:
         return "mp4"
     if head[:4] == b"\x1a\x45\xdf\xa3":
@@ -199,7 +199,7 @@ def _import_av():
 def _plan(av, fh, name: str, settings: VideoSettings, max_frames: int, max_pixels: int):
     """(format, total frames, sampled indices) from the bytes' sniffed format and the packets (no decoding);
     the pixels to decode (count x width x height from the stream header) checked against `max_pixels`."""
-    fmt = _sniff(fh.read(12))
+    fmt = sniff_container(fh.read(12))
     if fmt is None:
         raise VideoError("bad_format", f"{name}: not one of {list(FORMATS)}")
     fh.seek(0)

@@ -34,7 +34,7 @@ def _tower_processor_of_next(processor, config):
     """A LLaVA-NeXT folder's LlavaNextImageProcessor -> the tower's own processor class with its settings (what a
     NeVA model keeps; `nemo_neva.modules.tiling.processor_for` makes the LlavaNext one back from it and the
     model's pinpoints, which must be the processor's)."""
-    from nemo_neva.modules.vision import _TOWERS, _tower_kind
+    from nemo_neva.modules.vision import image_processor_class
 
     pins = [list(map(int, p)) for p in getattr(processor, "image_grid_pinpoints", None) or []]
     if pins != [list(map(int, p)) for p in config.image_grid_pinpoints]:
@@ -45,7 +45,7 @@ def _tower_processor_of_next(processor, config):
     settings = {k: v for k, v in processor.to_dict().items() if k in keys and v is not None}
     if not settings.get("do_center_crop"):
         settings.pop("crop_size", None)
-    return _TOWERS[_tower_kind(config.vision_config)][2](**settings)
+    return image_processor_class(config.vision_config)(**settings)
 
 
 def load_hf_llava_into_neva(input_dir: str, trust_pickle: bool = False, make_vocab_size_divisible_by: int = 128):

@@ -12,10 +12,11 @@ def finetune_config(restore_path: str, overrides: DictConfig) -> DictConfig:
     base = MegatronNevaModel.restore_from(restore_path, return_config=True)
     extra = OmegaConf.to_container(overrides, resolve=True)
     extra.pop("restore_from_path", None)
-    video = (extra.get("mm_cfg") or {}).get("video")
-    if isinstance(video, dict):  # null keys of the finetune yaml's mm_cfg.video keep the .nemo's (pooling stays)
-        for key in [k for k, v in video.items() if v is None]:
-            video.pop(key)
+    for block in ("mm_cfg", "data"):  # null keys of mm_cfg.video / data.video keep the .nemo's (pooling, frames)
+        video = (extra.get(block) or {}).get("video")
+        if isinstance(video, dict):
+            for key in [k for k, v in video.items() if v is None]:
+                video.pop(key)
     merged = OmegaConf.merge(base, extra)
     with open_dict(merged):
         merged.target = "nemo_neva.models.neva_model.MegatronNevaModel"

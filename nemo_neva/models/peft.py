@@ -26,6 +26,7 @@ from nemo_neva.checkpoint.peft_files import (
     is_peft_key,
     sha256_of,
 )
+from nemo_neva.data.settings import seed_of
 from nemo_neva.modules import lora
 from nemo_neva.modules.lora import lora_settings
 
@@ -38,7 +39,7 @@ def apply(module, cfg) -> None:
         return
     gpt = module.language_model
     n = lora.wrap_linear_layers(gpt, gpt.config, settings["targets"], settings["rank"], settings["alpha"],
-                                settings["dropout"], seed=cfg.get("seed", 1234))
+                                settings["dropout"], seed=seed_of(cfg))
     if n == 0:
         raise ValueError(f"model.peft.lora.target_modules={settings['targets']} matched no layer")
 

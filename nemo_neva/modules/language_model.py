@@ -105,7 +105,7 @@ def build_transformer_config(cfg, dtype: torch.dtype) -> TransformerConfig:
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         pipeline_dtype=dtype,
-        **recompute,  # recompute_granularity/method/num_layers, validated (models/precision.py)
+        **recompute,  # recompute_granularity/method/num_layers, validated (modules/precision.py)
         **fp8,  # fp8, fp8_recipe, fp8_margin, ...: megatron-core's TransformerBlock applies fp8_autocast
         # CPU: no fused kernels, parameters initialised on the host.
         use_cpu_initialization=not on_gpu,

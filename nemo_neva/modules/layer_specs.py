@@ -158,7 +158,7 @@ class TorchNormSP:
     bias gradients are partial sums. Like Apex's `FusedLayerNorm`, this marks the parameters with
     `sequence_parallel`, which makes megatron-core's `finalize_model_grads` all-reduce them over the TP
     group. Parameter names and shapes equal `WrappedTorchNorm`'s, so checkpoints are interchangeable.
-    `config.layernorm_zero_centered_gamma` (LayerNorm1p) gives the (1 + weight) norms of `models/norms.py`;
+    `config.layernorm_zero_centered_gamma` (LayerNorm1p) gives the (1 + weight) norms of `modules/norms.py`;
     on the TE spec megatron-core passes the same flag to TE as `zero_centered_gamma`.
     """
 

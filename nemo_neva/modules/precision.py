@@ -1,6 +1,6 @@
 """FP8 (Transformer Engine) and activation-recompute settings: config -> megatron-core TransformerConfig fields.
 
-Config keys (all under `model.`, commented in conf/neva_pretrain.yaml):
+Config keys (all under `model.`, commented in conf/network/tiny.yaml):
 
     fp8: null | hybrid | e4m3        hybrid = E4M3 forward, E5M2 gradients (the usual training choice)
     fp8_recipe: delayed | tensorwise delayed = amax-history scaling (DelayedScaling);

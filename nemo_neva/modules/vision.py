@@ -15,8 +15,15 @@ try:  # the default HF image processors need torchvision; the PIL ones give the 
     _PROC_SUFFIX = ""
 except ImportError:
     _PROC_SUFFIX = "Pil"
-CLIPImageProcessor = getattr(transformers, "CLIPImageProcessor" + _PROC_SUFFIX)
-SiglipImageProcessor = getattr(transformers, "SiglipImageProcessor" + _PROC_SUFFIX)
+
+
+def hf_image_processor_class(name: str):
+    """transformers' image processor class `name` (e.g. "CLIPImageProcessor"): its PIL variant without torchvision."""
+    return getattr(transformers, name + _PROC_SUFFIX)
+
+
+CLIPImageProcessor = hf_image_processor_class("CLIPImageProcessor")
+SiglipImageProcessor = hf_image_processor_class("SiglipImageProcessor")
 
 _TOWERS = {
     "clip": (CLIPVisionConfig, CLIPVisionModel, CLIPImageProcessor, True),
@@ -31,6 +38,11 @@ def _tower_kind(config) -> str:
     if kind in ("siglip_vision_model", "siglip"):
         return "siglip"
     raise ValueError(f"unsupported vision tower model_type {kind!r}: expected a CLIP or SigLIP vision model")
+
+
+def image_processor_class(config):
+    """The HF image processor class that goes with a CLIP / SigLIP vision config."""
+    return _TOWERS[_tower_kind(config)][2]
 
 
 def load_vision_config(from_pretrained: Optional[str], model_type: str, overrides: Optional[dict]):

@@ -30,3 +30,32 @@ def placeholder_runs(ids, image_id):
         else:
             out.append([p, p + 1])
     return [tuple(r) for r in out]
+
+
+def dataset_groups(tok, proc, **kw):
+    """(RecordEncoding, DatasetSettings, the rest) from keyword arguments named as those dataclasses' fields
+    (the rest: a dataset's own arguments, e.g. ShardedNevaDataset's dp_rank / shuffle)."""
+    from dataclasses import fields
+
+    from nemo_neva.data.settings import DatasetSettings, RecordEncoding
+
+    enc, st = {f.name for f in fields(RecordEncoding)}, {f.name for f in fields(DatasetSettings)}
+    encoding = RecordEncoding(tok, proc, **{k: v for k, v in kw.items() if k in enc})
+    settings = DatasetSettings(**{k: v for k, v in kw.items() if k in st})
+    return encoding, settings, {k: v for k, v in kw.items() if k not in enc | st}
+
+
+def json_dataset(path, image_folder, tok, proc, **kw):
+    """NevaDataset over `path` with its images under `image_folder` (see dataset_groups for `kw`)."""
+    from nemo_neva.data.dataset import NevaDataset
+
+    encoding, settings, rest = dataset_groups(tok, proc, image_folder=image_folder, **kw)
+    return NevaDataset(path, encoding, settings, **rest)
+
+
+def shard_dataset(shards, tok, proc, **kw):
+    """ShardedNevaDataset over `shards` (see dataset_groups for `kw`)."""
+    from nemo_neva.data.shards import ShardedNevaDataset
+
+    encoding, settings, rest = dataset_groups(tok, proc, **kw)
+    return ShardedNevaDataset(shards, encoding, settings, **rest)

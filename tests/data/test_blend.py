@@ -82,7 +82,7 @@ def test_model_blends_json_files(tmp_path):
     assert sum(i.startswith("a") for i in ids) == 9
     assert "weight 0.750" in ds.summary()
     cfg.data.packed_sequence = True  # packing works on a blend (its lengths follow the blended positions)
-    packed = model._loader(ds, cfg.data, shuffle=False)
+    packed = model.data_loader(ds, cfg.data, shuffle=False)
     rows = [i for batch in packed for row in batch["ids"] for i in row]
     assert sorted(rows) == sorted(ids)
     assert isinstance(model.build_dataset(cfg.data, [a, b]), NevaDataset)  # plain list: concatenation

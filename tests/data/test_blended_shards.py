@@ -7,11 +7,11 @@ from collections import Counter
 
 import pytest
 
-from neva_data_helpers import REPO, write_json
+from neva_data_helpers import REPO, shard_dataset, write_json
 from nemo_neva.data.blended_shards import BlendedShardedDataset
 from nemo_neva.data.packed_shards import PackedShardDataset
 from nemo_neva.data.shard_writer import convert_to_shards
-from nemo_neva.data.shards import ShardedLoader, ShardedNevaDataset
+from nemo_neva.data.shards import ShardedLoader
 
 DEMO = os.path.join(REPO, "data", "shapes_demo")
 KW = dict(template="plain", seq_length=64, num_image_tokens=4, shuffle_buffer=4, seed=5)
@@ -33,7 +33,7 @@ def sources(tmp_path_factory):
 
 
 def blend(sources, tok, proc, weights=(0.5, 0.5), **kw):
-    srcs = [ShardedNevaDataset(sources[n], tok, proc, **KW, **kw) for n in ("a", "b")]
+    srcs = [shard_dataset(sources[n], tok, proc, **KW, **kw) for n in ("a", "b")]
     return BlendedShardedDataset(srcs, list(weights), names=["a", "b"])
 
 

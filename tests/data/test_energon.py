@@ -17,7 +17,7 @@ require("megatron.energon")
 from nemo_neva import MegatronNevaModel  # noqa: E402
 from nemo_neva.data.energon import (EnergonLoader, EnergonSource, from_plain, is_energon_path,  # noqa: E402
                                     sample_to_record, to_plain)
-from neva_data_helpers import REPO, conv, write_json  # noqa: E402
+from neva_data_helpers import REPO, conv, json_dataset, write_json  # noqa: E402
 from scripts.convert_llava_to_energon import convert  # noqa: E402
 from tests.model.helpers import tiny_model_cfg  # noqa: E402
 
@@ -59,10 +59,9 @@ def _same_rows_as_json_path(model, cfg, batch, source, template):
     """Each row's tokens, labels and loss mask equal what the JSON path (NevaDataset + NevaCollator) makes of
     the same LLaVA record: one encoding, whichever reader."""
     from nemo_neva.data.collate import NevaCollator
-    from nemo_neva.data.dataset import NevaDataset
 
-    ref = NevaDataset(os.path.join(DEMO, source), IMAGES, model.tokenizer, model.image_processor,
-                      template=template, seq_length=cfg.encoder_seq_length, num_image_tokens=model.tokens_per_image)
+    ref = json_dataset(os.path.join(DEMO, source), IMAGES, model.tokenizer, model.image_processor,
+                       template=template, seq_length=cfg.encoder_seq_length, num_image_tokens=model.tokens_per_image)
     pos = {r["id"]: k for k, r in enumerate(ref.records)}
     want = NevaCollator(model.tokenizer.pad_token_id)([ref[pos[i]] for i in batch["ids"]])
     for key in ("tokens", "labels", "loss_mask", "images"):

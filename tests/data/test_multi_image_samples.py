@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from neva_data_helpers import conv, placeholder_runs as runs, write_json
+from neva_data_helpers import conv, dataset_groups, json_dataset, placeholder_runs as runs, shard_dataset, write_json
 from neva_image_helpers import bomb_png
 from nemo_neva.data.collate import NevaCollator
 from nemo_neva.data.constants import IGNORE_INDEX, IMAGE_TOKEN
-from nemo_neva.data.dataset import NevaDataset, SampleError
+from nemo_neva.data.dataset import SampleError
 from nemo_neva.data.image_io import preprocess
 from nemo_neva.data.packing import PackedCollator
 from tests.optional import require
@@ -35,7 +35,7 @@ def make(recs, tmp_path, folder, tok, proc, name="d.json", **kw):
     kw.setdefault("template", "vicuna_v1")
     kw.setdefault("seq_length", 128)
     kw.setdefault("num_image_tokens", P)
-    return NevaDataset(write_json(tmp_path / name, recs), str(folder), tok, proc, **kw)
+    return json_dataset(write_json(tmp_path / name, recs), str(folder), tok, proc, **kw)
 
 
 def pixels_of(folder, name, proc, mode="square"):
@@ -205,7 +205,6 @@ def _mixed_records():
 
 def test_shards_round_trip_a_two_image_record(tmp_path, images, tok, proc):
     from nemo_neva.data.shard_writer import convert_to_shards
-    from nemo_neva.data.shards import ShardedNevaDataset
 
     src = write_json(tmp_path / "m.json", _mixed_records())
     out = str(tmp_path / "shards")
@@ -216,8 +215,8 @@ def test_shards_round_trip_a_two_image_record(tmp_path, images, tok, proc):
     assert names == ["000000000.json", "000000000.0.png", "000000000.1.png", "000000001.json", "000000001.png",
                      "000000002.json"]  # several images numbered in tag order; an only image keeps <key>.png
     kw = dict(template="vicuna_v1", seq_length=128, num_image_tokens=P)
-    ref = NevaDataset(src, str(images), tok, proc, **kw)
-    got = list(ShardedNevaDataset(out, tok, proc, shuffle=False, **kw))
+    ref = json_dataset(src, str(images), tok, proc, **kw)
+    got = list(shard_dataset(out, tok, proc, shuffle=False, **kw))
     assert [it["id"] for it in got] == ["two", "one", "text"]
     for it, want in zip(got, (ref[i] for i in range(3))):
         assert torch.equal(it["input_ids"], want["input_ids"]) and torch.equal(it["labels"], want["labels"])
@@ -227,8 +226,6 @@ def test_shards_round_trip_a_two_image_record(tmp_path, images, tok, proc):
 
 def test_energon_round_trip_a_two_image_record(tmp_path, images, tok, proc):
     require("megatron.energon")
-    from omegaconf import OmegaConf
-
     from nemo_neva.data.energon import build_source
     from scripts.convert_llava_to_energon import convert
 
@@ -236,12 +233,12 @@ def test_energon_round_trip_a_two_image_record(tmp_path, images, tok, proc):
     out = str(tmp_path / "energon")
     index = convert(src, str(images), out, samples_per_shard=10, sample_type="auto", workers=1)  # energon prepare
     assert index["sample_type"] == "VQASample" and index["total"] == 3
-    cfg = OmegaConf.create({"conv_template": "vicuna_v1", "image_aspect_ratio": "square", "shuffle_buffer": 1})
-    source = build_source(cfg, out, tokenizer=tok, image_processor=proc, seq_length=128, num_image_tokens=P,
-                          seed=0, dp_rank=0, dp_size=1, split_part="train")
+    encoding, settings, _ = dataset_groups(tok, proc, template="vicuna_v1", image_aspect_ratio="square",
+                                           shuffle_buffer=1, seq_length=128, num_image_tokens=P, seed=0)
+    source = build_source(out, encoding, settings, dp_rank=0, dp_size=1, split_part="train")
     batches = list(source.loader(batch_size=3, training=False))
     assert len(batches) == 1 and sorted(batches[0]["ids"]) == ["one", "text", "two"]
-    ref = NevaDataset(src, str(images), tok, proc, template="vicuna_v1", seq_length=128, num_image_tokens=P)
+    ref = json_dataset(src, str(images), tok, proc, template="vicuna_v1", seq_length=128, num_image_tokens=P)
     pos = {r["id"]: k for k, r in enumerate(ref.records)}
     want = NevaCollator(tok.pad_token_id)([ref[pos[i]] for i in batches[0]["ids"]])
     for key in ("tokens", "labels", "loss_mask", "num_images", "images"):

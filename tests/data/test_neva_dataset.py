@@ -5,11 +5,11 @@ import pytest
 import torch
 from tokenizers import normalizers
 
-from neva_data_helpers import DEMO_TOKENIZER, conv, write_json
+from neva_data_helpers import DEMO_TOKENIZER, conv, json_dataset, write_json
 from neva_image_helpers import bomb_png, truncated_png
 from nemo_neva.data.collate import NevaCollator
 from nemo_neva.data.constants import IGNORE_INDEX, IMAGE_TOKEN
-from nemo_neva.data.dataset import NevaDataset, SampleError
+from nemo_neva.data.dataset import SampleError
 
 GOOD = {"id": "good", "image": "red.png", "conversations": conv("<image>\nColour?", "red")}
 
@@ -42,7 +42,7 @@ def make(path, folder, tok, proc, **kw):
     kw.setdefault("template", "vicuna_v1")
     kw.setdefault("seq_length", 128)
     kw.setdefault("num_image_tokens", 8)
-    return NevaDataset(path, folder, tok, proc, **kw)
+    return json_dataset(path, folder, tok, proc, **kw)
 
 
 def test_every_skip_reason_is_counted(bad_set, tok, proc, caplog):
@@ -154,11 +154,13 @@ import torch
 from transformers import CLIPImageProcessor
 from nemo_neva.data.collate import NevaCollator
 from nemo_neva.data.dataset import NevaDataset
+from nemo_neva.data.settings import DatasetSettings, RecordEncoding
 from nemo_neva.data.tokenizer import load_tokenizer
 tok = load_tokenizer({DEMO_TOKENIZER!r})
 tok(["warm", "the", "thread", "pool"] * 64)
 proc = CLIPImageProcessor(size={{"shortest_edge": 32}}, crop_size={{"height": 32, "width": 32}})
-ds = NevaDataset({path!r}, {str(image_dir)!r}, tok, proc, template="chatml", seq_length=64, num_image_tokens=4)
+ds = NevaDataset({path!r}, RecordEncoding(tok, proc, template="chatml", num_image_tokens=4),
+                 DatasetSettings(seq_length=64, image_folder={str(image_dir)!r}))
 dl = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, collate_fn=NevaCollator(0))
 print("batches", len(list(dl)))
 """

@@ -4,11 +4,10 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from neva_data_helpers import conv, write_json
+from neva_data_helpers import conv, json_dataset, write_json
 
 from nemo_neva.data.collate import NevaCollator
 from nemo_neva.data.constants import IGNORE_INDEX
-from nemo_neva.data.dataset import NevaDataset
 from nemo_neva.data.packing import PackedCollator, PackedNevaDataset, first_fit_decreasing
 
 
@@ -70,8 +69,8 @@ def test_mask_isolates_samples_in_attention():
 def test_packed_dataset_end_to_end(tmp_path, image_dir, tok, proc):
     recs = [{"id": f"s{i}", "image": "red.png", "conversations": conv("<image>\n" + "q " * i, "red")}
             for i in range(9)] + [{"id": "t", "conversations": conv("hi", "hello")}]
-    ds = NevaDataset(write_json(tmp_path / "p.json", recs), str(image_dir), tok, proc, template="chatml",
-                     seq_length=64, num_image_tokens=8)
+    ds = json_dataset(write_json(tmp_path / "p.json", recs), str(image_dir), tok, proc, template="chatml",
+                      seq_length=64, num_image_tokens=8)
     packed = PackedNevaDataset(ds, seq_length=64)
     assert sorted(i for b in packed.bins for i in b) == list(range(len(ds)))
     assert len(packed) < len(ds)

@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 
-from neva_data_helpers import REPO, conv, write_json
+from neva_data_helpers import REPO, conv, json_dataset, shard_dataset, write_json
 from neva_image_helpers import truncated_png
 from nemo_neva.data.dataset import NevaDataset
-from nemo_neva.data.shards import (ShardedLoader, ShardedNevaDataset, buffer_shuffle_order, expand_braces,
+from nemo_neva.data.shards import (ShardedLoader, buffer_shuffle_order, expand_braces,
                                    is_shard_spec, resolve_shards)
 from scripts.convert_llava_to_shards import main as convert_main
 from tests.optional import require
@@ -34,7 +34,7 @@ def demo(tmp_path_factory):
 
 
 def sharded(out, tok, proc, **kw):
-    return ShardedNevaDataset(out, tok, proc, **KW, **kw)
+    return shard_dataset(out, tok, proc, **KW, **kw)
 
 
 def ids_of(ds):
@@ -55,7 +55,7 @@ def test_index_and_items_equal_neva_dataset(demo, tok, proc):
         index = json.load(f)
     assert [s["samples"] for s in index["shards"]] == [10, 10, 10, 10]
     assert index["total"] == N and index["skipped"] == {}
-    ref = NevaDataset(src, os.path.join(DEMO, "images"), tok, proc, **KW)
+    ref = json_dataset(src, os.path.join(DEMO, "images"), tok, proc, **KW)
     got = list(sharded(out, tok, proc, shuffle=False))
     assert len(got) == len(ref) == N
     for i, it in enumerate(got):
@@ -190,5 +190,5 @@ def test_bad_samples_are_counted_at_conversion(tmp_path, image_dir, tok, proc):
         rejected = [json.loads(line) for line in f]
     assert [(r["id"], r["reason"]) for r in rejected] == [
         ("corrupt", "image_corrupt"), ("missing", "image_missing"), ("d.jsonl:4", "malformed_json")]
-    assert sorted(ids_of(ShardedNevaDataset(out, tok, proc, **KW))) == ["good", "text"]
+    assert sorted(ids_of(shard_dataset(out, tok, proc, **KW))) == ["good", "text"]
     assert convert_main(["--data-path", src, "--output-dir", out]) == 2  # refuses to mix into old shards

@@ -39,7 +39,7 @@ def test_model_streams_shards(tmp_path):
     assert model._train_ds.epoch == 1
     cfg.data.packed_sequence = True  # packing windows of the stream (data/packed_shards.py)
     cfg.data.pack_window = 10
-    packed = model._loader(model._train_ds, cfg.data, shuffle=True)
+    packed = model.data_loader(model._train_ds, cfg.data, shuffle=True)
     assert isinstance(packed, PackedShardLoader)
     batches = list(packed)
     served = [i for b in batches for row in b["ids"] for i in row]

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from neva_data_helpers import conv, write_json
+from neva_data_helpers import conv, dataset_groups, json_dataset, shard_dataset, write_json
 from nemo_neva.data.collate import NevaCollator
 from nemo_neva.data.dataset import NevaDataset
 from nemo_neva.data.shards import ShardedNevaDataset
@@ -97,7 +97,7 @@ def tiled_data(media, tmp_path_factory):
 
 
 def _reference(src, media, tok, proc, **kw):
-    ref = NevaDataset(src, str(media), tok, proc, **KW, **kw)
+    ref = json_dataset(src, str(media), tok, proc, **KW, **kw)
     return {r["id"]: ref[k] for k, r in enumerate(ref.records)}
 
 
@@ -109,13 +109,10 @@ def _assert_same_item(got, want):
 
 
 def _energon_batches(out, tok, proc, **kw):
-    from omegaconf import OmegaConf
-
     from nemo_neva.data.energon import build_source
 
-    cfg = OmegaConf.create({"conv_template": KW["template"], "shuffle_buffer": 1, "video": {"num_frames": F}})
-    source = build_source(cfg, out, tokenizer=tok, image_processor=proc, seq_length=SEQ, num_image_tokens=P,
-                          seed=0, dp_rank=0, dp_size=1, split_part="train", **kw)
+    encoding, settings, _ = dataset_groups(tok, proc, shuffle_buffer=1, video_settings=VideoSettings(F), seed=0, **KW, **kw)
+    source = build_source(out, encoding, settings, dp_rank=0, dp_size=1, split_part="train")
     return source, list(source.loader(batch_size=1, training=False))
 
 
@@ -134,7 +131,7 @@ def test_converter_writes_videos_as_members_in_record_order(video_data):
 def test_video_samples_from_shards_are_the_json_items(video_data, media, tok, proc, caplog):
     src, out, _ = video_data
     want = _reference(src, media, tok, proc, video_settings=VideoSettings(F))
-    ds = ShardedNevaDataset(out, tok, proc, shuffle=False, video_settings=VideoSettings(F), **KW)
+    ds = shard_dataset(out, tok, proc, shuffle=False, video_settings=VideoSettings(F), **KW)
     with caplog.at_level(logging.WARNING, logger="nemo_neva.data.dataset"):
         got = list(ds)
     assert [it and it["id"] for it in got] == ["mix", "untagged", "text", None]
@@ -167,7 +164,7 @@ def test_tiled_images_from_shards_and_energon_are_the_json_items(tiled_data, med
     want = _reference(src, media, tok, pixel_proc, tiling=TILING)
     assert want["pair"]["image_sizes"].tolist() == [[40, 90], [90, 40]]
     assert TILING.tokens(40, 90) != TILING.tokens(90, 40)  # so a swapped order cannot pass
-    ds = ShardedNevaDataset(out, tok, pixel_proc, shuffle=False, tiling=TILING, **KW)
+    ds = shard_dataset(out, tok, pixel_proc, shuffle=False, tiling=TILING, **KW)
     got = list(ds)
     assert [it["id"] for it in got] == ["pair", "one"]
     for it in got:

@@ -2,11 +2,10 @@
 import pytest
 import torch
 
-from neva_data_helpers import conv, write_json
+from neva_data_helpers import conv, json_dataset, write_json
 from nemo_neva.data.constants import IGNORE_INDEX, IMAGE_TOKEN
 from nemo_neva.data.conversation import (CHAT_SYSTEM, TEMPLATE_NAMES, ConversationError, render,
                                          render_prompt)
-from nemo_neva.data.dataset import NevaDataset
 
 END = {"plain": "\n", "vicuna_v1": "</s>", "llama_2": " </s>", "llama_3": "<|eot_id|>", "mistral": "</s>",
        "chatml": "<|im_end|>", "nvgpt": "\n<extra_id_1>", "nv_steerlm": "\n<extra_id_1>"}
@@ -45,7 +44,7 @@ def test_trainable_tokens_are_exactly_the_replies(name, tok, proc, tmp_path, ima
         turns = conv("<image>\nWhat colour is it?", "red", "And its shape, please?", "a square. Sure!")
         replies = ["red", "a square. Sure!"]
     path = write_json(tmp_path / "d.json", [{"id": "s0", "image": "red.png", "conversations": turns}])
-    ds = NevaDataset(path, str(image_dir), tok, proc, template=name, seq_length=512, num_image_tokens=5)
+    ds = json_dataset(path, str(image_dir), tok, proc, template=name, seq_length=512, num_image_tokens=5)
     item = ds[0]
     assert trained_runs(item, tok) == [LEAD.get(name, "") + r + END[name] for r in replies]
     assert (item["input_ids"] == tok.convert_tokens_to_ids(IMAGE_TOKEN)).sum() == 5

@@ -13,8 +13,8 @@ from nemo_neva.data.image_io import ImageError
 from nemo_neva.data.video_io import (Video, VideoError, VideoSettings, expand_media, expand_video_tags,
                                      open_video, sample_indices, video_settings_of)
 from nemo_neva.data.video_writer import write_video
-from tests.model.helpers import ROOT
 from tests.optional import require
+from tests.shipped_configs import shipped_config
 
 av = require("av")
 
@@ -110,9 +110,9 @@ def test_settings_and_sampling_are_validated():
         sample_indices(0, 4)
 
 
-@pytest.mark.parametrize("conf", ["neva_pretrain.yaml", "neva_finetune.yaml"])
+@pytest.mark.parametrize("conf", ["neva_pretrain", "neva_finetune"])
 def test_settings_come_from_the_model_data_config(conf):
-    model_cfg = OmegaConf.load(os.path.join(ROOT, "conf", conf)).model
+    model_cfg = shipped_config(conf).model
     video = model_cfg.data.video
     assert video_settings_of(model_cfg) == VideoSettings(video.num_frames, video.sampling)
     assert video_settings_of(model_cfg, num_frames=3) == VideoSettings(3, video.sampling)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from neva_data_helpers import conv, placeholder_runs as runs, write_json
+from neva_data_helpers import conv, json_dataset, placeholder_runs as runs, write_json
 from nemo_neva.data.constants import IGNORE_INDEX, IMAGE_TOKEN
-from nemo_neva.data.dataset import NevaDataset, SampleError
+from nemo_neva.data.dataset import SampleError
 from nemo_neva.data.image_io import preprocess
 from nemo_neva.data.video_io import VideoSettings, open_video
 from nemo_neva.data.video_samples import VideoLimits
@@ -46,7 +46,7 @@ def make(recs, tmp_path, folder, tok, proc, **kw):
     kw.setdefault("seq_length", 160)
     kw.setdefault("num_image_tokens", P)
     kw.setdefault("video_settings", VideoSettings(F, "uniform"))
-    return NevaDataset(write_json(tmp_path / "d.json", recs), str(folder), tok, proc, **kw)
+    return json_dataset(write_json(tmp_path / "d.json", recs), str(folder), tok, proc, **kw)
 
 
 def video_pixels(path, proc, mode="square"):

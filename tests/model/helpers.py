@@ -4,11 +4,13 @@ import os
 import torch
 from omegaconf import OmegaConf, open_dict
 
+from tests.shipped_configs import shipped_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def tiny_model_cfg(**overrides):
-    cfg = OmegaConf.load(os.path.join(ROOT, "conf", "neva_pretrain.yaml")).model
+    cfg = shipped_config("neva_pretrain").model
     with open_dict(cfg):
         cfg.tokenizer.path = os.path.join(ROOT, "data", "tokenizer")
         cfg.data.data_path = os.path.join(ROOT, "data", "shapes_demo", "stage1_captions.json")

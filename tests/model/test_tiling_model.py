@@ -14,6 +14,7 @@ from nemo_neva import MegatronNevaModel
 from nemo_neva.data.collate import NevaCollator
 from nemo_neva.data.dataset import NevaDataset
 from nemo_neva.data.packing import PackedCollator
+from nemo_neva.data.settings import DatasetSettings, RecordEncoding
 from nemo_neva.modules.neva_module import ImageTokenMismatch
 from nemo_neva.training.megatron_step import pad_to_microbatches, split_microbatches
 from tests.model.helpers import TILED_SIZES, llama_overrides, tiled_batch_for, tiny_model_cfg
@@ -110,9 +111,9 @@ def json_data(tmp_path_factory):
 
 
 def _dataset(model, root):
-    return NevaDataset(str(root / "data.json"), str(root / "images"), model.tokenizer, model.pixel_processor,
-                       template="plain", seq_length=SEQ, num_image_tokens=model.tokens_per_image,
-                       tiling=model.tiling)
+    encoding = RecordEncoding(model.tokenizer, model.pixel_processor, "plain",
+                              num_image_tokens=model.tokens_per_image, tiling=model.tiling)
+    return NevaDataset(str(root / "data.json"), encoding, DatasetSettings(SEQ, image_folder=str(root / "images")))
 
 
 def test_dataset_counts_tiles_and_sizes_come_from_each_image(model, json_data):
@@ -149,9 +150,9 @@ def test_a_sample_with_two_tiled_images_of_different_sizes(model, json_data, tmp
         {"from": "human", "value": "<image> then <image>"}, {"from": "gpt", "value": "two pictures"}]}
     path = tmp_path / "pair.json"
     path.write_text(json.dumps([rec]))
-    ds = NevaDataset(str(path), str(json_data / "images"), model.tokenizer, model.pixel_processor,
-                     template="vicuna_v1", seq_length=SEQ, num_image_tokens=model.tokens_per_image,
-                     tiling=model.tiling)
+    encoding = RecordEncoding(model.tokenizer, model.pixel_processor, "vicuna_v1",
+                              num_image_tokens=model.tokens_per_image, tiling=model.tiling)
+    ds = NevaDataset(str(path), encoding, DatasetSettings(SEQ, image_folder=str(json_data / "images")))
     it = ds[0]
     imgs = [Image.open(json_data / "images" / f"{i}.png") for i in (0, 1)]
     assert it["image_sizes"].tolist() == [[im.height, im.width] for im in imgs]
