@@ -61,11 +61,13 @@ def supply_vs_demand(steps: int, workers: int = 2, data_path: str | None = None)
     import statistics
 
     import torch
-    from omegaconf import OmegaConf, open_dict
+    from omegaconf import open_dict
+
+    from nemo_neva.cli import shipped_config
 
     from nemo_neva import MegatronNevaModel
 
-    cfg = OmegaConf.load(os.path.join(REPO, "conf", "neva_pretrain.yaml")).model
+    cfg = shipped_config("neva_pretrain").model
     with open_dict(cfg):
         cfg.tokenizer.path = os.path.join(REPO, "data", "tokenizer")
         cfg.data.data_path = data_path or os.path.join(REPO, "data", "shapes_demo", "stage1_captions.json")

@@ -47,11 +47,13 @@ def _args(argv=None):
 
 
 def _model(a):
-    from omegaconf import OmegaConf, open_dict
+    from omegaconf import open_dict
+
+    from nemo_neva.cli import shipped_config
 
     from nemo_neva import MegatronNevaModel
 
-    cfg = OmegaConf.load(os.path.join(ROOT, "conf", "neva_pretrain.yaml")).model
+    cfg = shipped_config("neva_pretrain").model
     image_tokens = (a.image_size // a.patch) ** 2
     with open_dict(cfg):
         cfg.tokenizer.path = os.path.join(ROOT, "data", "tokenizer")

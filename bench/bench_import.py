@@ -37,12 +37,14 @@ def make_checkpoint(folder: str, layers: int) -> int:
 
 
 def _load_ours(folder: str) -> None:
-    from omegaconf import OmegaConf, open_dict
+    from omegaconf import open_dict
+
+    from nemo_neva.cli import shipped_config
 
     from nemo_neva import MegatronNevaModel
     from nemo_neva.pretrained.lm_config import drop_unset_lm_keys
 
-    cfg = OmegaConf.load(os.path.join(ROOT, "conf", "neva_pretrain.yaml")).model
+    cfg = shipped_config("neva_pretrain").model
     with open_dict(cfg):
         cfg.mm_cfg.llm.from_pretrained = folder
         cfg.data.data_path = os.path.join(ROOT, "data", "shapes_demo", "stage1_captions.json")

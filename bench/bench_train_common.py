@@ -32,10 +32,12 @@ PRESETS = {
 
 
 def model_cfg(preset: str, batch_size: int):
-    from omegaconf import OmegaConf, open_dict
+    from omegaconf import open_dict
+
+    from nemo_neva.cli import shipped_config
 
     p = PRESETS[preset]
-    cfg = OmegaConf.load(os.path.join(REPO, "conf", "neva_pretrain.yaml")).model
+    cfg = shipped_config("neva_pretrain").model
     with open_dict(cfg):
         cfg.tokenizer.path = os.path.join(REPO, "data", "tokenizer")
         cfg.data.data_path = os.path.join(REPO, "data", "shapes_demo", "stage2_instruct.json")

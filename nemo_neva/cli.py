@@ -25,6 +25,18 @@ def resolve_path(path):
     return candidate if os.path.exists(candidate) else path
 
 
+def shipped_config(name: str, overrides=()):
+    """The packaged hydra config `name` (e.g. "neva_finetune") as the commands see it: composed with its
+    `defaults:` (a bare `OmegaConf.load` of the file misses the network group), open for edits."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = compose(config_name=name, overrides=list(overrides))
+    OmegaConf.set_struct(cfg, False)
+    return cfg
+
+
 def user_errors(fn):
     """Config and input mistakes end the script with their message, not a stack trace.
 

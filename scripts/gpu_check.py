@@ -122,13 +122,14 @@ def _model_overrides(dry_run: bool, variant: dict) -> dict:
 
 def train(stage: str, variant_name: str, out: str, steps: int, dry_run: bool, restore: str = None):
     """One `stage` (pretrain | finetune) run; returns (Run, path of the .nemo it wrote)."""
-    from omegaconf import OmegaConf, open_dict
+    from omegaconf import open_dict
 
     from nemo_neva import MegatronNevaModel
+    from nemo_neva.cli import shipped_config
     from nemo_neva.models.finetune_config import finetune_config
     from nemo_neva.training.trainer import build_trainer
 
-    cfg = OmegaConf.load(os.path.join(ROOT, "conf", f"neva_{stage}.yaml"))
+    cfg = shipped_config(f"neva_{stage}")
     dev = _device()
     with open_dict(cfg):
         cfg.trainer.update(max_steps=steps, precision="bf16-true", devices=1, log_every_n_steps=1,

@@ -9,7 +9,7 @@ from PIL import Image
 from neva_data_helpers import conv, write_json
 from nemo_neva.data.dataset import NevaDataset, StreamedRecordEncoder
 from nemo_neva.data.settings import DatasetSettings, RecordEncoding, dataset_settings, seed_of, seq_length_of
-from tests.shipped_configs import shipped_config
+from nemo_neva.cli import shipped_config
 
 # model.data keys that are not settings: which records (paths), how they are rendered (RecordEncoding) and
 # model.data.video (read into DatasetSettings.video_settings / video_limits)

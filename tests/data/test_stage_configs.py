@@ -6,7 +6,7 @@ import os
 from omegaconf import OmegaConf
 
 from nemo_neva.cli import CONF_DIR
-from tests.shipped_configs import shipped_config
+from nemo_neva.cli import shipped_config
 
 # what a finetune / PEFT run sets differently from pretraining (the rest is the pretrain config's)
 FINETUNE_SETS = {"name", "trainer.max_steps", "model.mm_cfg.llm.freeze", "model.mm_cfg.video.pool_mode",

@@ -14,7 +14,7 @@ from nemo_neva.data.video_io import (Video, VideoError, VideoSettings, expand_me
                                      open_video, sample_indices, video_settings_of)
 from nemo_neva.data.video_writer import write_video
 from tests.optional import require
-from tests.shipped_configs import shipped_config
+from nemo_neva.cli import shipped_config
 
 av = require("av")
 

@@ -4,7 +4,7 @@ import os
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from tests.shipped_configs import shipped_config
+from nemo_neva.cli import shipped_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
