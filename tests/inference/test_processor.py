@@ -83,3 +83,11 @@ def test_media_tags_go_first_unless_placed_and_never_without_media():
         place_media_tags("<image> what?", 0)
     with pytest.raises(ValueError, match="contains <video> but no video"):
         place_media_tags("<video> what?", 0)
+
+
+def test_the_model_is_what_generation_needs():
+    from nemo_neva.inference.model_protocol import GenerationModel, NetworkForGeneration
+
+    model = _model()
+    assert isinstance(model, GenerationModel) and isinstance(model.model, NetworkForGeneration)
+    assert model.pads_in_cached_steps  # the local spec's core attention honours the padding mask
