@@ -52,7 +52,7 @@ def encode_prompt(model: GenerationModel, prompt: str, images) -> torch.Tensor:
     return model.processor.encode(prompt, images)
 
 
-def _config(model: GenerationModel, n_images: int, n_prompts: int, config: Optional[GenerationConfig], settings: dict,
+def _config(n_images: int, n_prompts: int, config: Optional[GenerationConfig], settings: dict,
             batch_size: Optional[int] = None) -> GenerationConfig:
     """The request's GenerationConfig (`config` with `settings` laid over it; validated as it is made) and the
     checks that need the model."""
@@ -72,6 +72,8 @@ def _requests(model: GenerationModel, images, prompts, max_new_tokens: int) -> l
     processor, out = model.processor, []
     for i, (image, prompt) in enumerate(zip(images, prompts)):
         if isinstance(prompt, NevaInputs):
+            if image is not None:
+                raise ValueError(f"prompt {i} is a NevaInputs (its pixels made already): pass None as its image")
             processor.check_context(prompt.ids.numel(), max_new_tokens, f"prompt {i}")
             out.append(prompt)
         else:
@@ -210,7 +212,7 @@ def stream_generate(model: GenerationModel, image, prompt, config: Optional[Gene
     Settings are validated before the first token; `"".join(deltas).strip()` equals `generate(...)[0]`.
     A `usage` passed in is filled in once the answer has ended.
     """
-    s = _config(model, 1, 1, config, settings)
+    s = _config(1, 1, config, settings)
     requests = _requests(model, [image], [prompt], s.max_new_tokens)
     stream = TextStream(model.tokenizer, s.stop_strings)
     with _generation_mode(model):
@@ -261,7 +263,7 @@ def generate_usage(model: GenerationModel, images: Sequence, prompts: Sequence,
 
 def _stream_all(model: GenerationModel, images, prompts, config: Optional[GenerationConfig], batch_size: Optional[int],
                 settings: dict, streams: Optional[list] = None) -> Iterator[tuple[int, str]]:
-    s = _config(model, len(images), len(prompts), config, settings, batch_size)
+    s = _config(len(images), len(prompts), config, settings, batch_size)
     requests = _requests(model, images, prompts, s.max_new_tokens)
     streams = streams if streams is not None else []
     streams[:] = [TextStream(model.tokenizer, s.stop_strings) for _ in requests]

@@ -91,3 +91,15 @@ def test_the_model_is_what_generation_needs():
     model = _model()
     assert isinstance(model, GenerationModel) and isinstance(model.model, NetworkForGeneration)
     assert model.pads_in_cached_steps  # the local spec's core attention honours the padding mask
+
+
+def test_generate_takes_processed_inputs_in_place_of_the_prompt():
+    from nemo_neva.inference.generate import generate_tokens
+
+    model = _model()
+    image, prompt = _pil(32, 32, 1), "USER: <image> what? ASSISTANT:"
+    inputs = model.processor(prompt, [image])
+    assert generate_tokens(model, [None], [inputs], max_new_tokens=3) == \
+        generate_tokens(model, [[image]], [prompt], max_new_tokens=3)
+    with pytest.raises(ValueError, match="^prompt 0 is a NevaInputs .*: pass None as its image$"):
+        generate_tokens(model, [[image]], [inputs], max_new_tokens=3)
