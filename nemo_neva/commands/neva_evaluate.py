@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from nemo_neva import MegatronNevaModel
 from nemo_neva.cli import CONF_DIR, resolve_path, user_errors
 from nemo_neva.evaluation import check_metrics, evaluate, read_eval_file
-from nemo_neva.inference.generate import validate_sampling
+from nemo_neva.inference.generation_config import GenerationConfig
 
 
 @hydra_runner(config_path=CONF_DIR, config_name="neva_evaluate")
@@ -30,7 +30,7 @@ def main(cfg) -> None:
         if not cfg.get(key):
             raise ValueError(f"{key}=... is required")
     metrics = check_metrics(OmegaConf.to_container(cfg.metrics, resolve=True))
-    validate_sampling(0.0, 0, 1.0, cfg.max_new_tokens, context=float("inf"))
+    GenerationConfig(max_new_tokens=cfg.max_new_tokens)  # checked before the model loads
     model_file = resolve_path(cfg.neva_model_file)
     if not os.path.isfile(model_file):
         raise FileNotFoundError(f"neva_model_file={cfg.neva_model_file!r}: no such file")

@@ -29,7 +29,7 @@ from nemo_neva import MegatronNevaModel
 from nemo_neva.cli import CONF_DIR, user_errors
 from nemo_neva.data.image_io import open_user_image
 from nemo_neva.data.video_io import open_video, video_settings_of
-from nemo_neva.inference.generate import encode_prompt, validate_sampling
+from nemo_neva.inference.generation_config import GenerationConfig
 from nemo_neva.inference.prompting import build_prompt, stop_markers
 from nemo_neva.inference.prompts_file import PromptRequest, Skipped, read_prompts_file
 
@@ -47,50 +47,39 @@ def _check_options(cfg):
     video = cfg.get("video") or {}
     video_settings_of(None, video.get("num_frames"), video.get("sampling"))  # validates set values
     inf = cfg.inference
-    # The context-length check needs the model (done per request later).
-    validate_sampling(inf.temperature, inf.top_k, inf.top_p, inf.tokens_to_generate,
-                      context=float("inf"), repetition_penalty=inf.repetition_penalty)
-    stops = list(inf.stop_strings or [])
-    if any(not isinstance(s, str) or not s for s in stops):
-        raise ValueError(f"inference.stop_strings must be a list of non-empty strings, got {stops}")
     if not isinstance(inf.batch_size, int) or inf.batch_size < 1:
         raise ValueError(f"inference.batch_size must be an integer >= 1, got {inf.batch_size}")
-    return stops
+    # sampling and stop settings are checked as they are made; the context check needs the model (per request)
+    return GenerationConfig(max_new_tokens=inf.tokens_to_generate, temperature=inf.temperature, top_k=inf.top_k,
+                            top_p=inf.top_p, seed=inf.seed, repetition_penalty=inf.repetition_penalty,
+                            stop_strings=tuple(inf.stop_strings or ()), compile_decode=bool(inf.get("compile", False)))
 
 
 class _Generator:
-    def __init__(self, cfg, extra_stops):
+    def __init__(self, cfg, config: GenerationConfig):
         self.model = MegatronNevaModel.restore_from(cfg.neva_model_file)
         self.template = cfg.conv_template or self.model.cfg.data.conv_template
         video = cfg.get("video") or {}
         self.video = video_settings_of(self.model.cfg, video.get("num_frames"), video.get("sampling"))
-        stop_ids, stop_strings = stop_markers(self.model.tokenizer, self.template)
+        stop_ids, stop_strings = stop_markers(self.model.tokenizer, self.template)  # the template's end marker
         inf = cfg.inference
         self.steerlm = OmegaConf.to_container(inf.steerlm, resolve=True) if inf.get("steerlm") else None
-        self.kwargs = dict(
-            max_new_tokens=inf.tokens_to_generate, temperature=inf.temperature,
-            top_k=inf.top_k, top_p=inf.top_p, seed=inf.seed, repetition_penalty=inf.repetition_penalty,
-            stop_token_ids=stop_ids, stop_strings=stop_strings + extra_stops,
-            compile_decode=bool(inf.get("compile", False)),
-        )
+        self.config = config.replace(stop_token_ids=tuple(sorted(stop_ids)),
+                                     stop_strings=(*stop_strings, *config.stop_strings))
 
     def prepare(self, question: str, image_path, video_path=None):
-        """(image or video, prompt) ready to decode; raises ValueError (incl. image and video errors) for an
-        unusable request."""
+        """The request as the model takes it (`NevaInputs`: encoded, context-checked by the model's processor);
+        raises ValueError (incl. image and video errors) for an unusable request."""
         # Byte and pixel limits before decoding; truncated/malformed files end with a clear message.
         image = open_user_image(image_path) if image_path else None
         video = open_video(video_path, self.video) if video_path else None
         prompt = build_prompt(self.template, question, image is not None, steerlm=self.steerlm,
                               has_video=video is not None)
-        length = encode_prompt(self.model, prompt, [m for m in (image, video) if m is not None]).numel()
-        context = self.model.cfg.encoder_seq_length
-        if length + self.kwargs["max_new_tokens"] > context:
-            raise ValueError(f"prompt of {length} tokens + tokens_to_generate={self.kwargs['max_new_tokens']} "
-                             f"exceeds the context of {context} tokens")
-        return (video if video is not None else image), prompt
+        media = [m for m in (image, video) if m is not None]
+        return self.model.processor(prompt, media, self.config.max_new_tokens, budget="tokens_to_generate")
 
-    def answer(self, images, prompts):
-        return self.model.generate(images, prompts, **self.kwargs)
+    def answer(self, inputs):
+        return self.model.generate([None] * len(inputs), inputs, self.config)
 
 
 def _answer_file(gen: _Generator, cfg):
@@ -102,7 +91,7 @@ def _answer_file(gen: _Generator, cfg):
         for entry in entries[start:start + batch]:
             if isinstance(entry, PromptRequest):
                 try:
-                    ready.append((len(chunk), *gen.prepare(entry.prompt, entry.image_path, entry.video_path)))
+                    ready.append((len(chunk), gen.prepare(entry.prompt, entry.image_path, entry.video_path)))
                     entry = {**entry.record}
                 except ValueError as err:  # ImageError (and VideoError, one) is a ValueError
                     entry = Skipped(entry.line, str(err), entry.record)
@@ -112,8 +101,8 @@ def _answer_file(gen: _Generator, cfg):
                 entry = {**entry.record, "line": entry.line, "error": entry.reason}
             chunk.append(entry)
         if ready:
-            answers = gen.answer([r[1] for r in ready], [r[2] for r in ready])
-            for (slot, _, _), answer in zip(ready, answers):
+            answers = gen.answer([r[1] for r in ready])
+            for (slot, _), answer in zip(ready, answers):
                 chunk[slot]["answer"] = answer
         rows += chunk
     log.info("%d of %d lines answered, %d skipped", len(rows) - skipped, len(rows), skipped)
@@ -138,13 +127,12 @@ def _stdout_to_stderr():
 
 
 def _rows(cfg):
-    extra_stops = _check_options(cfg)
-    gen = _Generator(cfg, extra_stops)
+    gen = _Generator(cfg, _check_options(cfg))
     if cfg.prompts_file:
         return _answer_file(gen, cfg)
-    media, prompt = gen.prepare(cfg.prompt, cfg.image_path, cfg.get("video_path"))
+    inputs = gen.prepare(cfg.prompt, cfg.image_path, cfg.get("video_path"))
     source = {"video": cfg.video_path} if cfg.get("video_path") else {"image": cfg.image_path}
-    return [{**source, "prompt": cfg.prompt, "answer": gen.answer([media], [prompt])[0]}]
+    return [{**source, "prompt": cfg.prompt, "answer": gen.answer([inputs])[0]}]
 
 
 @hydra_runner(config_path=CONF_DIR, config_name="neva_inference")

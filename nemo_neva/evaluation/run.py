@@ -9,13 +9,13 @@ from __future__ import annotations
 import logging
 from typing import Callable, Iterable, Optional
 
-from nemo_neva.data.constants import IMAGE_TOKEN, VIDEO_TOKEN
 from nemo_neva.data.image_io import open_user_image
+from nemo_neva.data.processor import ContextTooLong
 from nemo_neva.data.skip_tally import skip_report
 from nemo_neva.data.video_io import VideoError, media_in_tag_order, open_video, video_settings_of
 from nemo_neva.evaluation.data import EvalSet
 from nemo_neva.evaluation.scores import METRICS, check_metrics, score
-from nemo_neva.inference.generate import encode_prompt
+from nemo_neva.inference.generation_config import GenerationConfig
 from nemo_neva.inference.prompting import build_prompt, stop_markers
 
 log = logging.getLogger(__name__)
@@ -25,15 +25,6 @@ def _listed(paths) -> list:
     return [] if paths is None else paths if isinstance(paths, list) else [paths]
 
 
-def _tagged(question: str, n_images: int, n_videos: int) -> str:
-    """Untagged images, then untagged videos, put first (each prepend lands before the text so far)."""
-    if n_images and IMAGE_TOKEN not in question:
-        question = f"{IMAGE_TOKEN}\n" * n_images + question
-    if n_videos and VIDEO_TOKEN not in question:
-        question = f"{VIDEO_TOKEN}\n" * n_videos + question
-    return question
-
-
 def predict(model, eval_set: EvalSet, template: str, max_new_tokens: int,
             on_row: Optional[Callable[[dict], None]] = None) -> list:
     """-> rows {id, question, answers, question_type, image, [video,] prediction}; skips go to
@@ -41,7 +32,9 @@ def predict(model, eval_set: EvalSet, template: str, max_new_tokens: int,
     from nemo_neva.data.image_io import ImageError
 
     stop_ids, stop_strings = stop_markers(model.tokenizer, template)
-    context = model.cfg.encoder_seq_length
+    config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=tuple(sorted(stop_ids)),
+                              stop_strings=tuple(stop_strings))  # greedy
+    processor = model.processor  # tags, encoding and the context check, as generation does them
     video_settings = video_settings_of(model.cfg)  # frames per video as the model was trained
     rows = []
     for item in eval_set.items:
@@ -56,17 +49,14 @@ def predict(model, eval_set: EvalSet, template: str, max_new_tokens: int,
             eval_set.skip(f"image_{err.reason}", item.id, err.detail)
             continue
         try:
-            question = _tagged(item.question, len(images), len(videos))
-            prompt = build_prompt(template, question, bool(images), has_video=bool(videos))
+            prompt = build_prompt(template, item.question, len(images), has_video=len(videos))
             media = media_in_tag_order(prompt, images, videos)
-            image = media if media else None
-            length = encode_prompt(model, prompt, media).numel()
-            if length + max_new_tokens > context:
-                eval_set.skip("too_long", item.id, f"{length} prompt tokens + max_new_tokens={max_new_tokens} > "
-                                                   f"context {context}")
+            try:
+                inputs = processor(prompt, media or None, max_new_tokens, budget="max_new_tokens")
+            except ContextTooLong as err:
+                eval_set.skip("too_long", item.id, str(err))
                 continue
-            prediction = model.generate([image], [prompt], max_new_tokens=max_new_tokens, temperature=0.0,
-                                        stop_token_ids=stop_ids, stop_strings=stop_strings)[0]
+            prediction = model.generate([None], [inputs], config)[0]
         except ValueError as err:  # e.g. an <image> tag in a question without an image, or too few tags
             eval_set.skip("unusable_question", item.id, str(err))
             continue

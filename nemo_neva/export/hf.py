@@ -31,7 +31,6 @@ from typing import Optional
 
 import torch
 
-from nemo_neva.data.image_io import hf_processor_for
 from nemo_neva.export.hf_import import convert_hf_to_nemo, load_hf_llava_into_neva  # noqa: F401  (the API)
 from nemo_neva.export.hf_layout import (  # noqa: F401  (the API, and what the TRT-LLM export reads)
     _EXPORT_DTYPES, _VISION_KINDS, LLAMA_FAMILY, _layer_norm_keys, canonical_key, check_hf_config, hub_key,
@@ -100,21 +99,11 @@ def _llava_config(model, text, tie: bool, drop_cls: bool, venc):
 
 
 def _processor(model, drop_cls: bool, tokenizer):
-    """LlavaProcessor (or LlavaNextProcessor for a tiled model) whose image processor makes the model's own
-    pixels by itself (its image_aspect_ratio, or its tiles) and which inserts the model's placeholder counts."""
-    from transformers import LlavaNextProcessor, LlavaProcessor
-
-    tiling = getattr(model, "tiling", None)
-    if tiling is None:
-        cls, image_processor = LlavaProcessor, hf_processor_for(model.image_processor, model.image_aspect_ratio)
-    else:
-        from nemo_neva.modules.tiling import processor_for
-
-        cls, image_processor = LlavaNextProcessor, processor_for(model.image_processor, tiling)
+    """The model's NevaProcessor as transformers' LlavaProcessor (LlavaNextProcessor for a tiled model): it makes
+    the model's own pixels by itself (its image_aspect_ratio, or its tiles) and inserts its placeholder counts."""
     kind = _VISION_KINDS[model.vision_config.model_type]
-    return cls(image_processor=image_processor, tokenizer=tokenizer, patch_size=model.vision_config.patch_size,
-               vision_feature_select_strategy="default" if drop_cls else "full",
-               num_additional_image_tokens=1 if kind == "clip" else 0, image_token="<image>")
+    return model.processor.to_hf(model.vision_config.patch_size, drop_cls,
+                                 num_additional_image_tokens=1 if kind == "clip" else 0, tokenizer=tokenizer)
 
 
 def export_neva_to_hf(model, output_dir: str, dtype: Optional[str] = None, engine: Optional[str] = None,

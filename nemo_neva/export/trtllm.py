@@ -149,7 +149,7 @@ def export_neva_to_trtllm(model, output_dir: str, tp_size: int = 1, dtype: str =
     config = write_llm_checkpoint(model, os.path.join(output_dir, LLM_DIR), tp_size, dtype, act_amax)
     vision_dir = os.path.join(output_dir, VISION_DIR)
     export_vision_onnx(model, os.path.join(vision_dir, VISION_ONNX))
-    model.pixel_processor.save_pretrained(vision_dir)
+    model.processor.pixel_processor.save_pretrained(vision_dir)
     model.tokenizer.save_pretrained(os.path.join(output_dir, TOKENIZER_DIR))
     meta = {
         "format_version": 1,

@@ -65,7 +65,6 @@ def engine_inputs(model, export_dir: str, meta: dict, image, question: str, visi
     from nemo_neva.export.trtllm import export_pixels
     from nemo_neva.export.trtllm_prompt import (export_tiling, fake_prompt_ids, image_tiles, load_image_newline,
                                                 prompt_table, tiled_prompt_table)
-    from nemo_neva.inference.generate import encode_prompt
     from nemo_neva.inference.prompting import build_prompt
     from nemo_neva.modules.tiling import image_size_of
 
@@ -73,7 +72,7 @@ def engine_inputs(model, export_dir: str, meta: dict, image, question: str, visi
     images = _request_images(image, tiling is not None)
     pixels = torch.cat([export_pixels(export_dir, im, meta) for im in images])
     same = meta["image_aspect_ratio"] == model.image_aspect_ratio and (tiling is None) == (model.tiling is None)
-    if not same or not all(torch.equal(p, model.preprocess_images(im)) for p, im in zip(pixels, images)):
+    if not same or not all(torch.equal(p, model.processor.preprocess_images(im)) for p, im in zip(pixels, images)):
         raise CheckFailed(f"the export preprocesses images as {meta['image_aspect_ratio']!r}"
                           f"{' tiled' if tiling else ''}, the .nemo as {model.image_aspect_ratio!r}"
                           f"{' tiled' if model.tiling else ''} (different pixel values): export this .nemo again")
@@ -88,7 +87,7 @@ def engine_inputs(model, export_dir: str, meta: dict, image, question: str, visi
         tiled_prompt_table(feats, sizes, tiling, load_image_newline(export_dir, meta))
     # the exported template, the images leading one per line: the prompt Triton makes of them (query_triton.py)
     prompt = build_prompt(meta["conv_template"], "\n".join([IMAGE_TOKEN] * len(images) + [question]), True)
-    ids = encode_prompt(model, prompt, images)
+    ids = model.processor.encode(prompt, images)
     n_placeholders = int((ids == meta["image_token_id"]).sum())
     if n_placeholders != table.shape[0]:
         raise CheckFailed(f"{n_placeholders} image placeholders but {table.shape[0]} prompt-table rows")

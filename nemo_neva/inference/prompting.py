@@ -1,29 +1,24 @@
 """Turn a user question into the exact prompt text the model was trained on, and know where to stop."""
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Union
 
-from nemo_neva.data.constants import IMAGE_TOKEN, VIDEO_TOKEN
 from nemo_neva.data.conversation import STEERLM_INFERENCE_DEFAULTS, get_template, render_prompt
+from nemo_neva.data.processor import place_media_tags
 
 
-def build_prompt(template: str, question: str, has_image: bool, system: Optional[str] = None,
-                 steerlm: Optional[Mapping[str, int]] = None, tokenizer=None, has_video: bool = False) -> str:
-    """One-turn generation prompt; the image tag goes first (LLaVA style) unless the question places it.
-    `tokenizer`: for conv_template=hf_chat_template (its own chat template). `has_video`: the same for a
-    `<video>` tag (generate expands it into the video's frames).
+def build_prompt(template: str, question: str, has_image: Union[bool, int], system: Optional[str] = None,
+                 steerlm: Optional[Mapping[str, int]] = None, tokenizer=None,
+                 has_video: Union[bool, int] = False) -> str:
+    """One-turn generation prompt; the image tags go first (LLaVA style) unless the question places them
+    (`data.processor.place_media_tags`; `has_image` / `has_video`: True or how many). `tokenizer`: for
+    conv_template=hf_chat_template (its own chat template). A `<video>` tag is expanded into the video's
+    frames by the processor.
 
     For `nv_steerlm`, `steerlm` attributes (validated: known names, ints 0-9) are laid over the NGC card's
     inference defaults and rendered as the `<extra_id_2>` label line; other templates have no such line.
     """
-    if has_image and IMAGE_TOKEN not in question:
-        question = f"{IMAGE_TOKEN}\n{question}"
-    if not has_image and IMAGE_TOKEN in question:
-        raise ValueError(f"the prompt contains {IMAGE_TOKEN} but no image was given")
-    if has_video and VIDEO_TOKEN not in question:
-        question = f"{VIDEO_TOKEN}\n{question}"
-    if not has_video and VIDEO_TOKEN in question:
-        raise ValueError(f"the prompt contains {VIDEO_TOKEN} but no video was given")
+    question = place_media_tags(question, int(has_image), int(has_video))
     return render_prompt(template, [{"from": "human", "value": question}], system=system, attributes=steerlm,
                          steerlm_defaults=STEERLM_INFERENCE_DEFAULTS, tokenizer=tokenizer)
 

@@ -1,25 +1,9 @@
-"""Next-token choice: parameter checks, repetition penalty, temperature / top-k / top-p sampling."""
+"""Next-token choice: repetition penalty, temperature / top-k / top-p sampling."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
 import torch
-
-
-def validate_sampling(temperature: float, top_k: int, top_p: float, max_new_tokens: int, context: int,
-                      repetition_penalty: float = 1.0):
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be > 0 (1.0 = off), got {repetition_penalty}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if max_new_tokens >= context:
-        raise ValueError(f"max_new_tokens={max_new_tokens} does not fit the model context of {context} tokens")
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -248,39 +248,34 @@ class MegatronNevaModel(NevaRestoreMixin, NevaStepMixin, NevaDataMixin, ModelPT)
 
         return aspect_ratio_of(self.cfg)
 
-    def preprocess_images(self, images) -> torch.Tensor:
-        """PIL image(s) -> pixel values [3,H,W] (a list: [N,3,H,W]) exactly as the training data makes them:
-        the model's image processor and `image_aspect_ratio` (generation, evaluation, serving and the
-        TensorRT-LLM check all come through here or `nemo_neva.data.image_io.preprocess`). A tiled model
-        (`model.mm_cfg.image_tiling`) gives [max_tiles,3,t,t] per image; its sizes: `image_sizes_of`."""
-        from nemo_neva.data.image_io import preprocess
+    @property
+    def processor(self):
+        """The model's `nemo_neva.data.processor.NevaProcessor` (tokenizer, image preprocessing, placeholder
+        counts, context check): built from the model's parts on first use, again only when one of them changes."""
+        from nemo_neva.data.processor import NevaProcessor
 
-        return preprocess(images, self.pixel_processor, self.image_aspect_ratio, self.tiling)
+        key = (id(self.tokenizer), id(self.image_processor), id(self.tiling), self.image_aspect_ratio,
+               self.tokens_per_image, self.tokens_per_frame, int(self.cfg.encoder_seq_length))
+        cached = self.__dict__.get("_processor_cache")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_processor_cache"] = (key, NevaProcessor(
+                self.tokenizer, self.image_processor, self.tokens_per_image, self.tokens_per_frame,
+                self.image_aspect_ratio, self.tiling, int(self.cfg.encoder_seq_length)))
+        return cached[1]
+
+    # Thin delegations kept for the many callers (tests, the dataset builders) that ask the model.
+    def preprocess_images(self, images) -> torch.Tensor:
+        """`self.processor.preprocess_images`: PIL image(s) -> pixel values as the training data makes them."""
+        return self.processor.preprocess_images(images)
 
     @property
     def pixel_processor(self):
-        """The HF image processor `preprocess_images` runs: the tower's, or for a tiled model transformers'
-        LlavaNextImageProcessor with the tower's settings and the model's grid pinpoints."""
-        if self.tiling is None:
-            return self.image_processor
-        cached = getattr(self, "_tiling_processor", None)
-        if cached is None or cached[0] is not self.image_processor:
-            from nemo_neva.modules.tiling import processor_for
-
-            cached = self._tiling_processor = (self.image_processor, processor_for(self.image_processor, self.tiling))
-        return cached[1]
+        """`self.processor.pixel_processor`: the HF image processor `preprocess_images` runs."""
+        return self.processor.pixel_processor
 
     def image_token_count(self, image) -> int:
-        """Placeholder tokens one image (PIL) becomes: `tokens_per_image`, or for a tiled model
-        `Tiling.tokens(height, width)` of the image."""
-        if self.tiling is None:
-            return self.tokens_per_image
-        from nemo_neva.modules.tiling import image_size_of
-
-        if torch.is_tensor(image):
-            raise ValueError("a tiled model (model.mm_cfg.image_tiling) takes PIL images: its placeholder count "
-                             "and tiles depend on each image's original size")
-        return self.tiling.tokens(*image_size_of(image))
+        """`self.processor.image_token_count`: placeholder tokens one image (PIL) becomes."""
+        return self.processor.image_token_count(image)
 
     @property
     def tokens_per_image(self) -> int:
@@ -295,9 +290,19 @@ class MegatronNevaModel(NevaRestoreMixin, NevaStepMixin, NevaDataMixin, ModelPT)
                                 self.cfg.mm_cfg.mm_mlp_adapter_type, getattr(self, "frame_pool", None))
 
     # ------------------------------------------------------------------ inference
+    @property
+    def pads_in_cached_steps(self) -> bool:
+        """Whether the network's core attention honours a padding mask in cached decode steps: ours
+        (`SDPACoreAttention`, the local spec) does, Transformer Engine's drops it there. Generation batches
+        prompts of different lengths only when it does (`nemo_neva.inference.model_protocol`)."""
+        from nemo_neva.modules.layer_specs import SDPACoreAttention
+
+        return any(isinstance(m, SDPACoreAttention) for m in self.model.modules())
+
     @torch.no_grad()
-    def generate(self, images, prompts, **kwargs):
-        """Answer text for each (image, prompt); see nemo_neva.inference.generate for the options."""
+    def generate(self, images, prompts, config=None, **kwargs):
+        """Answer text for each (image, prompt) under `config` (a `GenerationConfig`); see
+        nemo_neva.inference.generate for the options."""
         from nemo_neva.inference.generate import generate
 
-        return generate(self, images, prompts, **kwargs)
+        return generate(self, images, prompts, config, **kwargs)

@@ -20,6 +20,7 @@ from nemo_neva.data.conversation import (
     render_prompt,
 )
 from nemo_neva.data.video_io import VideoSettings
+from nemo_neva.inference.generation_config import GenerationConfig
 from nemo_neva.serving.errors import RequestError
 from nemo_neva.serving.images import image_from_url
 from nemo_neva.serving.limits import RANGES, ServerLimits, check_range
@@ -47,6 +48,13 @@ class ChatRequest:
     stop: list = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+
+    def generation_config(self, max_new_tokens: int, stop_token_ids, stop_strings=()) -> GenerationConfig:
+        """The request's sampling as a GenerationConfig: its values, already range-checked here (HTTP errors),
+        with the server's stops (template end marker, EOS, image placeholder) before the request's own."""
+        return GenerationConfig(max_new_tokens=max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                                top_p=self.top_p, seed=self.seed, stop_token_ids=tuple(sorted(stop_token_ids)),
+                                stop_strings=(*stop_strings, *self.stop))
 
 
 def _number(body: dict, name: str, default, lo: float, hi: float, lo_open: bool = False, integer: bool = False):

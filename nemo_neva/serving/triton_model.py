@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -43,6 +43,7 @@ import numpy as np
 from nemo_neva.data.constants import IMAGE_TOKEN, VIDEO_TOKEN
 from nemo_neva.data.video_io import Video
 from nemo_neva.data.conversation import STEERLM_INFERENCE_DEFAULTS, ConversationError, get_template, parse_attributes
+from nemo_neva.inference.generation_config import GenerationConfig
 from nemo_neva.inference.prompting import build_prompt
 from nemo_neva.serving.errors import RequestError
 from nemo_neva.serving.images import image_from_array
@@ -96,26 +97,11 @@ class InvalidInput(ValueError):
     __traceback__ = property(lambda self: None, lambda self, value: None)
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """Decoding settings of a row; rows with equal settings share one batched `generate`."""
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: Optional[int] = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-
 @dataclass
 class Row:
     prompt: str
     images: list  # RGB PIL images and `Video`s, one per <image> / <video> tag of `prompt`, in order
-    sampling: Sampling
+    sampling: GenerationConfig  # its max_new_tokens from the row's budget; the backend adds its stops
 
 
 class TorchBackend:
@@ -136,17 +122,14 @@ class TorchBackend:
 
     def prompt_tokens(self, prompt: str, images) -> int:
         """`images`: the prompt's images (a list, as `generate` takes them) or their count."""
-        from nemo_neva.inference.generate import encode_prompt
+        return int(self.model.processor.encode(prompt, images).numel())
 
-        return int(encode_prompt(self.model, prompt, images).numel())
-
-    def generate(self, images: list, prompts: list[str], s: Sampling) -> list[str]:
+    def generate(self, images: list, prompts: list[str], s: GenerationConfig) -> list[str]:
         """`images[i]`: prompt i's list of images (None without), as `generate` takes them."""
         from nemo_neva.inference.generate import generate
 
-        return generate(self.model, images, prompts, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                        top_k=s.top_k, top_p=s.top_p, seed=s.seed, repetition_penalty=s.repetition_penalty,
-                        stop_token_ids=sorted(self.stop_ids), stop_strings=self.stop_strings)
+        config = s.replace(stop_token_ids=tuple(sorted(self.stop_ids)), stop_strings=tuple(self.stop_strings))
+        return generate(self.model, images, prompts, config)
 
 
 def _data(request) -> dict:
@@ -273,7 +256,7 @@ class NevaTritonModel:
                                "input_text")
         return question
 
-    def _sampling(self, data: dict, row: int, n_rows: int) -> tuple[Sampling, Optional[int]]:
+    def _sampling(self, data: dict, row: int, n_rows: int) -> tuple[dict, Optional[int]]:
         get = lambda name, default: self._scalar(data, name, row, n_rows, default)  # noqa: E731
         num_beams = get("num_beams", 1)
         if num_beams != 1:
@@ -293,10 +276,10 @@ class NevaTritonModel:
             if max_out > self.limits.max_tokens:
                 raise RequestError(f"max_output_len={max_out} exceeds this server's limit of "
                                    f"{self.limits.max_tokens}", "max_output_len", code="max_tokens_too_large")
-        s = Sampling(0, temperature, top_k, top_p, penalty, seed)
+        s = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty, seed=seed)
         if temperature == 0.0 or top_k == 1:  # greedy: the other settings do not change the answer
-            s = Sampling(0, 0.0, 0, 1.0, penalty, None)
-        return s, max_out
+            s = dict(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=penalty, seed=None)
+        return s, max_out  # the GenerationConfig is made once max_new_tokens is known (parse)
 
     def _attributes(self, data: dict, row: int, n_rows: int) -> Optional[dict]:
         if not self.steerlm:
@@ -340,13 +323,13 @@ class NevaTritonModel:
                 if n_rows > 1:
                     e.message = f"row {r}: {e.message}"
                 raise
-            rows.append(Row(prompt, images, replace(sampling, max_new_tokens=max_new)))
+            rows.append(Row(prompt, images, GenerationConfig(max_new_tokens=max_new, **sampling)))
         return rows
 
     # ---------------------------------------------------------------------------------------------- running
     def generate_rows(self, rows: Sequence[Row]) -> list[str]:
         """Answers in order; rows with the same settings decode together in one batched `generate`."""
-        groups: dict[Sampling, list[int]] = {}
+        groups: dict[GenerationConfig, list[int]] = {}
         for i, row in enumerate(rows):
             groups.setdefault(row.sampling, []).append(i)
         answers: list[Optional[str]] = [None] * len(rows)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import types
 from typing import Optional
 
 import torch
@@ -98,6 +97,7 @@ class TrtllmBackend:
     def __init__(self, export_dir: str, meta: dict, tokenizer, processor, vision: VisionEngine, runner,
                  image_newline: Optional[torch.Tensor] = None):
         from nemo_neva.data.image_io import check_aspect_ratio
+        from nemo_neva.data.processor import NevaProcessor
         from nemo_neva.export.trtllm_prompt import export_tiling
 
         _refuse_tensor_parallel(export_dir, meta)
@@ -116,10 +116,16 @@ class TrtllmBackend:
         # the engine's max_seq_len, never past the model's positions (a learned table has no rows beyond them)
         self.context = min(int(getattr(runner, "max_seq_len", None) or getattr(runner, "max_sequence_length")),
                            _max_positions(export_dir, meta))
-        # what nemo_neva.inference.generate.encode_prompt reads from a model (a tiled one: tiling, image_token_count)
-        self._encoder = types.SimpleNamespace(tokenizer=tokenizer, image_token_id=int(meta["image_token_id"]),
-                                              tokens_per_image=meta["tokens_per_image"], tiling=self.tiling,
-                                              image_token_count=self._image_token_count)
+        # prompts are encoded and counted as the .nemo model's processor does it (a tiled one: by image size);
+        # pixels come from the export's own image processor (`_pixels`)
+        # (only its encoding is used: a tiled export's processor makes tiles already, `_prompt_table`)
+        per_image = meta["tokens_per_image"] if self.tiling is None else self.tiling.base_tokens  # one tile's
+        self.prompt_processor = NevaProcessor(tokenizer, processor, int(per_image),
+                                              image_aspect_ratio=self.aspect_ratio, tiling=self.tiling)
+        self.image_token_id = int(meta["image_token_id"])
+        if self.prompt_processor.image_token_id != self.image_token_id:
+            raise ValueError(f"{export_dir}: image_token_id {self.image_token_id} in {META_FILE} is not the "
+                             f"tokenizer's <image> id {self.prompt_processor.image_token_id}: re-export the model")
 
     @classmethod
     def from_export_dir(cls, export_dir: str) -> "TrtllmBackend":
@@ -154,17 +160,9 @@ class TrtllmBackend:
         newline = load_image_newline(export_dir, meta) if meta.get("image_tiling") else None
         return cls(export_dir, meta, tokenizer, processor, vision, runner, newline)
 
-    def _image_token_count(self, image) -> int:
-        """A tiled export's placeholder count of one PIL image: `Tiling.tokens` of its (height, width)."""
-        from nemo_neva.modules.tiling import image_size_of
-
-        return self.tiling.tokens(*image_size_of(image))
-
     # ------------------------------------------------------------------------------------------ contract
     def _ids(self, prompt: str, images) -> torch.Tensor:
-        from nemo_neva.inference.generate import encode_prompt
-
-        return encode_prompt(self._encoder, prompt, images)
+        return self.prompt_processor.encode(prompt, images)
 
     def prompt_tokens(self, prompt: str, images) -> int:
         """`images`: the prompt's images (a list) or their count."""
@@ -209,8 +207,8 @@ class TrtllmBackend:
             # image positions of the rows before it (nemo_neva.export.trtllm_prompt).
             offset = 0
             for b in range(len(rows)):
-                fake = fake_prompt_ids(rows[b].unsqueeze(0), self._encoder.image_token_id, self.vocab_size)[0]
-                n_img = int((rows[b] == self._encoder.image_token_id).sum())
+                fake = fake_prompt_ids(rows[b].unsqueeze(0), self.image_token_id, self.vocab_size)[0]
+                n_img = int((rows[b] == self.image_token_id).sum())
                 rows[b] = torch.where(fake >= self.vocab_size, fake + offset, fake)
                 offset += n_img
             table = table.unsqueeze(0)

@@ -12,7 +12,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
 
-from nemo_neva.inference.generate import Usage, encode_prompt, generate_usage, stream_generate
+from nemo_neva.inference.generate import Usage, generate_usage, stream_generate
 from nemo_neva.inference.prompting import stop_markers
 from nemo_neva.serving.chat_request import ChatRequest
 from nemo_neva.serving.errors import RequestError, internal_error
@@ -103,22 +103,22 @@ class GenerationWorker:
                 log.exception("generation failed")
                 job.events.put(("error", internal_error()))
 
-    def _budget(self, r: ChatRequest) -> tuple[int, int]:
-        """(prompt tokens, max new tokens), or a RequestError when they do not fit the context."""
-        n_prompt = len(encode_prompt(self.model, r.prompt, list(r.images)))  # a video: its frames' tags
-        return n_prompt, token_budget(n_prompt, self.context, r.max_tokens, self.max_tokens_cap, "messages",
-                                      "max_tokens", what="conversation")
+    def _prepare(self, r: ChatRequest):
+        """(the request as the model takes it, max new tokens), or a RequestError when it does not fit the
+        context. Encoded once, by the model's processor (a video: its frames' placeholders)."""
+        inputs = self.model.processor(r.prompt, list(r.images) or None)
+        n_prompt = int(inputs.ids.numel())
+        return inputs, token_budget(n_prompt, self.context, r.max_tokens, self.max_tokens_cap, "messages",
+                                    "max_tokens", what="conversation")
 
     def _run(self, job: Job) -> None:
         r = job.request
-        n_prompt, max_new = self._budget(r)
-        images = list(r.images) or None  # generate's form: one per <image>/<video> tag in order, or None
-        kwargs = dict(max_new_tokens=max_new, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                      seed=r.seed, stop_token_ids=sorted(self.stop_ids),
-                      stop_strings=[*self.stop_strings, *r.stop])
+        inputs, max_new = self._prepare(r)
+        n_prompt = int(inputs.ids.numel())
+        config = r.generation_config(max_new, stop_token_ids=self.stop_ids, stop_strings=self.stop_strings)
         if r.stream:
             usage, parts = Usage(), []
-            for delta in strip_deltas(stream_generate(self.model, images, r.prompt, usage=usage, **kwargs)):
+            for delta in strip_deltas(stream_generate(self.model, None, inputs, config, usage=usage)):
                 if job.cancelled.is_set():
                     log.info("client went away; generation stopped")
                     return
@@ -126,5 +126,5 @@ class GenerationWorker:
                 job.events.put(("delta", delta))
             usage.text = "".join(parts)
         else:
-            usage = generate_usage(self.model, [images], [r.prompt], **kwargs)[0]
+            usage = generate_usage(self.model, [None], [inputs], config)[0]
         job.events.put(("done", Finished(usage.text, usage.finish_reason, n_prompt, usage.completion_tokens)))

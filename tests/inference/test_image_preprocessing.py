@@ -11,7 +11,7 @@ from PIL import Image
 
 from nemo_neva import MegatronNevaModel
 from nemo_neva.data.image_io import preprocess
-from nemo_neva.inference.generate import _pixels, generate
+from nemo_neva.inference.generate import generate
 from tests.model.helpers import tiny_model_cfg
 
 MODES = ("square", "pad", "keep")
@@ -53,7 +53,7 @@ def test_generation_pixels_equal_training_pixels(model, one_sample, mode):
         model.cfg.data.data_path, model.cfg.data.image_folder = data_path, folder
     train_pixels = model.build_dataset(model.cfg.data)[0]["images"][0]
     image = Image.open(f"{folder}/wide.png").convert("RGB")
-    assert torch.equal(_pixels(model, image)[0], train_pixels)  # [n_images, 3, H, W]
+    assert torch.equal(model.processor.pixels(image)[0], train_pixels)  # [n_images, 3, H, W]
     assert torch.equal(model.preprocess_images(image), train_pixels)
     others = [preprocess(image, model.image_processor, m) for m in MODES if m != mode]
     assert not any(torch.equal(o, train_pixels) for o in others)  # the modes do differ on this image
@@ -150,4 +150,4 @@ def test_hf_import_generates_from_transformers_pixels(tmp_path, tower):
     assert model.image_aspect_ratio == {"clip": "keep", "siglip": "square"}[tower]
     image = wide_image(seed=4)
     theirs = AutoProcessor.from_pretrained(hf_dir)(images=image, text="<image>", return_tensors="pt")["pixel_values"]
-    assert torch.equal(_pixels(model, image)[0], theirs[0])
+    assert torch.equal(model.processor.pixels(image)[0], theirs[0])

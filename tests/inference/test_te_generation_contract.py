@@ -7,6 +7,8 @@
   applies megatron-core's `prepare_model_for_fp8_inference` padding. Without TE that function refuses, which is
   what shows on CPU that generation calls it.
 """
+import types
+
 import pytest
 import torch
 from megatron.core.transformer.dot_product_attention import DotProductAttention
@@ -20,7 +22,7 @@ PROMPTS = ["<image>\nWhat is it?", "Three words here.", "<image>\nA longer quest
 
 
 def _requests(model, image):
-    return gen._requests(model, [image if "<image>" in p else None for p in PROMPTS], PROMPTS, 4)
+    return [model.processor(p, image if "<image>" in p else None, 4) for p in PROMPTS]
 
 
 def test_mixed_lengths_share_a_batch_only_where_the_attention_takes_a_padding_mask(model, image):
@@ -28,13 +30,17 @@ def test_mixed_lengths_share_a_batch_only_where_the_attention_takes_a_padding_ma
     lengths = [r.ids.numel() for r in requests]
     assert len(set(lengths)) == len(lengths)  # all different
     # ours: one left-padded batch for all
-    assert [sorted(g) for g in gen._batches(model.model, requests, None)] == [sorted(range(len(PROMPTS)))]
+    assert model.pads_in_cached_steps
+    groups = gen._batches(requests, None, model.pads_in_cached_steps)
+    assert [sorted(g) for g in groups] == [sorted(range(len(PROMPTS)))]
     # a core attention that is not ours (megatron-core's own here, standing in for TEDotProductAttention)
     config = model.model.language_model.config
     foreign = torch.nn.ModuleList([DotProductAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal,
                                                        attention_type="self")])
     assert not any(isinstance(m, layer_specs.SDPACoreAttention) for m in foreign.modules())
-    groups = gen._batches(foreign, requests, None)
+    pads = type(model).pads_in_cached_steps.fget(types.SimpleNamespace(model=foreign))  # a model holding it
+    assert not pads
+    groups = gen._batches(requests, None, pads)
     assert all(len({lengths[i] for i in g}) == 1 for g in groups) and len(groups) == len(PROMPTS)
 
 
