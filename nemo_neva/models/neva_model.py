@@ -19,7 +19,7 @@ from nemo_neva.cli import resolve_path
 from nemo_neva.models import peft
 from nemo_neva.models.neva_data import NevaDataMixin
 from nemo_neva.models.neva_restore import NevaRestoreMixin
-from nemo_neva.models.neva_step import NevaStepMixin
+from nemo_neva.models.neva_step import NevaStepMixin, StepState
 from nemo_neva.modules.language_model import (
     build_gpt,
     build_transformer_config,
@@ -76,7 +76,7 @@ class MegatronNevaModel(NevaRestoreMixin, NevaStepMixin, NevaDataMixin, ModelPT)
         from nemo_neva.parallel.init import ensure_distributed, initialize_model_parallel_from_cfg
 
         self.automatic_optimization = False  # megatron-core schedules + optimizer do the stepping
-        self._ddp = None
+        self.step_state = StepState()
         ensure_distributed()
         self._fit_layout_to_world()
         self._record_image_aspect_ratio()

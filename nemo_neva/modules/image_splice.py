@@ -34,9 +34,10 @@ def embed_with_images(embedding, input_ids: torch.Tensor, position_ids: torch.Te
             x = embedding.embedding_dropout(x)
     full = torch.zeros(*mask.shape, x.shape[-1], dtype=out.dtype, device=out.device)
     full[mask] = x
-    full, keep = full.transpose(0, 1), (~mask).transpose(0, 1)  # [s, b, ...] as megatron-core's hidden states
+    # [s, b, ...] as megatron-core's hidden states, contiguous: pipeline stages send them as they are
+    full, keep = full.transpose(0, 1).contiguous(), (~mask).transpose(0, 1).contiguous()
     if sliced:
         chunk = out.shape[0]
         start = parallel_state.get_tensor_model_parallel_rank() * chunk
         full, keep = full[start:start + chunk], keep[start:start + chunk]
-    return torch.where(keep.unsqueeze(-1), out, full)
+    return torch.where(keep.unsqueeze(-1), out, full)  # contiguous like its inputs

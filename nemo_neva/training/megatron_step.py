@@ -151,13 +151,6 @@ def per_token_mean(sums: torch.Tensor) -> torch.Tensor:
     return sums[0] / sums[1].clamp(min=1)
 
 
-def reduce_logged_loss(losses: Iterable[dict]) -> torch.Tensor:
-    """The step's loss as it is optimised: the mean over every loss token of the global batch (all
-    micro-batches and data-parallel ranks; megatron-core's `calculate_per_token_loss` scales the
-    gradients the same way), shared with every pipeline stage."""
-    return per_token_mean(reduce_loss_sums(losses))
-
-
 def num_microbatches(global_batch_size: int, micro_batch_size: int, dp: int) -> int:
     """global_batch_size = micro_batch_size x data-parallel size x micro-batches per step."""
     per_step = micro_batch_size * dp
@@ -167,12 +160,6 @@ def num_microbatches(global_batch_size: int, micro_batch_size: int, dp: int) -> 
             f"micro_batch_size x data-parallel size = {per_step}"
         )
     return global_batch_size // per_step
-
-
-def masked_mean_loss(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Mean over trainable tokens; a batch with none gives a finite 0, never NaN."""
-    total, tokens = masked_loss_sum(per_token, loss_mask)
-    return total / tokens.clamp(min=1)
 
 
 def masked_loss_sum(per_token: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
