@@ -1,7 +1,7 @@
-"""MegatronNevaModel: a NeMo ModelPT around the NeVA network. This file builds it (config -> parallel layout,
-tokenizer and image processor, modules, freezing); the rest of the ModelPT contract is in three mixins:
-neva_restore.py (save / restore), neva_step.py (forward, loss, steps, optimizer), neva_data.py (datasets,
-loaders, skip reports)."""
+"""MegatronNevaModel: a NeMo ModelPT around the NeVA network. This file builds it (resolved config ->
+tokenizer and image processor, modules, weights, freezing); the rest of the ModelPT contract is in three mixins:
+neva_restore.py (save / restore), training/neva_step.py (forward, loss, steps, optimizer), neva_data.py
+(datasets, loaders, skip reports)."""
 from __future__ import annotations
 
 import logging
@@ -21,7 +21,7 @@ from nemo_neva.models import peft
 from nemo_neva.models.model_config import resolve_model_config
 from nemo_neva.models.neva_data import NevaDataMixin
 from nemo_neva.models.neva_restore import NevaRestoreMixin
-from nemo_neva.models.neva_step import NevaStepMixin, StepState
+from nemo_neva.training.neva_step import NevaStepMixin, StepState
 from nemo_neva.modules.language_model import (
     build_gpt,
     build_transformer_config,

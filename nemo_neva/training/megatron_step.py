@@ -13,7 +13,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from nemo_neva.parallel.optimizer import build_megatron_ddp_and_optimizer, step_optimizer
+from nemo_neva.training.optimizer import build_megatron_ddp_and_optimizer, step_optimizer
 
 _SCHEDULES = {"cosineannealing": "cosine", "cosine": "cosine", "linear": "linear", "constant": "constant"}
 _OPTIMIZERS = {"adam": ("adam", False), "adamw": ("adam", False), "distributed_fused_adam": ("adam", True),
@@ -79,7 +79,7 @@ def schedule_steps(trainer) -> int:
 
 
 def optimizer_settings(optim_cfg) -> dict:
-    """`model.optim` (NeMo-style names) -> the keys of `nemo_neva.parallel.optimizer`."""
+    """`model.optim` (NeMo-style names) -> the keys of `nemo_neva.training.optimizer`."""
     name = str(optim_cfg.get("name", "adam")).lower()
     if name not in _OPTIMIZERS:
         raise ValueError(f"model.optim.name={name!r}; supported: {sorted(_OPTIMIZERS)}")
@@ -98,7 +98,7 @@ def optimizer_settings(optim_cfg) -> dict:
 
 
 def build_training(module, optim_cfg, max_steps: int):
-    """megatron-core DDP + optimizer (nemo_neva.parallel.optimizer) + LR schedule, as a Lightning optimizer.
+    """megatron-core DDP + optimizer (nemo_neva.training.optimizer) + LR schedule, as a Lightning optimizer.
 
     The loss is a per-token mean over the whole global batch (megatron-core's `calculate_per_token_loss`: each
     micro-batch's loss function returns its loss sum and token count, gradients are summed over micro-batches

@@ -1,5 +1,6 @@
-"""MegatronNevaModel's training side: forward, the per-token loss, the megatron-core training and validation
-steps driven from Lightning, MFU logging and the optimizer / LR schedule."""
+"""MegatronNevaModel's training side (a mixin of it, kept with the rest of the step in training/): forward,
+the per-token loss, the megatron-core training and validation steps driven from Lightning, MFU logging and the
+optimizer / LR schedule."""
 from __future__ import annotations
 
 import logging
@@ -10,8 +11,8 @@ from typing import Callable, Optional
 import torch
 
 from nemo_neva.modules.precision import fp8_format
-from nemo_neva.parallel.optimizer import build_megatron_ddp
-from nemo_neva.parallel.schedule import run_forward_backward
+from nemo_neva.training.optimizer import build_megatron_ddp
+from nemo_neva.training.schedule import run_forward_backward
 from nemo_neva.training import megatron_step as mt
 
 log = logging.getLogger("nemo_neva.models.neva_model")
