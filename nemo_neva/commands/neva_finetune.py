@@ -12,6 +12,8 @@ from nemo_neva import MegatronNevaModel
 from nemo_neva.checkpoint.training_checkpoint import exp_manager_with_resume
 from nemo_neva.cli import CONF_DIR, resolve_path, user_errors
 from nemo_neva.models.finetune_config import finetune_config
+from nemo_neva.models.model_config import resolve_model_config
+from nemo_neva.parallel.init import setup_parallel
 from nemo_neva.training.trainer import build_trainer, nemo_output_path
 
 
@@ -24,6 +26,7 @@ def main(cfg) -> None:
                          f"(run examples/neva_pretrain.py first, or pass the path)")
     model_cfg = finetune_config(restore, cfg.model)
     cfg.model = model_cfg
+    setup_parallel(resolve_model_config(model_cfg, restoring=True).cfg)  # before the model is built
     trainer = build_trainer(cfg)
     exp_manager_with_resume(trainer, cfg.exp_manager)  # relaunching resumes from the last checkpoint
     model = MegatronNevaModel.restore_from(restore, override_config_path=model_cfg, trainer=trainer)

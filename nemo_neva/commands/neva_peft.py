@@ -16,7 +16,9 @@ from nemo_neva import MegatronNevaModel
 from nemo_neva.checkpoint.training_checkpoint import exp_manager_with_resume
 from nemo_neva.cli import CONF_DIR, resolve_path, user_errors
 from nemo_neva.models.finetune_config import finetune_config
+from nemo_neva.models.model_config import resolve_model_config
 from nemo_neva.models.peft import lora_settings
+from nemo_neva.parallel.init import setup_parallel
 from nemo_neva.training.trainer import build_trainer, nemo_output_path
 
 
@@ -35,6 +37,7 @@ def main(cfg) -> None:
     if lora_settings(model_cfg) is None:
         raise ValueError("model.peft.peft_scheme is null: nothing to train here (use examples/neva_finetune.py)")
     cfg.model = model_cfg
+    setup_parallel(resolve_model_config(model_cfg, restoring=True).cfg)  # before the model is built
     trainer = build_trainer(cfg)
     exp_manager_with_resume(trainer, cfg.exp_manager)  # relaunching resumes from the last checkpoint
     # The constructor loads the base weights, adds the adapters (B = 0) and records `restore` as their base.

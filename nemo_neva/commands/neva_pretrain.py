@@ -11,6 +11,8 @@ from nemo.core.config import hydra_runner
 from nemo_neva import MegatronNevaModel
 from nemo_neva.checkpoint.training_checkpoint import exp_manager_with_resume
 from nemo_neva.cli import CONF_DIR, user_errors
+from nemo_neva.models.model_config import resolve_model_config
+from nemo_neva.parallel.init import setup_parallel
 from nemo_neva.pretrained.lm_config import drop_unset_lm_keys, hydra_cli_overrides
 from nemo_neva.training.trainer import build_trainer, nemo_output_path
 
@@ -20,6 +22,8 @@ from nemo_neva.training.trainer import build_trainer, nemo_output_path
 def main(cfg) -> None:
     # llm.from_pretrained: the LM keys (and tokenizer.path) the command line did not set come from the checkpoint
     drop_unset_lm_keys(cfg.model, hydra_cli_overrides())
+    cfg.model = resolve_model_config(cfg.model).cfg  # the config the network is built from
+    setup_parallel(cfg.model)  # torch.distributed + megatron-core's groups, before the model is built
     trainer = build_trainer(cfg)
     exp_manager_with_resume(trainer, cfg.exp_manager)  # relaunching resumes from the last checkpoint
     model = MegatronNevaModel(cfg.model, trainer=trainer)

@@ -1,7 +1,7 @@
-"""MegatronNevaModel: a NeMo ModelPT around the NeVA network. This file builds it (config -> parallel layout,
-tokenizer and image processor, modules, freezing); the rest of the ModelPT contract is in three mixins:
-neva_restore.py (save / restore), neva_step.py (forward, loss, steps, optimizer), neva_data.py (datasets,
-loaders, skip reports)."""
+"""MegatronNevaModel: a NeMo ModelPT around the NeVA network. This file builds it (resolved config ->
+tokenizer and image processor, modules, weights, freezing); the rest of the ModelPT contract is in three mixins:
+neva_restore.py (save / restore), training/neva_step.py (forward, loss, steps, optimizer), neva_data.py
+(datasets, loaders, skip reports)."""
 from __future__ import annotations
 
 import logging
@@ -12,14 +12,16 @@ import torch
 from lightning.pytorch import Trainer
 from megatron.core import parallel_state
 from nemo.core import ModelPT
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from nemo_neva import pretrained
 from nemo_neva.cli import resolve_path
+from nemo_neva.compat.cpu import seed_all
 from nemo_neva.models import peft
+from nemo_neva.models.model_config import resolve_model_config
 from nemo_neva.models.neva_data import NevaDataMixin
 from nemo_neva.models.neva_restore import NevaRestoreMixin
-from nemo_neva.models.neva_step import NevaStepMixin
+from nemo_neva.training.neva_step import NevaStepMixin, StepState
 from nemo_neva.modules.language_model import (
     build_gpt,
     build_transformer_config,
@@ -29,6 +31,7 @@ from nemo_neva.modules.language_model import (
 from nemo_neva.modules.neva_module import NevaModule
 from nemo_neva.modules.projector import build_projector
 from nemo_neva.modules.vision import VisionTower, build_image_processor, load_vision_config, tokens_per_image
+from nemo_neva.parallel.init import ensure_parallel
 
 log = logging.getLogger(__name__)
 
@@ -56,47 +59,43 @@ def _precision_dtype(trainer: Optional[Trainer]) -> torch.dtype:
 
 
 class MegatronNevaModel(NevaRestoreMixin, NevaStepMixin, NevaDataMixin, ModelPT):
-    """NeVA: HF CLIP/SigLIP tower (frozen) + projector + megatron-core GPTModel."""
+    """NeVA: HF CLIP/SigLIP tower (frozen) + projector + megatron-core GPTModel.
+
+    Built in this order: the config resolved (`model_config.resolve_model_config`), the parallel layout in place
+    (`parallel.init.ensure_parallel`: set up by the entry point, `setup_parallel`), the network built from the
+    config (`_build`), its weights loaded; data loaders come when Lightning asks (`setup`)."""
 
     def __init__(self, cfg: DictConfig, trainer: Optional[Trainer] = None, weights_loaded_after: bool = False):
         """`weights_loaded_after`: the caller overwrites every weight right after (the HF LLaVA converter), so
         the network skips its random initialisation, as it does for a .nemo restore and a pretrained LM."""
         self._weights_restored = False
         self._weights_loaded_after = weights_loaded_after
-        super().__init__(cfg=cfg, trainer=trainer)
+        self.step_state = StepState()
         try:
-            self._construct(trainer)
+            cfg, lm_source = resolve_model_config(cfg, restoring=self._is_model_being_restored())
+            ensure_parallel(cfg)  # the one global set-up here, and a no-op after the entry point's (see its doc)
+            super().__init__(cfg=cfg, trainer=trainer)
+            self._build(trainer, lm_source)
         except BaseException:
             # NeMo keeps "a model is being restored" in process-global state and only clears it after a
             # successful load: clear it, or every later fresh model would take itself for a restore.
             self._set_model_restore_state(is_being_restored=False)
             raise
 
-    def _construct(self, trainer: Optional[Trainer]):
-        from nemo_neva.parallel.init import ensure_distributed, initialize_model_parallel_from_cfg
-
-        self.automatic_optimization = False  # megatron-core schedules + optimizer do the stepping
-        self._ddp = None
-        ensure_distributed()
-        self._fit_layout_to_world()
-        self._record_image_aspect_ratio()
-        # model.mm_cfg.llm.from_pretrained: the LM's shape into the config, its tokenizer, weights checked
-        self._lm_source = None if self._is_model_being_restored() else pretrained.resolve(self._cfg)
+    # ------------------------------------------------------------------ construction
+    def _build(self, trainer: Optional[Trainer], lm_source: Optional[pretrained.LMSource]):
+        """The network from the resolved config, then its weights: a .nemo's, a pretrained LM's, or random
+        ones drawn from `model.seed`; then PEFT adapters and freezing."""
         cfg = self.cfg
-        initialize_model_parallel_from_cfg(
-            tp=cfg.get("tensor_model_parallel_size", 1),
-            pp=cfg.get("pipeline_model_parallel_size", 1),
-            num_attention_heads=cfg.num_attention_heads,
-            num_query_groups=cfg.get("num_query_groups") or cfg.num_attention_heads,
-            num_layers=cfg.num_layers,
-            sequence_parallel=cfg.get("sequence_parallel", False),
-            seed=cfg.get("seed", 1234),
-        )
+        self.automatic_optimization = False  # megatron-core schedules + optimizer do the stepping
         restore_dir = self._restore_folder()
         self.tokenizer, self.image_processor, vision_config = self._load_hf_side(
-            cfg, restore_dir, getattr(self._lm_source, "tokenizer", None))
+            cfg, restore_dir, getattr(lm_source, "tokenizer", None))
         self.vision_config = vision_config
-        self.tiling = self._build_tiling(cfg, vision_config)
+        venc = cfg.mm_cfg.vision_encoder
+        # refuses a projector that cannot take this tower's features, before anything is built
+        per_image = tokens_per_image(vision_config, venc.get("drop_cls", True), cfg.mm_cfg.mm_mlp_adapter_type)
+        self.tiling = self._build_tiling(cfg, vision_config, per_image)
         self.frame_pool = self._build_frame_pool(cfg, vision_config)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids("<image>")
         if self.image_token_id is None or self.image_token_id == self.tokenizer.unk_token_id:
@@ -105,45 +104,30 @@ class MegatronNevaModel(NevaRestoreMixin, NevaStepMixin, NevaDataMixin, ModelPT)
         # A random init that the loading below overwrites is skipped: the LM's when every LM weight is loaded
         # (.nemo, pretrained LM, converter), the vision tower's when it is loaded too (.nemo, converter).
         all_loaded = bool(restore_dir) or self._weights_loaded_after
+        seed_all(cfg.get("seed", 1234))  # a model's random weights follow `model.seed`, whatever was built before
         self.model = self._build_module(cfg, vision_config, from_pretrained=None if restore_dir else
-                                        resolve_path(cfg.mm_cfg.vision_encoder.get("from_pretrained")),
-                                        lm_loaded=all_loaded or self._lm_source is not None, tower_loaded=all_loaded)
-        if self._lm_source is not None:  # each rank reads its own shard of the pretrained LM
-            self._lm_source.load(self.model.language_model, cfg)
+                                        resolve_path(venc.get("from_pretrained")),
+                                        lm_loaded=all_loaded or lm_source is not None, tower_loaded=all_loaded)
+        if lm_source is not None:  # each rank reads its own shard of the pretrained LM
+            lm_source.load(self.model.language_model, cfg)
         peft.apply(self.model, cfg)  # LoRA adapters (model.peft.*), before freezing and loading weights
         self._apply_freeze(cfg)
         if restore_dir:
             from nemo.utils.app_state import AppState
 
             peft.restore_weights(self, restore_dir, AppState().model_restore_path)
-        if trainer is not None and cfg.get("data") is not None and cfg.data.get("data_path"):
-            self.setup_training_data(cfg.data)
 
-    # ------------------------------------------------------------------ construction
-    def _fit_layout_to_world(self):
-        """A .nemo saved at TP/PP > 1 restores on a single process as TP=PP=1 (megatron-core reshards)."""
-        import torch.distributed as dist
-
-        tp = self._cfg.get("tensor_model_parallel_size", 1)
-        pp = self._cfg.get("pipeline_model_parallel_size", 1)
-        if self._is_model_being_restored() and dist.get_world_size() == 1 and tp * pp > 1:
-            log.warning("restoring a TP=%d PP=%d checkpoint on one process: using TP=1 PP=1", tp, pp)
-            with open_dict(self._cfg):
-                self._cfg.tensor_model_parallel_size = 1
-                self._cfg.pipeline_model_parallel_size = 1
-                self._cfg.sequence_parallel = False
-
-    def _record_image_aspect_ratio(self):
-        """`model.data.image_aspect_ratio` always in the config (so in every .nemo written from it): the one
-        preprocessing every image path uses (`preprocess_images`). An older .nemo without it restores with
-        the default it was trained with (`square`)."""
-        from nemo_neva.data.image_io import aspect_ratio_of
-
-        mode = aspect_ratio_of(self._cfg)  # refuses an unknown mode before anything is built
-        with open_dict(self._cfg):
-            if self._cfg.get("data") is None:
-                self._cfg.data = {}
-            self._cfg.data.image_aspect_ratio = mode
+    def setup(self, stage: Optional[str] = None):
+        """Lightning's hook before fit / validate: the loaders of `model.data` are built here, not by the
+        constructor (a model built for generation or export reads no data)."""
+        super().setup(stage)
+        data = self.cfg.get("data")
+        if data is None:
+            return
+        if stage == "fit" and self._train_dl is None and data.get("data_path"):
+            self.setup_training_data(data)  # and the validation loader, with validation_data_path
+        elif stage == "validate" and not self._validation_dl and data.get("validation_data_path"):
+            self.setup_validation_data(data)
 
     @staticmethod
     def _load_hf_side(cfg, restore_dir, tokenizer=None):
@@ -183,7 +167,6 @@ class MegatronNevaModel(NevaRestoreMixin, NevaStepMixin, NevaDataMixin, ModelPT)
                         initialize=not lm_loaded).to(self.dtype_)
         tower = projector = None
         venc = cfg.mm_cfg.vision_encoder
-        self.tokens_per_image  # noqa: B018  (refuses a projector that cannot take this tower's features)
         if pre:
             with _no_init_weights(tower_loaded and not from_pretrained):
                 tower = VisionTower(vision_config, from_pretrained, venc.get("vision_select_layer", -2),
@@ -205,11 +188,12 @@ class MegatronNevaModel(NevaRestoreMixin, NevaStepMixin, NevaDataMixin, ModelPT)
                              "are not supported with tiling): set one of them")
         return pool
 
-    def _build_tiling(self, cfg, vision_config):
-        """`model.mm_cfg.image_tiling` (anyres) as a `nemo_neva.modules.tiling.Tiling`, or None when off."""
+    def _build_tiling(self, cfg, vision_config, per_image: int):
+        """`model.mm_cfg.image_tiling` (anyres) as a `nemo_neva.modules.tiling.Tiling`, or None when off;
+        `per_image`: an untiled image's (a tile's) placeholder tokens."""
         from nemo_neva.modules.tiling import tiling_from_cfg
 
-        tiling = tiling_from_cfg(cfg.mm_cfg.get("image_tiling"), vision_config, self.tokens_per_image)
+        tiling = tiling_from_cfg(cfg.mm_cfg.get("image_tiling"), vision_config, per_image)
         if tiling is not None and cfg.mm_cfg.get("mm_mlp_adapter_type") == "mlp_downsample":
             # anyres lays a tile's tokens out row by row; NeMo 1's merge emits them column block by column block
             raise ValueError("model.mm_cfg.mm_mlp_adapter_type=mlp_downsample (NeMo 1's block order) does not apply "

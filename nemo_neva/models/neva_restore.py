@@ -117,7 +117,7 @@ class NevaRestoreMixin:
         from nemo_neva.checkpoint.data_position import data_state
 
         checkpoint["neva_data"] = data_state(self.trainer.global_step, self.cfg.global_batch_size,
-                                             getattr(self, "_train_dl", None))
+                                             self._train_dl)
         if self._checkpoint_keep() is not None:
             checkpoint["neva_peft_base_sha256"] = self.cfg.peft.base_nemo_sha256
 
@@ -140,7 +140,7 @@ class NevaRestoreMixin:
         for progress in fit_loop.get("epoch_loop.batch_progress", {}).values():
             if isinstance(progress, dict) and progress.get("processed", 0) > progress.get("completed", 0):
                 progress["completed"] = progress["processed"]
-        if getattr(self, "_train_dl", None) is not None:
+        if self._train_dl is not None:
             restore_data_position(self._train_dl, checkpoint.get("neva_data"), self.cfg.global_batch_size)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):

@@ -164,7 +164,7 @@ def build_gpt(cfg, config: TransformerConfig, vocab_size: int, pre_process: bool
     .nemo restore, the HF converters), whose loaders refuse to leave one unset. Norm gains are still ones."""
     check_megatron_core()  # also for callers that import nemo_neva.modules alone
     spec = build_decoder_spec(config, cfg.get("transformer_engine", False))
-    config.perform_initialization = initialize
+    previous, config.perform_initialization = config.perform_initialization, initialize
     try:
         gpt = GPTModel(
             config=config,
@@ -180,8 +180,9 @@ def build_gpt(cfg, config: TransformerConfig, vocab_size: int, pre_process: bool
             **rope_scaling_args(cfg),
         )
     finally:
-        # The config is shared with everything built later (LoRA adapters, a merged layer): they initialise.
-        config.perform_initialization = True
+        # The config is shared with everything built later (LoRA adapters, a merged layer): they initialise
+        # as the caller's config says.
+        config.perform_initialization = previous
     if not initialize:
         mark_tensor_parallel(gpt)
     scaling = cfg.get("rope_scaling") or {}

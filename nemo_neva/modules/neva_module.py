@@ -1,9 +1,10 @@
 """The NeVA network: frozen vision tower -> projector -> spliced into a megatron-core GPTModel.
 
 Images enter the prompt as runs of the image token; the projected patch features replace the word
-embeddings at exactly those positions. The splice is a forward hook on the GPT word-embedding layer,
-so megatron-core's own embedding path (position embeddings, sequence-parallel scatter, dropout) runs
-unchanged after it. Vision and projector live on the first pipeline stage only.
+embeddings at exactly those positions (`image_splice.embed_with_images`: megatron-core's own embedding of the
+prompt, then the features in place of its placeholders), and GPTModel takes the result as its `decoder_input`.
+Without images (text only, and every KV-cache decoding step) GPTModel embeds the tokens itself. Vision and
+projector live on the first pipeline stage only.
 
 With `tiling` (anyres, `nemo_neva.modules.tiling`) an image is `[max_tiles, 3, tile, tile]` pixels plus its
 original (height, width) in `image_sizes`; its tiles run through the tower in one batch with every other
@@ -20,9 +21,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
+
+from nemo_neva.modules.image_splice import embed_with_images
 
 
 class ImageTokenMismatch(ValueError):
@@ -41,7 +43,6 @@ class NevaModule(MegatronModule):
         self.projector = projector
         self.image_token_id = image_token_id
         self.freeze_vision = freeze_vision
-        self._pending = None
         self.tiling = tiling
         self.frame_pool = frame_pool
         if self.pre_process:
@@ -51,7 +52,6 @@ class NevaModule(MegatronModule):
                 from nemo_neva.modules.anyres import new_image_newline
 
                 self.image_newline = new_image_newline(config.hidden_size, next(projector.parameters()).dtype)
-            language_model.embedding.word_embeddings.register_forward_hook(self._splice_hook)
 
     @property
     def tokens_per_image(self) -> int:
@@ -109,27 +109,6 @@ class NevaModule(MegatronModule):
         plain = self._project(feats[~frames]) if not bool(frames.all()) else None
         pooled_it, plain_it = iter(pooled), iter(plain if plain is not None else [])
         return torch.cat([next(pooled_it) if f else next(plain_it) for f in frames.tolist()])
-
-    def _splice_hook(self, module, args, output):
-        if self._pending is None:
-            return output
-        mask, feats = self._pending  # mask [b,s] bool, feats [n, h]
-        sp = getattr(module, "reduce_scatter_embeddings", False)
-        if sp:
-            # This rank keeps only its sequence slice, so its backward reaches only that slice's features: an
-            # all-reduce of their gradient over TP (identity forward) gives every rank the whole batch's
-            # gradient for the replicated projector / image_newline / tower, as without SP.
-            feats = tensor_parallel.copy_to_tensor_model_parallel_region(feats)
-        full = torch.zeros(*mask.shape, feats.shape[-1], dtype=output.dtype, device=output.device)
-        full[mask] = feats.to(output.dtype)
-        keep = (~mask).unsqueeze(-1).to(output.dtype)
-        if sp:
-            # Output is already [s/tp, b, h] for this sequence-parallel rank: take the same slice.
-            full, keep = full.transpose(0, 1), keep.transpose(0, 1)
-            chunk = output.shape[0]
-            start = parallel_state.get_tensor_model_parallel_rank() * chunk
-            full, keep = full[start:start + chunk], keep[start:start + chunk]
-        return output * keep + full
 
     def image_token_counts(self, images: Optional[torch.Tensor], image_sizes=None, video_frames=None) -> list[int]:
         """Placeholder tokens of each image of the batch, in order (checks the layout first)."""
@@ -207,23 +186,24 @@ class NevaModule(MegatronModule):
         """Logits [b, s, vocab/tp] (or per-token loss [b, s] when labels are given). `image_sizes` [n, 2]:
         each image's original (height, width), for a tiled model only; `video_frames` [n] bool: which images
         are video frames (pooled with `frame_pool`; None: none are)."""
+        decoder_input = None
         if self.pre_process:
-            self._pending = self._image_mask_and_features(tokens, images, num_images, image_sizes, video_frames)
+            spliced = self._image_mask_and_features(tokens, images, num_images, image_sizes, video_frames)
             input_ids = tokens.masked_fill(tokens == self.image_token_id, 0)
+            if spliced is not None:
+                decoder_input = embed_with_images(self.language_model.embedding, input_ids, position_ids, *spliced)
         else:
             input_ids = tokens
-        try:
-            return self.language_model(
-                input_ids=input_ids,
-                position_ids=position_ids,
-                attention_mask=attention_mask,
-                labels=labels,
-                inference_context=inference_context,
-                runtime_gather_output=runtime_gather_output,
-                packed_seq_params=packed_seq_params,
-            )
-        finally:
-            self._pending = None
+        return self.language_model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            decoder_input=decoder_input,
+            labels=labels,
+            inference_context=inference_context,
+            runtime_gather_output=runtime_gather_output,
+            packed_seq_params=packed_seq_params,
+        )
 
 
 def _frame_flags(video_frames, n: int) -> Optional[torch.Tensor]:

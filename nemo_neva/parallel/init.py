@@ -193,3 +193,37 @@ def initialize_model_parallel_from_cfg(
         seed_all(seed)
     return {"tp": tp, "pp": pp, "vp": vp, "cp": cp, "dp": ps.get_data_parallel_world_size(),
             "sequence_parallel": sequence_parallel}
+
+
+def _layout_of(cfg) -> dict:
+    """The parallel layout a (resolved) `model` config asks for, with what validates it."""
+    return dict(
+        tp=cfg.get("tensor_model_parallel_size", 1),
+        pp=cfg.get("pipeline_model_parallel_size", 1),
+        sequence_parallel=cfg.get("sequence_parallel", False),
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.get("num_query_groups") or cfg.num_attention_heads,
+        num_layers=cfg.num_layers,
+    )
+
+
+def setup_parallel(cfg) -> dict:
+    """torch.distributed and megatron-core's parallel groups for a resolved `model` config
+    (`nemo_neva.models.model_config.resolve_model_config`), its RNGs seeded with `model.seed`: what a process
+    does once before it builds a MegatronNevaModel. The training commands call it; all ranks must."""
+    return initialize_model_parallel_from_cfg(**_layout_of(cfg), seed=cfg.get("seed", 1234))
+
+
+def ensure_parallel(cfg) -> None:
+    """`setup_parallel(cfg)` unless this process already runs `cfg`'s layout (an entry point set it up): then
+    only the layout is checked against `cfg` and nothing global changes. MegatronNevaModel's constructor calls
+    this, its one global set-up, because NeMo's `ModelPT.restore_from` constructs the model itself from a
+    config that only the archive holds (and tests / tools build models directly)."""
+    from megatron.core import parallel_state as ps
+
+    layout = _layout_of(cfg)
+    if dist.is_initialized() and ps.model_parallel_is_initialized() and _current_layout() == (
+            layout["tp"], layout["pp"], None, 1):
+        validate_parallel_layout(world_size=dist.get_world_size(), **layout)
+        return
+    setup_parallel(cfg)

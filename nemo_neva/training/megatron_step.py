@@ -13,7 +13,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from nemo_neva.parallel.optimizer import build_megatron_ddp_and_optimizer, step_optimizer
+from nemo_neva.training.optimizer import build_megatron_ddp_and_optimizer, step_optimizer
 
 _SCHEDULES = {"cosineannealing": "cosine", "cosine": "cosine", "linear": "linear", "constant": "constant"}
 _OPTIMIZERS = {"adam": ("adam", False), "adamw": ("adam", False), "distributed_fused_adam": ("adam", True),
@@ -79,7 +79,7 @@ def schedule_steps(trainer) -> int:
 
 
 def optimizer_settings(optim_cfg) -> dict:
-    """`model.optim` (NeMo-style names) -> the keys of `nemo_neva.parallel.optimizer`."""
+    """`model.optim` (NeMo-style names) -> the keys of `nemo_neva.training.optimizer`."""
     name = str(optim_cfg.get("name", "adam")).lower()
     if name not in _OPTIMIZERS:
         raise ValueError(f"model.optim.name={name!r}; supported: {sorted(_OPTIMIZERS)}")
@@ -98,7 +98,7 @@ def optimizer_settings(optim_cfg) -> dict:
 
 
 def build_training(module, optim_cfg, max_steps: int):
-    """megatron-core DDP + optimizer (nemo_neva.parallel.optimizer) + LR schedule, as a Lightning optimizer.
+    """megatron-core DDP + optimizer (nemo_neva.training.optimizer) + LR schedule, as a Lightning optimizer.
 
     The loss is a per-token mean over the whole global batch (megatron-core's `calculate_per_token_loss`: each
     micro-batch's loss function returns its loss sum and token count, gradients are summed over micro-batches
@@ -151,13 +151,6 @@ def per_token_mean(sums: torch.Tensor) -> torch.Tensor:
     return sums[0] / sums[1].clamp(min=1)
 
 
-def reduce_logged_loss(losses: Iterable[dict]) -> torch.Tensor:
-    """The step's loss as it is optimised: the mean over every loss token of the global batch (all
-    micro-batches and data-parallel ranks; megatron-core's `calculate_per_token_loss` scales the
-    gradients the same way), shared with every pipeline stage."""
-    return per_token_mean(reduce_loss_sums(losses))
-
-
 def num_microbatches(global_batch_size: int, micro_batch_size: int, dp: int) -> int:
     """global_batch_size = micro_batch_size x data-parallel size x micro-batches per step."""
     per_step = micro_batch_size * dp
@@ -167,12 +160,6 @@ def num_microbatches(global_batch_size: int, micro_batch_size: int, dp: int) -> 
             f"micro_batch_size x data-parallel size = {per_step}"
         )
     return global_batch_size // per_step
-
-
-def masked_mean_loss(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Mean over trainable tokens; a batch with none gives a finite 0, never NaN."""
-    total, tokens = masked_loss_sum(per_token, loss_mask)
-    return total / tokens.clamp(min=1)
 
 
 def masked_loss_sum(per_token: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

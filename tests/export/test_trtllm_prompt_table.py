@@ -44,7 +44,8 @@ def test_emulated_lookup_reproduces_model_input_embeddings(model, images_per_row
     ids, pixels = image_batch(model, rows=2, seq=50, images_per_row=images_per_row)
     captured = {}
     emb = model.model.language_model.embedding
-    hook = emb.register_forward_hook(lambda m, a, out: captured.__setitem__("x", out.detach().clone()))
+    hook = model.model.language_model.decoder.register_forward_pre_hook(  # the decoder's input: spliced embeddings
+        lambda m, a, kw: captured.__setitem__("x", kw["hidden_states"].detach().clone()), with_kwargs=True)
     pos = torch.arange(ids.shape[1]).expand_as(ids).clone()
     try:
         with torch.no_grad():

@@ -58,7 +58,8 @@ def test_max_tokens_per_image_bounds_every_size(exported):
 
 
 def _spliced_image_embeddings(model, images):
-    """What NevaModule puts at the placeholder positions of one prompt holding `images` (its splice hook's output)."""
+    """What NevaModule puts at the placeholder positions of one prompt holding `images` (the decoder's input;
+    a RoPE model adds no position embedding to it)."""
     counts = [model.image_token_count(im) for im in images]
     tokens = torch.full((1, sum(counts) + 2 * len(images) + 2), 30, dtype=torch.long)
     pos = 1
@@ -66,8 +67,10 @@ def _spliced_image_embeddings(model, images):
         tokens[0, pos:pos + c] = model.image_token_id
         pos += c + 2
     captured = {}
-    emb = model.model.language_model.embedding.word_embeddings  # registered after the splice hook: sees its output
-    hook = emb.register_forward_hook(lambda m, a, out: captured.__setitem__("x", out.detach().clone()))
+    decoder = model.model.language_model.decoder
+    hook = decoder.register_forward_pre_hook(
+        lambda m, a, kw: captured.__setitem__("x", kw["hidden_states"].detach().transpose(0, 1).clone()),
+        with_kwargs=True)
     try:
         with torch.no_grad():
             model.model(tokens, torch.arange(tokens.shape[1]).unsqueeze(0), images=model.preprocess_images(images),

@@ -15,7 +15,7 @@ TRAINED, AFTER = 3, 2
 
 
 def _build(distributed, seed):
-    from nemo_neva.parallel.optimizer import build_megatron_ddp_and_optimizer
+    from nemo_neva.training.optimizer import build_megatron_ddp_and_optimizer
 
     model = U.build_gpt("llama", seed=seed)
     ddp, opt = build_megatron_ddp_and_optimizer(model, dict(OPT, use_distributed_optimizer=distributed))
@@ -23,8 +23,8 @@ def _build(distributed, seed):
 
 
 def _train_step(rank, ddp, opt, step):
-    from nemo_neva.parallel.optimizer import step_optimizer
-    from nemo_neva.parallel.schedule import run_forward_backward
+    from nemo_neva.training.optimizer import step_optimizer
+    from nemo_neva.training.schedule import run_forward_backward
 
     mine = U.microbatches(2, 1, seed=100 + step)[rank:rank + 1]
     ddp.zero_grad_buffer()

@@ -50,19 +50,32 @@ def test_image_features_only_affect_positions_from_the_image_on(model):
 
 
 def test_spliced_embeddings_are_the_projected_features(model):
+    """The decoder's input: the projected features (plus their learned position embedding, as a word gets) at the
+    placeholders, megatron-core's own embedding of the prompt everywhere else."""
     batch = batch_for(model, n=1)
+    gpt = model.model.language_model
     captured = {}
-    handle = model.model.language_model.embedding.word_embeddings.register_forward_hook(
-        lambda m, a, out: captured.setdefault("emb", out)
-    )
+
+    def capture(module, args, kwargs):
+        captured["hidden"] = kwargs["hidden_states"]
+
+    handle = gpt.decoder.register_forward_pre_hook(capture, with_kwargs=True)
     try:
         model(batch["tokens"], batch["position_ids"], images=batch["images"])
     finally:
         handle.remove()
-    # The splice hook runs first (registered at construction), so the captured output holds features.
     P = model.tokens_per_image
+    hidden = captured["hidden"][:, 0]  # [s, h] of the one sample
     feats = model.model.encode_images(batch["images"])[0]
-    assert torch.allclose(captured["emb"][0, 1:1 + P], feats, atol=1e-6)  # copied as they are: measured 0.0
+    positions = batch["position_ids"][0]
+    if gpt.embedding.add_position_embedding:
+        feats = feats + gpt.embedding.position_embeddings(positions[1:1 + P])
+    text = torch.cat([batch["tokens"][:, :1], batch["tokens"][:, 1 + P:]], 1)
+    text_pos = torch.cat([batch["position_ids"][:, :1], batch["position_ids"][:, 1 + P:]], 1)
+    words = gpt.embedding(input_ids=text, position_ids=text_pos)[:, 0]
+    # the same operations on the same values (eval mode: no dropout): measured 0.0
+    torch.testing.assert_close(hidden[1:1 + P], feats, rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat([hidden[:1], hidden[1 + P:]]), words, rtol=0, atol=0)
 
 
 def test_placeholder_count_mismatch_is_a_clear_error(model):

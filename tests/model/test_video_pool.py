@@ -104,8 +104,12 @@ def test_the_pooled_features_are_spliced_at_the_frames_placeholders(setup):
     model, _, items, _ = setup
     item = items[3]
     captured = {}
-    hook = model.model.language_model.embedding.word_embeddings.register_forward_hook(
-        lambda mod, args, out: captured.setdefault("emb", out.detach().clone()))  # runs after the splice hook
+    gpt = model.model.language_model
+
+    def capture(module, args, kwargs):  # the decoder's input: the embeddings with the features spliced in
+        captured["hidden"] = kwargs["hidden_states"].detach().clone()
+
+    hook = gpt.decoder.register_forward_pre_hook(capture, with_kwargs=True)
     batch = NevaCollator(model.tokenizer.pad_token_id)([item])
     model.eval()
     try:
@@ -114,10 +118,13 @@ def test_the_pooled_features_are_spliced_at_the_frames_placeholders(setup):
     finally:
         hook.remove()
     at = batch["tokens"][0] == model.image_token_id
+    expected = _expected_spliced(model, item)
+    if gpt.embedding.add_position_embedding:  # a feature gets its position's embedding, as the word it replaces
+        with torch.no_grad():
+            expected = expected + gpt.embedding.position_embeddings(batch["position_ids"][0][at])
     # the same fp32 ops on the same inputs, batched differently (4 images in one tower / projector call vs one at
     # a time): only GEMM blocking can differ, far below 1e-6 for these O(1) embeddings of width 64
-    torch.testing.assert_close(captured["emb"][0][at], _expected_spliced(model, item), rtol=0, atol=1e-6)
-
+    torch.testing.assert_close(captured["hidden"][:, 0][at], expected, rtol=0, atol=1e-6)
 
 def _loss(model, batch):
     with torch.no_grad():

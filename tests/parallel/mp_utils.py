@@ -162,8 +162,8 @@ def forward_step(data_iterator, model):
 
 def ddp_forward_backward(model, data: list, mbs: int, seq: int = SEQ, forward_only: bool = False):
     """megatron-core DDP around `model`, one schedule pass over `data`; returns (ddp, micro-batch losses)."""
-    from nemo_neva.parallel.optimizer import build_megatron_ddp
-    from nemo_neva.parallel.schedule import run_forward_backward
+    from nemo_neva.training.optimizer import build_megatron_ddp
+    from nemo_neva.training.schedule import run_forward_backward
 
     ddp = build_megatron_ddp(model, {})
     losses = run_forward_backward(ddp, iter(data), forward_step, len(data), seq, mbs, 64, forward_only=forward_only)

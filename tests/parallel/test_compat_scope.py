@@ -6,7 +6,7 @@ import torch
 from torch.overrides import _get_current_function_mode
 
 from nemo_neva.compat.cpu import CudaDeviceToCPU, cuda_free, cuda_free_paused
-from nemo_neva.parallel.schedule import _without_compat_mode
+from nemo_neva.training.schedule import _without_compat_mode
 
 # not optional: a CPU-only mode
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the compat mode exists only without CUDA")

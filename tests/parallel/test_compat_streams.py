@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the compat an
 
 def _sync(rank, world_size):
     from nemo_neva.parallel.init import initialize_model_parallel_from_cfg
-    from nemo_neva.parallel.optimizer import build_megatron_ddp
+    from nemo_neva.training.optimizer import build_megatron_ddp
 
     initialize_model_parallel_from_cfg(tp=1, pp=1)
     stream = torch.cuda.current_stream()

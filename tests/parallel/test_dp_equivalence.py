@@ -18,8 +18,8 @@ def _train(rank, world_size, style, distributed):
     from megatron.core import parallel_state as ps
 
     from nemo_neva.parallel.init import initialize_model_parallel_from_cfg
-    from nemo_neva.parallel.optimizer import build_megatron_ddp_and_optimizer, step_optimizer
-    from nemo_neva.parallel.schedule import run_forward_backward
+    from nemo_neva.training.optimizer import build_megatron_ddp_and_optimizer, step_optimizer
+    from nemo_neva.training.schedule import run_forward_backward
 
     initialize_model_parallel_from_cfg(tp=1, pp=1, num_attention_heads=4, num_query_groups=2, num_layers=2)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()

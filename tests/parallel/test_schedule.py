@@ -14,8 +14,8 @@ def _schedule(rank, world_size):
     from megatron.core.pipeline_parallel.schedules import forward_backward_no_pipelining
 
     from nemo_neva.parallel.init import initialize_model_parallel_from_cfg
-    from nemo_neva.parallel.optimizer import build_megatron_ddp
-    from nemo_neva.parallel.schedule import run_forward_backward
+    from nemo_neva.training.optimizer import build_megatron_ddp
+    from nemo_neva.training.schedule import run_forward_backward
 
     initialize_model_parallel_from_cfg(tp=1, pp=1)
     assert get_forward_backward_func() is forward_backward_no_pipelining

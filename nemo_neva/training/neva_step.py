@@ -1,15 +1,18 @@
-"""MegatronNevaModel's training side: forward, the per-token loss, the megatron-core training and validation
-steps driven from Lightning, MFU logging and the optimizer / LR schedule."""
+"""MegatronNevaModel's training side (a mixin of it, kept with the rest of the step in training/): forward,
+the per-token loss, the megatron-core training and validation steps driven from Lightning, MFU logging and the
+optimizer / LR schedule."""
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
 from nemo_neva.modules.precision import fp8_format
-from nemo_neva.parallel.optimizer import build_megatron_ddp
-from nemo_neva.parallel.schedule import run_forward_backward
+from nemo_neva.training.optimizer import build_megatron_ddp
+from nemo_neva.training.schedule import run_forward_backward
 from nemo_neva.training import megatron_step as mt
 
 log = logging.getLogger("nemo_neva.models.neva_model")
@@ -18,8 +21,23 @@ log = logging.getLogger("nemo_neva.models.neva_model")
 _NO_TRAINER_SCHEDULE_STEPS = 1000
 
 
+@dataclass
+class StepState:
+    """What the training side keeps between Lightning's hooks (one per model, `NevaStepMixin.step_state`)."""
+
+    ddp: Optional[list] = None  # [megatron-core DDP]: built by configure_optimizers, or by a validation before it
+    val_sums: Optional[torch.Tensor] = None  # [loss sum, loss tokens] of the validation epoch so far
+    step_flops: Optional[Callable] = None  # (batch size, sequence, images) -> model FLOPs of a step (perf.mfu)
+    peak_flops: Optional[float] = None  # this device's peak FLOP/s (perf.mfu)
+
+
 class NevaStepMixin:
-    """Forward, loss, training / validation steps and optimisation of MegatronNevaModel (a mixin of it)."""
+    """Forward, loss, training / validation steps and optimisation of MegatronNevaModel (a mixin of it).
+
+    Its state lives in `step_state` (StepState); `packed_thd` (default True) chooses THD for packed rows."""
+
+    step_state: StepState
+    packed_thd: bool = True
 
     # ------------------------------------------------------------------ forward / loss
     def forward(self, tokens, position_ids, images=None, attention_mask=None, labels=None):
@@ -31,7 +49,7 @@ class NevaStepMixin:
         SDPACoreAttention then attends per sample, quadratic in each sample's length rather than the row's
         (so packing into long rows pays off on CPU too). `model.packed_thd = False` makes the local spec take
         the block-diagonal mask instead (tests compare the two)."""
-        return batch.get("segment_ids") is not None and getattr(self, "packed_thd", True)
+        return batch.get("segment_ids") is not None and self.packed_thd
 
     def _packed_layout(self, mb: dict) -> dict:
         """THD for packed micro-batches. On the local spec with one pipeline stage and no sequence parallelism
@@ -56,23 +74,25 @@ class NevaStepMixin:
         return mt.pad_sequence_to_multiple(batch, multiple, self.tokenizer.pad_token_id or 0)
 
     def loss_from_batch(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masked mean next-token loss; a batch with no trainable token gives a finite 0."""
+        """(masked mean next-token loss, loss tokens) of a whole batch in one forward on this process, laid out
+        as the training step lays out a micro-batch (`_micro_batch_loss`); a batch with no loss token gives a
+        finite 0. The training and validation steps run the same forward through megatron-core's schedule."""
         batch = self._packed_layout(self._pad_for_layout(batch))
-        per_token = self.model(
-            batch["tokens"], batch["position_ids"], attention_mask=batch.get("attention_mask"),
-            images=batch.get("images"), labels=batch["labels"], num_images=batch.get("num_images"),
-            packed_seq_params=batch.get("packed_seq_params"), image_sizes=batch.get("image_sizes"),
-            video_frames=batch.get("video_frames"),
-        )
-        return mt.masked_mean_loss(per_token, batch["loss_mask"]), batch["loss_mask"].sum()
+        total, tokens = mt.masked_loss_sum(self._micro_batch_loss(self.model, batch), batch["loss_mask"])
+        return total / tokens.clamp(min=1), tokens
+
+    @staticmethod
+    def _micro_batch_loss(model, mb: dict) -> torch.Tensor:
+        """Per-token loss [b, s] of a laid-out micro-batch through `model` (the NevaModule, or DDP around it)."""
+        return model(mb["tokens"], mb["position_ids"], attention_mask=mb.get("attention_mask"),
+                     images=mb.get("images"), labels=mb["labels"], num_images=mb.get("num_images"),
+                     packed_seq_params=mb.get("packed_seq_params"), image_sizes=mb.get("image_sizes"),
+                     video_frames=mb.get("video_frames"))
 
     def _forward_step(self, data_iterator, model):
         """megatron-core forward_step_func: one micro-batch -> (output, loss_func)."""
         mb = self._packed_layout(next(data_iterator))
-        output = model(mb["tokens"], mb["position_ids"], attention_mask=mb.get("attention_mask"),
-                       images=mb.get("images"), labels=mb["labels"], num_images=mb.get("num_images"),
-                       packed_seq_params=mb.get("packed_seq_params"), image_sizes=mb.get("image_sizes"),
-                       video_frames=mb.get("video_frames"))
+        output = self._micro_batch_loss(model, mb)
 
         def loss_func(per_token):
             # megatron-core's per-token path (config.calculate_per_token_loss, set with the DDP): the sum and
@@ -85,23 +105,24 @@ class NevaStepMixin:
     def _run_batch(self, batch, forward_only: bool) -> torch.Tensor:
         """One schedule pass over a data-parallel rank's batch -> [loss sum, loss tokens] of the global batch
         (every rank's micro-batches). Evaluation fills a last partial micro-batch with loss-free rows."""
-        if self._ddp is None:  # validation before any training (trainer.validate): wrap without an optimizer,
+        state = self.step_state
+        if state.ddp is None:  # validation before any training (trainer.validate): wrap without an optimizer,
             # outside Lightning's inference mode (DDP hooks the parameters' autograd and allocates grad buffers)
             with torch.inference_mode(False), torch.enable_grad():
-                self._ddp = [build_megatron_ddp(self.model, {"calculate_per_token_loss": True})]
+                state.ddp = [build_megatron_ddp(self.model, {"calculate_per_token_loss": True})]
         batch = self._pad_for_layout(batch)
         microbatches = mt.split_microbatches(batch, self.cfg.micro_batch_size, pad=forward_only)
         seq, mbs = batch["tokens"].shape[1], self.cfg.micro_batch_size
         if self._thd(batch):
             seq, mbs = seq * mbs, 1  # THD: pipeline stages exchange [mbs*S, 1, H]
-        losses = run_forward_backward(self._ddp, iter(microbatches), self._forward_step, len(microbatches),
+        losses = run_forward_backward(state.ddp, iter(microbatches), self._forward_step, len(microbatches),
                                       seq_length=seq, micro_batch_size=mbs, forward_only=forward_only)
         return mt.reduce_loss_sums(losses)
 
     def forward_backward(self, batch) -> torch.Tensor:
         """Gradients of a data-parallel rank's batch, reduced over the data-parallel ranks (megatron-core DDP
         main_grad), without the optimizer step; returns the global batch's per-token mean loss."""
-        self._ddp[0].zero_grad_buffer()
+        self.step_state.ddp[0].zero_grad_buffer()
         return mt.per_token_mean(self._run_batch(batch, forward_only=False))
 
     def train_on_batch(self, batch, optimizer) -> torch.Tensor:
@@ -118,7 +139,7 @@ class NevaStepMixin:
         loss = self.train_on_batch(batch, opt)
         elapsed = time.perf_counter() - start
         # packed tar shards: the checkpointed position is the trained batches', not the prefetched ones'
-        mark_trained = getattr(getattr(self, "_train_dl", None), "mark_trained", None)
+        mark_trained = getattr(self._train_dl, "mark_trained", None)  # only the packed-shard loaders have it
         if callable(mark_trained):
             mark_trained()
         bs = batch["tokens"].shape[0]
@@ -139,39 +160,40 @@ class NevaStepMixin:
         """Model FLOPs/s of this device and their share of its peak (nemo_neva.perf.mfu says how both are got)."""
         from nemo_neva.perf import mfu
 
-        if getattr(self, "_step_flops", None) is None:
-            self._step_flops = mfu.step_flops_for(self)
+        state = self.step_state
+        if state.step_flops is None:
+            state.step_flops = mfu.step_flops_for(self)
             precision = mfu.training_precision(self.trainer.precision, self.cfg.get("fp8"))
-            self._peak_flops, source = mfu.resolve_peak(self.cfg.get("peak_tflops"), precision,
+            state.peak_flops, source = mfu.resolve_peak(self.cfg.get("peak_tflops"), precision,
                                                         self.trainer.strategy.root_device)
-            log.info("MFU: peak %.1f TFLOP/s per device (%s)", self._peak_flops / 1e12, source)
+            log.info("MFU: peak %.1f TFLOP/s per device (%s)", state.peak_flops / 1e12, source)
         images = int(batch["num_images"].sum()) if "num_images" in batch else 0
-        flops = self._step_flops(bs, batch["tokens"].shape[1], images) / max(elapsed, 1e-9)
+        flops = state.step_flops(bs, batch["tokens"].shape[1], images) / max(elapsed, 1e-9)
         self.log("model_tflops_per_sec", flops / 1e12, batch_size=bs)
-        self.log("mfu", flops / self._peak_flops, batch_size=bs)
+        self.log("mfu", flops / state.peak_flops, batch_size=bs)
 
     def on_validation_epoch_start(self):
-        self._val_sums = None
+        self.step_state.val_sums = None
 
     def validation_step(self, batch, batch_idx):
         sums = self._run_batch(batch, forward_only=True)
-        previous = getattr(self, "_val_sums", None)
-        self._val_sums = sums if previous is None else previous + sums
+        previous = self.step_state.val_sums
+        self.step_state.val_sums = sums if previous is None else previous + sums
         return mt.per_token_mean(sums)
 
     def on_validation_epoch_end(self):
         """`val_loss`: the mean over every loss token of the whole validation set (all batches and ranks, the
         last partial batch included), as `train_loss` is over a global batch."""
-        sums = getattr(self, "_val_sums", None)
+        sums = self.step_state.val_sums
         if sums is not None:
             self.log("val_loss", mt.per_token_mean(sums), prog_bar=True)
-        self._val_sums = None
+        self.step_state.val_sums = None
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
-        """megatron-core DDP + optimizer + LR schedule (see models/megatron_training.py)."""
+        """megatron-core DDP + optimizer + LR schedule (nemo_neva.training.megatron_step.build_training)."""
         ddp, optimizer = mt.build_training(self.model, self.cfg.optim, self._schedule_steps())
-        self._ddp = [ddp]  # a list, so the wrapper is not registered as a second copy of the weights
+        self.step_state.ddp = [ddp]  # not a module attribute: the wrapper is no second copy of the weights
         return optimizer
 
     def _schedule_steps(self) -> int:
