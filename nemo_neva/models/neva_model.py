@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from nemo_neva import pretrained
 from nemo_neva.cli import resolve_path
 from nemo_neva.compat.cpu import seed_all
+from nemo_neva.data.settings import seed_of
 from nemo_neva.models import peft
 from nemo_neva.models.model_config import resolve_model_config
 from nemo_neva.models.neva_data import NevaDataMixin
@@ -104,7 +105,7 @@ class MegatronNevaModel(NevaRestoreMixin, NevaStepMixin, NevaDataMixin, ModelPT)
         # A random init that the loading below overwrites is skipped: the LM's when every LM weight is loaded
         # (.nemo, pretrained LM, converter), the vision tower's when it is loaded too (.nemo, converter).
         all_loaded = bool(restore_dir) or self._weights_loaded_after
-        seed_all(cfg.get("seed", 1234))  # a model's random weights follow `model.seed`, whatever was built before
+        seed_all(seed_of(cfg))  # a model's random weights follow `model.seed`, whatever was built before
         self.model = self._build_module(cfg, vision_config, from_pretrained=None if restore_dir else
                                         resolve_path(venc.get("from_pretrained")),
                                         lm_loaded=all_loaded or lm_source is not None, tower_loaded=all_loaded)

@@ -13,7 +13,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from nemo_neva.checkpoint import nemo_connector, nemo_layout
 from nemo_neva.models import peft
 
-log = logging.getLogger("nemo_neva.models.neva_model")
+log = logging.getLogger(__name__)
 
 
 class NevaRestoreMixin:

@@ -211,7 +211,9 @@ def setup_parallel(cfg) -> dict:
     """torch.distributed and megatron-core's parallel groups for a resolved `model` config
     (`nemo_neva.models.model_config.resolve_model_config`), its RNGs seeded with `model.seed`: what a process
     does once before it builds a MegatronNevaModel. The training commands call it; all ranks must."""
-    return initialize_model_parallel_from_cfg(**_layout_of(cfg), seed=cfg.get("seed", 1234))
+    from nemo_neva.data.settings import seed_of
+
+    return initialize_model_parallel_from_cfg(**_layout_of(cfg), seed=seed_of(cfg))
 
 
 def ensure_parallel(cfg) -> None:

@@ -15,7 +15,7 @@ from nemo_neva.training.optimizer import build_megatron_ddp
 from nemo_neva.training.schedule import run_forward_backward
 from nemo_neva.training import megatron_step as mt
 
-log = logging.getLogger("nemo_neva.models.neva_model")
+log = logging.getLogger(__name__)
 
 # LR schedule length when the model is trained without a Lightning trainer (tests, benchmarks)
 _NO_TRAINER_SCHEDULE_STEPS = 1000
