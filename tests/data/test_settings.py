@@ -114,3 +114,10 @@ def test_the_datasets_processor_pickles_and_makes_the_same_items(tmp_path, tok, 
     copy = pickle.loads(pickle.dumps(ds.processor))
     assert torch.equal(copy.preprocess_images(image), item["images"][0])
     assert copy.size_token_count(90, 40) == int((item["input_ids"] == ds.image_token_id).sum()) == tiling.tokens(90, 40)
+
+
+@pytest.mark.parametrize("counts", [dict(tokens_per_image=0), dict(tokens_per_image=4, tokens_per_frame=0)])
+def test_a_processor_without_placeholders_is_refused(tok, proc, counts):
+    """What RecordEncoding checked before the datasets took the processor: a zero-length run would drop the image."""
+    with pytest.raises(ValueError, match=r"placeholders per image \(\d+\) and per video frame \(\d+\) must be >= 1"):
+        NevaProcessor(tok, proc, **counts)
