@@ -23,6 +23,7 @@
    config's step (part 2) is so short that its ratio says little about a real run.
 """
 import argparse
+import dataclasses
 import math
 import os
 import random
@@ -35,17 +36,14 @@ sys.path.insert(0, REPO)
 
 def throughput(workers: int, batch_size: int, epochs: int) -> float:
     import torch
-    from transformers import CLIPImageProcessor
 
     from nemo_neva.data.collate import NevaCollator
     from nemo_neva.data.dataset import NevaDataset
-    from nemo_neva.data.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(os.path.join(REPO, "data", "tokenizer"))
-    proc = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    tok, processor, settings = _encoder_args()
     demo = os.path.join(REPO, "data", "shapes_demo")
-    ds = NevaDataset(os.path.join(demo, "stage2_instruct.json"), os.path.join(demo, "images"), tok, proc,
-                     template="vicuna_v1", image_aspect_ratio="pad", seq_length=2048, num_image_tokens=576)
+    ds = NevaDataset(os.path.join(demo, "stage2_instruct.json"), processor,
+                     dataclasses.replace(settings, image_folder=os.path.join(demo, "images")))
     dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, shuffle=True,
                                      collate_fn=NevaCollator(tok.pad_token_id))
     n, start = 0, time.perf_counter()
@@ -98,14 +96,18 @@ def supply_vs_demand(steps: int, workers: int = 2, data_path: str | None = None)
             "batch": cfg.global_batch_size, "samples": n, "torch_threads": torch.get_num_threads()}
 
 
-def _encoder_args():
+def _encoder_args(**settings):
+    """(tokenizer, NevaProcessor, DatasetSettings) of a LLaVA-1.5-sized setup (336 px, 576 placeholders)."""
     from transformers import CLIPImageProcessor
 
+    from nemo_neva.data.processor import NevaProcessor
+    from nemo_neva.data.settings import DatasetSettings
     from nemo_neva.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(os.path.join(REPO, "data", "tokenizer"))
     proc = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
-    return tok, proc
+    processor = NevaProcessor(tok, proc, tokens_per_image=576, image_aspect_ratio="pad")
+    return tok, processor, DatasetSettings(seq_length=2048, template="vicuna_v1", **settings)
 
 
 def streamed_readers(folder: str, batch_size: int, batches: int, workers: int) -> dict:
@@ -114,14 +116,11 @@ def streamed_readers(folder: str, batch_size: int, batches: int, workers: int) -
     from nemo_neva.data.energon import build_source
     from nemo_neva.data.shards import ShardedLoader, ShardedNevaDataset
 
-    tok, proc = _encoder_args()
-    enc = dict(template="vicuna_v1", image_aspect_ratio="pad", seq_length=2048, num_image_tokens=576)
-    ours = ShardedNevaDataset(os.path.join(folder, "index.json"), tok, proc, shuffle_buffer=100, **enc)
+    tok, processor, settings = _encoder_args(shuffle_buffer=100, num_workers=workers)
+    ours = ShardedNevaDataset(os.path.join(folder, "index.json"), processor, settings)
     dl = ShardedLoader(ours, batch_size=batch_size, num_workers=workers, drop_last=True,
                        collate_fn=NevaCollator(tok.pad_token_id, skip_source=ours.take_new_skips))
-    cfg = {"conv_template": "vicuna_v1", "image_aspect_ratio": "pad", "num_workers": workers, "shuffle_buffer": 100}
-    src = build_source(cfg, folder, tokenizer=tok, image_processor=proc, seq_length=2048, num_image_tokens=576,
-                       seed=1234, dp_rank=0, dp_size=1)
+    src = build_source(folder, processor, settings, dp_rank=0, dp_size=1)
     out = {}
     for name, make in (("ours", lambda: dl), ("energon", lambda: src.loader(batch_size, training=True))):
         loader = make()
@@ -291,10 +290,8 @@ def energon_supply(folder: str, batch_size: int, batches: int, workers: int) -> 
     """samples/s of Energon's training loader + our task encoder after the first batch."""
     from nemo_neva.data.energon import build_source
 
-    tok, proc = _encoder_args()
-    cfg = {"conv_template": "vicuna_v1", "image_aspect_ratio": "pad", "num_workers": workers, "shuffle_buffer": 100}
-    src = build_source(cfg, folder, tokenizer=tok, image_processor=proc, seq_length=2048, num_image_tokens=576,
-                       seed=1234, dp_rank=0, dp_size=1)
+    _, processor, settings = _encoder_args(shuffle_buffer=100, num_workers=workers)
+    src = build_source(folder, processor, settings, dp_rank=0, dp_size=1)
     it = iter(src.loader(batch_size, training=True))
     next(it)
     n, t = 0, time.perf_counter()

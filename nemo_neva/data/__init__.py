@@ -4,7 +4,8 @@ constants.py     IGNORE_INDEX, IMAGE_TOKEN
 conversation.py  chat templates -> (text, trainable) segments; generation prompts; SteerLM labels
 image_io.py      safe image loading (path/size checks before decode), aspect-ratio preprocessing
 records.py       reading LLaVA JSON / JSONL annotation files
-settings.py      RecordEncoding (record -> ids, pixels) + DatasetSettings (model.data, read once, the defaults)
+processor.py     NevaProcessor: tokenizer, image preprocessing, placeholder counts (data and inference)
+settings.py      DatasetSettings (model.data, read once, the defaults; template included)
 dataset.py       RecordEncoder / NevaDataset: tokens, exact labels, image placeholder run, counted skips
 collate.py       NevaCollator: shift, pad, gather images; carries workers' skip counts (skip_tally.py)
 blend.py         weighted data_path blends of map-style sets; blended_shards.py: of shard sources

@@ -4,8 +4,8 @@ A record's "image" is a path or a list of paths; each `<image>` tag of a user tu
 order, anywhere in the conversation (interleaved). Records without any tag get them put first (LLaVA's rule),
 one per image. A record's "video" (a path or a list) works the same way with `<video>` tags (untagged videos
 go first, before untagged images, as generation prompts place them); each video becomes `num_frames` images
-(data/video_samples.py), in tag order among the images, each costing `num_frame_tokens` placeholders (fewer
-than an image's with `model.mm_cfg.video.pool`). Items carry "images": [n, 3, H, W] (None for a text-only
+(data/video_samples.py), in tag order among the images, each costing the processor's `tokens_per_frame`
+placeholders (fewer than an image's with `model.mm_cfg.video.pool`). Items carry "images": [n, 3, H, W] (None for a text-only
 sample), and with a video "video_frames": [n] bool (which of the images are its frames)."""
 from __future__ import annotations
 
@@ -21,11 +21,12 @@ from torch.utils.data import Dataset
 
 from nemo_neva.data.constants import IGNORE_INDEX, IMAGE_TOKEN, VIDEO_TOKEN
 from nemo_neva.data.conversation import ConversationError, render
-from nemo_neva.data.image_io import ImageError, ImageSource, preprocess
+from nemo_neva.data.image_io import ImageError, ImageSource
 from nemo_neva.data.media_members import MemberImages, MemberVideos
 from nemo_neva.data.records import iter_records
 from nemo_neva.data.tokenizer import encode_segments
-from nemo_neva.data.settings import DatasetSettings, RecordEncoding
+from nemo_neva.data.processor import NevaProcessor
+from nemo_neva.data.settings import DatasetSettings
 from nemo_neva.data.video_io import VideoError
 from nemo_neva.data.video_samples import VideoRef, VideoSource
 
@@ -46,27 +47,20 @@ SAMPLE_ERRORS = (SampleError, ConversationError, ImageError)  # what a skipped s
 class RecordEncoder:
     """One record -> its item, the part every data path shares: media tags, template, tokenization, placeholder
     runs, labels, truncation, the media loaded within the limits and preprocessed; a bad sample is counted by
-    reason in `skip_counts` (or raised with `strict`). `encoding` says how records become ids and pixels,
-    `settings` the limits (data/settings.py). NevaDataset (a JSON/JSONL file) and StreamedRecordEncoder (tar
-    shards, Energon samples) are the two kinds; they differ in where a record's media are read from
-    (`self.images` / `self.videos`)."""
+    reason in `skip_counts` (or raised with `strict`). `processor` (the model's `NevaProcessor`) owns the
+    tokenizer, the image preprocessing and the placeholder counts, `settings` the template and the limits
+    (data/settings.py). NevaDataset (a JSON/JSONL file) and StreamedRecordEncoder (tar shards, Energon samples)
+    are the two kinds; they differ in where a record's media are read from (`self.images` / `self.videos`)."""
 
-    tiling = None  # a `nemo_neva.modules.tiling.Tiling` (model.mm_cfg.image_tiling): placeholders by image size
-
-    def __init__(self, encoding: RecordEncoding, settings: DatasetSettings = DatasetSettings()):
-        self.encoding, self.settings = encoding, settings
-        self.tiling = encoding.tiling  # anyres (modules/tiling.py)
-        self.tokenizer, self.image_processor = encoding.tokenizer, encoding.image_processor
-        self.template, self.image_aspect_ratio = encoding.template, encoding.image_aspect_ratio
-        self.num_image_tokens = encoding.num_image_tokens
-        self.num_frame_tokens = encoding.num_image_tokens if encoding.num_frame_tokens is None \
-            else int(encoding.num_frame_tokens)
+    def __init__(self, processor: NevaProcessor, settings: DatasetSettings = DatasetSettings()):
+        self.processor, self.settings = processor, settings
+        self.template = settings.template
         self.seq_length, self.strict = settings.seq_length, settings.strict
         self.steerlm_defaults, self.system_prompt = settings.steerlm_defaults, settings.system_prompt
         self.max_images_per_sample = int(settings.max_images_per_sample)
         self.max_image_tokens = None if settings.max_image_tokens is None else int(settings.max_image_tokens)
         self.video_settings = settings.video_settings
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.image_token_id = processor.image_token_id
         if self.image_token_id is None or self.image_token_id == self.tokenizer.unk_token_id:
             raise ValueError(f"tokenizer has no {IMAGE_TOKEN!r} token")
         self.images: ImageSource | None = None  # where a record's images / videos are read from
@@ -76,6 +70,15 @@ class RecordEncoder:
         self._logged: set = set()
         self.skip_counts: Counter = Counter()
         self._reported: Counter = Counter()
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def tiling(self):
+        """The processor's `nemo_neva.modules.tiling.Tiling` (model.mm_cfg.image_tiling), or None."""
+        return self.processor.tiling
 
     # ------------------------------------------------------------------ bookkeeping
     def _skip(self, sid: str, err: Exception) -> None:
@@ -174,7 +177,7 @@ class RecordEncoder:
         for tok, train in zip(flat, trainable):
             if tok == self.image_token_id:
                 media = next(tagged)
-                n = self.num_frame_tokens if isinstance(media, VideoRef) else self.image_tokens(media)
+                n = self.processor.tokens_per_frame if isinstance(media, VideoRef) else self.image_tokens(media)
                 ids += [tok] * n
                 labels += [IGNORE_INDEX] * n
                 image_end = len(ids)
@@ -197,11 +200,11 @@ class RecordEncoder:
         return ids, labels, images, truncated
 
     def image_tokens(self, image: str) -> int:
-        """Placeholder tokens of one image: `num_image_tokens`, or with tiling its own count from the size in
-        its header (`Tiling.tokens`, the count generation and export use too)."""
+        """Placeholder tokens of one image (`NevaProcessor.size_token_count`, the count generation and export
+        use too): with tiling from the size in the image's header, which only then is read."""
         if self.tiling is None:
-            return self.num_image_tokens
-        return self.tiling.tokens(*self._images().size(image))
+            return self.processor.tokens_per_image
+        return self.processor.size_token_count(*self._images().size(image))
 
     # ------------------------------------------------------------------ items
     def record_item(self, rec, sid: str):
@@ -228,11 +231,10 @@ class RecordEncoder:
 
     def pixels(self, pil_images) -> torch.Tensor | None:
         """Decoded images (PIL, in tag order) -> [n, 3, H, W] (tiled: [n, max_tiles, 3, tile, tile]) through the
-        HF image processor; None for none."""
+        processor's `preprocess_images`; None for none."""
         if not pil_images:
             return None
-        return torch.stack([preprocess(im, self.image_processor, self.image_aspect_ratio, self.tiling)
-                            for im in pil_images])
+        return torch.stack([self.processor.preprocess_images(im) for im in pil_images])
 
 
 class NevaDataset(RecordEncoder, Dataset):
@@ -244,9 +246,9 @@ class NevaDataset(RecordEncoder, Dataset):
     process (`take_new_skips`, see collate.py), where the model sums them over data-parallel ranks.
     """
 
-    def __init__(self, data_path: Union[str, Sequence[str]], encoding: RecordEncoding,
+    def __init__(self, data_path: Union[str, Sequence[str]], processor: NevaProcessor,
                  settings: DatasetSettings = DatasetSettings()):
-        super().__init__(encoding, settings)
+        super().__init__(processor, settings)
         folder = settings.image_folder
         self.images = ImageSource(folder, settings.max_image_bytes, settings.max_image_pixels) if folder else None
         # null: videos live beside the images; opened on the first video (a tar folder is indexed only then)

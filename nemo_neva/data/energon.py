@@ -46,7 +46,8 @@ import torch
 from nemo_neva.data.energon_encoding import (EnergonSampleEncoder, make_task_encoder, require_energon,
                                             sample_to_record)
 from nemo_neva.data.energon_state import from_plain, to_plain
-from nemo_neva.data.settings import DatasetSettings, RecordEncoding
+from nemo_neva.data.processor import NevaProcessor
+from nemo_neva.data.settings import DatasetSettings
 
 log = logging.getLogger(__name__)
 
@@ -240,11 +241,11 @@ class EnergonSource:
         return f"Energon dataset {self.path} (split {self.split_part}); skipped in this process: {skipped}"
 
 
-def build_source(path: str, encoding: RecordEncoding, settings: DatasetSettings, *, dp_rank: int, dp_size: int,
+def build_source(path: str, processor: NevaProcessor, settings: DatasetSettings, *, dp_rank: int, dp_size: int,
                  dp_group=None, split_part: str = "train") -> EnergonSource:
-    """EnergonSource for an Energon dataset folder or metadataset YAML: the same encoding and settings (same
+    """EnergonSource for an Energon dataset folder or metadataset YAML: the same processor and settings (same
     meaning) as the other data paths; `split_part`: "train", or validation's `settings.energon_val_split`."""
-    return EnergonSource(path, EnergonSampleEncoder(encoding, settings), dp_rank, dp_size, dp_group,
+    return EnergonSource(path, EnergonSampleEncoder(processor, settings), dp_rank, dp_size, dp_group,
                          split_part=split_part)
 
 

@@ -79,6 +79,9 @@ class NevaProcessor:
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.tokens_per_image = int(tokens_per_image)
         self.tokens_per_frame = self.tokens_per_image if tokens_per_frame is None else int(tokens_per_frame)
+        if self.tokens_per_image < 1 or self.tokens_per_frame < 1:
+            raise ValueError(f"placeholders per image ({self.tokens_per_image}) and per video frame "
+                             f"({self.tokens_per_frame}) must be >= 1")
         self.image_aspect_ratio = check_aspect_ratio(image_aspect_ratio)
         self.tiling, self.context_length = tiling, context_length
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)

@@ -1,17 +1,13 @@
-"""What a dataset is built from, in two groups:
-
-- `RecordEncoding`: what turns one record's text and media into ids, labels and pixels (tokenizer, image
-  processor, conversation template, aspect-ratio mode, placeholders per image / per video frame, tiling).
-  The model gives it (its tokenizer, tower and projector decide the counts).
-- `DatasetSettings`: `model.data`'s other keys (+ the model's seed), read once by `dataset_settings`;
-  the defaults of every key live here, in the dataclass.
+"""What a dataset is built from, besides the model's `NevaProcessor` (data/processor.py: tokenizer, image
+preprocessing, placeholder counts): `DatasetSettings`, `model.data`'s keys (+ the model's seed) read once by
+`dataset_settings`; the defaults of every key live here, in the dataclass.
 
 Every data path (JSON `NevaDataset`, tar shards, Energon) takes the same two objects.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 from nemo_neva.data.image_io import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from nemo_neva.data.video_io import VideoSettings
@@ -32,28 +28,10 @@ def seq_length_of(model_cfg, data_cfg=None) -> int:
 
 
 @dataclass(frozen=True)
-class RecordEncoding:
-    """Record -> ids / labels / pixels. `image_processor`: with `tiling` the model's `pixel_processor`;
-    `num_frame_tokens`: placeholders per video frame (None: an image's, `num_image_tokens`)."""
-    tokenizer: Any
-    image_processor: Any
-    template: str = "plain"
-    image_aspect_ratio: str = "square"
-    num_image_tokens: int = 576
-    num_frame_tokens: Optional[int] = None
-    tiling: Any = None  # a `nemo_neva.modules.tiling.Tiling` (model.mm_cfg.image_tiling): placeholders by image size
-
-    def __post_init__(self):
-        if self.num_image_tokens < 1:
-            raise ValueError("num_image_tokens must be >= 1")
-        if self.num_frame_tokens is not None and self.num_frame_tokens < 1:
-            raise ValueError("num_frame_tokens must be >= 1")
-
-
-@dataclass(frozen=True)
 class DatasetSettings:
     """`model.data` as the datasets and loaders read it (the comments name the key where it differs)."""
     seq_length: int = 2048  # null in the config: the model's encoder_seq_length
+    template: str = "plain"  # conv_template: data/conversation.py's conversation template
     strict: bool = False  # a bad sample is an error instead of a counted skip
     image_folder: Optional[str] = None
     video_folder: Optional[str] = None  # None: image_folder
@@ -85,7 +63,7 @@ class DatasetSettings:
 
 
 # model.data key -> field, where the names differ
-_RENAMED = {"max_image_tokens_per_sample": "max_image_tokens"}
+_RENAMED = {"max_image_tokens_per_sample": "max_image_tokens", "conv_template": "template"}
 # fields not read by their name from model.data: worked out below, or set by callers (tests, tools)
 _NOT_FROM_CONFIG = {"seq_length", "seed", "image_folder", "video_folder", "video_settings", "video_limits",
                     "prescan_images", "steerlm_defaults", "system_prompt"}
@@ -108,4 +86,4 @@ def dataset_settings(model_cfg, data_cfg=None, resolve=None) -> DatasetSettings:
         video_settings=video_settings, video_limits=video_limits, **given)
 
 
-__all__ = ["DEFAULT_SEED", "seed_of", "seq_length_of", "RecordEncoding", "DatasetSettings", "dataset_settings"]
+__all__ = ["DEFAULT_SEED", "seed_of", "seq_length_of", "DatasetSettings", "dataset_settings"]

@@ -31,7 +31,8 @@ from typing import Iterator, Mapping, Sequence, Union
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from nemo_neva.data.settings import DatasetSettings, RecordEncoding
+from nemo_neva.data.processor import NevaProcessor
+from nemo_neva.data.settings import DatasetSettings
 from nemo_neva.data.shard_encoding import ShardRecordEncoder
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ def buffer_shuffle_order(n: int, buffer: int, rng: random.Random) -> list[int]:
 
 
 class ShardedNevaDataset(IterableDataset):
-    """Streams NevaDataset items from tar shards; see the module docstring for the order. `encoding` /
+    """Streams NevaDataset items from tar shards; see the module docstring for the order. `processor` /
     `settings`: as NevaDataset's (data/settings.py); `settings.seed` and `shuffle_buffer` fix the order.
 
     `dp_rank`/`dp_size`: this rank's place among data-parallel ranks (megatron-core parallel_state).
@@ -195,7 +196,7 @@ class ShardedNevaDataset(IterableDataset):
     already handed out completely, moves to the next epoch; `len()` is the whole epoch's (per rank).
     """
 
-    def __init__(self, shards: Union[str, Sequence[str]], encoding: RecordEncoding,
+    def __init__(self, shards: Union[str, Sequence[str]], processor: NevaProcessor,
                  settings: DatasetSettings = DatasetSettings(), dp_rank: int = 0, dp_size: int = 1,
                  shuffle: bool = True, drop_remainder: bool = False, batch_size: int = 1):
         if not 0 <= dp_rank < dp_size:
@@ -204,7 +205,7 @@ class ShardedNevaDataset(IterableDataset):
         self.total = sum(n for _, n in self.shards)
         if self.total == 0:
             raise ValueError(f"no samples in shards {shards!r}")
-        self.encoder = ShardRecordEncoder(encoding, settings)
+        self.encoder = ShardRecordEncoder(processor, settings)
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, settings.seed
         self.shuffle, self.shuffle_buffer, self.drop_remainder = shuffle, settings.shuffle_buffer, drop_remainder
         self.batch_size = batch_size

@@ -15,7 +15,7 @@ from nemo_neva.export.hf_layout import (_LM_HEAD, _NEVA_LM, _NEVA_VISION, _NEWLI
 from nemo_neva.pretrained import hf_lm
 from nemo_neva.pretrained.weights import UnsupportedCheckpoint, open_weights
 
-log = logging.getLogger("nemo_neva.export.hf")
+log = logging.getLogger(__name__)
 
 
 def _hf_image_processor(input_dir: str, vision_config):

@@ -20,20 +20,11 @@ class NevaDataMixin:
 
     # ------------------------------------------------------------------ data
     def data_settings(self, data_cfg=None) -> "DatasetSettings":
-        """`model.data` (or `data_cfg`) with the model's seed and context, read once per dataset or loader."""
+        """`model.data` (or `data_cfg`) with the model's seed and context, read once per dataset or loader (the
+        records' ids, pixels and placeholder counts come from `self.processor`)."""
         from nemo_neva.data.settings import dataset_settings
 
         return dataset_settings(self.cfg, data_cfg, resolve=resolve_path)
-
-    def record_encoding(self, data_cfg=None) -> "RecordEncoding":
-        """How this model's records become ids and pixels: its tokenizer, image preprocessing and placeholder
-        counts, with `model.data.conv_template`."""
-        from nemo_neva.data.settings import RecordEncoding
-
-        data_cfg = self.cfg.data if data_cfg is None else data_cfg
-        template = data_cfg.get("conv_template", RecordEncoding.template)
-        return RecordEncoding(self.tokenizer, self.pixel_processor, template, self.image_aspect_ratio,
-                              self.tokens_per_image, self.tokens_per_frame, self.tiling)
 
     def build_dataset(self, data_cfg, data_path=None):
         """data_path: a file, shards, a list (concatenated) or a weighted blend [w1, path1, w2, path2, ...]."""
@@ -41,17 +32,17 @@ class NevaDataMixin:
         from nemo_neva.data.energon import build_source, is_energon_path
         from nemo_neva.data.shards import ShardedNevaDataset
 
-        settings, encoding = self.data_settings(data_cfg), self.record_encoding(data_cfg)
+        settings, processor = self.data_settings(data_cfg), self.processor
         path = data_path if data_path is not None else data_cfg.data_path
         path = OmegaConf.to_object(path) if OmegaConf.is_list(path) else path
         if isinstance(path, str) and is_energon_path(resolve_path(path)):  # data/energon.py (its own blends)
             split = settings.energon_val_split if data_path is not None else "train"
-            return build_source(resolve_path(path), encoding, settings, split_part=split,
+            return build_source(resolve_path(path), processor, settings, split_part=split,
                                 dp_group=parallel_state.get_data_parallel_group(), **_dp_place())
         paths, weights = parse_blend(path)
         if weights is None:  # one file / shard spec, or a list of them concatenated
-            return _source(path, encoding, settings)
-        sources = [_source(p, encoding, settings) for p in paths]
+            return _source(path, processor, settings)
+        sources = [_source(p, processor, settings) for p in paths]
         sharded = [isinstance(s, ShardedNevaDataset) for s in sources]
         if all(sharded):  # streamed: the blend is one more shard order (data/blended_shards.py)
             from nemo_neva.data.blended_shards import BlendedShardedDataset
@@ -177,7 +168,7 @@ def _dp_place() -> dict:
             "dp_size": parallel_state.get_data_parallel_world_size()}
 
 
-def _source(path, encoding, settings):
+def _source(path, processor, settings):
     """One data_path entry: tar shards (streamed, dealt over DP ranks) or a JSON/JSONL file (or a list of them)."""
     from nemo_neva.data.dataset import NevaDataset
     from nemo_neva.data.shards import ShardedNevaDataset, is_shard_spec
@@ -186,5 +177,5 @@ def _source(path, encoding, settings):
     if isinstance(paths, str) and "{" in paths:  # a shard pattern: resolve its folder
         paths = os.path.join(resolve_path(os.path.dirname(paths)) or "", os.path.basename(paths))
     if is_shard_spec(paths):  # tar shards from scripts/convert_llava_to_shards.py: streamed
-        return ShardedNevaDataset(paths, encoding, settings, **_dp_place())
-    return NevaDataset(paths, encoding, settings)
+        return ShardedNevaDataset(paths, processor, settings, **_dp_place())
+    return NevaDataset(paths, processor, settings)

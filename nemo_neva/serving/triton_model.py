@@ -49,7 +49,7 @@ from nemo_neva.serving.errors import RequestError
 from nemo_neva.serving.images import image_from_array
 from nemo_neva.serving.limits import ServerLimits, check_param, check_range, token_budget
 
-log = logging.getLogger("nemo_neva.serving.triton")
+log = logging.getLogger(__name__)
 
 # NeMo 1 declares its integer inputs as np.int_ (INT64 on Linux) and its clients send np.int_ arrays;
 # Triton refuses any other dtype, so INT64 is what keeps those clients working.
@@ -102,6 +102,12 @@ class Row:
     prompt: str
     images: list  # RGB PIL images and `Video`s, one per <image> / <video> tag of `prompt`, in order
     sampling: GenerationConfig  # its max_new_tokens from the row's budget; the backend adds its stops
+    encoded: Any = None  # the row as the backend's `generate` takes it (`backend.prepare`): encoded once
+
+
+# A backend: `context` (tokens), `prepare(prompt, images) -> (encoded, prompt tokens)` (raising a RequestError
+# for a prompt it cannot take) and `generate(encoded rows, GenerationConfig) -> answers`; the prompt is encoded
+# once, in `prepare`, and what it made is what `generate` runs.
 
 
 class TorchBackend:
@@ -124,12 +130,18 @@ class TorchBackend:
         """`images`: the prompt's images (a list, as `generate` takes them) or their count."""
         return int(self.model.processor.encode(prompt, images).numel())
 
-    def generate(self, images: list, prompts: list[str], s: GenerationConfig) -> list[str]:
-        """`images[i]`: prompt i's list of images (None without), as `generate` takes them."""
+    def prepare(self, prompt: str, images: list):
+        """(the row's `NevaInputs`, its prompt tokens): the model's processor encodes it and makes its pixels,
+        once (a tiled model counts each image by its size, a video by its frames)."""
+        inputs = self.model.processor(prompt, list(images) or None)
+        return inputs, int(inputs.ids.numel())
+
+    def generate(self, rows: list, s: GenerationConfig) -> list[str]:
+        """`rows`: the `NevaInputs` of `prepare`, generated as they are (not encoded again)."""
         from nemo_neva.inference.generate import generate
 
         config = s.replace(stop_token_ids=tuple(sorted(self.stop_ids)), stop_strings=tuple(self.stop_strings))
-        return generate(self.model, images, prompts, config)
+        return generate(self.model, [None] * len(rows), list(rows), config)
 
 
 def _data(request) -> dict:
@@ -316,14 +328,14 @@ class NevaTritonModel:
                 attributes = self._attributes(data, r, n_rows)
                 prompt = build_prompt(self.template, question, IMAGE_TOKEN in question, steerlm=attributes,
                                       has_video=VIDEO_TOKEN in question)
-                n_prompt = self.backend.prompt_tokens(prompt, images)  # a tiled model counts by image size
+                encoded, n_prompt = self.backend.prepare(prompt, images)
                 max_new = token_budget(n_prompt, self.backend.context, max_out, self.limits.max_tokens,
                                        "input_text", "max_output_len")
             except RequestError as e:
                 if n_rows > 1:
                     e.message = f"row {r}: {e.message}"
                 raise
-            rows.append(Row(prompt, images, GenerationConfig(max_new_tokens=max_new, **sampling)))
+            rows.append(Row(prompt, images, GenerationConfig(max_new_tokens=max_new, **sampling), encoded))
         return rows
 
     # ---------------------------------------------------------------------------------------------- running
@@ -334,8 +346,7 @@ class NevaTritonModel:
             groups.setdefault(row.sampling, []).append(i)
         answers: list[Optional[str]] = [None] * len(rows)
         for sampling, idx in groups.items():
-            images = [rows[i].images or None for i in idx]
-            texts = self.backend.generate(images, [rows[i].prompt for i in idx], sampling)
+            texts = self.backend.generate([rows[i].encoded for i in idx], sampling)
             for i, text in zip(idx, texts):
                 answers[i] = text
         return answers

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 from nemo_neva.serving import triton_env
 
-log = logging.getLogger("nemo_neva.serving.triton")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -166,19 +166,26 @@ class TrtllmBackend:
 
     def prompt_tokens(self, prompt: str, images) -> int:
         """`images`: the prompt's images (a list) or their count."""
-        n = int(self._ids(prompt, images).numel())
+        return self._checked(self._ids(prompt, images)).numel()
+
+    def _checked(self, ids: torch.Tensor) -> torch.Tensor:
+        n = int(ids.numel())
         if self.max_input_len is not None and n > int(self.max_input_len):
             raise RequestError(f"the prompt is {n} tokens; the engine was built for at most {self.max_input_len} "
                                "(--max-input-len of scripts/export_to_trtllm.py --build)", "input_text",
                                code="context_length_exceeded")
-        return n
+        return ids
 
-    def generate(self, images: list, prompts: list[str], s) -> list[str]:
-        """`images[i]`: prompt i's list of images in `<image>` order, or None."""
+    def prepare(self, prompt: str, images: list):
+        """((the prompt's ids, its images), its tokens): encoded once, here; `generate` runs those ids."""
+        ids = self._checked(self._ids(prompt, images))
+        return (ids, list(images)), int(ids.numel())
+
+    def generate(self, rows: list, s) -> list[str]:
+        """`rows`: `prepare`'s (ids, images in `<image>` order) of each prompt."""
         out = []
-        for start in range(0, len(prompts), self.max_batch_size):
-            end = start + self.max_batch_size
-            out += self._generate(images[start:end], prompts[start:end], s)
+        for start in range(0, len(rows), self.max_batch_size):
+            out += self._generate(rows[start:start + self.max_batch_size], s)
         return out
 
     def _prompt_table(self, images: list) -> torch.Tensor:
@@ -194,11 +201,10 @@ class TrtllmBackend:
         feats = self.vision(image_tiles(pixels, sizes, self.tiling))  # every image's own tiles, in order
         return tiled_prompt_table(feats, sizes, self.tiling, self.image_newline)
 
-    def _generate(self, images: list, prompts: list[str], s) -> list[str]:
+    def _generate(self, encoded: list, s) -> list[str]:
         from nemo_neva.export.trtllm_prompt import fake_prompt_ids
 
-        images = [list(im) if im else [] for im in images]
-        rows = [self._ids(p, im) for p, im in zip(prompts, images)]
+        rows, images = [ids for ids, _ in encoded], [im for _, im in encoded]
         table, tasks = None, None
         flat = [im for row_images in images for im in row_images]  # row by row, each row's in tag order
         if flat:

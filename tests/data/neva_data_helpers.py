@@ -32,30 +32,36 @@ def placeholder_runs(ids, image_id):
     return [tuple(r) for r in out]
 
 
+# NevaProcessor's keyword arguments (besides the tokenizer and image processor) a test may give
+PROCESSOR_ARGS = {"tokens_per_image", "tokens_per_frame", "image_aspect_ratio", "tiling"}
+
+
 def dataset_groups(tok, proc, **kw):
-    """(RecordEncoding, DatasetSettings, the rest) from keyword arguments named as those dataclasses' fields
-    (the rest: a dataset's own arguments, e.g. ShardedNevaDataset's dp_rank / shuffle)."""
+    """(NevaProcessor, DatasetSettings, the rest) from keyword arguments named as the processor's arguments and
+    the settings' fields (the rest: a dataset's own arguments, e.g. ShardedNevaDataset's dp_rank / shuffle).
+    `proc` is the tower's HF image processor (with `tiling`, the processor makes the tiling one from it)."""
     from dataclasses import fields
 
-    from nemo_neva.data.settings import DatasetSettings, RecordEncoding
+    from nemo_neva.data.processor import NevaProcessor
+    from nemo_neva.data.settings import DatasetSettings
 
-    enc, st = {f.name for f in fields(RecordEncoding)}, {f.name for f in fields(DatasetSettings)}
-    encoding = RecordEncoding(tok, proc, **{k: v for k, v in kw.items() if k in enc})
+    st = {f.name for f in fields(DatasetSettings)}
+    processor = NevaProcessor(tok, proc, **{k: v for k, v in kw.items() if k in PROCESSOR_ARGS})
     settings = DatasetSettings(**{k: v for k, v in kw.items() if k in st})
-    return encoding, settings, {k: v for k, v in kw.items() if k not in enc | st}
+    return processor, settings, {k: v for k, v in kw.items() if k not in PROCESSOR_ARGS | st}
 
 
 def json_dataset(path, image_folder, tok, proc, **kw):
     """NevaDataset over `path` with its images under `image_folder` (see dataset_groups for `kw`)."""
     from nemo_neva.data.dataset import NevaDataset
 
-    encoding, settings, rest = dataset_groups(tok, proc, image_folder=image_folder, **kw)
-    return NevaDataset(path, encoding, settings, **rest)
+    processor, settings, rest = dataset_groups(tok, proc, image_folder=image_folder, **kw)
+    return NevaDataset(path, processor, settings, **rest)
 
 
 def shard_dataset(shards, tok, proc, **kw):
     """ShardedNevaDataset over `shards` (see dataset_groups for `kw`)."""
     from nemo_neva.data.shards import ShardedNevaDataset
 
-    encoding, settings, rest = dataset_groups(tok, proc, **kw)
-    return ShardedNevaDataset(shards, encoding, settings, **rest)
+    processor, settings, rest = dataset_groups(tok, proc, **kw)
+    return ShardedNevaDataset(shards, processor, settings, **rest)

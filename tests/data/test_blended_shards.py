@@ -14,7 +14,7 @@ from nemo_neva.data.shard_writer import convert_to_shards
 from nemo_neva.data.shards import ShardedLoader
 
 DEMO = os.path.join(REPO, "data", "shapes_demo")
-KW = dict(template="plain", seq_length=64, num_image_tokens=4, shuffle_buffer=4, seed=5)
+KW = dict(template="plain", seq_length=64, tokens_per_image=4, shuffle_buffer=4, seed=5)
 
 
 @pytest.fixture(scope="module")

@@ -61,7 +61,7 @@ def _same_rows_as_json_path(model, cfg, batch, source, template):
     from nemo_neva.data.collate import NevaCollator
 
     ref = json_dataset(os.path.join(DEMO, source), IMAGES, model.tokenizer, model.image_processor,
-                       template=template, seq_length=cfg.encoder_seq_length, num_image_tokens=model.tokens_per_image)
+                       template=template, seq_length=cfg.encoder_seq_length, tokens_per_image=model.tokens_per_image)
     pos = {r["id"]: k for k, r in enumerate(ref.records)}
     want = NevaCollator(model.tokenizer.pad_token_id)([ref[pos[i]] for i in batch["ids"]])
     for key in ("tokens", "labels", "loss_mask", "images"):

@@ -34,7 +34,7 @@ def images(image_dir):
 def make(recs, tmp_path, folder, tok, proc, name="d.json", **kw):
     kw.setdefault("template", "vicuna_v1")
     kw.setdefault("seq_length", 128)
-    kw.setdefault("num_image_tokens", P)
+    kw.setdefault("tokens_per_image", P)
     return json_dataset(write_json(tmp_path / name, recs), str(folder), tok, proc, **kw)
 
 
@@ -214,7 +214,7 @@ def test_shards_round_trip_a_two_image_record(tmp_path, images, tok, proc):
         names = tf.getnames()
     assert names == ["000000000.json", "000000000.0.png", "000000000.1.png", "000000001.json", "000000001.png",
                      "000000002.json"]  # several images numbered in tag order; an only image keeps <key>.png
-    kw = dict(template="vicuna_v1", seq_length=128, num_image_tokens=P)
+    kw = dict(template="vicuna_v1", seq_length=128, tokens_per_image=P)
     ref = json_dataset(src, str(images), tok, proc, **kw)
     got = list(shard_dataset(out, tok, proc, shuffle=False, **kw))
     assert [it["id"] for it in got] == ["two", "one", "text"]
@@ -233,12 +233,12 @@ def test_energon_round_trip_a_two_image_record(tmp_path, images, tok, proc):
     out = str(tmp_path / "energon")
     index = convert(src, str(images), out, samples_per_shard=10, sample_type="auto", workers=1)  # energon prepare
     assert index["sample_type"] == "VQASample" and index["total"] == 3
-    encoding, settings, _ = dataset_groups(tok, proc, template="vicuna_v1", image_aspect_ratio="square",
-                                           shuffle_buffer=1, seq_length=128, num_image_tokens=P, seed=0)
-    source = build_source(out, encoding, settings, dp_rank=0, dp_size=1, split_part="train")
+    processor, settings, _ = dataset_groups(tok, proc, template="vicuna_v1", image_aspect_ratio="square",
+                                           shuffle_buffer=1, seq_length=128, tokens_per_image=P, seed=0)
+    source = build_source(out, processor, settings, dp_rank=0, dp_size=1, split_part="train")
     batches = list(source.loader(batch_size=3, training=False))
     assert len(batches) == 1 and sorted(batches[0]["ids"]) == ["one", "text", "two"]
-    ref = json_dataset(src, str(images), tok, proc, template="vicuna_v1", seq_length=128, num_image_tokens=P)
+    ref = json_dataset(src, str(images), tok, proc, template="vicuna_v1", seq_length=128, tokens_per_image=P)
     pos = {r["id"]: k for k, r in enumerate(ref.records)}
     want = NevaCollator(tok.pad_token_id)([ref[pos[i]] for i in batches[0]["ids"]])
     for key in ("tokens", "labels", "loss_mask", "num_images", "images"):

@@ -41,7 +41,7 @@ def bad_set(tmp_path, image_dir):
 def make(path, folder, tok, proc, **kw):
     kw.setdefault("template", "vicuna_v1")
     kw.setdefault("seq_length", 128)
-    kw.setdefault("num_image_tokens", 8)
+    kw.setdefault("tokens_per_image", 8)
     return json_dataset(path, folder, tok, proc, **kw)
 
 
@@ -93,7 +93,7 @@ def test_image_run_and_llava_tag_insertion(tmp_path, image_dir, tok, proc):
     recs = [{"id": "notag", "image": "blue.png", "conversations": conv("What is it?", "blue")},
             {"id": "text", "conversations": conv("Hi", "Hello")}]
     path = write_json(tmp_path / "t.json", recs)
-    ds = make(path, str(image_dir), tok, proc, num_image_tokens=7, image_aspect_ratio="pad")
+    ds = make(path, str(image_dir), tok, proc, tokens_per_image=7, image_aspect_ratio="pad")
     item = ds[0]
     img_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     pos = (item["input_ids"] == img_id).nonzero().flatten()
@@ -109,7 +109,7 @@ def test_truncation_keeps_image_and_length(tmp_path, image_dir, tok, proc):
     long_answer = "red " * 300
     path = write_json(tmp_path / "t.json",
                       [{"id": "long", "image": "red.png", "conversations": conv("<image>", long_answer)}])
-    ds = make(path, str(image_dir), tok, proc, template="plain", seq_length=64, num_image_tokens=10)
+    ds = make(path, str(image_dir), tok, proc, template="plain", seq_length=64, tokens_per_image=10)
     item = ds[0]
     assert len(item["input_ids"]) == 64 == ds.lengths[0] and ds.truncated == 1
     assert (item["labels"][10:] != IGNORE_INDEX).all() and (item["labels"][:10] == IGNORE_INDEX).all()
@@ -154,13 +154,14 @@ import torch
 from transformers import CLIPImageProcessor
 from nemo_neva.data.collate import NevaCollator
 from nemo_neva.data.dataset import NevaDataset
-from nemo_neva.data.settings import DatasetSettings, RecordEncoding
+from nemo_neva.data.processor import NevaProcessor
+from nemo_neva.data.settings import DatasetSettings
 from nemo_neva.data.tokenizer import load_tokenizer
 tok = load_tokenizer({DEMO_TOKENIZER!r})
 tok(["warm", "the", "thread", "pool"] * 64)
 proc = CLIPImageProcessor(size={{"shortest_edge": 32}}, crop_size={{"height": 32, "width": 32}})
-ds = NevaDataset({path!r}, RecordEncoding(tok, proc, template="chatml", num_image_tokens=4),
-                 DatasetSettings(seq_length=64, image_folder={str(image_dir)!r}))
+ds = NevaDataset({path!r}, NevaProcessor(tok, proc, tokens_per_image=4),
+                 DatasetSettings(seq_length=64, template="chatml", image_folder={str(image_dir)!r}))
 dl = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, collate_fn=NevaCollator(0))
 print("batches", len(list(dl)))
 """

@@ -30,7 +30,7 @@ def shards(tmp_path_factory):
 
 
 def rank_rows(shards, tok, proc, dp_rank, dp, workers=0, batch=2, window=12, state=None, batches=None):
-    ds = shard_dataset(shards, tok, proc, template="plain", seq_length=SEQ, num_image_tokens=4,
+    ds = shard_dataset(shards, tok, proc, template="plain", seq_length=SEQ, tokens_per_image=4,
                             dp_rank=dp_rank, dp_size=dp, shuffle_buffer=5, seed=3)
     if state is not None:
         ds.load_state_dict(state)
@@ -71,7 +71,7 @@ def test_workers_deliver_the_same_samples(shards, tok, proc):
 
 
 def test_packs_several_samples_per_row(shards, tok, proc):
-    ds = shard_dataset(shards, tok, proc, template="plain", seq_length=SEQ, num_image_tokens=4, seed=3)
+    ds = shard_dataset(shards, tok, proc, template="plain", seq_length=SEQ, tokens_per_image=4, seed=3)
     rows = list(PackedShardDataset(ds, SEQ, window=12))
     assert sum(len(r) for r in rows) == 37 and len(rows) < 30
     assert [r.window_done for r in rows if r.window_done is not None] == [0, 1, 2, 3]
@@ -89,7 +89,7 @@ def test_resume_replays_unfinished_windows_loses_nothing(shards, tok, proc):
 
 
 def packed_loader(shards, tok, proc, dp_rank=0, dp=1, workers=0, batch=2, window=12):
-    ds = shard_dataset(shards, tok, proc, template="plain", seq_length=SEQ, num_image_tokens=4,
+    ds = shard_dataset(shards, tok, proc, template="plain", seq_length=SEQ, tokens_per_image=4,
                             dp_rank=dp_rank, dp_size=dp, shuffle_buffer=5, seed=3)
     return PackedShardLoader(PackedShardDataset(ds, SEQ, window=window), batch_size=batch, num_workers=workers,
                              collate_fn=PackedCollator(tok.pad_token_id, seq_length=SEQ, skip_source=ds.take_new_skips))
@@ -159,7 +159,7 @@ def test_a_packed_run_checkpoint_resumed_unpacked_is_flagged(shards, tok, proc, 
     from nemo_neva.checkpoint.data_position import restore_data_position
     from nemo_neva.data.shards import ShardedLoader
 
-    ds = shard_dataset(shards, tok, proc, template="plain", seq_length=SEQ, num_image_tokens=4, seed=3,
+    ds = shard_dataset(shards, tok, proc, template="plain", seq_length=SEQ, tokens_per_image=4, seed=3,
                             drop_remainder=True)
     state = {"consumed_samples": 4, "global_batch_size": 2,
              "packed": {"epoch": 0, "consumed": 12, "seed": 3, "total": 40}}

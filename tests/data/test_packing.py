@@ -70,7 +70,7 @@ def test_packed_dataset_end_to_end(tmp_path, image_dir, tok, proc):
     recs = [{"id": f"s{i}", "image": "red.png", "conversations": conv("<image>\n" + "q " * i, "red")}
             for i in range(9)] + [{"id": "t", "conversations": conv("hi", "hello")}]
     ds = json_dataset(write_json(tmp_path / "p.json", recs), str(image_dir), tok, proc, template="chatml",
-                      seq_length=64, num_image_tokens=8)
+                      seq_length=64, tokens_per_image=8)
     packed = PackedNevaDataset(ds, seq_length=64)
     assert sorted(i for b in packed.bins for i in b) == list(range(len(ds)))
     assert len(packed) < len(ds)

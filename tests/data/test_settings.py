@@ -8,12 +8,13 @@ from PIL import Image
 
 from neva_data_helpers import conv, write_json
 from nemo_neva.data.dataset import NevaDataset, StreamedRecordEncoder
-from nemo_neva.data.settings import DatasetSettings, RecordEncoding, dataset_settings, seed_of, seq_length_of
+from nemo_neva.data.processor import NevaProcessor
+from nemo_neva.data.settings import DatasetSettings, dataset_settings, seed_of, seq_length_of
 from nemo_neva.cli import shipped_config
 
-# model.data keys that are not settings: which records (paths), how they are rendered (RecordEncoding) and
-# model.data.video (read into DatasetSettings.video_settings / video_limits)
-READ_ELSEWHERE = {"data_path", "validation_data_path", "conv_template", "image_aspect_ratio", "video"}
+# model.data keys that are not settings: which records (paths), the image preprocessing (the model's
+# NevaProcessor) and model.data.video (read into DatasetSettings.video_settings / video_limits)
+READ_ELSEWHERE = {"data_path", "validation_data_path", "image_aspect_ratio", "video"}
 
 
 def pretrain_model_cfg():
@@ -34,7 +35,7 @@ def test_shipped_pretrain_data_block_becomes_its_settings():
 
 def test_every_shipped_data_key_is_read():
     """No key of the shipped model.data that no code reads: each is a settings field or read elsewhere."""
-    names = {f.name for f in dataclasses.fields(DatasetSettings)} | {"max_image_tokens_per_sample"}
+    names = {f.name for f in dataclasses.fields(DatasetSettings)} | {"max_image_tokens_per_sample", "conv_template"}
     for conf in ("neva_pretrain", "neva_finetune", "neva_peft"):
         data = shipped_config(conf).model.data
         assert set(data) - names - READ_ELSEWHERE == set(), conf
@@ -72,15 +73,51 @@ def test_image_byte_limit_of_model_data_is_applied(tmp_path, tok, proc):
     recs = [{"id": "a", "image": "a.png", "conversations": conv("<image>", "red")},
             {"id": "t", "conversations": conv("hi", "there")}]
     path = write_json(tmp_path / "d.json", recs)
-    encoding = RecordEncoding(tok, proc, num_image_tokens=4)
+    processor = NevaProcessor(tok, proc, tokens_per_image=4)
     for limit, skips in ((size, {}), (size - 1, {"image_too_large": 1})):
         cfg = OmegaConf.create({"encoder_seq_length": 64, "data": {"image_folder": str(tmp_path / "img"),
                                                                   "max_image_bytes": limit}})
-        assert dict(NevaDataset(path, encoding, dataset_settings(cfg)).skip_counts) == skips
+        assert dict(NevaDataset(path, processor, dataset_settings(cfg)).skip_counts) == skips
 
 
 def test_streamed_encoder_is_a_record_encoder_not_a_dataset(tok, proc):
-    encoder = StreamedRecordEncoder(RecordEncoding(tok, proc, num_image_tokens=4), DatasetSettings(seq_length=64))
+    encoder = StreamedRecordEncoder(NevaProcessor(tok, proc, tokens_per_image=4), DatasetSettings(seq_length=64))
     assert not isinstance(encoder, NevaDataset) and encoder.images is None and encoder.seq_length == 64
     item = encoder.streamed_item({"conversations": conv("hi", "there")}, "t")
     assert item["images"] is None and item["id"] == "t"
+
+
+def test_conv_template_is_the_settings_template():
+    cfg = OmegaConf.create({"encoder_seq_length": 64, "data": {"conv_template": "vicuna_v1"}})
+    assert dataset_settings(cfg).template == "vicuna_v1"
+    assert dataset_settings(OmegaConf.create({"encoder_seq_length": 64})).template == DatasetSettings.template
+
+
+def test_the_datasets_processor_pickles_and_makes_the_same_items(tmp_path, tok, proc):
+    """A dataset's processor (tokenizer, image processor, the tiling processor it built) pickles, as workers
+    started by spawn / forkserver need; a copy makes the same pixels and placeholder counts. (DataLoader workers
+    here fork: the dataset itself is not pickled, its ImageSource holds a thread-local.)"""
+    import pickle
+
+    import torch
+
+    from nemo_neva.modules.tiling import Tiling
+
+    (tmp_path / "img").mkdir()
+    image = Image.new("RGB", (40, 90), (1, 2, 3))
+    image.save(tmp_path / "img" / "a.png")
+    path = write_json(tmp_path / "d.json", [{"id": "a", "image": "a.png", "conversations": conv("<image>", "red")}])
+    tiling = Tiling(((32, 64), (64, 32)), 32, 2)
+    ds = NevaDataset(path, NevaProcessor(tok, proc, tokens_per_image=4, tiling=tiling),
+                     DatasetSettings(seq_length=128, image_folder=str(tmp_path / "img")))
+    item = ds[0]  # the processor has built its tiling image processor now
+    copy = pickle.loads(pickle.dumps(ds.processor))
+    assert torch.equal(copy.preprocess_images(image), item["images"][0])
+    assert copy.size_token_count(90, 40) == int((item["input_ids"] == ds.image_token_id).sum()) == tiling.tokens(90, 40)
+
+
+@pytest.mark.parametrize("counts", [dict(tokens_per_image=0), dict(tokens_per_image=4, tokens_per_frame=0)])
+def test_a_processor_without_placeholders_is_refused(tok, proc, counts):
+    """What RecordEncoding checked before the datasets took the processor: a zero-length run would drop the image."""
+    with pytest.raises(ValueError, match=r"placeholders per image \(\d+\) and per video frame \(\d+\) must be >= 1"):
+        NevaProcessor(tok, proc, **counts)

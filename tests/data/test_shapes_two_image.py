@@ -73,7 +73,7 @@ def test_two_image_answers_are_true_to_the_pixels(tmp_path, tok, proc):
         assert _answer_from_pixels(rec["question"], [os.path.join(folder, n) for n in rec["image"]]) == \
             rec["answers"][0]
     assert categories == {"more_shapes", "colour_in_image"}
-    ds = json_dataset(paths["stage2"], folder, tok, proc, template="vicuna_v1", seq_length=256, num_image_tokens=4)
+    ds = json_dataset(paths["stage2"], folder, tok, proc, template="vicuna_v1", seq_length=256, tokens_per_image=4)
     assert not ds.skip_counts
     two = [i for i, r in enumerate(ds.records) if isinstance(r.get("image"), list)]
     assert len(two) == 20 and all(ds[i]["images"].shape[0] == 2 for i in two[:3])

@@ -17,7 +17,7 @@ from tests.optional import require
 
 DEMO = os.path.join(REPO, "data", "shapes_demo")
 N = 40
-KW = dict(template="plain", seq_length=64, num_image_tokens=4)
+KW = dict(template="plain", seq_length=64, tokens_per_image=4)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from nemo_neva.data.dataset import NevaDataset
 from nemo_neva.data.shards import ShardedNevaDataset
 from nemo_neva.data.video_io import VideoSettings
 from nemo_neva.data.video_writer import write_video
-from nemo_neva.modules.tiling import Tiling, processor_for
+from nemo_neva.modules.tiling import Tiling
 
 from tests.optional import require
 
@@ -31,7 +31,7 @@ from scripts.convert_llava_to_energon import convert  # noqa: E402
 
 P, F, SEQ = 5, 3, 256  # placeholders per (untiled) image, frames per video, sequence length
 POOLED = 2  # placeholders per pooled video frame (model.mm_cfg.video.pool; any count the model gives)
-KW = dict(template="vicuna_v1", seq_length=SEQ, num_image_tokens=P)
+KW = dict(template="vicuna_v1", seq_length=SEQ, tokens_per_image=P)
 VIDEO_RECORDS = [
     {"id": "mix", "image": ["red.png", "blue.png"], "video": ["b.mkv", "a.mp4"],
      "conversations": conv("<image> then <video>?", "yes", "Now <video> and <image>.", "ok")},
@@ -111,8 +111,9 @@ def _assert_same_item(got, want):
 def _energon_batches(out, tok, proc, **kw):
     from nemo_neva.data.energon import build_source
 
-    encoding, settings, _ = dataset_groups(tok, proc, shuffle_buffer=1, video_settings=VideoSettings(F), seed=0, **KW, **kw)
-    source = build_source(out, encoding, settings, dp_rank=0, dp_size=1, split_part="train")
+    processor, settings, _ = dataset_groups(tok, proc, shuffle_buffer=1, video_settings=VideoSettings(F), seed=0,
+                                            **KW, **kw)
+    source = build_source(out, processor, settings, dp_rank=0, dp_size=1, split_part="train")
     return source, list(source.loader(batch_size=1, training=False))
 
 
@@ -160,11 +161,10 @@ def test_tiled_images_from_shards_and_energon_are_the_json_items(tiled_data, med
 
     src, out, index = tiled_data
     assert index["sample_type"] == "VQASample"  # Energon's own type carries tiled images too
-    pixel_proc = processor_for(proc, TILING)
-    want = _reference(src, media, tok, pixel_proc, tiling=TILING)
+    want = _reference(src, media, tok, proc, tiling=TILING)  # the processor makes the tiling image processor
     assert want["pair"]["image_sizes"].tolist() == [[40, 90], [90, 40]]
     assert TILING.tokens(40, 90) != TILING.tokens(90, 40)  # so a swapped order cannot pass
-    ds = shard_dataset(out, tok, pixel_proc, shuffle=False, tiling=TILING, **KW)
+    ds = shard_dataset(out, tok, proc, shuffle=False, tiling=TILING, **KW)
     got = list(ds)
     assert [it["id"] for it in got] == ["pair", "one"]
     for it in got:
@@ -174,7 +174,7 @@ def test_tiled_images_from_shards_and_energon_are_the_json_items(tiled_data, med
     assert sorted(it["id"] for row in rows for it in row) == ["one", "pair"]
     for it in (it for row in rows for it in row):
         _assert_same_item(it, want[it["id"]])
-    _, batches = _energon_batches(out, tok, pixel_proc, tiling=TILING)
+    _, batches = _energon_batches(out, tok, proc, tiling=TILING)
     assert sorted(b["ids"][0] for b in batches) == ["one", "pair"]
     for b in batches:
         ref = NevaCollator(tok.pad_token_id)([want[b["ids"][0]]])

@@ -44,7 +44,7 @@ def test_trainable_tokens_are_exactly_the_replies(name, tok, proc, tmp_path, ima
         turns = conv("<image>\nWhat colour is it?", "red", "And its shape, please?", "a square. Sure!")
         replies = ["red", "a square. Sure!"]
     path = write_json(tmp_path / "d.json", [{"id": "s0", "image": "red.png", "conversations": turns}])
-    ds = json_dataset(path, str(image_dir), tok, proc, template=name, seq_length=512, num_image_tokens=5)
+    ds = json_dataset(path, str(image_dir), tok, proc, template=name, seq_length=512, tokens_per_image=5)
     item = ds[0]
     assert trained_runs(item, tok) == [LEAD.get(name, "") + r + END[name] for r in replies]
     assert (item["input_ids"] == tok.convert_tokens_to_ids(IMAGE_TOKEN)).sum() == 5

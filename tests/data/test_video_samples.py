@@ -44,7 +44,7 @@ def media(image_dir):
 def make(recs, tmp_path, folder, tok, proc, **kw):
     kw.setdefault("template", "vicuna_v1")
     kw.setdefault("seq_length", 160)
-    kw.setdefault("num_image_tokens", P)
+    kw.setdefault("tokens_per_image", P)
     kw.setdefault("video_settings", VideoSettings(F, "uniform"))
     return json_dataset(write_json(tmp_path / "d.json", recs), str(folder), tok, proc, **kw)
 

@@ -14,7 +14,7 @@ from nemo_neva import MegatronNevaModel
 from nemo_neva.data.collate import NevaCollator
 from nemo_neva.data.dataset import NevaDataset
 from nemo_neva.data.packing import PackedCollator
-from nemo_neva.data.settings import DatasetSettings, RecordEncoding
+from nemo_neva.data.settings import DatasetSettings
 from nemo_neva.modules.neva_module import ImageTokenMismatch
 from nemo_neva.training.megatron_step import pad_to_microbatches, split_microbatches
 from tests.model.helpers import TILED_SIZES, llama_overrides, tiled_batch_for, tiny_model_cfg
@@ -111,9 +111,8 @@ def json_data(tmp_path_factory):
 
 
 def _dataset(model, root):
-    encoding = RecordEncoding(model.tokenizer, model.pixel_processor, "plain",
-                              num_image_tokens=model.tokens_per_image, tiling=model.tiling)
-    return NevaDataset(str(root / "data.json"), encoding, DatasetSettings(SEQ, image_folder=str(root / "images")))
+    return NevaDataset(str(root / "data.json"), model.processor,
+                       DatasetSettings(SEQ, "plain", image_folder=str(root / "images")))
 
 
 def test_dataset_counts_tiles_and_sizes_come_from_each_image(model, json_data):
@@ -150,9 +149,8 @@ def test_a_sample_with_two_tiled_images_of_different_sizes(model, json_data, tmp
         {"from": "human", "value": "<image> then <image>"}, {"from": "gpt", "value": "two pictures"}]}
     path = tmp_path / "pair.json"
     path.write_text(json.dumps([rec]))
-    encoding = RecordEncoding(model.tokenizer, model.pixel_processor, "vicuna_v1",
-                              num_image_tokens=model.tokens_per_image, tiling=model.tiling)
-    ds = NevaDataset(str(path), encoding, DatasetSettings(SEQ, image_folder=str(json_data / "images")))
+    ds = NevaDataset(str(path), model.processor,
+                     DatasetSettings(SEQ, "vicuna_v1", image_folder=str(json_data / "images")))
     it = ds[0]
     imgs = [Image.open(json_data / "images" / f"{i}.png") for i in (0, 1)]
     assert it["image_sizes"].tolist() == [[im.height, im.width] for im in imgs]

@@ -9,7 +9,7 @@ import torch
 from nemo_neva import MegatronNevaModel
 from nemo_neva.data.constants import IGNORE_INDEX
 from nemo_neva.data.dataset import NevaDataset
-from nemo_neva.data.settings import DatasetSettings, RecordEncoding
+from nemo_neva.data.settings import DatasetSettings
 from nemo_neva.inference.generate import encode_prompt
 from nemo_neva.inference.prompting import build_prompt
 from tests.pretrained.lm_helpers import CHATML, ROOT, make_tiny_lm, neva_cfg
@@ -34,9 +34,8 @@ def _dataset(tmp_path, model, template):
 
     data = tmp_path / "d.json"
     data.write_text(json.dumps([RECORD]))
-    encoding = RecordEncoding(model.tokenizer, model.image_processor, template,
-                              num_image_tokens=model.tokens_per_image)
-    return NevaDataset(str(data), encoding, DatasetSettings(256, strict=True, image_folder=IMAGES))
+    return NevaDataset(str(data), model.processor,
+                       DatasetSettings(256, template, strict=True, image_folder=IMAGES))
 
 
 @pytest.mark.parametrize("template", ["vicuna_v1", "llama_2", "chatml", "hf_chat_template"])

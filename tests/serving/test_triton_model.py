@@ -66,7 +66,10 @@ class FakeBackend:
     def prompt_tokens(self, prompt, images):
         return len(prompt) // 8 + 16 * (images if isinstance(images, int) else len(images))
 
-    def generate(self, images, prompts, s):
+    def prepare(self, prompt, images):
+        return prompt, self.prompt_tokens(prompt, images)
+
+    def generate(self, prompts, s):
         self.calls.append((len(prompts), s))
         return [f"answer {len(p)}" for p in prompts]
 
@@ -119,6 +122,28 @@ def test_batched_answers_equal_one_at_a_time(model):
     expected = model.generate([Image.fromarray(pixels(1))], [build_prompt(TEMPLATE, "What is it?", True)],
                               max_new_tokens=LIMITS.max_tokens, stop_token_ids=ids, stop_strings=strings)[0]
     assert together[0].decode() == expected
+
+
+def test_each_row_is_encoded_once_and_generated_from_that_encoding(model, monkeypatch):
+    """The processor encodes a row in `parse` (its length sets the budget); `generate` runs those NevaInputs
+    without encoding the prompt again."""
+    from nemo_neva.data.processor import NevaProcessor
+
+    m = NevaTritonModel(TorchBackend(model, TEMPLATE), TEMPLATE, LIMITS)
+    reqs = [request("What is it?", pixels(1)), request("Say something.")]
+    want = [o["outputs"][0, 0] for o in m(reqs)]
+    encoded, original = [], NevaProcessor._encode_expanded
+
+    def counting(self, prompt, images, frames):
+        encoded.append(prompt)
+        return original(self, prompt, images, frames)
+
+    monkeypatch.setattr(NevaProcessor, "_encode_expanded", counting)
+    rows = [row for r in reqs for row in m.parse(r)]
+    assert len(encoded) == 2 and [row.encoded.ids.numel() for row in rows] == \
+        [int(original(model.processor, row.prompt, row.images or 0, None).numel()) for row in rows]
+    assert rows[0].encoded.pixels.shape[0] == 1 and rows[1].encoded.pixels is None
+    assert [o["outputs"][0, 0] for o in m(reqs)] == want and len(encoded) == 4  # 2 more: the second call's parse
 
 
 def test_a_client_batch_of_rows_is_answered_row_by_row(model):
