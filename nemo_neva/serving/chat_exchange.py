@@ -21,7 +21,7 @@ from nemo_neva.serving.errors import RequestError, internal_error
 from nemo_neva.serving.limits import ServerLimits
 from nemo_neva.serving.worker import GenerationWorker
 
-log = logging.getLogger("nemo_neva.serving")
+log = logging.getLogger(__name__)
 DRAIN_BYTES = 4 * 1024 * 1024  # of a refused body, read and dropped after the reply
 DRAIN_TIMEOUT_S = 2.0
 

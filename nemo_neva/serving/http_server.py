@@ -34,7 +34,7 @@ from nemo_neva.serving.errors import RequestError, internal_error
 from nemo_neva.serving.limits import ServerLimits
 from nemo_neva.serving.worker import GenerationWorker
 
-log = logging.getLogger("nemo_neva.serving")
+log = logging.getLogger(__name__)
 BACKLOG = 2048  # listen queue: a burst of clients waits to be accepted instead of being reset
 GRACEFUL_SHUTDOWN_S = 5
 SERVER_HEADER = "nemo-neva"

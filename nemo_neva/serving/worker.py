@@ -18,7 +18,7 @@ from nemo_neva.serving.chat_request import ChatRequest
 from nemo_neva.serving.errors import RequestError, internal_error
 from nemo_neva.serving.limits import token_budget
 
-log = logging.getLogger("nemo_neva.serving")
+log = logging.getLogger(__name__)
 
 
 @dataclass
