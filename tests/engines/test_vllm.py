@@ -24,22 +24,13 @@ from nemo_neva import MegatronNevaModel
 from nemo_neva.data.conversation import render_prompt
 from nemo_neva.export.hf import export_neva_to_hf
 from nemo_neva.inference.generate import encode_prompt, generate_tokens
+from tests.engines.engine_venv import PYTHON, require_venv
 from tests.model.helpers import ROOT, llama_overrides, tiny_model_cfg
-from tests.optional import missing
 
 pytestmark = pytest.mark.vllm
-VENV = os.environ.get("NEVA_VLLM_VENV", os.path.join(ROOT, ".venv-vllm"))
-PYTHON = os.path.join(VENV, "bin", "python")
 MAX_TOKENS = 12
 DRIVER_TIMEOUT_S = 1200  # three models, offline in one process, one server start each (~1-3 min on 2 cores)
 VISION = {"mm_cfg.vision_encoder.config.num_attention_heads": 2}  # CLIP head size 32 as well
-
-
-def _require_venv():
-    if os.path.isfile(os.path.join(VENV, ".installed")):
-        return
-    # CI (.ci/run) sets NEVA_REQUIRE_VLLM=1 for `make test-vllm`, which builds the venv first
-    missing(f"no vLLM venv at {VENV}: run `make install-vllm`", also=("NEVA_REQUIRE_VLLM",), main_switch=False)
 
 
 def _image(path, h, w, seed):
@@ -99,7 +90,7 @@ def _conversations(images):
 
 
 def test_vllm_serves_the_export_with_generates_tokens(tmp_path):
-    _require_venv()
+    require_venv()
     images = [_image(str(tmp_path / "a.png"), 32, 32, 1), _image(str(tmp_path / "b.png"), 40, 36, 2),
               _image(str(tmp_path / "wide.png"), 40, 90, 3)]  # non-square: LLaVA-NeXT picks a 1x2 grid
     conversations = _conversations(images)

