@@ -85,11 +85,21 @@ def test_media_tags_go_first_unless_placed_and_never_without_media():
         place_media_tags("<video> what?", 0)
 
 
+def _missing(obj, protocol) -> list:
+    names = set(getattr(protocol, "__annotations__", {}))
+    names |= {n for n, v in vars(protocol).items() if (callable(v) or isinstance(v, property))
+              and (not n.startswith("_") or n == "__call__")}
+    assert names, protocol  # the protocol names something to check
+    return sorted(n for n in names if not hasattr(obj, n))
+
+
 def test_the_model_is_what_generation_needs():
     from nemo_neva.inference.model_protocol import GenerationModel, NetworkForGeneration
 
     model = _model()
-    assert isinstance(model, GenerationModel) and isinstance(model.model, NetworkForGeneration)
+    # Every member the protocols name, read as generation reads them (plain attribute access): isinstance() with a
+    # runtime-checkable Protocol reads attributes statically on Python >= 3.12, which misses nn.Module submodules.
+    assert _missing(model, GenerationModel) == [] and _missing(model.model, NetworkForGeneration) == []
     assert model.pads_in_cached_steps  # the local spec's core attention honours the padding mask
 
 
