@@ -63,7 +63,7 @@ def supply_vs_demand(steps: int, workers: int = 2, data_path: str | None = None)
 
     from nemo_neva.cli import shipped_config
 
-    from nemo_neva import MegatronNevaModel
+    from nemo_neva import build_model
 
     cfg = shipped_config("neva_pretrain").model
     with open_dict(cfg):
@@ -71,7 +71,7 @@ def supply_vs_demand(steps: int, workers: int = 2, data_path: str | None = None)
         cfg.data.data_path = data_path or os.path.join(REPO, "data", "shapes_demo", "stage1_captions.json")
         cfg.data.image_folder = os.path.join(REPO, "data", "shapes_demo", "images")
         cfg.data.num_workers = workers
-    model = MegatronNevaModel(cfg)
+    model = build_model(cfg)
     model.setup_training_data(cfg.data)
     dl = model._train_dl
     it = iter(dl)

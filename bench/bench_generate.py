@@ -51,7 +51,7 @@ def _model(a):
 
     from nemo_neva.cli import shipped_config
 
-    from nemo_neva import MegatronNevaModel
+    from nemo_neva import build_model
 
     cfg = shipped_config("neva_pretrain").model
     image_tokens = (a.image_size // a.patch) ** 2
@@ -63,7 +63,7 @@ def _model(a):
                    num_attention_heads=a.heads, num_query_groups=a.groups, position_embedding_type="rope",
                    normalization="RMSNorm", activation="swiglu", bias=False)
         cfg.mm_cfg.vision_encoder.config.update(image_size=a.image_size, patch_size=a.patch)
-    return MegatronNevaModel(cfg)
+    return build_model(cfg)
 
 
 def _prompts(batch: int, words: int) -> list[str]:

@@ -41,7 +41,7 @@ def _load_ours(folder: str) -> None:
 
     from nemo_neva.cli import shipped_config
 
-    from nemo_neva import MegatronNevaModel
+    from nemo_neva import build_model
     from nemo_neva.pretrained.lm_config import drop_unset_lm_keys
 
     cfg = shipped_config("neva_pretrain").model
@@ -50,7 +50,7 @@ def _load_ours(folder: str) -> None:
         cfg.data.data_path = os.path.join(ROOT, "data", "shapes_demo", "stage1_captions.json")
         cfg.data.image_folder = os.path.join(ROOT, "data", "shapes_demo", "images")
     drop_unset_lm_keys(cfg, [])
-    MegatronNevaModel(cfg)
+    build_model(cfg)
 
 
 def _load_theirs(folder: str) -> None:

@@ -59,11 +59,11 @@ def model_cfg(preset: str, batch_size: int):
 
 def prepare(preset: str, batch_size: int, out_dir: str) -> dict:
     """Build our model once, save it as .nemo and export the same weights as an HF LLaVA folder."""
-    from nemo_neva import MegatronNevaModel
+    from nemo_neva import build_model
     from nemo_neva.export.hf import export_neva_to_hf
     from nemo_neva.perf.paper_model import from_model_cfg, neva_params
 
-    model = MegatronNevaModel(model_cfg(preset, batch_size))
+    model = build_model(model_cfg(preset, batch_size))
     nemo = os.path.join(out_dir, "ours.nemo")
     model.save_to(nemo)
     hf_dir = export_neva_to_hf(model, os.path.join(out_dir, "hf"))

@@ -2,7 +2,8 @@
 
 Importing the package registers its namespace with NeMo's config-target allow-list (at once if NeMo is loaded,
 else when it loads), so NeMo's generic `ModelPT.restore_from` can rebuild a `MegatronNevaModel` from a `.nemo`.
-The import itself is cheap: `MegatronNevaModel` (torch, NeMo, megatron-core) loads on first use (PEP 562).
+The import itself is cheap: `MegatronNevaModel` and `build_model` (torch, NeMo, megatron-core) load on first use
+(PEP 562).
 """
 from nemo_neva.compat.mcore_range import check_megatron_core
 
@@ -12,7 +13,7 @@ from nemo_neva.registration import register_when_nemo_loads  # noqa: E402
 
 register_when_nemo_loads()
 
-__all__ = ["MegatronNevaModel"]
+__all__ = ["MegatronNevaModel", "build_model"]
 __version__ = "0.1.0"
 
 
@@ -21,4 +22,8 @@ def __getattr__(name):
         from nemo_neva.models.neva_model import MegatronNevaModel
 
         return MegatronNevaModel
+    if name == "build_model":
+        from nemo_neva.models.build import build_model
+
+        return build_model
     raise AttributeError(f"module 'nemo_neva' has no attribute {name!r}")

@@ -124,7 +124,7 @@ def train(stage: str, variant_name: str, out: str, steps: int, dry_run: bool, re
     """One `stage` (pretrain | finetune) run; returns (Run, path of the .nemo it wrote)."""
     from omegaconf import open_dict
 
-    from nemo_neva import MegatronNevaModel
+    from nemo_neva import MegatronNevaModel, build_model
     from nemo_neva.cli import shipped_config
     from nemo_neva.models.finetune_config import finetune_config
     from nemo_neva.training.trainer import build_trainer
@@ -150,7 +150,7 @@ def train(stage: str, variant_name: str, out: str, steps: int, dry_run: bool, re
     trainer = build_trainer(cfg)
     trainer.callbacks.append(_Recorder(run))
     if stage == "pretrain":
-        neva = MegatronNevaModel(cfg.model, trainer=trainer)
+        neva = build_model(cfg.model, trainer=trainer)
     else:
         neva = MegatronNevaModel.restore_from(restore, override_config_path=cfg.model, trainer=trainer)
     trainer.fit(neva)

@@ -25,9 +25,9 @@ VARIANTS = {
 def test_parameter_counts_equal_the_built_model(name):
     from omegaconf import OmegaConf
 
-    from nemo_neva import MegatronNevaModel
+    from nemo_neva import build_model
 
-    model = MegatronNevaModel(tiny_model_cfg(**VARIANTS[name]))
+    model = build_model(tiny_model_cfg(**VARIANTS[name]))
     vocab = model.model.language_model.vocab_size
     shape = pm.from_model_cfg(OmegaConf.to_container(model.cfg, resolve=True), vocab, model.vision_config)
     counts = pm.neva_params(shape)

@@ -52,7 +52,7 @@ def load_hf_llava_into_neva(input_dir: str, trust_pickle: bool = False, make_voc
     """Build a `MegatronNevaModel` holding the weights of a local HF LLaVA directory."""
     from transformers import AutoConfig
 
-    from nemo_neva import MegatronNevaModel
+    from nemo_neva import build_model
     if not os.path.isfile(os.path.join(input_dir, "config.json")):
         raise FileNotFoundError(f"{input_dir}: no config.json (expected a LlavaForConditionalGeneration folder)")
     with open(os.path.join(input_dir, "config.json")) as f:
@@ -74,7 +74,7 @@ def load_hf_llava_into_neva(input_dir: str, trust_pickle: bool = False, make_voc
     used = hf_lm.check_sources(source, lm_table(cfg), where, _LM_HEAD)
     rest = {k for k in source.names() if k.startswith(_VISION) or k.startswith(_PROJ) or k == _NEWLINE}
     hf_lm.check_leftovers(source, used | rest, where)
-    model = MegatronNevaModel(cfg, weights_loaded_after=True)  # every tensor is written below
+    model = build_model(cfg, weights_loaded_after=True)  # every tensor is written below
     if model.image_token_id != _image_token_id(config):
         raise UnsupportedCheckpoint(f"config image_token_index={_image_token_id(config)} but the tokenizer's "
                                     f"'<image>' token is {model.image_token_id}")

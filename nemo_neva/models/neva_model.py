@@ -16,8 +16,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from nemo_neva import pretrained
 from nemo_neva.cli import resolve_path
-from nemo_neva.compat.cpu import seed_all
-from nemo_neva.data.settings import seed_of
 from nemo_neva.models import peft
 from nemo_neva.models.model_config import resolve_model_config
 from nemo_neva.models.neva_data import NevaDataMixin
@@ -32,7 +30,7 @@ from nemo_neva.modules.language_model import (
 from nemo_neva.modules.neva_module import NevaModule
 from nemo_neva.modules.projector import build_projector
 from nemo_neva.modules.vision import VisionTower, build_image_processor, load_vision_config, tokens_per_image
-from nemo_neva.parallel.init import ensure_parallel
+from nemo_neva.parallel.init import ensure_parallel, require_parallel
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +60,9 @@ def _precision_dtype(trainer: Optional[Trainer]) -> torch.dtype:
 class MegatronNevaModel(NevaRestoreMixin, NevaStepMixin, NevaDataMixin, ModelPT):
     """NeVA: HF CLIP/SigLIP tower (frozen) + projector + megatron-core GPTModel.
 
-    Built in this order: the config resolved (`model_config.resolve_model_config`), the parallel layout in place
-    (`parallel.init.ensure_parallel`: set up by the entry point, `setup_parallel`), the network built from the
-    config (`_build`), its weights loaded; data loaders come when Lightning asks (`setup`)."""
+    Built in this order: the config resolved (`model_config.resolve_model_config`), the parallel layout checked
+    (set up and seeded by the caller: `nemo_neva.build_model`, `parallel.init.setup_parallel`), the network built
+    from the config (`_build`), its weights loaded; data loaders come when Lightning asks (`setup`)."""
 
     def __init__(self, cfg: DictConfig, trainer: Optional[Trainer] = None, weights_loaded_after: bool = False):
         """`weights_loaded_after`: the caller overwrites every weight right after (the HF LLaVA converter), so
@@ -73,8 +71,14 @@ class MegatronNevaModel(NevaRestoreMixin, NevaStepMixin, NevaDataMixin, ModelPT)
         self._weights_loaded_after = weights_loaded_after
         self.step_state = StepState()
         try:
-            cfg, lm_source = resolve_model_config(cfg, restoring=self._is_model_being_restored())
-            ensure_parallel(cfg)  # the one global set-up here, and a no-op after the entry point's (see its doc)
+            restoring = self._is_model_being_restored()
+            cfg, lm_source = resolve_model_config(cfg, restoring=restoring)
+            if restoring:
+                # a no-op after MegatronNevaModel.restore_from's set-up; NeMo's generic ModelPT.restore_from
+                # builds the model from the archive's config with no hook before it, so it is set up here
+                ensure_parallel(cfg)
+            else:
+                require_parallel(cfg)  # starts nothing: a fresh model's layout is its caller's (build_model)
             super().__init__(cfg=cfg, trainer=trainer)
             self._build(trainer, lm_source)
         except BaseException:
@@ -86,7 +90,8 @@ class MegatronNevaModel(NevaRestoreMixin, NevaStepMixin, NevaDataMixin, ModelPT)
     # ------------------------------------------------------------------ construction
     def _build(self, trainer: Optional[Trainer], lm_source: Optional[pretrained.LMSource]):
         """The network from the resolved config, then its weights: a .nemo's, a pretrained LM's, or random
-        ones drawn from `model.seed`; then PEFT adapters and freezing."""
+        ones (drawn from the RNGs as the caller seeded them: `setup_parallel` seeds them with `model.seed`);
+        then PEFT adapters and freezing."""
         cfg = self.cfg
         self.automatic_optimization = False  # megatron-core schedules + optimizer do the stepping
         restore_dir = self._restore_folder()
@@ -105,7 +110,6 @@ class MegatronNevaModel(NevaRestoreMixin, NevaStepMixin, NevaDataMixin, ModelPT)
         # A random init that the loading below overwrites is skipped: the LM's when every LM weight is loaded
         # (.nemo, pretrained LM, converter), the vision tower's when it is loaded too (.nemo, converter).
         all_loaded = bool(restore_dir) or self._weights_loaded_after
-        seed_all(seed_of(cfg))  # a model's random weights follow `model.seed`, whatever was built before
         self.model = self._build_module(cfg, vision_config, from_pretrained=None if restore_dir else
                                         resolve_path(venc.get("from_pretrained")),
                                         lm_loaded=all_loaded or lm_source is not None, tower_loaded=all_loaded)

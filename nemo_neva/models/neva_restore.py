@@ -50,10 +50,19 @@ class NevaRestoreMixin:
                      return_config: bool = False, save_restore_connector=None, trainer: Optional[Trainer] = None,
                      validate_access_integrity: bool = True):
         """NeMo's restore_from with our connector by default: the archive and its config `target` are
-        checked before NeMo extracts or instantiates anything (see nemo_neva.checkpoint.untrusted)."""
+        checked before NeMo extracts or instantiates anything (see nemo_neva.checkpoint.untrusted). Before the
+        model is built, this process's parallel layout is set up for the config it restores (its archive's or
+        `override_config_path`), unless it runs that layout already: a restore is an entry point."""
         if save_restore_connector is None:
             save_restore_connector = nemo_connector.NevaSaveRestoreConnector()
         try:
+            if not return_config:
+                from nemo_neva.models.model_config import resolve_model_config
+                from nemo_neva.parallel.init import ensure_parallel
+
+                conf = super().restore_from(restore_path, override_config_path=override_config_path,
+                                            return_config=True, save_restore_connector=save_restore_connector)
+                ensure_parallel(resolve_model_config(conf, restoring=True).cfg)
             return super().restore_from(restore_path, override_config_path=override_config_path,
                                         map_location=map_location, strict=strict, return_config=return_config,
                                         save_restore_connector=save_restore_connector, trainer=trainer,

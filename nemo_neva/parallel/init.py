@@ -216,16 +216,36 @@ def setup_parallel(cfg) -> dict:
     return initialize_model_parallel_from_cfg(**_layout_of(cfg), seed=seed_of(cfg))
 
 
-def ensure_parallel(cfg) -> None:
-    """`setup_parallel(cfg)` unless this process already runs `cfg`'s layout (an entry point set it up): then
-    only the layout is checked against `cfg` and nothing global changes. MegatronNevaModel's constructor calls
-    this, its one global set-up, because NeMo's `ModelPT.restore_from` constructs the model itself from a
-    config that only the archive holds (and tests / tools build models directly)."""
+class ParallelNotSetUp(ParallelConfigError):
+    """A model was built in a process whose parallel layout nobody set up (or set up for another layout)."""
+
+
+def parallel_ready(cfg) -> bool:
+    """This process already runs the layout `cfg` asks for (torch.distributed and megatron-core's groups)."""
     from megatron.core import parallel_state as ps
 
     layout = _layout_of(cfg)
-    if dist.is_initialized() and ps.model_parallel_is_initialized() and _current_layout() == (
-            layout["tp"], layout["pp"], None, 1):
-        validate_parallel_layout(world_size=dist.get_world_size(), **layout)
+    return dist.is_initialized() and ps.model_parallel_is_initialized() and _current_layout() == (
+        layout["tp"], layout["pp"], None, 1)
+
+
+def require_parallel(cfg) -> None:
+    """Check, changing nothing, that `setup_parallel(cfg)` was done: MegatronNevaModel's constructor calls
+    this, so building a model starts no process group and no parallel groups of its own."""
+    if not parallel_ready(cfg):
+        tp, pp = cfg.get("tensor_model_parallel_size", 1), cfg.get("pipeline_model_parallel_size", 1)
+        raise ParallelNotSetUp(
+            f"the parallel layout for this model (TP={tp} PP={pp}) is not set up in this process: build it with "
+            "nemo_neva.build_model(cfg) or call nemo_neva.parallel.init.setup_parallel(cfg) first (all ranks); "
+            "restore a .nemo with MegatronNevaModel.restore_from")
+    validate_parallel_layout(world_size=dist.get_world_size(), **_layout_of(cfg))
+
+
+def ensure_parallel(cfg) -> None:
+    """`setup_parallel(cfg)` unless this process already runs `cfg`'s layout (then nothing global changes):
+    what restoring a .nemo does before the model is built (`MegatronNevaModel.restore_from`), since the
+    layout is read from the archive's config."""
+    if parallel_ready(cfg):
+        validate_parallel_layout(world_size=dist.get_world_size(), **_layout_of(cfg))
         return
     setup_parallel(cfg)

@@ -69,13 +69,13 @@ def test_blend_zero_weight_and_unreachable_source():
 
 
 def test_model_blends_json_files(tmp_path):
-    from nemo_neva import MegatronNevaModel
+    from nemo_neva import build_model
     from tests.model.helpers import tiny_model_cfg
 
     a = write_json(tmp_path / "a.json", [{"id": f"a{i}", "conversations": conv("hi", "aaa")} for i in range(6)])
     b = write_json(tmp_path / "b.json", [{"id": f"b{i}", "conversations": conv("yo", "bbb")} for i in range(6)])
     cfg = tiny_model_cfg(**{"data.data_path": [3, a, 1, b], "data.conv_template": "chatml"})
-    model = MegatronNevaModel(cfg)
+    model = build_model(cfg)
     ds = model.build_dataset(cfg.data)
     assert isinstance(ds, BlendedNevaDataset) and len(ds) == 12
     ids = [ds[i]["id"] for i in range(12)]

@@ -78,11 +78,11 @@ def test_blend_of_shards_resume_and_packing(sources, tok, proc):
 
 
 def test_model_builds_shard_blends(sources, tmp_path):
-    from nemo_neva import MegatronNevaModel
+    from nemo_neva import build_model
     from tests.model.helpers import tiny_model_cfg
 
     cfg = tiny_model_cfg(**{"data.data_path": [2, sources["a"], 1, sources["b"]]})
-    model = MegatronNevaModel(cfg)
+    model = build_model(cfg)
     ds = model.build_dataset(cfg.data)
     assert isinstance(ds, BlendedShardedDataset) and ds.counts() == {sources["a"]: 24, sources["b"]: 12}
     mixed = [1, sources["a"], 1, os.path.join(DEMO, "stage1_captions.json")]

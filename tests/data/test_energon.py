@@ -14,7 +14,7 @@ from tests.optional import require
 
 require("megatron.energon")
 
-from nemo_neva import MegatronNevaModel  # noqa: E402
+from nemo_neva import build_model  # noqa: E402
 from nemo_neva.data.energon import (EnergonLoader, EnergonSource, from_plain, is_energon_path,  # noqa: E402
                                     sample_to_record, to_plain)
 from neva_data_helpers import REPO, conv, json_dataset, write_json  # noqa: E402
@@ -50,7 +50,7 @@ def stage2(tmp_path_factory):
 
 def _model(data_path, **overrides):
     cfg = tiny_model_cfg(**{"data.data_path": data_path, "data.shuffle_buffer": 4, **overrides})
-    model = MegatronNevaModel(cfg)
+    model = build_model(cfg)
     model.setup_training_data(cfg.data)
     return model, cfg
 
@@ -167,7 +167,7 @@ def test_bad_samples_are_counted_skips(tmp_path):
     counts = model._skip_tally.global_counts()
     assert counts["no_trainable_tokens"] >= 1 and counts["image_count_mismatch"] >= 1 and counts["image_corrupt"] + counts["image_bad_format"] >= 1
     cfg.data.strict = True
-    strict = MegatronNevaModel(cfg)
+    strict = build_model(cfg)
     strict.setup_training_data(cfg.data)
     with pytest.raises(Exception, match="no_trainable_tokens|image_count_mismatch|image_(corrupt|bad_format)"):
         it = iter(strict._train_dl)

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import build_model
 import torch
 
 from nemo_neva.data.packed_shards import PackedShardLoader
@@ -26,7 +26,7 @@ def test_model_streams_shards(tmp_path):
     pattern = os.path.join(out, "shard-{000000..000002}.tar")
     cfg = tiny_model_cfg(**{"data.data_path": pattern, "data.validation_data_path": out,
                             "data.shuffle_buffer": 4})
-    model = MegatronNevaModel(cfg)
+    model = build_model(cfg)
     model.setup_training_data(cfg.data)
     train, val = model._train_dl, model._validation_dl
     assert isinstance(train, ShardedLoader) and isinstance(model._train_ds, ShardedNevaDataset)

@@ -32,7 +32,7 @@ def _records(tmp_path, n_good):
 
 @pytest.mark.parametrize("source", ["json", "shards"])
 def test_logged_skips_equal_bad_records_with_two_workers(tmp_path, source):
-    from nemo_neva import MegatronNevaModel
+    from nemo_neva import build_model
     from tests.model.helpers import tiny_model_cfg
 
     # 16 rows reach the loader either way (2 full batches of 8; training drops a partial one)
@@ -45,7 +45,7 @@ def test_logged_skips_equal_bad_records_with_two_workers(tmp_path, source):
         assert index["total"] == 16
     cfg = tiny_model_cfg(**{"data.data_path": path, "data.image_folder": images, "data.num_workers": 2,
                             "data.conv_template": "chatml", "data.shuffle_buffer": 4})
-    model = MegatronNevaModel(cfg)
+    model = build_model(cfg)
     model.setup_training_data(cfg.data)
     assert sum(model._train_ds.prescan_skips.values()) == (2 if source == "json" else 0)
     logged = []
@@ -85,7 +85,7 @@ def test_end_of_training_reports_skips_by_reason_and_warns_with_the_fix(tmp_path
     as a warning naming the setting to change; 1 of 60 lost stays an info line."""
     import logging
 
-    from nemo_neva import MegatronNevaModel
+    from nemo_neva import build_model
     from nemo_neva.data.skip_tally import skip_report
     from tests.model.helpers import tiny_model_cfg
 
@@ -97,7 +97,7 @@ def test_end_of_training_reports_skips_by_reason_and_warns_with_the_fix(tmp_path
     recs += [{"id": f"long{i}", "image": "red.png", "conversations": conv(long_question, "red")} for i in range(3)]
     cfg = tiny_model_cfg(**{"data.data_path": write_json(tmp_path / "d.json", recs), "data.image_folder": str(images),
                             "data.conv_template": "chatml"})
-    model = MegatronNevaModel(cfg)
+    model = build_model(cfg)
     model.setup_training_data(cfg.data)
     with caplog.at_level(logging.INFO):
         model.on_train_end()

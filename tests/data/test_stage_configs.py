@@ -63,13 +63,13 @@ def test_hydra_overrides_reach_the_composed_stage_configs():
 
 def test_null_keys_keep_the_nemos_and_the_network_is_the_nemos(tmp_path):
     """finetune_config (what neva-finetune / neva-peft run) on a .nemo with its own video and context settings."""
-    from nemo_neva import MegatronNevaModel
+    from nemo_neva import build_model
     from nemo_neva.models.finetune_config import finetune_config
     from tests.model.helpers import tiny_model_cfg
 
     base = tiny_model_cfg(**{"data.video.num_frames": 3, "data.video.sampling": "first", "mm_cfg.video.pool": "2x2"})
     path = str(tmp_path / "base.nemo")
-    MegatronNevaModel(base).save_to(path)
+    build_model(base).save_to(path)
     for stage, frames in (("neva_finetune", 8), ("neva_peft", 3)):  # finetune sets 8 frames; peft keeps the .nemo's
         cfg = finetune_config(path, shipped_config(stage).model)
         assert cfg.encoder_seq_length == base.encoder_seq_length == 64  # not the pretrain yaml's 128

@@ -20,7 +20,7 @@ import urllib.request
 import pytest
 import torch
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import build_model
 from nemo_neva.inference.prompting import build_prompt
 from nemo_neva.parallel.init import free_port
 from nemo_neva.serving.worker import serving_stops
@@ -92,7 +92,7 @@ def test_lmms_eval_against_neva_serve_scores_generates_answers(tmp_path):
         pytest.fail(f"lmms_eval is not in {PYTHON}: run `make install-vllm` again (install_vllm.sh installs it)")
     folder = str(tmp_path)
     torch.manual_seed(0)
-    model = MegatronNevaModel(tiny_model_cfg(encoder_seq_length=192, **{"data.conv_template": TEMPLATE}))
+    model = build_model(tiny_model_cfg(encoder_seq_length=192, **{"data.conv_template": TEMPLATE}))
     nemo_path = os.path.join(folder, "tiny-neva.nemo")
     model.save_to(nemo_path)
     model.eval()

@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import build_model
 from nemo_neva.data.conversation import render_prompt
 from nemo_neva.export.hf import export_neva_to_hf
 from nemo_neva.inference.generate import encode_prompt, generate_tokens
@@ -97,7 +97,7 @@ def test_vllm_serves_the_export_with_generates_tokens(tmp_path):
     spec, expected = {"models": [], "serve": list(conversations)}, {}
     for name, (cfg, family) in _models(tmp_path).items():
         torch.manual_seed(0)
-        model = MegatronNevaModel(cfg).eval()
+        model = build_model(cfg).eval()
         folder = str(tmp_path / name)
         export_neva_to_hf(model, folder)
         assert json.load(open(os.path.join(folder, "config.json")))["text_config"]["model_type"] == family

@@ -7,7 +7,7 @@ import os
 import pytest
 from PIL import Image
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import build_model
 from nemo_neva.data.shapes import make_shapes_dataset
 from nemo_neva.data.video_io import open_video, video_settings_of
 from nemo_neva.evaluation import evaluate, read_eval_file
@@ -25,7 +25,7 @@ def setup(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("shapes"))
     paths = make_shapes_dataset(out, n_train=2, n_eval=2, n_two_image=3, n_video_eval=3, video_frames=4)
     cfg = tiny_model_cfg(**{"data.conv_template": TEMPLATE, "encoder_seq_length": 192, "data.video.num_frames": 4})
-    model = MegatronNevaModel(cfg)
+    model = build_model(cfg)
     model.eval()
     return model, paths
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import build_model
 from nemo_neva.evaluation.scores import exact_match_vqa
 from nemo_neva.evaluation.vqa import vqa_accuracy
 from tests.model.helpers import ROOT, tiny_model_cfg
@@ -22,7 +22,7 @@ def _run(*args, cwd):
 @pytest.fixture(scope="module")
 def tiny_nemo(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("nemo") / "tiny.nemo")
-    MegatronNevaModel(tiny_model_cfg(**{"data.conv_template": "nvgpt", "encoder_seq_length": 192})).save_to(path)
+    build_model(tiny_model_cfg(**{"data.conv_template": "nvgpt", "encoder_seq_length": 192})).save_to(path)
     return path
 
 

@@ -11,7 +11,7 @@ import os
 import pytest
 from omegaconf import open_dict
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import build_model
 from nemo_neva.data.conversation import STEERLM_INFERENCE_DEFAULTS, TEMPLATE_NAMES, render, render_prompt
 from nemo_neva.data.tokenizer import encode_text
 from nemo_neva.export.hf import export_neva_to_hf
@@ -28,7 +28,7 @@ MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "te
 
 @pytest.fixture(scope="module")
 def model():
-    return MegatronNevaModel(tiny_model_cfg(**llama_overrides()))
+    return build_model(tiny_model_cfg(**llama_overrides()))
 
 
 @pytest.mark.parametrize("template", TEMPLATE_NAMES)

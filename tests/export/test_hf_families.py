@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import build_model
 from nemo_neva.export.hf import UnsupportedCheckpoint, export_neva_to_hf, export_nemo_to_hf
 from tests.export.hf_helpers import neva_logits
 from tests.model.helpers import tiny_model_cfg
@@ -48,7 +48,7 @@ def test_imported_lm_exports_tensor_for_tensor_in_its_own_family(case, tmp_path)
     family, overrides = CASES[case]
     src = str(tmp_path / "lm")
     hf = make_tiny_lm(family, src, **overrides)
-    model = MegatronNevaModel(neva_cfg(src))
+    model = build_model(neva_cfg(src))
     nemo = str(tmp_path / "model.nemo")
     model.save_to(nemo)
     out = export_nemo_to_hf(nemo, str(tmp_path / "hf"))
@@ -92,7 +92,7 @@ def test_nevas_gpt_style_goes_out_as_gpt2(activation, hf_name, tmp_path):
     from transformers import LlavaForConditionalGeneration
 
     torch.manual_seed(0)
-    model = MegatronNevaModel(tiny_model_cfg(activation=activation, layernorm_epsilon=1e-6,
+    model = build_model(tiny_model_cfg(activation=activation, layernorm_epsilon=1e-6,
                                              **{"data.conv_template": "vicuna_v1"})).eval()
     with torch.no_grad():  # off their init values (norm gains 1, biases 0), so a mix-up shows
         for p in model.model.parameters():
@@ -118,7 +118,7 @@ def test_nevas_gpt_style_goes_out_as_gpt2(activation, hf_name, tmp_path):
     ({"num_query_groups": 2}, "num_query_groups=2 (HF GPT-2 has no grouped-query attention)"),
 ], ids=["rope", "geglu", "gqa"])
 def test_an_lm_no_family_expresses_is_refused_naming_the_field(overrides, named, tmp_path):
-    model = MegatronNevaModel(tiny_model_cfg(**overrides))
+    model = build_model(tiny_model_cfg(**overrides))
     out = tmp_path / "hf"
     with pytest.raises(UnsupportedCheckpoint, match="no Hugging Face LM family") as err:
         export_neva_to_hf(model, str(out))
@@ -127,7 +127,7 @@ def test_an_lm_no_family_expresses_is_refused_naming_the_field(overrides, named,
 
 
 def test_a_pooled_video_model_is_refused(tmp_path):
-    model = MegatronNevaModel(tiny_model_cfg(**{"mm_cfg.video.pool": "2x2"}))
+    model = build_model(tiny_model_cfg(**{"mm_cfg.video.pool": "2x2"}))
     with pytest.raises(UnsupportedCheckpoint, match=r"video\.pool='2x2' \(HF LLaVA has no video frame pooling"):
         export_neva_to_hf(model, str(tmp_path / "hf"))
     assert os.listdir(tmp_path) == []
@@ -136,7 +136,7 @@ def test_a_pooled_video_model_is_refused(tmp_path):
 def test_a_failed_write_leaves_no_folder_and_a_full_folder_is_not_overwritten(tmp_path, monkeypatch):
     import nemo_neva.export.hf as hf_export
 
-    model = MegatronNevaModel(tiny_model_cfg())
+    model = build_model(tiny_model_cfg())
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
@@ -164,7 +164,7 @@ def test_an_export_for_an_engine_refuses_what_that_engine_cannot_serve(engine, o
 
     overrides = dict(overrides)
     lm = llama_overrides() if overrides.pop("llama", False) else {}  # else the demo's GPT style: GPT-2
-    model = MegatronNevaModel(tiny_model_cfg(**lm, **overrides))
+    model = build_model(tiny_model_cfg(**lm, **overrides))
     with pytest.raises(UnsupportedCheckpoint, match=named.replace("(", r"\(").replace(")", r"\)")):
         export_neva_to_hf(model, str(tmp_path / "hf"), engine=engine)
     assert os.listdir(tmp_path) == []
@@ -174,6 +174,6 @@ def test_an_export_for_an_engine_refuses_what_that_engine_cannot_serve(engine, o
 def test_a_tiled_llama_model_exports_for_tensorrt_llm(tmp_path):
     from tests.model.helpers import llama_overrides
 
-    model = MegatronNevaModel(tiny_model_cfg(**llama_overrides(), **{"mm_cfg.image_tiling.enabled": True}))
+    model = build_model(tiny_model_cfg(**llama_overrides(), **{"mm_cfg.image_tiling.enabled": True}))
     out = export_neva_to_hf(model, str(tmp_path / "hf"), engine="trtllm")
     assert json.load(open(os.path.join(out, "config.json")))["architectures"] == ["LlavaNextForConditionalGeneration"]

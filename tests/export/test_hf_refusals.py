@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import build_model
 from nemo_neva.export.hf import UnsupportedCheckpoint, check_hf_config, export_neva_to_hf, read_hf_weights
 from tests.export.hf_helpers import ROOT, make_tiny_llava
 from tests.model.helpers import llama_overrides, tiny_model_cfg
@@ -100,7 +100,7 @@ def test_convert_script_names_the_unsupported_lm(hf_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("adapter", ["linear", "mlp3x_gelu"])
 def test_projector_hf_cannot_express_is_refused_on_export(adapter, tmp_path):
-    model = MegatronNevaModel(tiny_model_cfg(**llama_overrides(), **{"mm_cfg.mm_mlp_adapter_type": adapter}))
+    model = build_model(tiny_model_cfg(**llama_overrides(), **{"mm_cfg.mm_mlp_adapter_type": adapter}))
     out = str(tmp_path / "hf")
     with pytest.raises(UnsupportedCheckpoint, match=f"mm_mlp_adapter_type='{adapter}'.*mlp2x_gelu"):
         export_neva_to_hf(model, out)
@@ -110,7 +110,7 @@ def test_projector_hf_cannot_express_is_refused_on_export(adapter, tmp_path):
 def test_export_script_refuses_an_lm_no_family_expresses(tmp_path, capsys):
     nemo = str(tmp_path / "mixed.nemo")
     # GPT style (LayerNorm, gelu, biases) but RoPE: neither HF GPT-2 nor HF LLaMA computes it
-    MegatronNevaModel(tiny_model_cfg(position_embedding_type="rope")).save_to(nemo)
+    build_model(tiny_model_cfg(position_embedding_type="rope")).save_to(nemo)
     out = str(tmp_path / "hf")
     assert _script("export_to_hf")(["--nemo-path", nemo, "--output-dir", out]) == 2
     err = capsys.readouterr().err

@@ -10,9 +10,9 @@ TILED = {"mm_cfg.image_tiling.enabled": True, "encoder_seq_length": 512}  # anyr
 
 
 def tiny_neva(kind: str, seed: int = 0, **overrides):
-    from nemo_neva import MegatronNevaModel
+    from nemo_neva import build_model
 
-    model = MegatronNevaModel(tiny_model_cfg(**KINDS[kind], **overrides)).eval()
+    model = build_model(tiny_model_cfg(**KINDS[kind], **overrides)).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # norm gains, biases included: a swapped or dropped tensor must show in the logits
         for p in model.parameters():

@@ -2,14 +2,14 @@
 import pytest
 import torch
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import build_model
 from tests.model.helpers import llama_overrides, tiny_model_cfg
 
 
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(2)
-    return MegatronNevaModel(tiny_model_cfg(**llama_overrides()))
+    return build_model(tiny_model_cfg(**llama_overrides()))
 
 
 @pytest.fixture(scope="module")

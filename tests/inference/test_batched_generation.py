@@ -3,7 +3,7 @@ as one at a time: left padding, its masks and positions, and rows leaving the ba
 import pytest
 import torch
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import build_model
 from nemo_neva.inference.generate import generate, generate_tokens
 from tests.model.helpers import llama_overrides, tiny_model_cfg
 
@@ -16,7 +16,7 @@ PROMPTS = ["<image>\nWhat colour is the shape?", "Hello", "<image>\nIs there a c
 @pytest.fixture(scope="module", params=list(STYLES), ids=list(STYLES))
 def model(request):
     torch.manual_seed(1)
-    return MegatronNevaModel(tiny_model_cfg(**STYLES[request.param]))
+    return build_model(tiny_model_cfg(**STYLES[request.param]))
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import MegatronNevaModel, build_model
 from nemo_neva.data.image_io import open_user_image
 from nemo_neva.inference.prompting import build_prompt, stop_markers
 from tests.model.helpers import ROOT, tiny_model_cfg
@@ -28,7 +28,7 @@ def _run(*args, cwd):
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     torch.manual_seed(4)
-    MegatronNevaModel(tiny_model_cfg()).save_to(str(root / "m.nemo"))
+    build_model(tiny_model_cfg()).save_to(str(root / "m.nemo"))
     return root, MegatronNevaModel.restore_from(str(root / "m.nemo"))
 
 

@@ -9,7 +9,7 @@ import torch
 from omegaconf import open_dict
 from PIL import Image
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import MegatronNevaModel, build_model
 from nemo_neva.data.image_io import preprocess
 from nemo_neva.inference.generate import generate
 from tests.model.helpers import tiny_model_cfg
@@ -26,7 +26,7 @@ def wide_image(w=48, h=32, seed=0):
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return MegatronNevaModel(tiny_model_cfg())
+    return build_model(tiny_model_cfg())
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ def test_mode_is_recorded_in_the_nemo_and_an_old_nemo_restores_as_square(tmp_pat
 
     cfg = tiny_model_cfg(**{"data.image_aspect_ratio": "pad"})
     path = str(tmp_path / "pad.nemo")
-    MegatronNevaModel(cfg).save_to(path)
+    build_model(cfg).save_to(path)
     restored = MegatronNevaModel.restore_from(path)
     assert restored.image_aspect_ratio == "pad" and restored.cfg.data.image_aspect_ratio == "pad"
     # a .nemo written before the mode was recorded (no key) was trained with the default: square
@@ -105,7 +105,7 @@ def test_exports_record_the_mode_and_reproduce_the_pixels(tmp_path):
 
     from nemo_neva.export.trtllm import META_FILE, export_neva_to_trtllm, export_pixels
 
-    model = MegatronNevaModel(tiny_model_cfg(**{"data.image_aspect_ratio": "pad"}))
+    model = build_model(tiny_model_cfg(**{"data.image_aspect_ratio": "pad"}))
     out = str(tmp_path / "trt")
     meta = export_neva_to_trtllm(model, out, dtype="float32")
     assert meta["image_aspect_ratio"] == "pad" and json.load(open(f"{out}/{META_FILE}"))["image_aspect_ratio"] == "pad"
@@ -126,7 +126,7 @@ def test_hf_export_processor_makes_the_models_pixels(tmp_path, mode):
     from nemo_neva.export.hf import export_neva_to_hf
     from tests.model.helpers import llama_overrides
 
-    model = MegatronNevaModel(tiny_model_cfg(**llama_overrides(), **{"data.image_aspect_ratio": mode}))
+    model = build_model(tiny_model_cfg(**llama_overrides(), **{"data.image_aspect_ratio": mode}))
     out = str(tmp_path / "hf")
     export_neva_to_hf(model, out)
     image = wide_image(seed=3)

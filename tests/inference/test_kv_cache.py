@@ -6,7 +6,7 @@ grouped-query attention) decoders; single prompts and a left-padded batch of dif
 import pytest
 import torch
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import build_model
 from nemo_neva.inference.batching import left_pad
 from nemo_neva.inference.generate import encode_prompt, generate, generate_tokens
 from nemo_neva.inference.kv_cache import CachedDecoder, RecomputeDecoder
@@ -19,7 +19,7 @@ PROMPTS = ["<image>\nWhat colour is the shape in the middle of this picture?", "
 @pytest.fixture(scope="module", params=list(STYLES), ids=list(STYLES))
 def model(request):
     torch.manual_seed(0)
-    model = MegatronNevaModel(tiny_model_cfg(**STYLES[request.param]))
+    model = build_model(tiny_model_cfg(**STYLES[request.param]))
     model.eval()
     return model
 

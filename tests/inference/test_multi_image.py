@@ -4,7 +4,7 @@ each image token to its feature run and fills them in order too); and batching /
 import pytest
 import torch
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import build_model
 from nemo_neva.export.hf import export_neva_to_hf
 from nemo_neva.inference.generate import encode_prompt, generate, generate_tokens
 
@@ -17,7 +17,7 @@ PROMPT = "<image>\nFirst. <image>\nSecond. Which has more shapes?"
 def model():
     """The conftest's tiny LLaMA-style model with room for two images (2 x 16 tokens) and an answer."""
     torch.manual_seed(2)
-    return MegatronNevaModel(tiny_model_cfg(**llama_overrides(), encoder_seq_length=128))
+    return build_model(tiny_model_cfg(**llama_overrides(), encoder_seq_length=128))
 
 
 @pytest.fixture(scope="module")

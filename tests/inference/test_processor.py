@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import build_model
 from nemo_neva.data.processor import ContextTooLong, NevaInputs, place_media_tags
 from nemo_neva.data.video_io import Video
 from tests.model.helpers import llama_overrides, tiny_model_cfg
@@ -18,7 +18,7 @@ def _pil(h, w, seed):
 
 def _model(**overrides):
     torch.manual_seed(0)
-    return MegatronNevaModel(tiny_model_cfg(**llama_overrides(), **overrides)).eval()
+    return build_model(tiny_model_cfg(**llama_overrides(), **overrides)).eval()
 
 
 def _spliced(model, inputs: NevaInputs):

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import MegatronNevaModel, build_model
 from nemo_neva.inference.generate import generate_tokens
 from nemo_neva.parallel.init import free_port
 from tests.model.helpers import ROOT, llama_overrides, tiny_model_cfg
@@ -23,7 +23,7 @@ PROMPTS = ["<image>\nWhat colour is the shape?", "A text-only prompt of another 
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("tpgen")
     torch.manual_seed(3)
-    model = MegatronNevaModel(tiny_model_cfg(**llama_overrides()))
+    model = build_model(tiny_model_cfg(**llama_overrides()))
     nemo = str(root / "model.nemo")
     model.save_to(nemo)
     g = torch.Generator().manual_seed(8)

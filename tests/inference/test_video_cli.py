@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import MegatronNevaModel, build_model
 from nemo_neva.data.constants import IMAGE_TOKEN
 from nemo_neva.data.video_io import sample_indices
 from nemo_neva.data.video_writer import write_video
@@ -33,7 +33,7 @@ def _run(*args, cwd):
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("video_cli")
     torch.manual_seed(4)
-    MegatronNevaModel(tiny_model_cfg(encoder_seq_length=128, **{"data.video.num_frames": 3})).save_to(
+    build_model(tiny_model_cfg(encoder_seq_length=128, **{"data.video.num_frames": 3})).save_to(
         str(root / "m.nemo"))
     drawn = moving_square(7)
     write_video(root / "clip.mp4", drawn)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import build_model
 from nemo_neva.data.constants import IMAGE_TOKEN
 from nemo_neva.data.video_io import VideoSettings, open_video, video_settings_of
 from nemo_neva.data.video_writer import write_video
@@ -34,7 +34,7 @@ def moving_square(n, size=32, colour=(220, 30, 30)):
 def model():
     """The tiny LLaMA-style model with room for a 3-frame video (3 x 16 placeholders) and an answer."""
     torch.manual_seed(2)
-    return MegatronNevaModel(tiny_model_cfg(**llama_overrides(), encoder_seq_length=128,
+    return build_model(tiny_model_cfg(**llama_overrides(), encoder_seq_length=128,
                                             **{"data.video.num_frames": NUM_FRAMES}))
 
 

@@ -53,10 +53,10 @@ def test_h100_peak_by_variant():
 
 
 def test_model_step_flops_match_the_config():
-    from nemo_neva import MegatronNevaModel
+    from nemo_neva import build_model
     from tests.model.helpers import tiny_model_cfg
 
-    model = MegatronNevaModel(tiny_model_cfg())
+    model = build_model(tiny_model_cfg())
     flops = mfu.step_flops_for(model)
     assert flops.stage == "pretrain"  # the shipped pretrain config freezes the LM
     n_lm = sum(p.numel() for p in model.model.language_model.parameters())

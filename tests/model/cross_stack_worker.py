@@ -6,7 +6,7 @@ from importlib.metadata import version
 
 import torch
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import MegatronNevaModel, build_model
 from tests.model.helpers import batch_for, llama_overrides, tiny_model_cfg
 
 
@@ -22,7 +22,7 @@ def _logits(model, batch):
 
 def write(folder):
     torch.manual_seed(0)
-    model = MegatronNevaModel(tiny_model_cfg(**llama_overrides()))
+    model = build_model(tiny_model_cfg(**llama_overrides()))
     with torch.no_grad():  # away from the init, so a restore that silently re-initialises shows
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.01)

@@ -127,7 +127,7 @@ def video_model(folder, both_question: str, frames: int, **overrides):
 
     import numpy as np
 
-    from nemo_neva import MegatronNevaModel
+    from nemo_neva import build_model
     from nemo_neva.data.video_writer import write_video
 
     def conv(*pairs):
@@ -148,4 +148,4 @@ def video_model(folder, both_question: str, frames: int, **overrides):
                             "data.video_folder": str(folder), "data.video.num_frames": frames,
                             "global_batch_size": 4, "micro_batch_size": 2, "optim.sched": None, **overrides})
     torch.manual_seed(0)
-    return MegatronNevaModel(cfg), cfg
+    return build_model(cfg), cfg

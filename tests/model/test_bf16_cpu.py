@@ -2,7 +2,7 @@
 import lightning.pytorch as pl
 import torch
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import build_model
 from tests.model.helpers import batch_for, tiny_model_cfg
 
 
@@ -18,10 +18,10 @@ def _losses(model, steps=3):
 def test_bf16_training_keeps_fp32_master_weights_and_tracks_fp32_loss():
     cfg = tiny_model_cfg(**{"mm_cfg.llm.freeze": False})
     torch.manual_seed(0)
-    ref = MegatronNevaModel(cfg)
+    ref = build_model(cfg)
     trainer = pl.Trainer(accelerator="cpu", devices=1, precision="bf16-true", logger=False,
                          enable_checkpointing=False, max_steps=1)
-    bf16 = MegatronNevaModel(cfg, trainer=trainer)
+    bf16 = build_model(cfg, trainer=trainer)
     # Same starting point: the bf16 model gets the fp32 model's weights rounded to bf16, and the fp32
     # reference gets those rounded values back so both start from identical numbers.
     def cast(state, dtype):

@@ -7,19 +7,19 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import build_model
 from nemo_neva.modules.language_model import build_transformer_config
 from tests.model.helpers import ROOT, tiny_model_cfg
 
 
 def test_missing_tokenizer_dir():
     with pytest.raises(FileNotFoundError, match="model.tokenizer.path"):
-        MegatronNevaModel(tiny_model_cfg(**{"tokenizer.path": "/nonexistent/tok"}))
+        build_model(tiny_model_cfg(**{"tokenizer.path": "/nonexistent/tok"}))
 
 
 def test_query_groups_must_divide_heads():
     with pytest.raises(ValueError, match="num_query_groups"):
-        MegatronNevaModel(tiny_model_cfg(num_query_groups=3))
+        build_model(tiny_model_cfg(num_query_groups=3))
 
 
 def test_heads_not_divisible_by_tp_names_the_fix():
@@ -30,14 +30,14 @@ def test_heads_not_divisible_by_tp_names_the_fix():
 
 def test_unknown_vision_tower_and_bad_select_layer():
     with pytest.raises(ValueError, match="model_type"):
-        MegatronNevaModel(tiny_model_cfg(**{"mm_cfg.vision_encoder.model_type": "resnet"}))
+        build_model(tiny_model_cfg(**{"mm_cfg.vision_encoder.model_type": "resnet"}))
     with pytest.raises(ValueError, match="vision_select_layer"):
-        MegatronNevaModel(tiny_model_cfg(**{"mm_cfg.vision_encoder.vision_select_layer": 7}))
+        build_model(tiny_model_cfg(**{"mm_cfg.vision_encoder.vision_select_layer": 7}))
 
 
 def test_transformer_engine_requested_without_te_is_explained():
     with pytest.raises(RuntimeError, match="transformer_engine"):
-        MegatronNevaModel(tiny_model_cfg(transformer_engine=True))
+        build_model(tiny_model_cfg(transformer_engine=True))
 
 
 def _run_example(script, *overrides, tmp_path):

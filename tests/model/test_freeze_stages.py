@@ -1,7 +1,7 @@
 """Stage semantics: pretraining changes only the projector; finetuning changes LM + projector."""
 import torch
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import build_model
 from tests.model.helpers import batch_for, tiny_model_cfg
 
 
@@ -24,7 +24,7 @@ def _changed(before, module):
 
 
 def test_stage1_only_projector_learns():
-    model = MegatronNevaModel(tiny_model_cfg(**{"mm_cfg.llm.freeze": True}))
+    model = build_model(tiny_model_cfg(**{"mm_cfg.llm.freeze": True}))
     lm, vis, proj = (_snapshot(m) for m in (model.model.language_model, model.model.vision_tower,
                                             model.model.projector))
     _train_steps(model)
@@ -34,7 +34,7 @@ def test_stage1_only_projector_learns():
 
 
 def test_stage2_lm_and_projector_learn_vision_stays():
-    model = MegatronNevaModel(tiny_model_cfg(**{"mm_cfg.llm.freeze": False}))
+    model = build_model(tiny_model_cfg(**{"mm_cfg.llm.freeze": False}))
     lm, vis = _snapshot(model.model.language_model), _snapshot(model.model.vision_tower)
     _train_steps(model)
     changed = _changed(lm, model.model.language_model)

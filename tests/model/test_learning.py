@@ -74,7 +74,7 @@ import time
 import pytest
 import torch
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import MegatronNevaModel, build_model
 from nemo_neva.evaluation import evaluate, read_eval_file
 from nemo_neva.evaluation.scores import exact_match_vqa
 from nemo_neva.parallel.init import free_port
@@ -135,7 +135,7 @@ def test_stage1_alone_lowers_caption_loss_with_the_lm_frozen():
     the image tokens it produces make the frozen (here random) LM predict the captions better.
     Measured: 6.44 -> 6.26 after 60 steps (~10 s)."""
     torch.manual_seed(0)
-    model = MegatronNevaModel(tiny_model_cfg(**{"mm_cfg.llm.freeze": True, "optim.lr": 1e-2,
+    model = build_model(tiny_model_cfg(**{"mm_cfg.llm.freeze": True, "optim.lr": 1e-2,
                                                 "optim.sched.min_lr": 1e-3}))
     lm_before = {k: v.clone() for k, v in model.model.language_model.state_dict().items() if torch.is_tensor(v)}
     held_out = _caption_batches(model, list(range(240, 300)), 20)

@@ -34,12 +34,12 @@ class _StopEndlessRun(pl.Callback):
 
 
 def _fit(cfg):
-    from nemo_neva import MegatronNevaModel
+    from nemo_neva import build_model
     from nemo_neva.training.trainer import build_trainer
 
     trainer = build_trainer(cfg)
     trainer.callbacks.append(_StopEndlessRun())
-    model = MegatronNevaModel(cfg.model, trainer=trainer)
+    model = build_model(cfg.model, trainer=trainer)
     trainer.fit(model)
     return trainer, model.optimizers(use_pl_optimizer=False)
 

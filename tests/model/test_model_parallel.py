@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import MegatronNevaModel, build_model
 from nemo_neva.parallel.init import free_port
 from tests.model.helpers import ROOT, assert_trained_close, batch_for, llama_overrides, tiny_model_cfg
 
@@ -37,7 +37,7 @@ def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("mp")
     cfg = tiny_model_cfg(**llama_overrides(), **{"mm_cfg.llm.freeze": False, "global_batch_size": 4,
                                                   "micro_batch_size": 2})
-    model = MegatronNevaModel(cfg)
+    model = build_model(cfg)
     path = str(root / "base.nemo")
     model.save_to(path)
     reference = _torchrun(1, str(root / "ref"), path)

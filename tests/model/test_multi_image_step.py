@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import build_model
 from nemo_neva.data.collate import NevaCollator
 from nemo_neva.data.dataset import NevaDataset
 from nemo_neva.data.packing import PackedCollator
@@ -47,7 +47,7 @@ def setup(tmp_path_factory):
                             "data.data_path": str(path), "data.image_folder": IMAGES,
                             "global_batch_size": 4, "micro_batch_size": 2, "optim.sched": None})
     torch.manual_seed(3)
-    model = MegatronNevaModel(cfg)
+    model = build_model(cfg)
     ds = model.build_dataset(cfg.data)
     items = [ds[i] for i in range(len(ds))]
     assert [0 if it["images"] is None else it["images"].shape[0] for it in items] == [2, 0, 1, 2]

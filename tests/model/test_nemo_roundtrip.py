@@ -7,13 +7,13 @@ import tarfile
 import pytest
 import torch
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import MegatronNevaModel, build_model
 from tests.model.helpers import ROOT, batch_for, llama_overrides, tiny_model_cfg
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    model = MegatronNevaModel(tiny_model_cfg(**llama_overrides()))
+    model = build_model(tiny_model_cfg(**llama_overrides()))
     # perturb the projector so a restore that silently re-initialises would be caught
     with torch.no_grad():
         for p in model.parameters():
@@ -104,5 +104,5 @@ def test_a_failed_restore_does_not_poison_later_models(saved, tmp_path):
                 dst.addfile(member, src.extractfile(member) if member.isfile() else None)
     with pytest.raises(Exception, match="model_weights"):
         MegatronNevaModel.restore_from(str(broken))
-    fresh = MegatronNevaModel(tiny_model_cfg())
+    fresh = build_model(tiny_model_cfg())
     assert not fresh._weights_restored

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import build_model
 from nemo_neva.modules.neva_module import ImageTokenMismatch
 from nemo_neva.modules.projector import build_projector
 from tests.model.helpers import batch_for, llama_overrides, tiny_model_cfg
@@ -11,7 +11,7 @@ from tests.model.helpers import batch_for, llama_overrides, tiny_model_cfg
 @pytest.fixture(scope="module", params=["gpt", "llama"])
 def model(request):
     overrides = llama_overrides() if request.param == "llama" else {}
-    return MegatronNevaModel(tiny_model_cfg(**overrides))
+    return build_model(tiny_model_cfg(**overrides))
 
 
 def test_forward_backward_reaches_projector_not_frozen_parts(model):

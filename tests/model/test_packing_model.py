@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import build_model
 from nemo_neva.data.collate import NevaCollator
 from nemo_neva.data.packing import PackedCollator, first_fit_decreasing, to_thd
 from tests.model.helpers import ROOT, assert_trained_close, llama_overrides, tiny_model_cfg
@@ -16,7 +16,7 @@ def test_packed_per_sample_losses_equal_unpacked(style):
     cfg = tiny_model_cfg(**overrides, **{
         "data.data_path": f"{ROOT}/data/shapes_demo/stage2_instruct.json", "data.conv_template": "vicuna_v1",
         "encoder_seq_length": 256, "data.seq_length": 256})
-    model = MegatronNevaModel(cfg)
+    model = build_model(cfg)
     model.eval()
     dataset = model.build_dataset(cfg.data)
     items = [dataset[i] for i in range(6)]
@@ -75,7 +75,7 @@ def test_thd_training_step_matches_mask_step():
     cfg = tiny_model_cfg(**{
         "data.data_path": f"{ROOT}/data/shapes_demo/stage2_instruct.json", "data.conv_template": "vicuna_v1",
         "encoder_seq_length": 256, "data.seq_length": 256, "data.packed_sequence": True})
-    model = MegatronNevaModel(cfg)
+    model = build_model(cfg)
     model.setup_training_data(cfg.data)
     batch = next(iter(model._train_dl))
     assert (batch["segment_ids"].amax(1) > 1).any()  # rows really hold several samples
@@ -100,7 +100,7 @@ def test_core_attention_thd_per_segment_equals_block_diagonal_mask():
     from nemo_neva.data.packing import packed_attention_mask
     from nemo_neva.modules.layer_specs import SDPACoreAttention
 
-    model = MegatronNevaModel(tiny_model_cfg(**llama_overrides()))
+    model = build_model(tiny_model_cfg(**llama_overrides()))
     attn = next(m for m in model.modules() if isinstance(m, SDPACoreAttention))
     heads, groups = attn.heads_per_partition, attn.groups_per_partition
     assert heads > groups > 0

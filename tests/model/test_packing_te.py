@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif(not (layer_specs.HAVE_TE and torch.cuda.is_avail
 
 
 def test_te_packed_per_sample_losses_equal_unpacked():
-    from nemo_neva import MegatronNevaModel
+    from nemo_neva import build_model
     from nemo_neva.data.collate import NevaCollator
     from nemo_neva.data.packing import PackedCollator, first_fit_decreasing, to_thd
     from tests.model.helpers import ROOT, llama_overrides, tiny_model_cfg
@@ -20,7 +20,7 @@ def test_te_packed_per_sample_losses_equal_unpacked():
     cfg = tiny_model_cfg(**llama_overrides(), **{
         "data.data_path": f"{ROOT}/data/shapes_demo/stage2_instruct.json", "data.conv_template": "vicuna_v1",
         "encoder_seq_length": 256, "data.seq_length": 256, "transformer_engine": True})
-    model = MegatronNevaModel(cfg).cuda().to(torch.bfloat16).eval()
+    model = build_model(cfg).cuda().to(torch.bfloat16).eval()
     dataset = model.build_dataset(cfg.data)
     items = [dataset[i] for i in range(6)]
     bins = first_fit_decreasing([len(it["input_ids"]) - 1 for it in items], 256)

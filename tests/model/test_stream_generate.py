@@ -3,14 +3,14 @@ import pytest
 import torch
 
 from nemo_neva.inference.generate import stream_generate
-from nemo_neva import MegatronNevaModel
+from nemo_neva import build_model
 from tests.model.helpers import tiny_model_cfg
 
 
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return MegatronNevaModel(tiny_model_cfg())
+    return build_model(tiny_model_cfg())
 
 
 @pytest.mark.parametrize("sampling", [dict(), dict(temperature=1.0, top_k=50, seed=3)])

@@ -7,7 +7,7 @@ import pytest
 import torch
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import build_model
 from nemo_neva.modules import layer_specs, precision
 from nemo_neva.modules.language_model import build_transformer_config
 from tests.model.helpers import batch_for, llama_overrides, tiny_model_cfg
@@ -53,14 +53,14 @@ def test_fp8_without_transformer_engine_names_the_fix():
     with pytest.raises(ValueError, match="model.transformer_engine=true"):
         build_transformer_config(tiny_model_cfg(fp8="hybrid"), torch.bfloat16)
     with pytest.raises(ValueError, match="model.transformer_engine=true"):
-        MegatronNevaModel(tiny_model_cfg(fp8="e4m3"))
+        build_model(tiny_model_cfg(fp8="e4m3"))
 
 
 def test_fp8_with_transformer_engine_on_cpu_stops_at_the_te_check():
     if layer_specs.HAVE_TE and torch.cuda.is_available():
         pytest.skip("TE + CUDA present: this is the CPU refusal test")  # not optional: TE is here
     with pytest.raises(RuntimeError, match="transformer_engine"):
-        MegatronNevaModel(tiny_model_cfg(fp8="hybrid", transformer_engine=True))
+        build_model(tiny_model_cfg(fp8="hybrid", transformer_engine=True))
 
 
 @pytest.mark.parametrize("key,value,match", [
@@ -170,12 +170,12 @@ def test_recompute_gives_the_same_loss_and_grads(style):
     base_over = {"mm_cfg.llm.freeze": False, "hidden_dropout": 0.0, "attention_dropout": 0.0}
     if style == "llama":
         base_over.update(llama_overrides())
-    reference = MegatronNevaModel(tiny_model_cfg(**base_over))
+    reference = build_model(tiny_model_cfg(**base_over))
     batch = batch_for(reference)
     ref_loss, ref_grads = _loss_and_grads(reference, batch)
     assert any(n.startswith("model.language_model.decoder") for n in ref_grads)
     for name, rc in RECOMPUTE.items():
-        model = MegatronNevaModel(tiny_model_cfg(**base_over, **rc))
+        model = build_model(tiny_model_cfg(**base_over, **rc))
         model.load_state_dict(reference.state_dict(), strict=True)
         layer = model.model.language_model.decoder.layers[0]
         calls = []

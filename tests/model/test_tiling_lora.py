@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import MegatronNevaModel, build_model
 from tests.model.helpers import TILED_SIZES, llama_overrides, tiled_batch_for, tiny_model_cfg
 from tests.variants.lora_cases import peft_cfg
 
@@ -32,7 +32,7 @@ def base(tmp_path_factory):
                                                   "global_batch_size": 4, "micro_batch_size": 2,
                                                   "optim.sched": None})
     path = str(root / "base.nemo")
-    MegatronNevaModel(cfg).save_to(path)
+    build_model(cfg).save_to(path)
     return root, path
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import build_model
 from nemo_neva.data.collate import NevaCollator
 from nemo_neva.data.dataset import NevaDataset
 from nemo_neva.data.packing import PackedCollator
@@ -33,7 +33,7 @@ def model():
     torch.manual_seed(0)
     cfg = tiny_model_cfg(**llama_overrides(), **{"mm_cfg.image_tiling.enabled": True, "mm_cfg.llm.freeze": False,
                                                   "encoder_seq_length": SEQ})
-    return MegatronNevaModel(cfg).eval()
+    return build_model(cfg).eval()
 
 
 def _per_token(model, b):

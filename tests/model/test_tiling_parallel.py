@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import build_model
 from tests.model.helpers import assert_trained_close, llama_overrides, tiny_model_cfg
 from tests.model.test_model_parallel import STEPS, _torchrun, _trained_state
 
@@ -27,7 +27,7 @@ def tiled_base(tmp_path_factory):
                                                   "micro_batch_size": 2})
     torch.manual_seed(0)
     path = str(root / "base.nemo")
-    MegatronNevaModel(cfg).save_to(path)
+    build_model(cfg).save_to(path)
     return root, path, _torchrun(1, str(root / "ref"), path), float(cfg.optim.lr)
 
 

@@ -27,12 +27,12 @@ def write_val_set(path, n):
 
 
 def val_model(path, mbs, gbs):
-    from nemo_neva import MegatronNevaModel
+    from nemo_neva import build_model
 
     torch.manual_seed(3)
     cfg = tiny_model_cfg(**{"micro_batch_size": mbs, "global_batch_size": gbs, "data.data_path": path,
                             "data.validation_data_path": path, "data.image_folder": IMAGES})
-    model = MegatronNevaModel(cfg)
+    model = build_model(cfg)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():  # the same weights in every process
         for p in model.model.parameters():

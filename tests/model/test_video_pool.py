@@ -10,7 +10,7 @@ import torch
 from transformers import CLIPVisionConfig, LlavaNextVideoConfig, LlamaConfig
 from transformers.models.llava_next_video.modeling_llava_next_video import LlavaNextVideoPooler
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import MegatronNevaModel, build_model
 from nemo_neva.data.collate import NevaCollator
 from nemo_neva.data.packing import PackedCollator
 from nemo_neva.data.video_io import Video
@@ -202,12 +202,12 @@ def test_pool_survives_save_and_restore_and_is_refused_with_tiling(setup, tmp_pa
     keep = OmegaConf.create({"mm_cfg": {"video": {"pool": None, "pool_mode": None}}})
     assert finetune_config(path, keep).mm_cfg.video == {"pool": "2x2", "pool_mode": "average"}
     plain = str(tmp_path / "plain.nemo")
-    MegatronNevaModel(tiny_model_cfg()).save_to(plain)
+    build_model(tiny_model_cfg()).save_to(plain)
     on = OmegaConf.create({"mm_cfg": {"video": {"pool": "3x3", "pool_mode": "max"}}})
     assert finetune_config(plain, on).mm_cfg.video == {"pool": "3x3", "pool_mode": "max"}
     bad = tiny_model_cfg(**{"mm_cfg.video.pool": "2x2", "mm_cfg.image_tiling.enabled": True})
     with pytest.raises(ValueError, match="model.mm_cfg.video.pool does not apply with model.mm_cfg.image_tiling"):
-        MegatronNevaModel(bad)
+        build_model(bad)
 
 
 def test_max_image_tokens_per_sample_is_a_counted_skip_naming_the_count(setup):

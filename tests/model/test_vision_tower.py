@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import build_model
 from nemo_neva.modules.vision import VisionTower, build_image_processor
 from tests.model.helpers import batch_for, tiny_model_cfg
 
@@ -23,7 +23,7 @@ def clip_dir(tmp_path_factory):
 
 def test_local_pretrained_tower_loads_its_weights_and_selects_layer_minus_two(clip_dir):
     path, hf = clip_dir
-    model = MegatronNevaModel(tiny_model_cfg(**{"mm_cfg.vision_encoder.from_pretrained": path}))
+    model = build_model(tiny_model_cfg(**{"mm_cfg.vision_encoder.from_pretrained": path}))
     tower = model.model.vision_tower
     for name, tensor in hf.state_dict().items():
         assert torch.equal(tower.model.state_dict()[name], tensor), name
@@ -40,7 +40,7 @@ def test_keeping_cls_adds_one_token():
 
 def test_siglip_tower_has_no_cls_and_trains_in_neva():
     cfg = tiny_model_cfg(**{"mm_cfg.vision_encoder.model_type": "siglip"})
-    model = MegatronNevaModel(cfg)
+    model = build_model(cfg)
     assert model.tokens_per_image == 16 and type(model.model.vision_tower.model).__name__ == "SiglipVisionModel"
     loss, _ = model.loss_from_batch(batch_for(model))
     loss.backward()

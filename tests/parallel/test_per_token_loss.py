@@ -31,10 +31,10 @@ def _cfg(mbs: int):
 
 
 def _model(mbs: int):
-    from nemo_neva import MegatronNevaModel
+    from nemo_neva import build_model
 
     torch.manual_seed(7)
-    model = MegatronNevaModel(_cfg(mbs))
+    model = build_model(_cfg(mbs))
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():  # same weights in every process, whatever the init order
         for p in model.model.parameters():

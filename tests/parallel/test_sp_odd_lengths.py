@@ -34,10 +34,10 @@ def _odd_batches(model, steps):
 
 
 def test_tp2_sequence_parallel_trains_odd_lengths_with_the_unpadded_loss(tmp_path):
-    from nemo_neva import MegatronNevaModel
+    from nemo_neva import MegatronNevaModel, build_model
 
     torch.manual_seed(0)
-    model = MegatronNevaModel(tiny_model_cfg(global_batch_size=4, micro_batch_size=2))
+    model = build_model(tiny_model_cfg(global_batch_size=4, micro_batch_size=2))
     nemo = str(tmp_path / "model.nemo")
     model.save_to(nemo)
     batches = _odd_batches(model, STEPS)

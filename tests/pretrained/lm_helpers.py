@@ -131,11 +131,11 @@ def parallel_lm_worker(rank, world_size, lm_dirs, tp, pp, ids):
     LM parameters by global layer number (to compare with a TP=1 build)."""
     from megatron.core import parallel_state
 
-    from nemo_neva import MegatronNevaModel
+    from nemo_neva import build_model
 
     out = {}
     for lm_dir in lm_dirs:
-        model = MegatronNevaModel(neva_cfg(lm_dir, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
+        model = build_model(neva_cfg(lm_dir, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
         if pp == 1:
             out[lm_dir] = lm_logits(model, ids)
         else:

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import build_model
 from tests.pretrained.lm_helpers import ROOT, make_tiny_lm, neva_cfg
 
 
@@ -32,7 +32,7 @@ def _copy(src, tmp_path, name="lm", **config_changes):
 
 def _error(cfg, kind=(ValueError, FileNotFoundError)):
     with pytest.raises(kind) as err:
-        MegatronNevaModel(cfg)
+        build_model(cfg)
     message = str(err.value)
     assert "\n" not in message  # one line
     return message
@@ -49,7 +49,7 @@ def test_sharded_checkpoint_loads_and_a_missing_shard_is_named(tmp_path):
     index = json.load(open(os.path.join(path, "model.safetensors.index.json")))["weight_map"]
     shards = sorted(set(index.values()))
     assert len(shards) > 2
-    model = MegatronNevaModel(neva_cfg(path))  # streamed from every shard
+    model = build_model(neva_cfg(path))  # streamed from every shard
     assert torch.equal(model.model.language_model.decoder.final_layernorm.weight, hf.model.norm.weight)
     os.remove(os.path.join(path, shards[1]))
     assert shards[1] in _error(neva_cfg(path), FileNotFoundError)
@@ -102,7 +102,7 @@ def test_pickle_only_weights_need_trust(llama, tmp_path):
     os.remove(os.path.join(path, "model.safetensors"))
     torch.save(tensors, os.path.join(path, "pytorch_model.bin"))
     assert "pickle" in _error(neva_cfg(path)) and "trust_pickle" in _error(neva_cfg(path))
-    model = MegatronNevaModel(neva_cfg(path, **{"mm_cfg.llm.trust_pickle": True}))
+    model = build_model(neva_cfg(path, **{"mm_cfg.llm.trust_pickle": True}))
     assert torch.equal(model.model.language_model.decoder.final_layernorm.weight, tensors["model.norm.weight"])
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import build_model
 from tests.pretrained.lm_helpers import (FAMILIES, lm_logits, make_tiny_lm, neva_cfg, parallel_lm_worker,
                                          probe_ids)
 
@@ -34,7 +34,7 @@ def lm_dirs(tmp_path_factory):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_text_logits_match_transformers(family, lm_dirs):
     path, hf = lm_dirs[family]
-    model = MegatronNevaModel(neva_cfg(path))
+    model = build_model(neva_cfg(path))
     vocab = hf.config.vocab_size
     ids = probe_ids(vocab)
     with torch.no_grad():
@@ -44,7 +44,7 @@ def test_text_logits_match_transformers(family, lm_dirs):
 
 def test_shape_and_tokenizer_come_from_the_checkpoint(lm_dirs):
     path, hf = lm_dirs["llama"]
-    model = MegatronNevaModel(neva_cfg(path))
+    model = build_model(neva_cfg(path))
     cfg, text = model.cfg, hf.config
     assert (cfg.num_layers, cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_attention_heads, cfg.num_query_groups,
             cfg.kv_channels, cfg.rotary_base, cfg.encoder_seq_length) == (2, 64, 96, 4, 2, 16, 5000.0, 64)
@@ -82,7 +82,7 @@ def test_pp2_stages_load_their_own_layers(lm_dirs, tmp_path):
 
     # (tied embeddings at PP>1 need CUDA in megatron-core 0.16.1's embedding sync: untied here)
     path, _ = lm_dirs["nemotron"]
-    reference = {k: v.detach() for k, v in MegatronNevaModel(neva_cfg(path)).model.language_model.named_parameters()}
+    reference = {k: v.detach() for k, v in build_model(neva_cfg(path)).model.language_model.named_parameters()}
     stages = run_ranks(parallel_lm_worker, 2, str(tmp_path), [path], 1, 2, None)
     seen = set()
     for stage, params in (r[path] for r in stages):
@@ -99,7 +99,7 @@ def test_stage1_keeps_the_lm_and_export_gives_it_back(family, lm_dirs, tmp_path)
     from nemo_neva.export.hf import export_nemo_to_hf
 
     path, hf = lm_dirs[family]
-    model = MegatronNevaModel(neva_cfg(path, **{"data.conv_template": "plain"}))
+    model = build_model(neva_cfg(path, **{"data.conv_template": "plain"}))
     lm_before = {k: v.detach().clone() for k, v in model.model.language_model.state_dict().items()
                  if torch.is_tensor(v)}
     proj_before = [p.detach().clone() for p in model.model.projector.parameters()]
@@ -148,7 +148,7 @@ def test_stage1_keeps_the_lm_and_export_gives_it_back(family, lm_dirs, tmp_path)
 def test_rope_scaling_logits_match_transformers(rope, tmp_path):
     path = str(tmp_path / "lm")
     hf = make_tiny_lm("llama", path, rope_parameters=rope)
-    model = MegatronNevaModel(neva_cfg(path))
+    model = build_model(neva_cfg(path))
     assert model.cfg.rope_scaling.type == rope["rope_type"]
     ids = probe_ids(hf.config.vocab_size, seq=40)
     with torch.no_grad():

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import build_model
 from nemo_neva.data.constants import IGNORE_INDEX
 from nemo_neva.data.dataset import NevaDataset
 from nemo_neva.data.settings import DatasetSettings
@@ -26,7 +26,7 @@ def llama_model(tmp_path_factory):
     """A NeVA whose LM (and tokenizer: Metaspace, byte fallback, with a chatml chat template) is a tiny Llama."""
     path = str(tmp_path_factory.mktemp("lm") / "llama")
     make_tiny_lm("llama", path, chat_template=CHATML)
-    return MegatronNevaModel(neva_cfg(path, **{"data.conv_template": "chatml"}))
+    return build_model(neva_cfg(path, **{"data.conv_template": "chatml"}))
 
 
 def _dataset(tmp_path, model, template):
@@ -68,7 +68,7 @@ def test_demo_tokenizer_vicuna_prompt_is_the_training_prefix(tmp_path):
     """The byte-level demo tokenizer: "<s>{system} USER:" used to be tokenised in two pieces for training."""
     from tests.model.helpers import tiny_model_cfg
 
-    model = MegatronNevaModel(tiny_model_cfg())
+    model = build_model(tiny_model_cfg())
     item = _dataset(tmp_path, model, "vicuna_v1")[0]
     first_label = int((item["labels"] != IGNORE_INDEX).nonzero()[0])
     generated = encode_prompt(model, build_prompt("vicuna_v1", QUESTION, has_image=True), True)

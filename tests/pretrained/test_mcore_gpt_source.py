@@ -7,7 +7,7 @@ import shutil
 import torch
 from omegaconf import OmegaConf
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import build_model
 from tests.pretrained.lm_helpers import ROOT, lm_logits, neva_cfg, probe_ids
 
 LM = {"num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 96, "num_attention_heads": 4, "num_query_groups": 2,
@@ -47,7 +47,7 @@ def test_megatron_core_gpt_checkpoint_is_the_lm(tmp_path):
     gpt.eval()
     with torch.no_grad():
         want = gpt(ids, pos, attention_mask=None)
-    model = MegatronNevaModel(neva_cfg(folder))
+    model = build_model(neva_cfg(folder))
     assert (model.cfg.num_layers, model.cfg.num_query_groups, model.cfg.activation) == (2, 2, "swiglu")
     got = model.model.language_model.state_dict()
     for key, value in expected.items():

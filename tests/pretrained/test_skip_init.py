@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import MegatronNevaModel, build_model
 from nemo_neva.pretrained import hf_lm
 from tests.model.helpers import llama_overrides, tiny_model_cfg
 from tests.pretrained.lm_helpers import make_tiny_lm, neva_cfg
@@ -54,7 +54,7 @@ def test_megatron_core_draws_no_random_numbers_when_the_lm_is_loaded():
 
 def test_pretrained_lm_is_the_checkpoint_and_the_rest_is_initialised(llama):
     path, hf = llama
-    model = MegatronNevaModel(neva_cfg(path))
+    model = build_model(neva_cfg(path))
     gpt = model.model.language_model
     vocab = hf.config.vocab_size
     assert all(torch.isfinite(p).all() for p in gpt.parameters())
@@ -79,7 +79,7 @@ def test_pretrained_lm_is_the_checkpoint_and_the_rest_is_initialised(llama):
 
 
 def test_restored_nemo_is_the_saved_model_tensor_for_tensor(tmp_path):
-    model = MegatronNevaModel(tiny_model_cfg(**llama_overrides()))
+    model = build_model(tiny_model_cfg(**llama_overrides()))
     with torch.no_grad():  # off the init values, so a restore that keeps an initialisation shows
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.01)

@@ -19,11 +19,11 @@ class Payload:
 
 @pytest.fixture(scope="session")
 def tiny_nemo(tmp_path_factory):
-    from nemo_neva import MegatronNevaModel
+    from nemo_neva import build_model
     from tests.model.helpers import tiny_model_cfg
 
     path = str(tmp_path_factory.mktemp("secnemo") / "tiny.nemo")
-    MegatronNevaModel(tiny_model_cfg()).save_to(path)
+    build_model(tiny_model_cfg()).save_to(path)
     return path
 
 

@@ -8,7 +8,7 @@ import urllib.request
 import pytest
 import torch
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import build_model
 from nemo_neva.parallel.init import free_port
 from tests.model.helpers import ROOT, tiny_model_cfg
 from tests.serving.serving_helpers import LIMITS, TEMPLATE, Served
@@ -34,7 +34,7 @@ def served(tmp_path_factory):
     folder = tmp_path_factory.mktemp("serve")
     path = str(folder / "tiny-neva.nemo")
     torch.manual_seed(0)
-    model = MegatronNevaModel(tiny_model_cfg(encoder_seq_length=192))
+    model = build_model(tiny_model_cfg(encoder_seq_length=192))
     model.save_to(path)
     model.eval()
     port = free_port()

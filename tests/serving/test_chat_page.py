@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import build_model
 from nemo_neva.data.conversation import STEERLM_INFERENCE_DEFAULTS, render_prompt
 from nemo_neva.data.image_io import open_user_image
 from nemo_neva.data.video_io import open_video, video_settings_of
@@ -156,7 +156,7 @@ VIDEO_LIMITS = {**LIMITS, "max_videos": 1, "max_video_bytes": 20_000, "max_video
 def video_server():
     require("av")
     torch.manual_seed(3)
-    model = MegatronNevaModel(tiny_model_cfg(encoder_seq_length=192, **{"data.video.num_frames": NUM_FRAMES}))
+    model = build_model(tiny_model_cfg(encoder_seq_length=192, **{"data.video.num_frames": NUM_FRAMES}))
     with running_server(model.eval(), **VIDEO_LIMITS) as url:
         yield model, url
 

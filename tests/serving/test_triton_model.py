@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import build_model
 from nemo_neva.inference.prompting import build_prompt
 from nemo_neva.serving.limits import ServerLimits
 from nemo_neva.serving.triton_env import TritonEnvError, check_stub_env, libpython_dir
@@ -77,7 +77,7 @@ class FakeBackend:
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return MegatronNevaModel(tiny_model_cfg(encoder_seq_length=192)).eval()
+    return build_model(tiny_model_cfg(encoder_seq_length=192)).eval()
 
 
 def test_inputs_follow_nemo1_and_steerlm_only_for_its_template():
@@ -324,7 +324,7 @@ def test_a_tiled_model_counts_each_image_by_its_size_and_answers_as_generate():
     from PIL import Image
 
     torch.manual_seed(0)
-    tiled = MegatronNevaModel(tiny_model_cfg(**llama_overrides(), **{"mm_cfg.image_tiling.enabled": True,
+    tiled = build_model(tiny_model_cfg(**llama_overrides(), **{"mm_cfg.image_tiling.enabled": True,
                                                                      "encoder_seq_length": 512})).eval()
     m = NevaTritonModel(TorchBackend(tiled, TEMPLATE), TEMPLATE, LIMITS)
     wide, tall = pixels(1, 40, 90), pixels(2, 90, 40)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import build_model
 from nemo_neva.data.constants import IMAGE_TOKEN
 from nemo_neva.inference.generate import generate
 from nemo_neva.inference.prompting import build_prompt
@@ -23,7 +23,7 @@ LIMITS = ServerLimits(max_tokens=8, max_image_pixels=4096, max_text_chars=300, m
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return MegatronNevaModel(tiny_model_cfg(encoder_seq_length=192)).eval()
+    return build_model(tiny_model_cfg(encoder_seq_length=192)).eval()
 
 
 def request(text, media=None, sizes=None, **scalars):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import build_model
 from nemo_neva.inference.prompting import build_prompt
 from nemo_neva.parallel.init import free_port
 from nemo_neva.serving.worker import serving_stops
@@ -65,7 +65,7 @@ def served(tmp_path_factory):
     path = str(folder / "tiny-neva.nemo")
     torch.manual_seed(0)
     # video frames pooled 2x2 (model.mm_cfg.video.pool): a <video> tag takes FRAMES slots, each 4 tokens
-    model = MegatronNevaModel(tiny_model_cfg(encoder_seq_length=192, **{"mm_cfg.video.pool": "2x2",
+    model = build_model(tiny_model_cfg(encoder_seq_length=192, **{"mm_cfg.video.pool": "2x2",
                                                                         "data.video.num_frames": FRAMES}))
     model.save_to(path)
     model.eval()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import build_model
 from nemo_neva.data.video_io import Video
 from nemo_neva.inference.generate import encode_prompt, generate
 from nemo_neva.inference.prompting import build_prompt
@@ -26,7 +26,7 @@ LIMITS = ServerLimits(max_tokens=8, max_image_pixels=4096, max_text_chars=300, m
 def model():
     torch.manual_seed(0)
     cfg = tiny_model_cfg(encoder_seq_length=192, **{"mm_cfg.video.pool": "2x2", "data.video.num_frames": FRAMES})
-    return MegatronNevaModel(cfg).eval()
+    return build_model(cfg).eval()
 
 
 def _oracle(model, question, media):

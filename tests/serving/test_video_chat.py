@@ -8,7 +8,7 @@ import openai
 import pytest
 import torch
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import build_model
 from nemo_neva.data.conversation import STEERLM_INFERENCE_DEFAULTS, render_prompt
 from nemo_neva.data.video_io import open_video, sample_indices, video_settings_of
 from nemo_neva.inference.generate import encode_prompt
@@ -41,7 +41,7 @@ def text(t):
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(3)
-    m = MegatronNevaModel(tiny_model_cfg(encoder_seq_length=192, **{"data.video.num_frames": NUM_FRAMES}))
+    m = build_model(tiny_model_cfg(encoder_seq_length=192, **{"data.video.num_frames": NUM_FRAMES}))
     return m.eval()
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import build_model
 from nemo_neva.export.hf import UnsupportedCheckpoint, export_neva_to_hf
 from nemo_neva.inference.generate import encode_prompt
 from nemo_neva.modules.projector import PatchMerge2x2, build_projector
@@ -65,7 +65,7 @@ def test_projector_shapes():
 
 
 def test_placeholder_count_follows_projector_everywhere():
-    model = MegatronNevaModel(tiny_model_cfg(**DOWNSAMPLE))
+    model = build_model(tiny_model_cfg(**DOWNSAMPLE))
     assert model.tokens_per_image == 4 == model.model.tokens_per_image  # 4x4 patches -> 2x2
     prompt = encode_prompt(model, "<image>\nWhat is it?", True)
     assert int((prompt == model.image_token_id).sum()) == 4
@@ -76,22 +76,22 @@ def test_placeholder_count_follows_projector_everywhere():
 
 
 def test_odd_grid_model_and_cls_refusal():
-    model = MegatronNevaModel(tiny_model_cfg(**DOWNSAMPLE, **{"mm_cfg.vision_encoder.config.image_size": 40}))
+    model = build_model(tiny_model_cfg(**DOWNSAMPLE, **{"mm_cfg.vision_encoder.config.image_size": 40}))
     assert model.tokens_per_image == 9  # 5x5 patches, padded to 6x6 -> 3x3
     logits = model(**{k: v for k, v in variant_batch(model).items() if k in ("tokens", "position_ids", "images")})
     assert torch.isfinite(logits).all()
     with pytest.raises(ValueError, match="drop_cls=true"):
-        MegatronNevaModel(tiny_model_cfg(**DOWNSAMPLE, **{"mm_cfg.vision_encoder.drop_cls": False}))
+        build_model(tiny_model_cfg(**DOWNSAMPLE, **{"mm_cfg.vision_encoder.drop_cls": False}))
 
 
 def test_tiling_is_refused_naming_both_settings():
     """anyres unpads and ends rows of each tile's grid row by row; NeMo 1's merge orders blocks by column."""
     with pytest.raises(ValueError, match="mlp_downsample.*image_tiling"):
-        MegatronNevaModel(tiny_model_cfg(**DOWNSAMPLE, **{"mm_cfg.image_tiling.enabled": True}))
+        build_model(tiny_model_cfg(**DOWNSAMPLE, **{"mm_cfg.image_tiling.enabled": True}))
 
 
 def test_trains_roundtrips_and_refuses_hf_export(tmp_path):
-    model = MegatronNevaModel(tiny_model_cfg(**DOWNSAMPLE, **llama_overrides()))
+    model = build_model(tiny_model_cfg(**DOWNSAMPLE, **llama_overrides()))
     before = {k: v.clone() for k, v in model.model.projector.state_dict().items()}
     train_steps(model)
     assert all(not torch.equal(before[k], v) for k, v in model.model.projector.state_dict().items())

@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import MegatronNevaModel, build_model
 from nemo_neva.export.hf import UnsupportedCheckpoint, export_neva_to_hf
 from nemo_neva.modules.lora import LoraLinear
 from nemo_neva.parallel.init import free_port
@@ -30,7 +30,7 @@ def _state(module):
 def saved(tmp_path_factory):
     """base.nemo (full), and peft.nemo: LoRA on it with non-zero adapters."""
     root = tmp_path_factory.mktemp("lora")
-    base = MegatronNevaModel(base_cfg())
+    base = build_model(base_cfg())
     base.save_to(str(root / "base.nemo"))
     model = MegatronNevaModel.restore_from(str(root / "base.nemo"), override_config_path=peft_cfg(str(root / "base.nemo")))
     step0 = lora_logits(model)
@@ -203,16 +203,16 @@ def test_bad_lora_config_and_peft_without_base_are_refused(tmp_path):
         with open_dict(cfg):
             cfg.peft = {"peft_scheme": "lora", "lora": lora}
         with pytest.raises(ValueError, match=match):
-            MegatronNevaModel(cfg)
+            build_model(cfg)
     cfg = base_cfg()
     with open_dict(cfg):
         cfg.peft = {"peft_scheme": "prefix_tuning"}
     with pytest.raises(ValueError, match="peft_scheme"):
-        MegatronNevaModel(cfg)
+        build_model(cfg)
     with open_dict(cfg):
         cfg.peft = {"peft_scheme": "lora"}
     with pytest.raises(ValueError, match="base .nemo"):
-        MegatronNevaModel(cfg).save_to(str(tmp_path / "x.nemo"))
+        build_model(cfg).save_to(str(tmp_path / "x.nemo"))
 
 
 def test_merge_script_gives_identical_logits_and_exports_to_hf(saved, tmp_path, capsys):

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nemo_neva import MegatronNevaModel
+from nemo_neva import build_model
 from nemo_neva.export.hf import UnsupportedCheckpoint, export_neva_to_hf
 from nemo_neva.modules.language_model import build_transformer_config
 from nemo_neva.modules.norms import LayerNorm1p, RMSNorm1p
@@ -56,7 +56,7 @@ def test_config_maps_to_megatron_zero_centered_gamma():
 
 
 def test_nemotron_model_modules():
-    model = MegatronNevaModel(tiny_model_cfg(**NEMOTRON))
+    model = build_model(tiny_model_cfg(**NEMOTRON))
     lm = model.model.language_model
     layer = lm.decoder.layers[0]
     assert isinstance(layer.input_layernorm, LayerNorm1p) and isinstance(lm.decoder.final_layernorm, LayerNorm1p)
@@ -67,14 +67,14 @@ def test_nemotron_model_modules():
     x = torch.randn(7)
     assert torch.equal(layer.mlp.activation_func(x), F.relu(x) ** 2)
     # the partial rotary is really used: same weights with full rotary give other logits
-    full = MegatronNevaModel(tiny_model_cfg(**{**NEMOTRON, "rotary_percentage": 1.0}))
+    full = build_model(tiny_model_cfg(**{**NEMOTRON, "rotary_percentage": 1.0}))
     full.load_state_dict(model.state_dict())
     batch = variant_batch(model)
     assert not torch.allclose(logits_of(model, batch), logits_of(full, batch), atol=1e-4)
 
 
 def test_nemotron_trains_roundtrips_and_refuses_hf_export(tmp_path):
-    model = MegatronNevaModel(tiny_model_cfg(**NEMOTRON))
+    model = build_model(tiny_model_cfg(**NEMOTRON))
     norm_w = model.model.language_model.decoder.layers[0].input_layernorm.weight
     train_steps(model)
     assert norm_w.abs().sum() > 0  # zero-centred gamma learned away from 0
@@ -90,7 +90,7 @@ def test_hf_export_reads_the_normalization_spelling():
     from nemo_neva.export.hf import hf_config_from_neva
     from tests.model.helpers import llama_overrides
 
-    model = MegatronNevaModel(tiny_model_cfg(**{**llama_overrides(), "normalization": "rmsnorm"}))
+    model = build_model(tiny_model_cfg(**{**llama_overrides(), "normalization": "rmsnorm"}))
     assert hf_config_from_neva(model)[0].text_config.rms_norm_eps == 1e-5  # plain RMSNorm, any case: exportable
     model.cfg.normalization = "RMSNorm1p"
     with pytest.raises(UnsupportedCheckpoint, match="'RMSNorm1p' with zero-centred gamma"):
