@@ -178,8 +178,10 @@ class MegatronNevaModel(NevaRestoreMixin, NevaStepMixin, NevaDataMixin, ModelPT)
                                     venc.get("drop_cls", True)).to(self.dtype_)
             projector = build_projector(cfg.mm_cfg.mm_mlp_adapter_type, tower.hidden_size, cfg.hidden_size)
             projector.to(self.dtype_)
+        drop_cls, kind = venc.get("drop_cls", True), cfg.mm_cfg.mm_mlp_adapter_type
         return NevaModule(tconfig, gpt, tower, projector, self.image_token_id, venc.get("freeze", True), self.tiling,
-                          self.frame_pool)
+                          self.frame_pool, tokens_per_image(vision_config, drop_cls, kind),
+                          tokens_per_image(vision_config, drop_cls, kind, self.frame_pool))
 
     def _build_frame_pool(self, cfg, vision_config):
         """`model.mm_cfg.video.pool` as a `nemo_neva.modules.frame_pool.FramePool`, or None when off."""
@@ -269,14 +271,12 @@ class MegatronNevaModel(NevaRestoreMixin, NevaStepMixin, NevaDataMixin, ModelPT)
     @property
     def tokens_per_image(self) -> int:
         """Placeholder tokens of one image (of one tile, for a tiled model: see `image_token_count`)."""
-        return tokens_per_image(self.vision_config, self.cfg.mm_cfg.vision_encoder.get("drop_cls", True),
-                                self.cfg.mm_cfg.mm_mlp_adapter_type)
+        return self.model.tokens_per_image
 
     @property
     def tokens_per_frame(self) -> int:
         """Placeholder tokens of one video frame: pooled by `model.mm_cfg.video.pool`, else an image's."""
-        return tokens_per_image(self.vision_config, self.cfg.mm_cfg.vision_encoder.get("drop_cls", True),
-                                self.cfg.mm_cfg.mm_mlp_adapter_type, getattr(self, "frame_pool", None))
+        return self.model.tokens_per_frame
 
     # ------------------------------------------------------------------ inference
     @property

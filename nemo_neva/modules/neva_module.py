@@ -33,7 +33,11 @@ class ImageTokenMismatch(ValueError):
 
 class NevaModule(MegatronModule):
     def __init__(self, config, language_model, vision_tower=None, projector=None, image_token_id: int = -1,
-                 freeze_vision: bool = True, tiling=None, frame_pool=None):
+                 freeze_vision: bool = True, tiling=None, frame_pool=None, tokens_per_image: int = 0,
+                 tokens_per_frame: Optional[int] = None):
+        """`tokens_per_image` / `tokens_per_frame`: placeholders of one image (one tile) and of one (pooled) video
+        frame, as `nemo_neva.modules.vision.tokens_per_image` counts them from the config (every pipeline stage
+        knows them, tower or not)."""
         super().__init__(config=config)
         self.model_type = ModelType.encoder_or_decoder  # read by megatron-core's schedules
         self.language_model = language_model
@@ -45,6 +49,8 @@ class NevaModule(MegatronModule):
         self.freeze_vision = freeze_vision
         self.tiling = tiling
         self.frame_pool = frame_pool
+        self.tokens_per_image = int(tokens_per_image)
+        self.tokens_per_frame = self.tokens_per_image if tokens_per_frame is None else int(tokens_per_frame)
         if self.pre_process:
             if vision_tower is None or projector is None:
                 raise ValueError("the first pipeline stage needs the vision tower and projector")
@@ -52,21 +58,6 @@ class NevaModule(MegatronModule):
                 from nemo_neva.modules.anyres import new_image_newline
 
                 self.image_newline = new_image_newline(config.hidden_size, next(projector.parameters()).dtype)
-
-    @property
-    def tokens_per_image(self) -> int:
-        from nemo_neva.modules.projector import output_tokens
-
-        return output_tokens(self.projector, self.vision_tower.tokens_per_image)
-
-    @property
-    def tokens_per_frame(self) -> int:
-        """Placeholder tokens of one video frame: pooled with `frame_pool`, else an image's."""
-        from nemo_neva.modules.projector import output_tokens
-
-        if self.frame_pool is None:
-            return self.tokens_per_image
-        return output_tokens(self.projector, self.frame_pool.tokens(self.vision_tower.tokens_per_image))
 
     # megatron-core's finalize_model_grads finds the module by `pre_process` and then asks it for the
     # embeddings it syncs across pipeline stages: answer for the wrapped GPTModel.

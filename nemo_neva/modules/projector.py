@@ -52,12 +52,6 @@ def projected_tokens(kind: str, patch_tokens: int) -> int:
     return merged_tokens(patch_tokens) if kind == "mlp_downsample" else patch_tokens
 
 
-def output_tokens(projector: nn.Module, patch_tokens: int) -> int:
-    """Tokens a built projector module makes of `patch_tokens` features."""
-    merges = isinstance(projector, nn.Sequential) and isinstance(projector[0], PatchMerge2x2)
-    return merged_tokens(patch_tokens) if merges else patch_tokens
-
-
 def build_projector(kind: str, vision_hidden: int, llm_hidden: int) -> nn.Module:
     """Projector by name. Replicated on every TP rank (it is small and its grads agree across ranks)."""
     if kind == "linear":

@@ -108,8 +108,8 @@ class VisionTower(nn.Module):
         return self.model.config.hidden_size
 
     @property
-    def tokens_per_image(self) -> int:
-        return tokens_per_image(self.model.config, self.drop_cls)
+    def features_per_image(self) -> int:
+        return tower_features(self.model.config, self.drop_cls)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         dtype = next(self.model.parameters()).dtype

@@ -78,7 +78,9 @@ def test_frames_cost_the_pooled_count_and_images_their_full_count(setup):
     model, _, items, _ = setup
     P, F = model.tokens_per_image, model.tokens_per_frame
     assert (P, F) == (16, 4)  # the tiny tower: 32 px / 8 px patches = 4x4 features, pooled 2x2 -> 2x2
-    assert model.model.tokens_per_frame == F  # the network's count (first stage) agrees with the config's
+    with torch.no_grad():  # the network's features of an image and a pooled frame: the counts it was given
+        feats = model.model.encode_media(torch.zeros(2, 3, 32, 32), torch.tensor([False, True]))
+    assert feats.shape[0] == P + F
     runs = [_placeholder_runs(it["input_ids"], model.image_token_id) for it in items]
     assert runs == [[F * FRAMES], [P], [], [P, F * FRAMES]]  # a video's frames' runs are back to back
     assert items[0]["video_frames"].tolist() == [True] * FRAMES and "video_frames" not in items[1]

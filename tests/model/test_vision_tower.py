@@ -35,7 +35,7 @@ def test_local_pretrained_tower_loads_its_weights_and_selects_layer_minus_two(cl
 
 def test_keeping_cls_adds_one_token():
     tower = VisionTower(CLIPVisionConfig(**TINY), drop_cls=False)
-    assert tower.tokens_per_image == 17 and tower(torch.randn(1, 3, 32, 32)).shape[1] == 17
+    assert tower.features_per_image == 17 and tower(torch.randn(1, 3, 32, 32)).shape[1] == 17
 
 
 def test_siglip_tower_has_no_cls_and_trains_in_neva():

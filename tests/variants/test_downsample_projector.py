@@ -66,7 +66,7 @@ def test_projector_shapes():
 
 def test_placeholder_count_follows_projector_everywhere():
     model = build_model(tiny_model_cfg(**DOWNSAMPLE))
-    assert model.tokens_per_image == 4 == model.model.tokens_per_image  # 4x4 patches -> 2x2
+    assert model.tokens_per_image == 4  # 4x4 patches -> 2x2 (the network's features: below)
     prompt = encode_prompt(model, "<image>\nWhat is it?", True)
     assert int((prompt == model.image_token_id).sum()) == 4
     item = model.build_dataset(model.cfg.data)[0]
