@@ -99,10 +99,12 @@ class MegatronNevaModel(NevaRestoreMixin, NevaStepMixin, NevaDataMixin, ModelPT)
             cfg, restore_dir, getattr(lm_source, "tokenizer", None))
         self.vision_config = vision_config
         venc = cfg.mm_cfg.vision_encoder
+        drop_cls, kind = venc.get("drop_cls", True), cfg.mm_cfg.mm_mlp_adapter_type
         # refuses a projector that cannot take this tower's features, before anything is built
-        per_image = tokens_per_image(vision_config, venc.get("drop_cls", True), cfg.mm_cfg.mm_mlp_adapter_type)
+        per_image = tokens_per_image(vision_config, drop_cls, kind)
         self.tiling = self._build_tiling(cfg, vision_config, per_image)
         self.frame_pool = self._build_frame_pool(cfg, vision_config)
+        counts = (per_image, tokens_per_image(vision_config, drop_cls, kind, self.frame_pool))
         self.image_token_id = self.tokenizer.convert_tokens_to_ids("<image>")
         if self.image_token_id is None or self.image_token_id == self.tokenizer.unk_token_id:
             raise ValueError("the tokenizer has no '<image>' token; add it as a special token")
@@ -110,7 +112,7 @@ class MegatronNevaModel(NevaRestoreMixin, NevaStepMixin, NevaDataMixin, ModelPT)
         # A random init that the loading below overwrites is skipped: the LM's when every LM weight is loaded
         # (.nemo, pretrained LM, converter), the vision tower's when it is loaded too (.nemo, converter).
         all_loaded = bool(restore_dir) or self._weights_loaded_after
-        self.model = self._build_module(cfg, vision_config, from_pretrained=None if restore_dir else
+        self.model = self._build_module(cfg, vision_config, counts, from_pretrained=None if restore_dir else
                                         resolve_path(venc.get("from_pretrained")),
                                         lm_loaded=all_loaded or lm_source is not None, tower_loaded=all_loaded)
         if lm_source is not None:  # each rank reads its own shard of the pretrained LM
@@ -156,8 +158,9 @@ class MegatronNevaModel(NevaRestoreMixin, NevaStepMixin, NevaDataMixin, ModelPT)
         tokenizer = AutoTokenizer.from_pretrained(tok_path)
         return tokenizer, processor, vision_config
 
-    def _build_module(self, cfg, vision_config, from_pretrained, lm_loaded: bool = False,
+    def _build_module(self, cfg, vision_config, counts: tuple[int, int], from_pretrained, lm_loaded: bool = False,
                       tower_loaded: bool = False) -> NevaModule:
+        """`counts`: placeholder tokens of one image and of one video frame (`modules.vision.tokens_per_image`)."""
         tconfig = build_transformer_config(cfg, self.dtype_)
         pre = parallel_state.is_pipeline_first_stage()
         post = parallel_state.is_pipeline_last_stage()
@@ -178,10 +181,8 @@ class MegatronNevaModel(NevaRestoreMixin, NevaStepMixin, NevaDataMixin, ModelPT)
                                     venc.get("drop_cls", True)).to(self.dtype_)
             projector = build_projector(cfg.mm_cfg.mm_mlp_adapter_type, tower.hidden_size, cfg.hidden_size)
             projector.to(self.dtype_)
-        drop_cls, kind = venc.get("drop_cls", True), cfg.mm_cfg.mm_mlp_adapter_type
         return NevaModule(tconfig, gpt, tower, projector, self.image_token_id, venc.get("freeze", True), self.tiling,
-                          self.frame_pool, tokens_per_image(vision_config, drop_cls, kind),
-                          tokens_per_image(vision_config, drop_cls, kind, self.frame_pool))
+                          self.frame_pool, *counts)
 
     def _build_frame_pool(self, cfg, vision_config):
         """`model.mm_cfg.video.pool` as a `nemo_neva.modules.frame_pool.FramePool`, or None when off."""
