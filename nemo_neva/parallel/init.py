@@ -243,9 +243,9 @@ def require_parallel(cfg) -> None:
 
 def ensure_parallel(cfg) -> None:
     """`setup_parallel(cfg)` unless this process already runs `cfg`'s layout (then nothing global changes):
-    what restoring a .nemo does before the model is built (`MegatronNevaModel.restore_from`), since the
-    layout is read from the archive's config."""
+    what restoring a .nemo does before the model is built (`MegatronNevaModel.restore_from`, through its
+    connector), since the layout is read from the archive's config."""
     if parallel_ready(cfg):
-        validate_parallel_layout(world_size=dist.get_world_size(), **_layout_of(cfg))
-        return
-    setup_parallel(cfg)
+        require_parallel(cfg)  # only checks the layout against cfg
+    else:
+        setup_parallel(cfg)
