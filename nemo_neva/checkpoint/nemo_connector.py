@@ -42,6 +42,12 @@ def _shared_tmpdir(parent: str) -> str:
 
 
 class NevaSaveRestoreConnector(SaveRestoreConnector):
+    def __init__(self, before_build=None):
+        """`before_build(conf)`: called on a restore with the checked model config, before NeMo builds the model
+        from it (MegatronNevaModel.restore_from passes its parallel set-up: this package cannot import models/)."""
+        super().__init__()
+        self.before_build = before_build
+
     def save_to(self, model, save_path: str):
         from nemo_neva.parallel.dist_ckpt import save_sharded
 
@@ -71,7 +77,8 @@ class NevaSaveRestoreConnector(SaveRestoreConnector):
         return save_path
 
     # ------------------------------------------------------------------ restore (untrusted input)
-    def _check_before_restore(self, restore_path: str, override_config_path) -> None:
+    def _check_before_restore(self, restore_path: str, override_config_path) -> DictConfig:
+        """The model config the restore builds from (the archive's, or the override), checked."""
         extracted = self.model_extracted_dir
         if extracted is not None and os.path.isdir(extracted):
             untrusted.check_extracted_folder(extracted)
@@ -84,10 +91,15 @@ class NevaSaveRestoreConnector(SaveRestoreConnector):
                 else OmegaConf.load(override_config_path)
         untrusted.check_model_config(conf)
         peft_files.check_base_reference(conf)  # a PEFT .nemo's base: present and the same file (SHA-256)
+        return conf.model if "model" in conf else conf  # NeMo builds from a top-level config's `model`
 
-    def load_config_and_state_dict(self, calling_cls, restore_path, override_config_path=None, *args, **kwargs):
-        self._check_before_restore(restore_path, override_config_path)
-        return super().load_config_and_state_dict(calling_cls, restore_path, override_config_path, *args, **kwargs)
+    def load_config_and_state_dict(self, calling_cls, restore_path, override_config_path=None, map_location=None,
+                                   strict=True, return_config=False, *args, **kwargs):
+        conf = self._check_before_restore(restore_path, override_config_path)
+        if self.before_build is not None and not return_config:
+            self.before_build(conf)
+        return super().load_config_and_state_dict(calling_cls, restore_path, override_config_path, map_location,
+                                                  strict, return_config, *args, **kwargs)
 
     @staticmethod
     def _load_state_dict_from_disk(model_weights, map_location="cpu"):

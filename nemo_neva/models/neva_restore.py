@@ -16,6 +16,14 @@ from nemo_neva.models import peft
 log = logging.getLogger(__name__)
 
 
+def _set_up_layout(conf) -> None:
+    """This process's parallel layout for the config a .nemo restores from (a restore is an entry point)."""
+    from nemo_neva.models.model_config import resolve_model_config
+    from nemo_neva.parallel.init import ensure_parallel
+
+    ensure_parallel(resolve_model_config(conf, restoring=True).cfg)
+
+
 class NevaRestoreMixin:
     """`.nemo` save / restore and training-checkpoint weights of MegatronNevaModel (a mixin of it)."""
 
@@ -54,15 +62,8 @@ class NevaRestoreMixin:
         model is built, this process's parallel layout is set up for the config it restores (its archive's or
         `override_config_path`), unless it runs that layout already: a restore is an entry point."""
         if save_restore_connector is None:
-            save_restore_connector = nemo_connector.NevaSaveRestoreConnector()
+            save_restore_connector = nemo_connector.NevaSaveRestoreConnector(before_build=_set_up_layout)
         try:
-            if not return_config:
-                from nemo_neva.models.model_config import resolve_model_config
-                from nemo_neva.parallel.init import ensure_parallel
-
-                conf = super().restore_from(restore_path, override_config_path=override_config_path,
-                                            return_config=True, save_restore_connector=save_restore_connector)
-                ensure_parallel(resolve_model_config(conf, restoring=True).cfg)
             return super().restore_from(restore_path, override_config_path=override_config_path,
                                         map_location=map_location, strict=strict, return_config=return_config,
                                         save_restore_connector=save_restore_connector, trainer=trainer,

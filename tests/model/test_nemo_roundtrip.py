@@ -45,6 +45,23 @@ def test_restore_from_gives_identical_logits(saved):
     assert torch.equal(out, logits)
 
 
+def test_the_connector_hands_the_config_it_restores_from_to_before_build(saved):
+    """MegatronNevaModel.restore_from sets the parallel layout up through this hook, before NeMo builds the model:
+    it gets the override when there is one, and is not called when only the config is read."""
+    from omegaconf import OmegaConf
+
+    from nemo_neva.checkpoint.nemo_connector import NevaSaveRestoreConnector
+
+    path, _, _ = saved
+    seen = []
+    connector = NevaSaveRestoreConnector(before_build=lambda conf: seen.append(OmegaConf.to_container(conf)))
+    cfg = MegatronNevaModel.restore_from(path, return_config=True, save_restore_connector=connector)
+    assert seen == []
+    cfg.seed = cfg.seed + 1
+    model = MegatronNevaModel.restore_from(path, override_config_path=cfg, save_restore_connector=connector)
+    assert [(c["seed"], c["target"]) for c in seen] == [(cfg.seed, model.cfg.target)]
+
+
 GENERIC = r"""
 import sys, torch
 import nemo_neva  # registers the namespace with NeMo
